@@ -1,0 +1,54 @@
+# OpenMLCD. `make demo` and `make test` do all set-up on a fresh machine (see README).
+SHELL := /bin/bash
+PY_SYS ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+PIP := $(VENV)/bin/pip
+STAMP := $(VENV)/.setup-done
+CONFIG ?=
+NPROC ?= 1
+NNODES ?= 1
+ARGS ?=
+# No GPU -> DeepSpeed's CPU accelerator (gloo); on CUDA boxes leave it unset.
+export DS_ACCELERATOR ?= $(shell command -v nvidia-smi >/dev/null 2>&1 && echo cuda || echo cpu)
+export WANDB_MODE ?= disabled
+export HF_HUB_OFFLINE := 1
+export TRANSFORMERS_OFFLINE := 1
+export TOKENIZERS_PARALLELISM := false
+
+.PHONY: setup apt demo demo-data test test-fast bench lint embed cluster assign train export eval clean
+
+setup: $(STAMP)
+
+$(STAMP): requirements.txt pyproject.toml
+	bash launch/setup.sh $(VENV) $(PY_SYS)
+	touch $(STAMP)
+
+# Debian packages the demo data is built from (real images, offline).
+apt:
+	bash launch/apt_demo_packages.sh
+
+demo-data: setup apt
+	$(VENV)/bin/mlcd data demo $(ARGS)
+
+demo: setup apt
+	$(VENV)/bin/mlcd demo $(ARGS)
+
+test: setup apt
+	$(PY) -m pytest -q tests $(ARGS)
+
+test-fast: setup
+	$(PY) -m pytest -q -m "not slow" tests $(ARGS)
+
+bench: setup apt
+	$(PY) -m launch.bench $(ARGS)
+
+lint: setup
+	$(VENV)/bin/ruff check pipeline clustering training launch tests
+	-command -v shellcheck >/dev/null && shellcheck launch/*.sh .ci/run
+
+embed cluster assign train export eval: setup
+	NPROC=$(NPROC) NNODES=$(NNODES) bash launch/torchrun.sh $@ $(CONFIG) $(ARGS)
+
+clean:
+	rm -rf runs/debug .pytest_cache

@@ -1,0 +1,56 @@
+"""`make bench`: every stage's benchmark in one run, printing ratios measured side by side.
+
+Each stage owns a ``run_bench(quick: bool) -> list[dict]`` (rows of measured numbers); this
+runs them in order and prints one table per stage. `--only embed,cluster` picks stages;
+`--quick` shrinks sizes (used by the test that keeps the benchmarks runnable).
+"""
+from __future__ import annotations
+
+import argparse
+import importlib
+import json
+import sys
+import time
+
+BENCHES = {
+    "embed": "pipeline.bench_embed",
+    "cluster": "clustering.bench",
+    "model": "training.bench_model",
+    "train": "training.bench_train",
+}
+
+
+def print_table(title: str, rows: list[dict]) -> None:
+    print(f"\n## {title}")
+    if not rows:
+        print("(no rows)")
+        return
+    cols = list(dict.fromkeys(k for r in rows for k in r))
+    fmt = lambda v: f"{v:.3g}" if isinstance(v, float) else str(v)  # noqa: E731
+    print("| " + " | ".join(cols) + " |")
+    print("|" + "---|" * len(cols))
+    for r in rows:
+        print("| " + " | ".join(fmt(r.get(c, "")) for c in cols) + " |")
+
+
+def cli(argv=None) -> int:
+    ap = argparse.ArgumentParser(prog="mlcd bench")
+    ap.add_argument("--only", default=",".join(BENCHES))
+    ap.add_argument("--quick", action="store_true")
+    ap.add_argument("--json", default=None, help="also write all rows here")
+    args = ap.parse_args(argv)
+    results = {}
+    for name in args.only.split(","):
+        t0 = time.perf_counter()
+        rows = importlib.import_module(BENCHES[name]).run_bench(quick=args.quick)
+        results[name] = rows
+        print_table(f"{name} ({time.perf_counter() - t0:.0f} s)", rows)
+        sys.stdout.flush()
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(results, f, indent=2)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(cli())

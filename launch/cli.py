@@ -1,0 +1,85 @@
+"""`mlcd`: one command for humans over the stage programs (each also runs as `python -m ...`).
+
+    mlcd data demo [--config F] [k=v ...]     build the offline demo shards
+    mlcd embed|cluster|assign|train|eval [--nproc N] [--nnodes N] [--config F] [k=v ...]
+    mlcd export CHECKPOINT OUT_DIR [...]
+    mlcd demo [k=v ...]                         the whole pipeline on the demo data
+    mlcd check --config F [k=v ...]             validate every section of a run config
+
+With --nproc/--nnodes > 1 the stage is started under torchrun (c10d rendezvous); otherwise it
+runs in this process.
+"""
+from __future__ import annotations
+
+import importlib
+import os
+import shlex
+import subprocess
+import sys
+
+STAGES = {
+    "embed": "pipeline.embed",
+    "cluster": "clustering.kmeans",
+    "assign": "clustering.assign",
+    "train": "training.train",
+    "export": "training.export",
+    "eval": "training.eval",
+    "demo": "launch.demo",
+    "check": "launch.check",
+}
+DATA = {"demo": "pipeline.demo_data"}
+
+
+def torchrun_cmd(module: str, args: list[str], nproc: int, nnodes: int = 1,
+                 rdzv_endpoint: str | None = None, max_restarts: int = 0) -> list[str]:
+    cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}",
+           f"--nnodes={nnodes}", f"--max_restarts={max_restarts}"]
+    if nnodes > 1:
+        cmd += ["--rdzv_backend=c10d", f"--rdzv_endpoint={rdzv_endpoint or os.environ.get('MASTER_ADDR', 'localhost') + ':29500'}"]
+    else:
+        cmd += ["--standalone"]
+    return cmd + ["-m", module, *args]
+
+
+def _pop_int(args: list[str], flag: str, default: int) -> int:
+    for i, a in enumerate(args):
+        if a == flag and i + 1 < len(args):
+            v = args[i + 1]
+            del args[i:i + 2]
+            return int(v)
+        if a.startswith(flag + "="):
+            del args[i]
+            return int(a.split("=", 1)[1])
+    return default
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = list(sys.argv[1:] if argv is None else argv)
+    if not args or args[0] in ("-h", "--help"):
+        print(__doc__)
+        return 0
+    sub, rest = args[0], args[1:]
+    if sub == "data":
+        if not rest or rest[0] not in DATA:
+            print(f"usage: mlcd data {{{','.join(DATA)}}} [--config F] [k=v ...]", file=sys.stderr)
+            return 2
+        module, rest = DATA[rest[0]], rest[1:]
+    elif sub in STAGES:
+        module = STAGES[sub]
+    else:
+        print(f"mlcd: unknown command {sub!r}; one of: data, {', '.join(STAGES)}", file=sys.stderr)
+        return 2
+    nproc = _pop_int(rest, "--nproc", 1)
+    nnodes = _pop_int(rest, "--nnodes", 1)
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    if nproc > 1 or nnodes > 1:
+        cmd = torchrun_cmd(module, rest, nproc, nnodes)
+        print("+", shlex.join(cmd), file=sys.stderr)
+        return subprocess.call(cmd)
+    # Every stage module exposes cli(argv) (config stages: pipeline.config.cli_main(main, argv)).
+    res = importlib.import_module(module).cli(rest)
+    return res if isinstance(res, int) else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,171 @@
+"""The on-disk contracts between stages: the embedding store and the label store.
+
+Embedding store (clip-retrieval's layout, so LAION's published embeddings plug in unchanged)::
+
+    store/img_emb/img_emb_{i}.npy        float16 (or float32) N_i x D, L2-normalized rows
+    store/text_emb/text_emb_{i}.npy
+    store/joint_emb/joint_emb_{i}.npy    (ours; UNICOM-style joint image+text features)
+    store/metadata/metadata_{i}.parquet  key, caption, url, ... row-aligned with the arrays
+    store/manifest.json                  (ours; optional for readers)
+
+Label store (stage 2 -> stage 3), row-aligned with ``metadata_{i}.parquet``::
+
+    labels/labels_{i}.npy   int32 N_i x l, nearest center first (-1: row had no valid embedding)
+    labels/sims_{i}.npy     float16 N_i x l cosine similarities
+    labels/manifest.json
+
+Parts are written file by file atomically; ``metadata`` is written last, so a part whose metadata
+file exists is complete. Readers never need the manifest.
+"""
+from __future__ import annotations
+
+import os
+import re
+from pathlib import Path
+from typing import Iterator
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from pipeline.io import atomic_path, atomic_save_npy, load_npy
+
+KINDS = ("img", "text", "joint")
+_PART_RE = re.compile(r"^(?:img|text|joint)_emb_(\d+)\.npy$")
+
+
+class StoreError(ValueError):
+    pass
+
+
+def emb_path(root: str | os.PathLike, kind: str, part: int) -> Path:
+    return Path(root) / f"{kind}_emb" / f"{kind}_emb_{part}.npy"
+
+
+def meta_path(root: str | os.PathLike, part: int) -> Path:
+    return Path(root) / "metadata" / f"metadata_{part}.parquet"
+
+
+class EmbeddingStore:
+    """Reads a store; works on clip-retrieval / LAION stores that have no manifest."""
+
+    def __init__(self, root: str | os.PathLike):
+        self.root = Path(root)
+        if not self.root.is_dir():
+            raise StoreError(f"embedding store {self.root} does not exist")
+        self.kinds = [k for k in KINDS if (self.root / f"{k}_emb").is_dir()]
+        if not self.kinds:
+            raise StoreError(f"{self.root} has none of img_emb/, text_emb/, joint_emb/")
+
+    def parts(self, kind: str) -> list[int]:
+        self._check_kind(kind)
+        ids = []
+        for p in (self.root / f"{kind}_emb").iterdir():
+            m = _PART_RE.match(p.name)
+            if m and p.name.startswith(kind + "_"):
+                ids.append(int(m.group(1)))
+        return sorted(ids)
+
+    def _check_kind(self, kind: str) -> None:
+        if kind not in self.kinds:
+            raise StoreError(f"{self.root} has no {kind}_emb/ (has: {', '.join(self.kinds)})")
+
+    def load(self, kind: str, part: int, mmap: bool = True) -> np.ndarray:
+        path = emb_path(self.root, kind, part)
+        if not path.is_file():
+            raise StoreError(f"missing part {path}")
+        try:
+            arr = load_npy(path, mmap=mmap)
+        except Exception as e:
+            raise StoreError(f"{path}: unreadable ({e})") from None
+        if arr.ndim != 2:
+            raise StoreError(f"{path}: expected a 2-D array, got shape {arr.shape}")
+        return arr
+
+    def shape(self, kind: str, part: int) -> tuple[int, int]:
+        return tuple(self.load(kind, part, mmap=True).shape)  # header only (memory-mapped)
+
+    def check(self, kind: str) -> tuple[list[int], int, np.dtype, list[int]]:
+        """(parts, dim, dtype, rows per part); one error naming the first inconsistent file."""
+        parts = self.parts(kind)
+        if not parts:
+            raise StoreError(f"{self.root / (kind + '_emb')}: no parts")
+        dim, dtype, counts = None, None, []
+        for p in parts:
+            a = self.load(kind, p)
+            if dim is None:
+                dim, dtype = a.shape[1], a.dtype
+            elif a.shape[1] != dim or a.dtype != dtype:
+                raise StoreError(f"{emb_path(self.root, kind, p)}: dim/dtype {a.shape[1]}/{a.dtype} "
+                                 f"differs from part {parts[0]} ({dim}/{dtype})")
+            counts.append(a.shape[0])
+        return parts, int(dim), np.dtype(dtype), counts
+
+    def metadata(self, part: int, columns: list[str] | None = None) -> pa.Table:
+        path = meta_path(self.root, part)
+        if not path.is_file():
+            raise StoreError(f"missing metadata {path}")
+        return pq.read_table(path, columns=columns)
+
+    def iter_blocks(self, kind: str, block_rows: int, parts: list[int] | None = None
+                    ) -> Iterator[tuple[int, int, np.ndarray]]:
+        """(part, row offset, float32 block) streamed with bounded memory (memory-mapped)."""
+        for p in parts if parts is not None else self.parts(kind):
+            a = self.load(kind, p, mmap=True)
+            for s in range(0, a.shape[0], block_rows):
+                yield p, s, np.asarray(a[s:s + block_rows], dtype=np.float32)
+
+
+def part_complete(root: str | os.PathLike, part: int, kinds: list[str]) -> bool:
+    return meta_path(root, part).is_file() and all(emb_path(root, k, part).is_file() for k in kinds)
+
+
+def write_part(root: str | os.PathLike, part: int, embeddings: dict[str, np.ndarray],
+               metadata: pa.Table, dtype=np.float16) -> None:
+    """Writes one part: every array atomically, then the metadata (the completion marker)."""
+    n = metadata.num_rows
+    for kind, arr in embeddings.items():
+        if kind not in KINDS:
+            raise StoreError(f"unknown embedding kind {kind!r}")
+        if arr.shape[0] != n:
+            raise StoreError(f"part {part}: {kind} has {arr.shape[0]} rows, metadata {n}")
+        atomic_save_npy(emb_path(root, kind, part), arr.astype(dtype, copy=False))
+    with atomic_path(meta_path(root, part)) as tmp:
+        pq.write_table(metadata, tmp)
+
+
+# ---------------------------------------------------------------- label store
+
+def labels_path(root: str | os.PathLike, part: int) -> Path:
+    return Path(root) / f"labels_{part}.npy"
+
+
+def sims_path(root: str | os.PathLike, part: int) -> Path:
+    return Path(root) / f"sims_{part}.npy"
+
+
+def write_labels(root: str | os.PathLike, part: int, labels: np.ndarray, sims: np.ndarray) -> None:
+    """sims first, labels last: a part whose labels file exists is complete."""
+    if labels.shape != sims.shape or labels.ndim != 2:
+        raise StoreError(f"labels {labels.shape} and sims {sims.shape} must be equal 2-D shapes")
+    atomic_save_npy(sims_path(root, part), sims.astype(np.float16))
+    atomic_save_npy(labels_path(root, part), labels.astype(np.int32))
+
+
+class LabelStore:
+    """Reads ``labels/``: per part int32 N x l labels (best first, -1 = none) and float16 sims."""
+
+    def __init__(self, root: str | os.PathLike):
+        self.root = Path(root)
+        if not self.root.is_dir():
+            raise StoreError(f"label store {self.root} does not exist")
+
+    def parts(self) -> list[int]:
+        return sorted(int(m.group(1)) for p in self.root.iterdir()
+                      if (m := re.match(r"^labels_(\d+)\.npy$", p.name)))
+
+    def load(self, part: int, mmap: bool = False) -> tuple[np.ndarray, np.ndarray]:
+        lp = labels_path(self.root, part)
+        if not lp.is_file():
+            raise StoreError(f"missing labels {lp}")
+        return load_npy(lp, mmap=mmap), load_npy(sims_path(self.root, part), mmap=mmap)

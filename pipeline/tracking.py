@@ -1,0 +1,65 @@
+"""Run tracking: wandb on rank 0 only (disabled by default, offline for the demo, online when the
+user sets run.wandb.mode=online), plus a progress bar with throughput. One place for both."""
+from __future__ import annotations
+
+import logging
+import sys
+import time
+from typing import Any
+
+from tqdm import tqdm
+
+from pipeline.config import WandbConfig
+from pipeline.dist import DistContext
+
+log = logging.getLogger("mlcd")
+
+
+class Tracker:
+    """``log(dict, step)`` goes to wandb (rank 0, if enabled) and is kept for the run's report."""
+
+    def __init__(self, cfg: WandbConfig, ctx: DistContext, out_dir: str, job: str, config: dict):
+        self.run = None
+        self.history: list[dict] = []
+        if ctx.is_main and cfg.mode != "disabled":
+            import wandb
+            # pass mode= explicitly: flipping WANDB_MODE after a first init has no effect
+            self.run = wandb.init(mode=cfg.mode, project=cfg.project, entity=cfg.entity,
+                                  name=cfg.name or job, job_type=job, dir=out_dir, config=config,
+                                  reinit="finish_previous")
+
+    def log(self, metrics: dict[str, Any], step: int | None = None) -> None:
+        self.history.append({"step": step, **metrics})
+        if self.run is not None:
+            self.run.log(metrics, step=step)
+
+    def log_image(self, key: str, path: str) -> None:
+        if self.run is not None:
+            import wandb
+            self.run.log({key: wandb.Image(path)})
+
+    def finish(self) -> None:
+        if self.run is not None:
+            self.run.finish()
+            self.run = None
+
+
+def progress(total: int | None, desc: str, ctx: DistContext, unit: str = "img", initial: int = 0):
+    """A tqdm bar per rank (position = rank) showing throughput; off when not a terminal."""
+    return tqdm(total=total, desc=f"[rank {ctx.rank}] {desc}" if ctx.world_size > 1 else desc,
+                unit=unit, position=ctx.rank if ctx.world_size > 1 else None, initial=initial,
+                file=sys.stderr, dynamic_ncols=True, disable=None, mininterval=2.0)
+
+
+def setup_logging(ctx: DistContext | None = None) -> None:
+    rank = f"[rank {ctx.rank}] " if ctx is not None and ctx.world_size > 1 else ""
+    logging.basicConfig(level=logging.INFO, force=True,
+                        format=f"%(asctime)s {rank}%(name)s %(levelname)s %(message)s")
+
+
+class Timer:
+    def __init__(self):
+        self.t0 = time.perf_counter()
+
+    def elapsed(self) -> float:
+        return time.perf_counter() - self.t0
