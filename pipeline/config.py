@@ -119,6 +119,11 @@ def load_config(path: str | os.PathLike | None, overrides: Sequence[str], sectio
     return out["run"], out[section]
 
 
+def load_run(path: str | os.PathLike | None, overrides: Sequence[str]) -> RunConfig:
+    """Only the shared ``run`` section (for orchestrators such as the demo)."""
+    return load_sections(path, overrides, {"run": RunConfig})["run"]
+
+
 def load_sections(path: str | os.PathLike | None, overrides: Sequence[str],
                   schemas: dict[str, type]) -> dict[str, Any]:
     """Merge files and overrides into the structured schemas, resolve ``${...}`` interpolation

@@ -1,0 +1,230 @@
+"""Stage 2b: every row of the store gets its top-l nearest centers (MLCD's multi-labels, l = 8).
+
+    python -m clustering.assign --config configs/demo.yaml [assign.l=8 ...]
+    torchrun --nproc_per_node N -m clustering.assign ...          (ranks split the parts)
+
+Exact by default (``engine=torch``: blocked GEMM + topk, the fastest exact engine measured on CPU;
+``faiss``: IndexFlatIP, on all GPUs when faiss has them). ``engine=hnsw`` is approximate (for
+K ~ 1M); its recall@l against exact search is measured on ``recall_rows`` rows and reported.
+Rows with NaN/inf/zero norm get labels -1 and sims 0 (counted). Output, per part, through
+pipeline.store.write_labels (sims then labels, each atomic: a part whose labels file exists is
+done, so a killed run redoes only unfinished parts); ``manifest.json`` is written last.
+Memory: one part's rows of one block at a time (memory-mapped) + K x D centers + the part's
+N x l outputs.
+"""
+from __future__ import annotations
+
+import hashlib
+import logging
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from clustering.data import clean_rows, open_store, store_cli
+from clustering.topk import ENGINES, TopK, recall_at_l
+from pipeline.config import RunConfig, check, load_config, prepare_out_dir
+from pipeline.dist import DistContext, destroy, init_distributed
+from pipeline.io import atomic_write_json, clean_stale_tmp, load_npy, read_json
+from pipeline.store import KINDS, StoreError, labels_path, sims_path, write_labels
+from pipeline.tracking import Timer, Tracker, progress, setup_logging
+
+log = logging.getLogger("mlcd.assign")
+
+
+@dataclass
+class AssignConfig:
+    store: str = "${run.out_dir}/store"
+    kind: str = "joint"                 # must match the feature kind the centers were trained on
+    centroids: str = "${run.out_dir}/clusters/centroids.npy"
+    out_dir: str = "${run.out_dir}/clusters/labels"
+    l: int = 8                          # labels per row (MLCD: 8; UNICOM: 1)
+    engine: str = "auto"                # auto (= torch) | torch | faiss | hnsw (approximate)
+    block_rows: int = 16384             # rows per GEMM block: block_rows x K floats of scores
+    gpu: bool = True
+    skip_incomplete: bool = False       # parts without metadata: error (default) or counted skip
+    hnsw_m: int = 32
+    hnsw_ef_search: int = 128
+    recall_rows: int = 2000             # rows on which an approximate engine's recall is measured
+    report: bool = True                 # histogram + contact sheets (rank 0, after labels)
+    report_dir: str = "${run.out_dir}/clusters/report"
+    report_clusters: int = 12
+    report_members: int = 8
+
+    def __post_init__(self):
+        check(self.kind in KINDS, "kind", self.kind, f"must be one of {KINDS}")
+        check(self.engine in ENGINES, "engine", self.engine, f"must be one of {ENGINES}")
+        check(self.l >= 1, "l", self.l, "must be >= 1")
+        check(self.block_rows >= 1, "block_rows", self.block_rows, "must be >= 1")
+        check(self.recall_rows >= 0, "recall_rows", self.recall_rows, "must be >= 0")
+        check(self.report_clusters >= 0, "report_clusters", self.report_clusters, "must be >= 0")
+        check(self.report_members >= 1, "report_members", self.report_members, "must be >= 1")
+
+
+def file_sha256(path: str | Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 24), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def load_centroids(path: str, dim: int, l: int) -> np.ndarray:
+    p = Path(path)
+    if not p.is_file():
+        raise StoreError(f"centroids file {p} does not exist (run clustering.kmeans first)")
+    c = load_npy(p)
+    if c.ndim != 2 or c.shape[1] != dim:
+        raise StoreError(f"{p}: centroids of shape {c.shape} don't match the store's dim {dim}")
+    if l > c.shape[0]:
+        raise StoreError(f"assign.l={l} exceeds the {c.shape[0]} centers in {p}")
+    c = c.astype(np.float32)
+    if not np.isfinite(c).all():
+        raise StoreError(f"{p}: centroids contain NaN/inf")
+    return c / np.maximum(np.linalg.norm(c, axis=1, keepdims=True), 1e-12)
+
+
+def part_done(out: Path, part: int, rows: int, l: int) -> bool:
+    lp = labels_path(out, part)
+    if not (lp.is_file() and sims_path(out, part).is_file()):
+        return False
+    try:
+        return tuple(load_npy(lp, mmap=True).shape) == (rows, l)
+    except (OSError, ValueError):  # unreadable (e.g. truncated by a crash mid-copy): redo it
+        return False
+
+
+def assign_part(arr: np.ndarray, topk: TopK, block_rows: int) -> tuple[np.ndarray, np.ndarray, int]:
+    n, l = len(arr), topk.l
+    labels = np.full((n, l), -1, np.int32)
+    sims = np.zeros((n, l), np.float32)
+    bad = 0
+    for s in range(0, n, block_rows):
+        x, valid = clean_rows(arr[s:s + block_rows])
+        bad += int((~valid).sum())
+        if valid.any():
+            i, v = topk.search(x[valid])
+            labels[s:s + len(x)][valid] = i
+            sims[s:s + len(x)][valid] = v
+    return labels, sims, bad
+
+
+def run_assign(run: RunConfig, cfg: AssignConfig, ctx: DistContext) -> dict:
+    timer = Timer()
+    # all input checks before anything is written
+    info = open_store(cfg.store, cfg.kind, need_metadata=True, skip_incomplete=cfg.skip_incomplete)
+    c = load_centroids(cfg.centroids, info.dim, cfg.l)
+    out = prepare_out_dir(cfg.out_dir, run, {"run": run, "assign": cfg}, "assign",
+                          ignore=("assign.report", "assign.report_dir", "assign.report_clusters",
+                                  "assign.report_members"))
+    # Labels already on disk are reused only if they came from these exact centers.
+    state = {"centroids_sha256": file_sha256(cfg.centroids), "k": len(c), "l": cfg.l, "kind": cfg.kind}
+    st_path = out / "state.json"
+    ctx.barrier()
+    if ctx.is_main:
+        clean_stale_tmp(out)
+        old = read_json(st_path) if st_path.is_file() else None
+        if run.overwrite or (old is not None and old != state):
+            if old is not None and old != state and not run.overwrite:
+                log.warning("centroids or l changed since %s was written; relabeling every part", out)
+            for p in list(out.glob("labels_*.npy")) + list(out.glob("sims_*.npy")):
+                p.unlink()
+            (out / "manifest.json").unlink(missing_ok=True)
+        atomic_write_json(st_path, state)
+    ctx.barrier()
+
+    device = ctx.device if (cfg.gpu and torch.cuda.is_available()) else torch.device("cpu")
+    engine = "torch" if cfg.engine == "auto" else cfg.engine
+    tracker = Tracker(run.wandb, ctx, str(out), "assign", {"run": asdict(run), "assign": asdict(cfg)})
+    t0 = Timer()
+    topk = TopK(c, cfg.l, engine, device, cfg.block_rows, cfg.hnsw_m, cfg.hnsw_ef_search)
+    build_s = t0.elapsed()
+    n_rows = dict(zip(info.parts, info.counts))
+    mine = ctx.shard(info.parts)
+    todo = [p for p in mine if not part_done(out, p, n_rows[p], cfg.l)]
+    resumed = len(mine) - len(todo)
+    if resumed:
+        log.info("resuming: %d of this rank's %d parts already labeled", resumed, len(mine))
+    bar = progress(sum(n_rows[p] for p in mine), "assign", ctx, unit="row",
+                   initial=sum(n_rows[p] for p in mine if p not in todo))
+    work_s, work_rows = 0.0, 0
+    for p in todo:
+        arr = info.store.load(cfg.kind, p, mmap=True)
+        t = time.perf_counter()
+        labels, sims, _ = assign_part(arr, topk, cfg.block_rows)
+        work_s += time.perf_counter() - t
+        work_rows += len(arr)
+        write_labels(out, p, labels, sims)
+        bar.update(len(arr))
+        tracker.log({"assign/rows_per_s": work_rows / max(work_s, 1e-9), "assign/part": p})
+    bar.close()
+
+    recall = None
+    if engine == "hnsw" and cfg.recall_rows and ctx.is_main:
+        recall = measure_recall(info, c, topk, cfg, run.seed, device)
+        log.info("approximate engine recall@%d = %.4f on %d rows", cfg.l, recall, cfg.recall_rows)
+    stats = ctx.all_gather_object({"resumed": resumed, "work_s": work_s, "work_rows": work_rows})
+    ctx.barrier()
+    manifest = {}
+    if ctx.is_main:
+        manifest = write_manifest(out, info, cfg, state, engine, recall, stats, build_s, timer.elapsed(),
+                                  ctx.world_size)
+        if cfg.report:
+            from clustering.report import make_report
+            make_report(cfg.store, out, cfg.report_dir, cfg.report_clusters, cfg.report_members,
+                        run.seed, tracker)
+    tracker.finish()
+    ctx.barrier()
+    return manifest
+
+
+def measure_recall(info, c, topk: TopK, cfg: AssignConfig, seed: int, device) -> float:
+    from clustering.data import draw_sample
+    x, _, _ = draw_sample(info, cfg.recall_rows, seed + 1)
+    exact = TopK(c, cfg.l, "torch", device, cfg.block_rows).search(x)[0]
+    return recall_at_l(topk.search(x)[0], exact)
+
+
+def write_manifest(out: Path, info, cfg: AssignConfig, state: dict, engine: str, recall, stats,
+                   build_s: float, wall_s: float, world: int) -> dict:
+    """From the label files themselves, so it is right after any number of resumes."""
+    parts, invalid_total = [], 0
+    for p, n in zip(info.parts, info.counts):
+        lab = load_npy(labels_path(out, p), mmap=True)
+        bad = int((lab[:, 0] < 0).sum())
+        invalid_total += bad
+        parts.append({"part": p, "rows": n, "invalid": bad})
+    work_s = max(s["work_s"] for s in stats)
+    work_rows = sum(s["work_rows"] for s in stats)
+    manifest = {
+        "complete": True, **state, "dim": info.dim, "store": str(cfg.store), "centroids": str(cfg.centroids),
+        "engine": engine, "exact": engine != "hnsw", "recall_at_l": recall,
+        "rows": info.rows, "invalid_rows": invalid_total, "parts": parts,
+        "missing_parts": info.missing, "skipped_incomplete_parts": info.incomplete,
+        "resumed_parts": sum(s["resumed"] for s in stats), "world_size": world,
+        "index_build_s": build_s, "rows_per_s": work_rows / work_s if work_s > 0 else None,
+        "wall_s": wall_s,
+    }
+    atomic_write_json(out / "manifest.json", manifest)
+    log.info("labels for %d rows (%d invalid) of %d parts -> %s", info.rows, invalid_total, len(parts), out)
+    return manifest
+
+
+def main(config: str | None = None, overrides=()) -> dict:
+    run, cfg = load_config(config, list(overrides), "assign", AssignConfig)
+    ctx = init_distributed()
+    setup_logging(ctx)
+    try:
+        return run_assign(run, cfg, ctx)
+    finally:
+        destroy(ctx)
+
+
+def cli(argv=None) -> int:
+    return store_cli(main, argv)
+
+
+if __name__ == "__main__":
+    cli()

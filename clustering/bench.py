@@ -1,0 +1,193 @@
+"""`make bench` rows for stage 2, measured side by side in one run on the same data:
+
+- k-means: ours (faiss in checkpointed chunks) / bare ``faiss.Kmeans`` on the same sample and
+  start (target <= 1.05); also our whole program (sample drawn from the store, k-means++ seeding,
+  final size pass, writes) and the torch Lloyd method, as ratios to bare faiss.
+- assignment rows/s: ours (whole program: store read, validity, exact top-l, writes) vs bare
+  FAISS IndexFlatIP search on the in-memory array vs a naive torch baseline (one GEMM over all
+  rows + full sort).
+- peak RSS of the assignment program on a store and on one 4x larger (should stay flat).
+- CUDA only: one k-means iteration at K = 1M, D = 768 on 10M points with faiss GPU, and the
+  extrapolated time for LAION-400M.
+"""
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import torch
+
+from pipeline.store import write_part
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _clusters(n: int, d: int, k: int, seed: int, noise: float = 0.3) -> np.ndarray:
+    rng = np.random.default_rng(seed)
+    c = rng.normal(size=(k, d)).astype(np.float32)
+    c /= np.linalg.norm(c, axis=1, keepdims=True)
+    x = c[rng.integers(0, k, n)] + noise / np.sqrt(d) * rng.normal(size=(n, d)).astype(np.float32)
+    return (x / np.linalg.norm(x, axis=1, keepdims=True)).astype(np.float32)
+
+
+def _store(root: Path, parts: int, rows: int, d: int, seed: int) -> None:
+    for p in range(parts):
+        x = _clusters(rows, d, 256, seed + p, noise=1.0)
+        meta = pa.table({"key": [f"{p:05d}{i:06d}" for i in range(rows)], "caption": [""] * rows,
+                         "url": [""] * rows, "shard": [""] * rows,
+                         "shard_row": np.arange(rows, dtype=np.int64)})
+        write_part(root, p, {"joint": x}, meta)
+
+
+def _timed(fn):
+    t = time.perf_counter()
+    out = fn()
+    return time.perf_counter() - t, out
+
+
+def bench_kmeans(quick: bool, tmp: Path) -> list[dict]:
+    import faiss
+
+    from clustering import kmeans as km
+    n, d, k, niter = (20_000, 64, 64, 10) if quick else (100_000, 256, 1024, 10)
+    parts = 4
+    _store(tmp / "km/store", parts, n // parts, d, 0)
+    from clustering.data import draw_sample, open_store
+    x, _, _ = draw_sample(open_store(str(tmp / "km/store"), "joint"), n, 0)
+    init = x[km.init_positions(len(x), k, 0)].copy()
+
+    def bare():
+        f = faiss.Kmeans(d, k, niter=niter, spherical=True, seed=0, max_points_per_centroid=1 << 30)
+        f.train(x, init_centroids=init)
+        return f.obj[-1]
+
+    def ours():
+        ck = km.Checkpoint(tmp / "km/ck", "bench")
+        return km.train_faiss(x, init, niter, 0, ck, 5)[1]["obj"][-1]
+
+    def program(method):
+        return km.main(None, [f"run.out_dir={tmp}/km", f"cluster.k={k}", f"cluster.niter={niter}",
+                              f"cluster.method={method}", "run.overwrite=true", "cluster.init=random",
+                              f"cluster.points_per_centroid={n // k}"])["objective_final"]
+
+    faiss.Kmeans(d, 8, niter=2, spherical=True).train(x[:4096])  # warm up faiss's thread pool
+    t_bare, o_bare = _timed(bare)
+    t_ours, o_ours = _timed(ours)
+    t_prog, _ = _timed(lambda: program("faiss"))
+    t_torch, _ = _timed(lambda: program("torch"))
+    shape = f"{n}x{d} K={k} niter={niter}"
+    return [
+        {"bench": "kmeans bare faiss.Kmeans", "shape": shape, "s": t_bare, "ours/bare": 1.0, "objective": o_bare},
+        {"bench": "kmeans ours (train_faiss, ckpt/5 it)", "shape": shape, "s": t_ours,
+         "ours/bare": t_ours / t_bare, "target": "<= 1.05", "objective": o_ours},
+        {"bench": "kmeans ours whole program (store->files)", "shape": shape, "s": t_prog,
+         "ours/bare": t_prog / t_bare},
+        {"bench": "kmeans method=torch whole program", "shape": shape, "s": t_torch, "ours/bare": t_torch / t_bare},
+    ]
+
+
+def bench_assign(quick: bool, tmp: Path) -> list[dict]:
+    import faiss
+
+    from clustering import assign as asg
+    n, d, k, l = (40_000, 64, 512, 8) if quick else (60_000, 256, 2048, 8)
+    parts = 4
+    _store(tmp / "as/store", parts, n // parts, d, 1)
+    c = _clusters(k, d, k, 7, noise=1.0)
+    (tmp / "as/clusters").mkdir(parents=True, exist_ok=True)
+    np.save(tmp / "as/clusters/centroids.npy", c)
+    from pipeline.store import EmbeddingStore
+    s = EmbeddingStore(tmp / "as/store")
+    x = np.concatenate([s.load("joint", p, mmap=False).astype(np.float32) for p in s.parts("joint")])
+
+    def ours():
+        return asg.main(None, [f"run.out_dir={tmp}/as", f"assign.l={l}", "assign.report=false",
+                               "run.overwrite=true"])
+
+    def bare_faiss():
+        index = faiss.IndexFlatIP(d)
+        index.add(c)
+        return index.search(x, l)[1]
+
+    def naive_torch():
+        sims = torch.from_numpy(x) @ torch.from_numpy(c).T
+        return sims.sort(dim=1, descending=True).indices[:, :l].numpy()
+
+    t_ours, _ = _timed(ours)
+    t_faiss, i_faiss = _timed(bare_faiss)
+    t_naive, i_naive = _timed(naive_torch)
+    top1 = float((i_faiss[:, 0] == i_naive[:, 0]).mean())
+    shape = f"{n}x{d} K={k} l={l}"
+    return [
+        {"bench": "assign ours (whole program, torch engine)", "shape": shape, "rows_per_s": n / t_ours,
+         "ours_speedup": 1.0},
+        {"bench": "assign bare faiss IndexFlatIP (in memory)", "shape": shape, "rows_per_s": n / t_faiss,
+         "ours_speedup": t_faiss / t_ours, "top1_agree_naive": top1},
+        {"bench": "assign naive torch (one GEMM + full sort)", "shape": shape, "rows_per_s": n / t_naive,
+         "ours_speedup": t_naive / t_ours},
+    ]
+
+
+# Peak RSS from /proc's VmHWM: getrusage's ru_maxrss survives exec on Linux, so a child forked
+# from this (large) benchmark process would report the parent's footprint.
+_RSS = ("import sys; from clustering.assign import cli; cli(sys.argv[1:]); "
+        "hwm = [ln for ln in open('/proc/self/status') if ln.startswith('VmHWM')][0].split()[1]; "
+        "print('MAXRSS', hwm, file=sys.stderr)")
+
+
+def bench_rss(quick: bool, tmp: Path) -> list[dict]:
+    rows, d, k = (10_000, 64, 256) if quick else (50_000, 256, 2048)
+    c = _clusters(k, d, k, 3, noise=1.0)
+    out = []
+    for mult in (1, 4):
+        root = tmp / f"rss{mult}"
+        _store(root / "store", 2 * mult, rows, d, 5)
+        (root / "clusters").mkdir(parents=True, exist_ok=True)
+        np.save(root / "clusters/centroids.npy", c)
+        env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
+        cmd = [sys.executable, "-c", _RSS, f"run.out_dir={root}", "assign.report=false"]
+        t0 = time.perf_counter()
+        p = subprocess.run(cmd, check=False, cwd=ROOT, env=env, capture_output=True, text=True)
+        t = time.perf_counter() - t0
+        if p.returncode != 0:
+            raise RuntimeError(p.stderr[-2000:])
+        kb = int(p.stderr.split("MAXRSS")[-1].split()[0])
+        out.append({"bench": f"assign peak RSS, store x{mult}", "shape": f"{2 * mult * rows}x{d} K={k}",
+                    "rss_mb": kb / 1024, "s": t})
+    out[1]["rss_x4/x1"] = out[1]["rss_mb"] / out[0]["rss_mb"]
+    out[1]["target"] = "~1 (flat)"
+    return out
+
+
+def bench_gpu(quick: bool) -> list[dict]:
+    from clustering.topk import faiss_gpus
+    if not torch.cuda.is_available() or faiss_gpus() == 0:
+        return [{"bench": "kmeans K=1M D=768 10M points (GPU)", "note": "skipped: needs CUDA + faiss-gpu"}]
+    import faiss
+    n, d, k = (1_000_000, 768, 65_536) if quick else (10_000_000, 768, 1_000_000)
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((n, d), dtype=np.float32)
+    x /= np.linalg.norm(x, axis=1, keepdims=True)
+    f = faiss.Kmeans(d, k, niter=2, spherical=True, gpu=faiss_gpus(), max_points_per_centroid=1 << 30)
+    f.train(x)
+    t = [s["time"] for s in f.iteration_stats]  # cumulative seconds since training started
+    per_it = t[1] - t[0]
+    laion = per_it * 400e6 / n  # one pass over LAION-400M at this K and D, same GPUs
+    return [{"bench": f"kmeans per iteration (faiss GPU x{faiss_gpus()})", "shape": f"{n}x{d} K={k}",
+             "s": per_it, "laion400m_per_iter_s": laion, "laion400m_20_iter_s": 20 * laion,
+             "note": "paper: ~10 min for 1M clusters; faiss distributed: 899 s (50M pts, 20 it, 80 GPUs)"}]
+
+
+def run_bench(quick: bool = False) -> list[dict]:
+    import logging
+    logging.getLogger("mlcd").setLevel(logging.WARNING)
+    with tempfile.TemporaryDirectory(prefix="mlcd-bench-cluster-") as t:
+        tmp = Path(t)
+        rows = bench_kmeans(quick, tmp) + bench_assign(quick, tmp) + bench_rss(quick, tmp)
+    return rows + bench_gpu(quick)

@@ -1,0 +1,179 @@
+"""For humans: a cluster-size histogram and contact sheets (member images of sampled clusters,
+fetched from the source shards by key) with a small HTML index; wandb gets the PNGs.
+
+Runs at the end of ``clustering.assign`` (``assign.report``), or alone:
+    python -m clustering.report --config configs/demo.yaml
+Memory: one part's top-1 labels at a time, plus the few members kept per sampled cluster.
+Shards given as URLs or ``pipe:`` commands are skipped (only local tars are opened).
+"""
+from __future__ import annotations
+
+import html
+import io
+import logging
+import os
+import tarfile
+from pathlib import Path
+
+import numpy as np
+
+from pipeline.io import atomic_path, atomic_write_text
+from pipeline.shards import IMAGE_EXTS
+from pipeline.store import EmbeddingStore, LabelStore
+
+log = logging.getLogger("mlcd.report")
+
+
+def cluster_sizes(labels: LabelStore) -> np.ndarray:
+    """Rows per cluster by top-1 label over the whole store (part by part)."""
+    sizes = np.zeros(0, np.int64)
+    for p in labels.parts():
+        top1 = labels.load(p, mmap=True)[0][:, 0]
+        b = np.bincount(top1[top1 >= 0])
+        if len(b) > len(sizes):
+            sizes = np.pad(sizes, (0, len(b) - len(sizes)))
+        sizes[:len(b)] += b
+    return sizes
+
+
+def plot_histogram(sizes: np.ndarray, k: int, path: Path) -> None:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    sizes = np.pad(sizes, (0, max(0, k - len(sizes))))
+    fig, ax = plt.subplots(figsize=(6, 3.5), dpi=100)
+    ax.hist(sizes, bins=min(60, max(10, int(sizes.max()) + 1)), color="#3b6ea5")
+    ax.set_xlabel("images per cluster (top-1 label)")
+    ax.set_ylabel("clusters")
+    ax.set_title(f"K={k}: {int((sizes == 0).sum())} empty, median {np.median(sizes):.0f}, max {sizes.max()}")
+    fig.tight_layout()
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, format="png")
+    plt.close(fig)
+
+
+def pick_members(store: EmbeddingStore, labels: LabelStore, chosen: np.ndarray, m: int
+                 ) -> dict[int, list[tuple[float, int, int]]]:
+    """Per chosen cluster, the m rows with the highest top-1 similarity: [(sim, part, row)]."""
+    best: dict[int, list] = {int(c): [] for c in chosen}
+    for p in labels.parts():
+        lab, sim = labels.load(p, mmap=True)
+        top1, s1 = np.asarray(lab[:, 0]), np.asarray(sim[:, 0], dtype=np.float32)
+        for c in np.intersect1d(chosen, top1):
+            rows = np.nonzero(top1 == c)[0]
+            rows = rows[np.argsort(-s1[rows], kind="stable")[:m]]
+            best[int(c)] = sorted(best[int(c)] + [(float(s1[r]), p, int(r)) for r in rows], reverse=True)[:m]
+    return best
+
+
+def fetch_images(wanted: dict[str, set[str]]) -> dict[tuple[str, str], bytes]:
+    """{(shard, key): image bytes}, one sequential pass over each needed local tar."""
+    out = {}
+    for shard, keys in wanted.items():
+        if "://" in shard or shard.startswith("pipe:") or not os.path.isfile(shard):
+            log.warning("contact sheets: cannot open shard %s (not a local file); skipped", shard)
+            continue
+        with tarfile.open(shard) as tf:
+            for ti in tf:
+                base = os.path.basename(ti.name)
+                key, _, ext = base.partition(".")
+                if key in keys and ext.lower() in IMAGE_EXTS and (shard, key) not in out:
+                    out[(shard, key)] = tf.extractfile(ti).read()
+    return out
+
+
+def contact_sheet(images: list[bytes | None], thumb: int, path: Path) -> None:
+    from PIL import Image
+    sheet = Image.new("RGB", (thumb * max(1, len(images)), thumb), "white")
+    for i, b in enumerate(images):
+        if b is None:
+            continue
+        try:
+            im = Image.open(io.BytesIO(b))
+            im.load()
+        except (OSError, ValueError, Image.DecompressionBombError) as e:  # leave its cell blank
+            log.warning("contact sheet %s: unreadable image (%s)", path.name, e)
+            continue
+        if im.mode in ("RGBA", "LA", "P"):
+            im = im.convert("RGBA")
+            bg = Image.new("RGBA", im.size, "white")
+            im = Image.alpha_composite(bg, im)
+        im = im.convert("RGB")
+        im.thumbnail((thumb, thumb))
+        sheet.paste(im, (i * thumb + (thumb - im.width) // 2, (thumb - im.height) // 2))
+    with atomic_path(path) as tmp:
+        sheet.save(tmp, format="PNG")
+
+
+def make_report(store_root: str, labels_dir: str | Path, report_dir: str | Path, n_clusters: int,
+                n_members: int, seed: int, tracker=None, thumb: int = 96) -> Path:
+    report = Path(report_dir)
+    report.mkdir(parents=True, exist_ok=True)
+    store, labels = EmbeddingStore(store_root), LabelStore(labels_dir)
+    k = int(np.load(Path(labels_dir).parent / "centroids.npy", mmap_mode="r", allow_pickle=False).shape[0]) \
+        if (Path(labels_dir).parent / "centroids.npy").is_file() else 0
+    sizes = cluster_sizes(labels)
+    k = max(k, len(sizes))
+    plot_histogram(sizes, k, report / "cluster_sizes.png")
+    nonempty = np.nonzero(sizes)[0]
+    rng = np.random.default_rng([seed, 0xC0])
+    chosen = np.sort(rng.choice(nonempty, size=min(n_clusters, len(nonempty)), replace=False))
+    members = pick_members(store, labels, chosen, n_members)
+    meta = {}  # (part, row) -> (shard, key, caption)
+    for p in sorted({p for ms in members.values() for _, p, _ in ms}):
+        rows = sorted({r for ms in members.values() for _, q, r in ms if q == p})
+        t = store.metadata(p).take(rows).to_pydict()
+        for i, r in enumerate(rows):
+            meta[(p, r)] = (str(t["shard"][i]) if "shard" in t else "", str(t["key"][i]),
+                            str(t.get("caption", [""] * len(rows))[i] or ""))
+    wanted: dict[str, set[str]] = {}
+    for shard, key, _ in meta.values():
+        wanted.setdefault(shard, set()).add(key)
+    images = fetch_images(wanted)
+    rows_html = []
+    for c in chosen:
+        ms = members[int(c)]
+        info = [meta[(p, r)] for _, p, r in ms]
+        name = f"sheet_{int(c):07d}.png"
+        contact_sheet([images.get((s, k_)) for s, k_, _ in info], thumb, report / name)
+        caps = "<br>".join(f"{html.escape(cap[:80])} <small>({sim:.2f})</small>"
+                           for (sim, _, _), (_, _, cap) in zip(ms, info))
+        rows_html.append(f"<tr><td>{int(c)}</td><td>{int(sizes[c])}</td>"
+                         f"<td><img src='{name}'></td><td>{caps}</td></tr>")
+        if tracker is not None:
+            tracker.log_image(f"clusters/sheet_{int(c)}", str(report / name))
+    page = ("<html><head><meta charset='utf-8'><title>clusters</title></head><body>"
+            f"<h2>{len(sizes)} clusters, {int(sizes.sum())} labeled images</h2>"
+            "<img src='cluster_sizes.png'><table border=1 cellpadding=4>"
+            "<tr><th>cluster</th><th>size</th><th>members (best first)</th><th>captions (sim)</th></tr>"
+            + "\n".join(rows_html) + "</table></body></html>\n")
+    atomic_write_text(report / "index.html", page)
+    if tracker is not None:
+        tracker.log_image("clusters/size_histogram", str(report / "cluster_sizes.png"))
+    log.info("report: %d contact sheets, %d/%d images found -> %s", len(chosen), len(images),
+             len(meta), report / "index.html")
+    return report / "index.html"
+
+
+def main(config: str | None = None, overrides=()) -> Path:
+    from clustering.assign import AssignConfig
+    from pipeline.config import load_config
+    from pipeline.dist import DistContext
+    from pipeline.tracking import Tracker, setup_logging
+    run, cfg = load_config(config, list(overrides), "assign", AssignConfig)
+    setup_logging()
+    tracker = Tracker(run.wandb, DistContext(), cfg.report_dir, "cluster-report", {})
+    try:
+        return make_report(cfg.store, cfg.out_dir, cfg.report_dir, cfg.report_clusters,
+                           cfg.report_members, run.seed, tracker)
+    finally:
+        tracker.finish()
+
+
+def cli(argv=None) -> int:
+    from clustering.data import store_cli
+    return store_cli(main, argv)
+
+
+if __name__ == "__main__":
+    cli()

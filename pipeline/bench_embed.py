@@ -1,0 +1,155 @@
+"""Stage-1 benchmark (`make bench`, never a timed test): where does embedding time go?
+
+On the demo shards with the configured encoder (configs/demo.yaml: the offline encoder on CPU):
+  (a) decode + preprocess only (the DataLoader workers, no model)
+  (b) model only, on pre-decoded tensors (image tower + text tower + joint)
+  (c) the full stage (pipeline.embed.embed: workers, model, parts written)
+  pipeline efficiency = (c) / min(a, b)  (1.0 = decode fully hidden behind the model, or vice versa)
+  (d) a naive single-process loop (decode a batch, then run it) over the same shards; (c)/(d).
+Quick mode uses one 128-image shard cut from the demo data (or the debug data it builds).
+"""
+from __future__ import annotations
+
+import os
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+from pipeline.config import load_config
+from pipeline.dist import DistContext
+from pipeline.embed import EmbedConfig, embed, load_rgb, make_loader, read_caption, read_samples
+from pipeline.encoders import build_encoder
+from pipeline.shards import expand_shards
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _shards(tmp: Path, quick: bool) -> list[str]:
+    """Demo shards if built (`make data`), else the debug-size demo data built here."""
+    src = ROOT / "runs/demo/data/train"
+    if not src.is_dir() or not list(src.glob("*.tar")):
+        from pipeline import demo_data
+        demo_data.main(str(ROOT / "configs/debug.yaml"), [f"run.out_dir={tmp}"])
+        src = tmp / "data/train"
+    shards = expand_shards(str(src))
+    limit = 128 if quick else 2000  # images; full mode keeps the bench to a few minutes on 2 cores
+    return _cut(shards, tmp / "bench_shards", limit)
+
+
+def _cut(shards: list[str], folder: Path, limit: int) -> list[str]:
+    """The first ``limit`` samples of ``shards``, rewritten as shards of at most 500."""
+    import webdataset as wds
+    folder.mkdir(parents=True, exist_ok=True)
+    out, n, writer = [], 0, None
+    for url in shards:
+        for s in read_samples(url):
+            if n % 500 == 0:
+                if writer:
+                    writer.close()
+                out.append(str(folder / f"{len(out):05d}.tar"))
+                writer = wds.TarWriter(out[-1])
+            writer.write(s)
+            n += 1
+            if n >= limit:
+                writer.close()
+                return out
+    if writer:
+        writer.close()
+    return out
+
+
+def _naive(shards: list[str], cfg: EmbedConfig, enc) -> int:
+    """What a first script would do: decode a batch, embed it, repeat; one process."""
+    n, batch, caps = 0, [], []
+    for url in shards:
+        for s in read_samples(url):
+            img, _ = load_rgb(next((s[e] for e in cfg.image_exts if e in s), None), cfg.max_pixels)
+            if img is None:
+                continue
+            batch.append(enc.preprocess(img))
+            caps.append(read_caption(s.get(cfg.caption_ext))[0])
+            if len(batch) == cfg.batch_size:
+                n += _run(enc, batch, caps)
+                batch, caps = [], []
+    return n + (_run(enc, batch, caps) if batch else 0)
+
+
+def _run(enc, batch, caps) -> int:
+    img, txt = enc.encode_images(torch.stack(batch)), enc.encode_texts(caps)
+    enc.joint(img, txt).cpu()
+    return len(batch)
+
+
+def gpu_model_rate(quick: bool, model: str = "ViT-L-14", batch: int = 256) -> dict:
+    """CUDA only: open_clip image tower images/s per GPU under fp16 autocast (random init has the
+    speed of the released weights). clip-retrieval reports 312/s for ViT-L/14 on one A100."""
+    from pipeline.encoders import EncoderConfig
+    enc = build_encoder(EncoderConfig(kind="open_clip", model=model, pretrained=None), "cuda")
+    x = torch.randn(batch, 3, enc.image_size, enc.image_size, device="cuda")
+    for _ in range(3):
+        enc.encode_images(x)
+    torch.cuda.synchronize()
+    iters = 5 if quick else 30
+    t0 = time.perf_counter()
+    for _ in range(iters):
+        enc.encode_images(x)
+    torch.cuda.synchronize()
+    rate = iters * batch / (time.perf_counter() - t0)
+    return {"what": f"(gpu) {model} fp16 image tower", "images": iters * batch, "images_per_s": rate,
+            "note": f"{torch.cuda.get_device_name()}; target >= 2000/s on an H100 (clip-retrieval: 312/s A100)"}
+
+
+def run_bench(quick: bool = False) -> list[dict]:
+    with tempfile.TemporaryDirectory() as d:
+        tmp = Path(d)
+        shards = _shards(tmp, quick)
+        run, cfg = load_config(ROOT / "configs/demo.yaml", [f"run.out_dir={tmp}",
+                               f"embed.input={tmp / 'bench_shards'}"], "embed", EmbedConfig)
+        ctx = DistContext()
+        enc = build_encoder(cfg.encoder, ctx.device)
+        parts = list(enumerate(shards))
+        rows = []
+
+        t0, n, kept = time.perf_counter(), 0, []  # (a)
+        for b in make_loader(parts, cfg, enc.preprocess, enc.image_size, pin_memory=False):
+            n += len(b["key"])
+            if len(kept) < 4 and b["key"]:
+                kept.append((b["pixels"], b["caption"]))
+        a = n / (time.perf_counter() - t0)
+        rows.append({"what": "(a) decode+preprocess only", "images": n, "images_per_s": a,
+                     "note": f"{min(cfg.workers, len(parts))} DataLoader workers"})
+
+        _run(enc, list(kept[0][0][:2]), kept[0][1][:2])  # warm-up
+        t0, m = time.perf_counter(), 0  # (b): the kept batches, repeated to ~ the same count
+        while m < min(n, 512):
+            for px, caps in kept:
+                m += _run(enc, list(px), caps)
+        b_rate = m / (time.perf_counter() - t0)
+        rows.append({"what": "(b) model only (pre-decoded)", "images": m, "images_per_s": b_rate,
+                     "note": f"{enc.name} @{enc.image_size}px, {torch.get_num_threads()} threads"})
+
+        summary = embed(cfg, run, ctx)  # (c)
+        c = summary["images_per_s"]
+        rows.append({"what": "(c) full stage", "images": summary["rows"], "images_per_s": c,
+                     "note": f"efficiency c/min(a,b) = {c / min(a, b_rate):.2f} (target >= 0.9)"})
+
+        t0 = time.perf_counter()  # (d)
+        nv = _naive(shards, cfg, enc)
+        d_rate = nv / (time.perf_counter() - t0)
+        rows.append({"what": "(d) naive single-process loop", "images": nv, "images_per_s": d_rate,
+                     "note": f"full stage / naive = {c / d_rate:.2f}x"})
+        if torch.cuda.is_available():
+            rows.append(gpu_model_rate(quick))
+        load = os.getloadavg()[0]
+        rows.append({"what": "machine load (1-min avg)", "images": "", "images_per_s": "",
+                     "note": f"{load:.1f} on {os.cpu_count()} cores: shared boxes make every row noisy"})
+        return rows
+
+
+if __name__ == "__main__":
+    import sys
+
+    from launch.bench import print_table
+    print_table("embed", run_bench(quick="--quick" in sys.argv))

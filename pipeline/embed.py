@@ -1,0 +1,492 @@
+"""Stage 1: image-text shards -> L2-normalized image/text/joint features in clip-retrieval's layout.
+
+    python -m pipeline.embed --config configs/demo.yaml [embed.batch_size=128 ...]
+    torchrun --nproc_per_node 8 -m pipeline.embed --config ...     (any number of nodes)
+
+Part i of the store is the i-th shard of ``expand_shards(embed.input)``. Ranks take the
+unfinished parts round-robin (rank 0 lists them once and broadcasts, so a rerun cannot split work
+differently on different ranks). Within a rank, DataLoader workers each read and decode whole
+shards (JPEG decode and resize in parallel, one tar stream per shard: ``pipe:`` sources are read
+once) and hand batches of one shard at a time to the main process, which runs the model (autocast
+on CUDA, pinned memory, ``prefetch_factor`` batches queued per worker) and writes each part with
+``pipeline.store.write_part`` as soon as its shard ends. The metadata parquet is written last and
+carries the part's sample/skip counts in its schema metadata, so a part is either complete with
+its counts or absent: a rerun after SIGKILL redoes only absent parts and ends with the same store.
+
+Bad samples never stop a run: each is skipped or repaired and counted by reason (``manifest.json``
+``skipped`` / ``fixed``). A shard that cannot be read is logged by name; the other shards finish,
+then the run exits 1 listing every failed shard (a rerun retries only those).
+"""
+from __future__ import annotations
+
+import collections
+import io
+import json
+import logging
+import os
+import sys
+import tarfile
+import time
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import torch
+from torch.utils.data import DataLoader, IterableDataset, get_worker_info
+
+from pipeline.config import ConfigError, RunConfig, check, cli_main, load_config, prepare_out_dir
+from pipeline.dist import DistContext, destroy, init_distributed
+from pipeline.encoders import EncoderConfig, build_encoder
+from pipeline.io import atomic_write_json, clean_stale_tmp
+from pipeline.shards import ShardSpecError, expand_shards, shard_stem
+from pipeline.store import KINDS, meta_path, part_complete, write_part
+from pipeline.tracking import Tracker, progress, setup_logging
+
+log = logging.getLogger("mlcd.embed")
+PART_META_KEY = b"mlcd_part"  # parquet schema metadata: this part's counts (JSON)
+
+
+@dataclass
+class EmbedConfig:
+    input: str = "${run.out_dir}/data/train"  # brace pattern, list file (.txt), directory, pipe:/URL
+    out_dir: str = "${run.out_dir}/store"
+    encoder: EncoderConfig = field(default_factory=EncoderConfig)
+    kinds: list[str] = field(default_factory=lambda: list(KINDS))  # features written per part
+    dtype: str = "float16"             # on disk
+    batch_size: int = 64
+    workers: int = 2                   # DataLoader decode workers per rank (0 = in the main process)
+    prefetch_factor: int = 4           # batches queued per worker
+    max_pixels: int = 89_478_485       # larger images are skipped before decoding (Pillow's limit)
+    image_exts: list[str] = field(default_factory=lambda: ["jpg", "jpeg", "png", "webp", "bmp", "tiff"])
+    caption_ext: str = "txt"
+    skip_missing_caption: bool = False  # False: keep the image, embed the empty caption
+    extra_fields: list[str] = field(default_factory=list)  # sample-JSON fields copied to metadata
+
+    def __post_init__(self):
+        check(self.batch_size > 0, "batch_size", self.batch_size, "must be > 0")
+        check(self.workers >= 0, "workers", self.workers, "must be >= 0")
+        check(self.prefetch_factor > 0, "prefetch_factor", self.prefetch_factor, "must be > 0")
+        check(self.max_pixels > 0, "max_pixels", self.max_pixels, "must be > 0")
+        check(self.dtype in ("float16", "float32"), "dtype", self.dtype, "must be float16 or float32")
+        check(bool(self.kinds) and set(self.kinds) <= set(KINDS), "kinds", self.kinds,
+              f"must be a non-empty subset of {list(KINDS)}")
+        check(bool(self.image_exts), "image_exts", self.image_exts, "must not be empty")
+        check(isinstance(self.input, str) and bool(self.input), "input", self.input, "must be a non-empty string")
+
+
+class EmbedFailed(RuntimeError):
+    """Some shards could not be read; every other part was written."""
+
+
+# ---------------------------------------------------------------- reading and repairing samples
+
+def read_samples(url: str):
+    """Samples of one tar shard, in file order: {"__key__", ext: bytes, ...}. Files are grouped by
+    key like webdataset's ``group_by_keys``, except that a repeated extension starts a new sample
+    (so a duplicate key is seen and counted, not raised). Errors opening/reading propagate, and so
+    does a tar that stops early: Python's tarfile silently ends iteration at a truncated or invalid
+    header after the first member, which would turn a cut-off download into a short part."""
+    import webdataset as wds
+    from webdataset.tariterators import base_plus_ext
+    raw = _Tail(wds.gopen(url))  # local path, pipe:, http(s):// ... as webdataset opens them
+    try:
+        tf = tarfile.open(fileobj=raw, mode="r|*")  # noqa: SIM115 -- closed via raw
+        cur = None
+        for info in tf:
+            if not info.isreg():
+                continue
+            key, ext = base_plus_ext(info.name)
+            data = tf.extractfile(info).read()
+            tf.members = []  # stream mode keeps every TarInfo otherwise
+            if key is None:
+                continue
+            ext = ext.lower()
+            if cur is None or key != cur["__key__"] or ext in cur:
+                if cur is not None:
+                    yield cur
+                cur = {"__key__": key}
+            cur[ext] = data
+        if getattr(tf.fileobj, "comptype", None) == "tar":  # offsets are raw offsets: check the end
+            raw.check_end(tf.offset)
+        if cur is not None:
+            yield cur
+    finally:
+        raw.close()  # a pipe: source checks its command's exit status here
+
+
+class _Tail:
+    """Read-through wrapper keeping the last chunks read, to check a tar's end-of-archive marker:
+    everything from the end of the last member to EOF must be zero blocks (at least one)."""
+    WINDOW = 1 << 16  # tarfile reads 10 KiB records: the end marker is always within this
+    MAX_PAD = 1 << 20  # more trailing bytes than this is not padding
+
+    def __init__(self, f):
+        self.f, self.pos, self.chunks, self.kept = f, 0, collections.deque(), 0
+
+    def read(self, n=-1):
+        b = self.f.read(n)
+        if b:
+            self.chunks.append((self.pos, b))
+            self.pos += len(b)
+            self.kept += len(b)
+            while self.kept - len(self.chunks[0][1]) >= self.WINDOW:
+                self.kept -= len(self.chunks.popleft()[1])
+        return b
+
+    def check_end(self, end: int):
+        pad = 0
+        while pad <= self.MAX_PAD and (b := self.read(1 << 16)):
+            pad += len(b)
+        tail = b"".join(c for _, c in self.chunks)
+        start = self.chunks[0][0] if self.chunks else self.pos
+        ok = start <= end and len(tail) - (end - start) >= 512 and not tail[end - start:].strip(b"\0")
+        if not ok or pad > self.MAX_PAD:
+            raise tarfile.ReadError(f"truncated or corrupt tar: no end-of-archive marker at byte {end}")
+
+    def close(self):
+        self.f.close()
+
+
+def load_rgb(data: bytes | None, max_pixels: int, draft: int = 0):
+    """Image bytes -> (RGB PIL image, [repairs]) or (None, skip reason). Never raises."""
+    from PIL import Image, ImageOps, UnidentifiedImageError
+    if data is None:
+        return None, "missing_image"
+    if len(data) == 0:
+        return None, "empty_image"
+    try:
+        im = Image.open(io.BytesIO(data))
+        w, h = im.size
+        if w * h > max_pixels:
+            return None, "too_large"
+        if draft and im.format == "JPEG":
+            im.draft(im.mode, (draft, draft))  # DCT-domain downscale: decode cost drops ~(scale)^2
+        im.load()
+        fixes = []
+        if im.getexif().get(0x0112, 1) in range(2, 9):  # EXIF orientation: rotate/flip upright
+            im = ImageOps.exif_transpose(im)
+            fixes.append("exif_rotated")
+        im, mode_fixes = to_rgb(im)
+        return im, fixes + mode_fixes
+    except Image.DecompressionBombError:
+        return None, "too_large"
+    except UnidentifiedImageError:
+        return None, "not_an_image"
+    except Exception:  # noqa: BLE001 -- any decoder error is bad data: truncated, corrupt, ...
+        return None, "corrupt_image"
+
+
+def to_rgb(im):
+    """Any Pillow mode -> RGB; transparent pixels go on white (as the demo shards are rendered)."""
+    from PIL import Image
+    mode, fixes = im.mode, []
+    if mode in ("I;16", "I;16L", "I;16B", "I;16N", "I", "F"):  # 16/32-bit: rescale, don't clip
+        a = np.asarray(im, dtype=np.float32)
+        if a.max(initial=0) > 255:
+            a = a / 257.0
+        return Image.fromarray(np.clip(a, 0, 255).astype(np.uint8), "L").convert("RGB"), ["high_bit_depth"]
+    if mode in ("P", "PA"):
+        fixes.append("palette")
+        has_alpha = mode == "PA" or "transparency" in im.info
+        im = im.convert("RGBA" if has_alpha else "RGB")
+        mode = im.mode
+    elif mode == "L" and "transparency" in im.info:
+        im = im.convert("RGBA")
+        mode = "RGBA"
+    if mode in ("RGBA", "LA", "La", "RGBa"):
+        fixes.append("alpha")
+        im = im.convert("RGBA")
+        bg = Image.new("RGBA", im.size, (255, 255, 255, 255))
+        return Image.alpha_composite(bg, im).convert("RGB"), fixes
+    if mode == "RGB":
+        return im, fixes
+    fixes.append({"L": "grayscale", "1": "grayscale", "CMYK": "cmyk"}.get(mode, f"mode_{mode}"))
+    return im.convert("RGB"), fixes
+
+
+def read_caption(raw: bytes | None) -> tuple[str, list[str]]:
+    if raw is None:
+        return "", ["caption_missing"]
+    fixes = []
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError:
+        text = raw.decode("utf-8", errors="replace")
+        fixes.append("caption_not_utf8")
+    text = " ".join(text.split())  # newlines/tabs/runs of spaces -> one space
+    if not text and not fixes:
+        fixes.append("caption_empty")
+    return text, fixes
+
+
+class ShardSamples(IterableDataset):
+    """Yields batches of one shard at a time: {"part", "pixels", "key", "caption", "url",
+    "shard_row", "extra", "end", "stats", "error"}. Each DataLoader worker takes whole shards
+    (worker w of W: parts[w::W]); the last batch of a shard has end=True and its counts."""
+
+    def __init__(self, parts: list[tuple[int, str]], cfg: EmbedConfig, preprocess, image_size: int):
+        self.parts, self.cfg, self.preprocess, self.image_size = parts, cfg, preprocess, image_size
+
+    def __iter__(self):
+        from PIL import Image
+        # our own max_pixels check runs first; this only stops Pillow refusing before it (per process)
+        Image.MAX_IMAGE_PIXELS = max(Image.MAX_IMAGE_PIXELS or 0, self.cfg.max_pixels)
+        warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+        info = get_worker_info()
+        mine = self.parts[info.id::info.num_workers] if info else self.parts
+        for part, url in mine:
+            yield from self._shard(part, url)
+
+    def _shard(self, part: int, url: str):
+        cfg = self.cfg
+        skipped, fixed, seen = collections.Counter(), collections.Counter(), set()
+        rows, n = [], 0
+        try:
+            for row, s in enumerate(read_samples(url)):
+                n = row + 1
+                key = s["__key__"]
+                if key in seen:
+                    skipped["duplicate_key"] += 1
+                    continue
+                seen.add(key)
+                raw = next((s[e] for e in cfg.image_exts if e in s), None)
+                img, why = load_rgb(raw, cfg.max_pixels, draft=self.image_size)
+                if img is None:
+                    skipped[why] += 1
+                    continue
+                caption, cfix = read_caption(s.get(cfg.caption_ext))
+                if cfg.skip_missing_caption and not caption:
+                    skipped["no_caption"] += 1
+                    continue
+                try:
+                    pixels = self.preprocess(img)
+                except Exception:  # noqa: BLE001 -- a bad image must not stop the shard
+                    skipped["corrupt_image"] += 1
+                    continue
+                meta, jfix = _json(s.get("json"))
+                fixed.update(why + cfix + jfix)
+                rows.append((pixels, key, caption, str(meta.get("url") or ""), row,
+                             {k: meta.get(k) for k in cfg.extra_fields}))
+                if len(rows) == cfg.batch_size:
+                    yield self._batch(part, rows)
+                    rows = []
+        except Exception as e:  # noqa: BLE001 -- unopenable/corrupt tar, failed pipe: this shard fails
+            yield {"part": part, "error": f"{type(e).__name__}: {e}", "end": True}
+            return
+        stats = {"samples": n, "skipped": dict(sorted(skipped.items())), "fixed": dict(sorted(fixed.items()))}
+        yield self._batch(part, rows, stats)
+
+    def _batch(self, part, rows, stats=None):
+        pixels = (torch.stack([r[0] for r in rows]) if rows
+                  else torch.empty(0, 3, self.image_size, self.image_size))
+        return {"part": part, "pixels": pixels, "key": [r[1] for r in rows],
+                "caption": [r[2] for r in rows], "url": [r[3] for r in rows],
+                "shard_row": torch.tensor([r[4] for r in rows], dtype=torch.int64),
+                "extra": [r[5] for r in rows], "end": stats is not None, "stats": stats, "error": None}
+
+
+def _json(raw: bytes | None) -> tuple[dict, list[str]]:
+    if raw is None:
+        return {}, []
+    try:
+        meta = json.loads(raw)
+        return (meta, []) if isinstance(meta, dict) else ({}, ["json_invalid"])
+    except (ValueError, UnicodeDecodeError):
+        return {}, ["json_invalid"]
+
+
+def make_loader(parts: list[tuple[int, str]], cfg: EmbedConfig, preprocess, image_size: int,
+                pin_memory: bool) -> DataLoader:
+    workers = min(cfg.workers, len(parts))
+    # batch_size=None: the dataset batches per shard itself; pinned host memory lets the
+    # host->GPU copy overlap the previous batch's compute (non_blocking in the encoder).
+    return DataLoader(ShardSamples(parts, cfg, preprocess, image_size), batch_size=None,
+                      num_workers=workers, pin_memory=pin_memory,
+                      prefetch_factor=cfg.prefetch_factor if workers else None)
+
+
+# ---------------------------------------------------------------- the stage
+
+class _Part:
+    def __init__(self):
+        self.feats = {k: [] for k in KINDS}
+        self.cols = {"key": [], "caption": [], "url": [], "shard_row": [], "extra": []}
+
+
+def _write(out: Path, part: int, url: str, buf: _Part, stats: dict, enc, cfg: EmbedConfig):
+    dims = {"img": enc.img_dim, "text": enc.text_dim, "joint": enc.joint_dim}
+    emb = {k: (torch.cat(buf.feats[k]).cpu().numpy() if buf.feats[k] else np.zeros((0, dims[k]), np.float32))
+           for k in cfg.kinds}
+    c = buf.cols
+    cols = {"key": pa.array(c["key"], pa.string()), "caption": pa.array(c["caption"], pa.string()),
+            "url": pa.array(c["url"], pa.string()), "shard": pa.array([url] * len(c["key"]), pa.string()),
+            "shard_row": pa.array(c["shard_row"], pa.int64())}
+    for f in cfg.extra_fields:
+        vals = [e[f] for e in c["extra"]]
+        try:
+            cols[f] = pa.array(vals)
+        except (pa.ArrowInvalid, pa.ArrowTypeError):  # mixed types across samples: keep as JSON text
+            cols[f] = pa.array([None if v is None else json.dumps(v) for v in vals], pa.string())
+    info = {"part": part, "shard": url, "rows": len(c["key"]), **stats}
+    table = pa.table(cols).replace_schema_metadata({PART_META_KEY: json.dumps(info).encode()})
+    write_part(out, part, emb, table, dtype=np.dtype(cfg.dtype))
+    return info
+
+
+def part_info(out: Path, part: int) -> dict:
+    """A finished part's counts, from its metadata parquet's schema (no data read)."""
+    md = pq.read_schema(meta_path(out, part)).metadata or {}
+    if PART_META_KEY in md:
+        return json.loads(md[PART_META_KEY])
+    return {"part": part, "rows": pq.read_metadata(meta_path(out, part)).num_rows}
+
+
+def _expected_rows(shards: list[str]) -> int | None:
+    """Progress-bar total from img2dataset's ``{stem}_stats.json`` beside local shards, if any."""
+    total = 0
+    for s in shards:
+        p = Path(s).with_name(shard_stem(s) + "_stats.json")
+        if "://" in s or s.startswith("pipe:") or not p.is_file():
+            return None
+        try:
+            total += int(json.loads(p.read_text())["successes"])
+        except (ValueError, KeyError, OSError):
+            return None
+    return total
+
+
+def embed(cfg: EmbedConfig, run: RunConfig, ctx: DistContext) -> dict:
+    out = Path(cfg.out_dir)
+    try:
+        shards = expand_shards(cfg.input)
+    except ShardSpecError as e:
+        raise ConfigError(f"embed.input={cfg.input!r}: {e}") from None
+    err = None
+    if ctx.is_main:  # one rank checks the folder and lists the work, so all ranks agree on it
+        try:
+            prepare_out_dir(out, run, {"run": run, "embed": cfg}, "embed",
+                            ignore=("embed.workers", "embed.prefetch_factor"))
+            for k in [*KINDS, "metadata"]:
+                clean_stale_tmp(out / (f"{k}_emb" if k != "metadata" else k))
+            todo = [i for i in range(len(shards)) if not part_complete(out, i, cfg.kinds)]
+        except ConfigError as e:
+            err, todo = str(e), []
+    err, todo = ctx.broadcast_object((err, todo if ctx.is_main else None))
+    if err:
+        raise ConfigError(err)
+    mine = [(i, shards[i]) for i in ctx.shard(todo)]
+    log.info("%d shards, %d done, %d to do (%d on this rank) -> %s",
+             len(shards), len(shards) - len(todo), len(todo), len(mine), out)
+
+    torch.manual_seed(run.seed)  # a random-init encoder (pretrained=null) is the same on every rank/rerun
+    enc = build_encoder(cfg.encoder, ctx.device)
+    tracker = Tracker(run.wandb, ctx, str(out), "embed", {"run": _plain(run), "embed": _plain(cfg)})
+    failures, written, rows_done = [], [], 0
+    skipped = collections.Counter()
+    t0 = time.perf_counter()
+    if mine:
+        loader = make_loader(mine, cfg, enc.preprocess, enc.image_size, ctx.device.type == "cuda")
+        bar = progress(_expected_rows([u for _, u in mine]), "embed", ctx)
+        bufs: dict[int, _Part] = {}
+        for step, b in enumerate(loader):
+            part = b["part"]
+            if b["error"]:
+                bufs.pop(part, None)
+                failures.append({"part": part, "shard": shards[part], "error": b["error"]})
+                log.error("shard %s (part %d) failed: %s", shards[part], part, b["error"])
+                continue
+            buf = bufs.setdefault(part, _Part())
+            if b["key"]:
+                img = enc.encode_images(b["pixels"])
+                txt = enc.encode_texts(b["caption"])
+                feats = {"img": img, "text": txt, "joint": enc.joint(img, txt)}
+                for k in cfg.kinds:  # stays on the device until the part ends: no per-batch sync
+                    buf.feats[k].append(feats[k])
+                for c in ("key", "caption", "url", "extra"):
+                    buf.cols[c] += b[c]
+                buf.cols["shard_row"] += b["shard_row"].tolist()
+                rows_done += len(b["key"])
+                bar.update(len(b["key"]))
+            if b["end"]:
+                info = _write(out, part, shards[part], bufs.pop(part), b["stats"], enc, cfg)
+                written.append(info)
+                skipped.update(info["skipped"])
+            if step % max(run.log_every, 1) == 0 or b["end"]:
+                rate = rows_done / max(time.perf_counter() - t0, 1e-9)
+                tracker.log({"embed/images_per_s": rate, "embed/images": rows_done,
+                             "embed/parts_written": len(written),
+                             **{f"embed/skipped/{k}": v for k, v in skipped.items()}}, step=step)
+        bar.close()
+    secs = time.perf_counter() - t0
+    rate = rows_done / max(secs, 1e-9)
+    log.info("rank %d: %d images in %.1f s (%.1f images/s), %d parts written, skipped %s",
+             ctx.rank, rows_done, secs, rate, len(written), dict(skipped))
+
+    # Every rank is past its loop once the gather returns, so all parts are on disk.
+    gathered = ctx.all_gather_object({"failures": failures, "rows": rows_done, "secs": secs})
+    failures = sorted((f for g in gathered for f in g["failures"]), key=lambda f: f["part"])
+    summary = {"rows": sum(g["rows"] for g in gathered), "parts_written": len(todo) - len(failures),
+               "images_per_s": sum(g["rows"] for g in gathered) / max(max(g["secs"] for g in gathered), 1e-9),
+               "failures": failures}
+    if ctx.is_main:
+        summary["manifest"] = write_manifest(out, shards, cfg, run, enc, failures)
+        tracker.log({"embed/total_images_per_s": summary["images_per_s"],
+                     **{f"embed/total_skipped/{k}": v for k, v in summary["manifest"]["skipped"].items()}})
+    tracker.finish()
+    ctx.barrier()
+    if failures:
+        lines = "\n".join(f"  part {f['part']}: {f['shard']}: {f['error']}" for f in failures)
+        raise EmbedFailed(f"{len(failures)} of {len(shards)} shards failed (rerun to retry them):\n{lines}")
+    return summary
+
+
+def write_manifest(out: Path, shards: list[str], cfg: EmbedConfig, run: RunConfig, enc, failures) -> dict:
+    """Whole-store summary from every finished part's own counts (written by any rank, any run)."""
+    parts = [part_info(out, i) for i in range(len(shards)) if part_complete(out, i, cfg.kinds)]
+    skipped, fixed = collections.Counter(), collections.Counter()
+    for p in parts:
+        skipped.update(p.get("skipped", {}))
+        fixed.update(p.get("fixed", {}))
+    dims = {"img": enc.img_dim, "text": enc.text_dim, "joint": enc.joint_dim}
+    manifest = {
+        "format": "clip-retrieval", "complete": len(parts) == len(shards),
+        "encoder": enc.describe(), "kinds": list(cfg.kinds),
+        "dims": {k: dims[k] for k in cfg.kinds}, "dtype": cfg.dtype,
+        "num_shards": len(shards), "num_parts": len(parts), "num_rows": sum(p["rows"] for p in parts),
+        "skipped": dict(sorted(skipped.items())), "fixed": dict(sorted(fixed.items())),
+        "failed_shards": failures, "parts": parts,
+        "config": {"run": _plain(run), "embed": _plain(cfg)},
+    }
+    atomic_write_json(out / "manifest.json", manifest)
+    return manifest
+
+
+def _plain(cfg) -> dict:
+    import dataclasses
+    return dataclasses.asdict(cfg)
+
+
+def main(config: str | None, overrides: list[str]) -> dict:
+    run, cfg = load_config(config, overrides, "embed", EmbedConfig)
+    ctx = init_distributed()
+    setup_logging(ctx)
+    try:
+        return embed(cfg, run, ctx)
+    finally:
+        destroy(ctx)
+
+
+def cli(argv=None):
+    try:
+        return cli_main(main, argv)
+    except EmbedFailed as e:
+        print(f"embed failed: {e}", file=sys.stderr)
+        sys.exit(1)
+
+
+if __name__ == "__main__":
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    cli()

@@ -1,0 +1,169 @@
+"""Stage 3 benchmark (`make bench`, launch/bench.py): numbers measured side by side.
+
+1. Classifier memory per rank: the PartialFC block (measured tensor bytes of centers, gradient and
+   AdamW state) against K*D*4/W, plus the per-step sampled buffers (computed: S x D rows and
+   B x S logits, a few copies each).
+2. Step time of the sharded loss at K = 100k, rho = 0.1 vs rho = 1.0 (one process: forward +
+   backward, and with the centers' AdamW step, which is dense over the block either way).
+3. Samples/s of the training step (DeepSpeed ZeRO-2 + PartialFC rho 0.1 + MLCD) against a plain
+   DDP baseline of the same model with a full data-parallel softmax classifier, 2 ranks (torchrun,
+   gloo on CPU), synthetic batches (compute only, no data loading).
+"""
+from __future__ import annotations
+
+import json
+import os
+import socket
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _time(fn, reps: int) -> float:
+    fn()  # warm-up
+    ts = []
+    for _ in range(reps):
+        t0 = time.perf_counter()
+        fn()
+        ts.append(time.perf_counter() - t0)
+    return statistics.median(ts)
+
+
+def bench_memory(quick: bool) -> list[dict]:
+    from training.loss import LossConfig
+    from training.partial_fc import PartialFC, PartialFCConfig, make_optimizer
+    K, D, B, rho = (100_000, 128, 1024, 0.1) if quick else (1_000_000, 512, 32_768, 0.1)
+    rows = []
+    for W in (1, 8, 80):
+        pfc = PartialFC(K, D, PartialFCConfig(sample_rate=rho, init_std=0.01), LossConfig(), rank=0, world_size=W)
+        opt = make_optimizer(pfc, PartialFCConfig(), 1e-3, 0.0)
+        pfc.weight.grad = torch.zeros_like(pfc.weight)
+        opt.step()
+        centers = pfc.weight.numel() * pfc.weight.element_size()
+        state = sum(v.numel() * v.element_size() for v in opt.state[pfc.weight].values() if v.dim())
+        S = min(pfc.num_local, B * 8 // W + int(rho * pfc.num_local))  # <= positives + negatives
+        sampled = 2 * S * D * 4 + 4 * B * S * 4  # rows (+normalized), logits (+2 masked, exp)
+        rows.append({"bench": "classifier memory/rank", "K": K, "D": D, "W": W,
+                     "expected K*D*4/W MiB": K * D * 4 / W / 2**20, "centers MiB": centers / 2**20,
+                     "ratio": centers / (K * D * 4 / W), "+grad+AdamW MiB": (2 * centers + state) / 2**20,
+                     "sampled buffers MiB (computed, B=%d)" % B: sampled / 2**20})
+        del pfc, opt
+    return rows
+
+
+def bench_rho(quick: bool) -> list[dict]:
+    from training.loss import LossConfig
+    from training.partial_fc import PartialFC, PartialFCConfig, make_optimizer
+    K, D, B = 100_000, 128 if quick else 256, 256 if quick else 1024
+    g = torch.Generator().manual_seed(0)
+    emb = torch.randn(B, D, generator=g, requires_grad=True)
+    labels = torch.randint(0, K, (B, 8), generator=g)
+    times = {}
+    for rho in (0.1, 1.0):
+        pfc = PartialFC(K, D, PartialFCConfig(sample_rate=rho), LossConfig())
+        opt = make_optimizer(pfc, PartialFCConfig(), 1e-3, 0.0)
+
+        def fwd_bwd():
+            loss, _ = pfc(emb, labels, 0)
+            loss.backward()
+
+        def full():
+            fwd_bwd()
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+        times[rho] = (_time(fwd_bwd, 3 if quick else 5), _time(full, 3 if quick else 5))
+    return [{"bench": "step time rho=0.1 vs 1.0", "K": K, "D": D, "B": B,
+             "loss fwd+bwd s (rho .1)": times[0.1][0], "(rho 1)": times[1.0][0],
+             "speed-up": times[1.0][0] / times[0.1][0],
+             "with AdamW step s (rho .1)": times[0.1][1], "(rho 1) ": times[1.0][1],
+             "speed-up ": times[1.0][1] / times[0.1][1]}]
+
+
+def bench_throughput(quick: bool) -> list[dict]:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--nnodes=1",
+           "--rdzv_backend=c10d", f"--rdzv_endpoint=127.0.0.1:{port}", "-m", "training.bench_train",
+           "quick" if quick else "full"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT),
+           "DS_ACCELERATOR": os.environ.get("DS_ACCELERATOR", "cpu" if not torch.cuda.is_available() else "cuda")}
+    p = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
+    line = next((ln for ln in p.stdout.splitlines() if ln.startswith("BENCH_JSON ")), None)
+    if p.returncode != 0 or line is None:
+        raise RuntimeError(f"throughput bench failed ({p.returncode}): {p.stderr[-3000:]}")
+    return [json.loads(line[len("BENCH_JSON "):])]
+
+
+def _throughput_worker(quick: bool) -> None:
+    """Under torchrun: same model, same batch; ours vs DDP + full softmax."""
+    import deepspeed
+    import torch.nn.functional as F
+    from pipeline.dist import init_distributed
+    from training.data import TrainDataConfig
+    from training.loss import LossConfig
+    from training.model import ModelConfig, build_model
+    from training.partial_fc import PartialFC, PartialFCConfig, make_optimizer
+    from training.train import (DeepSpeedConfig, OptimConfig, TrainConfig, deepspeed_config,
+                                make_backbone_optimizer, train_step)
+    ctx = init_distributed()
+    model_cfg = (ModelConfig(name="vit_tiny_rope2d", image_size=32, width=64, layers=2, heads=4, mlp_dim=128,
+                             embed_dim=64) if quick else
+                 ModelConfig(name="vit_tiny_rope2d", image_size=64, patch_size=8, width=192, layers=6,
+                             heads=3, mlp_dim=768, embed_dim=128))
+    K, B, reps = (20_000, 32, 5) if quick else (100_000, 32, 8)
+    cfg = TrainConfig(model=model_cfg, loss=LossConfig(num_labels=8),
+                      partial_fc=PartialFCConfig(num_classes=K, sample_rate=0.1),
+                      optim=OptimConfig(warmup_steps=0), data=TrainDataConfig(batch_size=B),
+                      deepspeed=DeepSpeedConfig(zero_stage=2, precision="fp32"))
+    g = torch.Generator().manual_seed(ctx.rank)
+    size = model_cfg.resolved().image_size
+    images = torch.randn(B, 3, size, size, generator=g)
+    labels = torch.randint(0, K, (B, 8), generator=g)
+
+    torch.manual_seed(0)
+    model = build_model(model_cfg)
+    engine, _, _, _ = deepspeed.initialize(model=model, optimizer=make_backbone_optimizer(model, cfg.optim),
+                                           config=deepspeed_config(cfg), dist_init_required=False)
+    pfc = PartialFC(K, model.out_dim, cfg.partial_fc, cfg.loss, ctx.rank, ctx.world_size, ctx.group,
+                    grad_scale=float(ctx.world_size))
+    opt = make_optimizer(pfc, cfg.partial_fc, 1e-3, 0.2)
+    step = [0]
+
+    def ours():
+        train_step(engine, pfc, opt, [(images, labels, 0)], step[0], cfg)
+        step[0] += 1
+    t_ours = _time(ours, reps)
+
+    torch.manual_seed(0)
+    base = torch.nn.Sequential(build_model(model_cfg), torch.nn.Linear(model.out_dim, K, bias=False))
+    ddp = torch.nn.parallel.DistributedDataParallel(base)
+    bopt = torch.optim.AdamW(ddp.parameters(), lr=1e-3, weight_decay=0.2)
+
+    def baseline():
+        logits = ddp(images)
+        F.cross_entropy(logits, labels[:, 0]).backward()
+        bopt.step()
+        bopt.zero_grad(set_to_none=True)
+    t_base = _time(baseline, reps)
+    if ctx.is_main:
+        gb = B * ctx.world_size
+        print("BENCH_JSON " + json.dumps({
+            "bench": "train step samples/s (2 ranks)", "model": f"w{model_cfg.resolved().width}"
+            f"x{model_cfg.resolved().layers}@{size}px", "K": K, "global batch": gb,
+            "ours ZeRO-2+PartialFC rho .1": gb / t_ours, "DDP full softmax": gb / t_base,
+            "ratio": t_base / t_ours}), flush=True)
+
+
+def run_bench(quick: bool) -> list[dict]:
+    return bench_memory(quick) + bench_rho(quick) + bench_throughput(quick)
+
+
+if __name__ == "__main__":
+    _throughput_worker(quick=len(sys.argv) > 1 and sys.argv[1] == "quick")

@@ -1,0 +1,168 @@
+"""Training checkpoints (the contract the export stage reads)::
+
+    {train.out_dir}/checkpoints/step_{N:08d}/
+        <DeepSpeed's checkpoint of the MLCDEncoder engine: keys vision_model.*, head.*>
+        partial_fc/rank{r}_of{W}.safetensors   class-center block [start, end) + its optimizer
+                                               state + the rank's torch RNG
+        trainer_state.json                     step, samples_seen, seeds, model_config, config, ...
+    {train.out_dir}/checkpoints/latest         names the newest complete step folder
+
+Order of a save: DeepSpeed files, center shards (atomic), barrier, trainer_state.json with
+"complete": true, then `latest` (atomic). A save killed at any point leaves `latest` naming the
+previous complete checkpoint; `find_latest` also falls back to scanning for complete folders.
+Resuming on another world size re-shards the centers (blocks concatenated by their ranges and
+re-split: each rank reads only the slices it needs) and loads the backbone weights from the
+consolidated fp32 state (`load_backbone_state_dict`); DeepSpeed cannot re-partition ZeRO
+optimizer moments across a new world size, so the backbone's moments restart then (logged).
+"""
+from __future__ import annotations
+
+import json
+import logging
+import re
+import shutil
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save as st_save
+
+from pipeline.io import atomic_write_bytes, atomic_write_json, atomic_write_text, read_json
+
+log = logging.getLogger("mlcd.train.ckpt")
+STEP_RE = re.compile(r"^step_(\d{8})$")
+
+
+def tag_for(step: int) -> str:
+    return f"step_{step:08d}"
+
+
+def is_complete(step_dir: Path) -> bool:
+    try:
+        return bool(read_json(step_dir / "trainer_state.json").get("complete"))
+    except (OSError, ValueError):
+        return False
+
+
+def find_latest(root: str | Path) -> Path | None:
+    """The newest complete checkpoint: the one `latest` names, else the newest complete folder."""
+    root = Path(root)
+    latest = root / "latest"
+    if latest.is_file():
+        d = root / latest.read_text().strip()
+        if is_complete(d):
+            return d
+        log.warning("%s names %s, which is not complete; scanning %s", latest, d, root)
+    if not root.is_dir():
+        return None
+    steps = sorted((p for p in root.iterdir() if STEP_RE.match(p.name)), reverse=True)
+    return next((d for d in steps if is_complete(d)), None)
+
+
+def read_state(step_dir: Path) -> dict:
+    return read_json(step_dir / "trainer_state.json")
+
+
+# ---------------------------------------------------------------- class centers
+
+def _opt_tensors(opt: torch.optim.Optimizer, param: torch.Tensor) -> dict[str, torch.Tensor]:
+    st = opt.state.get(param, {})
+    return {f"opt.{k}": (v if torch.is_tensor(v) else torch.tensor(float(v))).detach().cpu().contiguous()
+            for k, v in st.items()}
+
+
+def save_centers(step_dir: Path, pfc, opt: torch.optim.Optimizer) -> None:
+    tensors = {"weight": pfc.weight.detach().cpu().contiguous(), **_opt_tensors(opt, pfc.weight),
+               "rng.torch": torch.get_rng_state()}
+    meta = {"start": str(pfc.start), "end": str(pfc.start + pfc.num_local),
+            "num_classes": str(pfc.num_classes), "rank": str(pfc.rank), "world_size": str(pfc.world_size)}
+    path = step_dir / "partial_fc" / f"rank{pfc.rank}_of{pfc.world_size}.safetensors"
+    atomic_write_bytes(path, st_save(tensors, metadata=meta))
+
+
+def load_centers(step_dir: Path, pfc, opt: torch.optim.Optimizer, world_size: int) -> None:
+    """Fills this rank's block (and its optimizer state) from the saved blocks that overlap it."""
+    files = sorted((step_dir / "partial_fc").glob(f"rank*_of{world_size}.safetensors"))
+    if len(files) != world_size:
+        raise FileNotFoundError(f"{step_dir / 'partial_fc'}: expected {world_size} center shards "
+                                f"rank*_of{world_size}.safetensors, found {len(files)}")
+    lo, hi = pfc.start, pfc.start + pfc.num_local
+    state: dict[str, torch.Tensor] = {}
+    covered = 0
+    for f in files:
+        with safe_open(str(f), framework="pt") as sf:
+            meta = sf.metadata()
+            if int(meta["num_classes"]) != pfc.num_classes:
+                raise ValueError(f"{f}: checkpoint has {meta['num_classes']} classes, this run "
+                                 f"{pfc.num_classes}")
+            s, e = int(meta["start"]), int(meta["end"])
+            a, b = max(s, lo), min(e, hi)
+            for key in sf.keys():
+                if key == "rng.torch":
+                    if world_size == pfc.world_size and int(meta["rank"]) == pfc.rank:
+                        torch.set_rng_state(sf.get_tensor(key))
+                    continue
+                if sf.get_slice(key).get_shape() == [] or key == "opt.step":  # per-rank scalar
+                    state.setdefault(key, sf.get_tensor(key))
+                    continue
+                if a >= b:
+                    continue
+                if key not in state:
+                    state[key] = torch.empty(pfc.num_local, *sf.get_slice(key).get_shape()[1:])
+                state[key][a - lo:b - lo] = sf.get_slice(key)[a - s:b - s]
+            covered += max(0, b - a) if "weight" in sf.keys() else 0
+    if covered != pfc.num_local:
+        raise ValueError(f"{step_dir}: center shards cover {covered} of this rank's {pfc.num_local} classes")
+    with torch.no_grad():
+        pfc.weight.copy_(state.pop("weight"))
+    if state:
+        opt.state[pfc.weight] = {k[4:]: v for k, v in state.items() if k.startswith("opt.")}
+
+
+# ---------------------------------------------------------------- the whole checkpoint
+
+def save(root: Path, step: int, engine, pfc, pfc_opt, trainer_state: dict, ctx, keep: int = 2) -> Path:
+    """Collective: every rank calls it."""
+    tag = tag_for(step)
+    step_dir = root / tag
+    if ctx.is_main and step_dir.exists():  # a leftover incomplete save of the same step
+        (step_dir / "trainer_state.json").unlink(missing_ok=True)
+    ctx.barrier()
+    engine.save_checkpoint(str(root), tag=tag, save_latest=False)
+    save_centers(step_dir, pfc, pfc_opt)
+    ctx.barrier()
+    if ctx.is_main:
+        atomic_write_json(step_dir / "trainer_state.json", {**trainer_state, "complete": True})
+        atomic_write_text(root / "latest", tag + "\n")
+        _prune(root, keep, tag)
+    ctx.barrier()
+    return step_dir
+
+
+def _prune(root: Path, keep: int, current: str) -> None:
+    if keep <= 0:
+        return
+    done = sorted(p for p in root.iterdir() if STEP_RE.match(p.name) and is_complete(p))
+    for old in done[:-keep]:
+        if old.name != current:
+            shutil.rmtree(old, ignore_errors=True)
+
+
+def load_backbone_state_dict(step_dir: Path) -> dict[str, torch.Tensor]:
+    """The full fp32 MLCDEncoder state dict of a checkpoint, whatever its ZeRO stage and world
+    size (ZeRO 1-3 via DeepSpeed's zero_to_fp32; ZeRO 0 stores the module whole)."""
+    step_dir = Path(step_dir)
+    if list(step_dir.glob("*zero_pp_rank_*optim_states.pt")):
+        from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+        sd = get_fp32_state_dict_from_zero_checkpoint(str(step_dir.parent), tag=step_dir.name)
+    else:
+        path = step_dir / "mp_rank_00_model_states.pt"
+        if not path.is_file():
+            raise FileNotFoundError(f"{step_dir}: no DeepSpeed model states (mp_rank_00_model_states.pt)")
+        sd = torch.load(path, map_location="cpu", weights_only=True)["module"]
+    return {k: v.float() for k, v in sd.items()}
+
+
+def describe(step_dir: Path) -> str:
+    s = read_state(step_dir)
+    return json.dumps({k: s.get(k) for k in ("step", "samples_seen", "world_size", "zero_stage")})

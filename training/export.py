@@ -1,0 +1,173 @@
+"""Export a trained MLCD encoder as a HF transformers folder (`mlcd export`, `make export`):
+
+    python -m training.export CHECKPOINT OUT_DIR [--model NAME|config.json] [--with-head] [--dtype D]
+
+CHECKPOINT is one of
+- a training run folder (`${train.out_dir}`) or its `checkpoints/` folder: the step named by
+  `latest` is exported;
+- a step folder `checkpoints/step_N/` (DeepSpeed ZeRO checkpoint + trainer_state.json): the fp32
+  backbone is gathered with deepspeed's zero_to_fp32, the architecture read from
+  trainer_state.json's `model_config`;
+- a bare model state file (.safetensors, or .pt/.bin read with weights_only=True) with our keys
+  (`vision_model.*`, `head.weight`) or HF's; needs --model (a preset name, or a JSON file holding
+  a ModelConfig dict or a trainer_state.json).
+
+OUT_DIR gets config.json, model.safetensors (`vision_model.`-prefixed keys: transformers 4.5x and
+5.x both load it) and preprocessor_config.json (CLIPImageProcessor), so
+`AutoModel.from_pretrained(OUT_DIR)` / `AutoProcessor.from_pretrained(OUT_DIR)` work offline.
+The training head is left out unless --with-head (CLIP family: CLIPVisionModelWithProjection).
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import logging
+import sys
+from pathlib import Path
+
+import torch
+
+from pipeline.io import atomic_write_json, read_json
+from training.hf import from_hf_state_dict, load_state_file, save_hf_folder
+from training.model import PRESETS, ModelConfig
+
+log = logging.getLogger(__name__)
+STATE_SUFFIXES = (".safetensors", ".pt", ".pth", ".bin")
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+class ExportError(ValueError):
+    """A bad checkpoint or argument: one line for the user."""
+
+
+def resolve_step_dir(path: Path) -> Path:
+    """A run folder / checkpoints folder / step folder -> the complete step folder to export."""
+    for folder in (path, path / "checkpoints"):
+        latest = folder / "latest"
+        if latest.is_file() and not (folder / "trainer_state.json").is_file():
+            step = folder / latest.read_text().strip()
+            if not step.is_dir():
+                raise ExportError(f"{latest} names {step.name!r}, which does not exist")
+            return step
+    if (path / "trainer_state.json").is_file():
+        return path
+    raise ExportError(f"{path}: not a training checkpoint (no trainer_state.json, no latest file)")
+
+
+def model_config_from(spec: str) -> ModelConfig:
+    """--model: a preset name, or a JSON file with a ModelConfig dict / a trainer_state.json."""
+    if spec in PRESETS:
+        return ModelConfig(name=spec)
+    p = Path(spec)
+    if not p.is_file():
+        raise ExportError(f"--model {spec!r}: neither a preset ({', '.join(PRESETS)}) nor a file")
+    d = read_json(p)
+    d = d.get("model_config", d)
+    return _config(d, str(p))
+
+
+def _config(d: dict, where: str) -> ModelConfig:
+    names = {f.name for f in dataclasses.fields(ModelConfig)}
+    unknown = sorted(set(d) - names)
+    if unknown:
+        raise ExportError(f"{where}: model_config has unknown keys {unknown}")
+    return ModelConfig(**d)
+
+
+def _zero_tag_dir(step: Path) -> Path:
+    """The folder holding DeepSpeed's `*model_states.pt` (the step folder or one level below)."""
+    for cand in (step, *sorted(p for p in step.iterdir() if p.is_dir())):
+        if any(cand.glob("*model_states.pt")):
+            return cand
+    raise ExportError(f"{step}: no DeepSpeed model states (*model_states.pt) found")
+
+
+def load_training_checkpoint(path: Path) -> tuple[dict, ModelConfig, dict]:
+    """(our state dict in fp32, ModelConfig, trainer_state) of a complete training checkpoint."""
+    step = resolve_step_dir(path)
+    state = read_json(step / "trainer_state.json")
+    if not state.get("complete"):
+        raise ExportError(f"{step}/trainer_state.json: checkpoint is not complete (killed while "
+                          "saving?); export an earlier step")
+    if "model_config" not in state:
+        raise ExportError(f"{step}/trainer_state.json: no model_config")
+    cfg = _config(state["model_config"], f"{step}/trainer_state.json")
+    tag = _zero_tag_dir(step)
+    # deepspeed imports take seconds and are only needed here.
+    from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+    sd = get_fp32_state_dict_from_zero_checkpoint(str(tag.parent), tag=tag.name)
+    return _strip_module(dict(sd)), cfg, state
+
+
+def _strip_module(sd: dict) -> dict:
+    if sd and all(k.startswith("module.") for k in sd):  # DDP / engine wrapper
+        sd = {k[len("module."):]: v for k, v in sd.items()}
+    return sd
+
+
+def export(checkpoint: str | Path, out_dir: str | Path, model: str | None = None,
+           with_head: bool = False, dtype: str = "float32") -> Path:
+    src = Path(checkpoint)
+    info: dict = {"source": str(src)}
+    if src.is_file():
+        if src.suffix not in STATE_SUFFIXES:
+            raise ExportError(f"{src}: a state file must end in {STATE_SUFFIXES}")
+        if model is None:
+            raise ExportError(f"{src}: a bare state file needs --model (preset name or JSON)")
+        sd = from_hf_state_dict(_strip_module(load_state_file(src)))
+        cfg = model_config_from(model)
+        # The file decides whether a head exists; --model only fixes the backbone.
+        head = sd.get("head.weight")
+        cfg = dataclasses.replace(cfg, embed_dim=int(head.shape[0]) if head is not None else 0)
+    elif src.is_dir():
+        sd, cfg, state = load_training_checkpoint(src)
+        if model is not None:
+            log.warning("--model ignored: the checkpoint's trainer_state.json names the model")
+        info.update(step=state.get("step"), samples_seen=state.get("samples_seen"))
+    else:
+        raise ExportError(f"{src}: no such file or folder")
+    cfg = cfg.resolved()
+    _check_shapes(sd, cfg, src)
+    out = save_hf_folder(sd, cfg, out_dir, with_head=with_head, dtype=DTYPES[dtype])
+    info.update(model_config=dataclasses.asdict(cfg), with_head=with_head, dtype=dtype)
+    atomic_write_json(Path(out) / "mlcd_export.json", info)  # provenance; HF ignores it
+    return out
+
+
+def _check_shapes(sd: dict, cfg: ModelConfig, src: Path) -> None:
+    """Loads into a meta-device model (no memory) so a config/weights mismatch is one clear
+    error here, not a shape error inside transformers later."""
+    from training.model import build_model
+    with torch.device("meta"):
+        ref = build_model(cfg).state_dict()
+    missing = sorted(set(ref) - set(sd))
+    unexpected = sorted(set(sd) - set(ref))
+    bad = [k for k in set(ref) & set(sd) if tuple(ref[k].shape) != tuple(sd[k].shape)]
+    if missing or unexpected or bad:
+        raise ExportError(f"{src}: weights do not match model {cfg.name} (missing {missing[:3]}, "
+                          f"unexpected {unexpected[:3]}, wrong shape {sorted(bad)[:3]})")
+
+
+def cli(argv=None) -> int:
+    ap = argparse.ArgumentParser(prog="mlcd export", description=__doc__.split("\n\n")[0])
+    ap.add_argument("checkpoint", help="training run/checkpoint/step folder, or a state file")
+    ap.add_argument("out_dir")
+    ap.add_argument("--model", default=None,
+                    help=f"for a bare state file: a preset ({', '.join(PRESETS)}) or a JSON config")
+    ap.add_argument("--with-head", action="store_true",
+                    help="also export the training head (CLIP family: as visual_projection)")
+    ap.add_argument("--dtype", default="float32", choices=sorted(DTYPES))
+    args = ap.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    try:
+        out = export(args.checkpoint, args.out_dir, args.model, args.with_head, args.dtype)
+    except (ExportError, FileNotFoundError, ValueError, KeyError) as e:
+        print(f"export error: {e}", file=sys.stderr)
+        return 2
+    print(json.dumps({"out_dir": str(out)}))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(cli())

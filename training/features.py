@@ -1,0 +1,410 @@
+"""Labeled image sets and frozen feature extractors for evaluation, behind one small interface.
+
+Datasets (`open_labeled`): a folder of img2dataset shards whose samples carry ``cls`` in their
+``.json`` (+ ``classes.json`` beside them: the demo probe sets), or an image folder per class
+(torchvision ``ImageFolder`` layout). Images are read by byte offset into the tar (random access,
+so ranks can take any rows; indexing a 1k-sample shard costs ~10 ms).
+
+Extractors (`build_extractor`, one per model kind) give ``transform(PIL) -> tensor`` and
+``__call__(pixel_values) -> (B, D)`` pooled features:
+- ``checkpoint``: our training checkpoint folder (DeepSpeed ZeRO, read with zero_to_fp32) or a bare
+  ``.safetensors`` state dict; pooled = ``vision_model(x).pooler_output`` (the HF export's output).
+- ``hf``: an exported folder via transformers ``AutoModel`` + its saved image processor.
+- ``open_clip``: a model name + pretrained tag or local weights file (null = random init);
+  features = ``encode_image`` (CLIP's linear-probe features).
+- ``encoder``: the stage-1 embedding encoder (pipeline/encoders.py), image tower only.
+- ``random``: our architecture at random init, from a ModelConfig or from the config of a
+  checkpoint/export folder ("the same architecture as the trained model").
+
+`extract` runs one extractor over one dataset on all ranks: rank r takes the contiguous row block
+[r*ceil(N/W), (r+1)*ceil(N/W)), features are all-gathered (padded to equal blocks) so every rank
+gets the (N, D) float32 matrix in dataset order, identical to a 1-rank run.
+"""
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import logging
+import math
+import os
+import tarfile
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from PIL import Image
+from torch.utils.data import DataLoader, Dataset, Subset
+
+from pipeline.dist import DistContext
+from pipeline.shards import IMAGE_EXTS, ShardSpecError, expand_shards
+from pipeline.tracking import progress
+
+log = logging.getLogger("mlcd.eval")
+
+KINDS = ("checkpoint", "hf", "open_clip", "encoder", "random")
+
+
+class EvalInputError(ValueError):
+    """A dataset or model that cannot be read: the message names the file."""
+
+
+# ------------------------------------------------------------------------------------ datasets
+
+def load_rgb(data: bytes | str | os.PathLike) -> Image.Image:
+    """RGB image; transparency is composited on white (clipart PNGs are mostly transparent, and
+    a bare convert("RGB") turns their background into whatever colour the hidden pixels hold)."""
+    img = Image.open(io.BytesIO(data) if isinstance(data, bytes) else data)
+    if img.mode in ("RGBA", "LA", "PA") or (img.mode == "P" and "transparency" in img.info):
+        img = img.convert("RGBA")
+        bg = Image.new("RGBA", img.size, (255, 255, 255, 255))
+        return Image.alpha_composite(bg, img).convert("RGB")
+    return img.convert("RGB")
+
+
+class LabeledImages(Dataset):
+    """Rows of (image, label). ``items[i]`` is (file, byte offset, size); offset -1 = whole file."""
+
+    def __init__(self, source: str, items: list[tuple[str, int, int]], labels: np.ndarray,
+                 classes: list[str], transform: Callable | None = None):
+        self.source, self.items, self.classes, self.transform = source, items, classes, transform
+        self.labels = labels.astype(np.int64)
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    def read(self, i: int) -> Image.Image:
+        path, off, size = self.items[i]
+        if off < 0:
+            return load_rgb(path)
+        with open(path, "rb") as f:
+            f.seek(off)
+            return load_rgb(f.read(size))
+
+    def __getitem__(self, i: int):
+        img = self.read(i)
+        return self.transform(img) if self.transform else img, int(self.labels[i])
+
+    def with_transform(self, transform: Callable) -> LabeledImages:
+        return LabeledImages(self.source, self.items, self.labels, self.classes, transform)
+
+    def fingerprint(self) -> str:
+        h = hashlib.sha1(json.dumps([self.items, self.classes]).encode())
+        h.update(self.labels.tobytes())
+        return h.hexdigest()[:16]
+
+
+def _key_ext(name: str) -> tuple[str, str]:
+    # webdataset's rule: the key is the path up to the first dot of the file's base name
+    d, _, base = name.rpartition("/")
+    stem, _, ext = base.partition(".")
+    return (f"{d}/{stem}" if d else stem), ext.lower()
+
+
+def _shard_items(shard: str) -> tuple[list[tuple[str, int, int]], list[int]]:
+    items, labels = [], []
+    samples: dict[str, dict] = {}
+    order: list[str] = []
+    try:
+        with tarfile.open(shard) as tf:
+            for m in tf:
+                if not m.isfile():
+                    continue
+                key, ext = _key_ext(m.name)
+                if key not in samples:
+                    samples[key] = {}
+                    order.append(key)
+                if ext == "json":
+                    samples[key]["json"] = json.loads(tf.extractfile(m).read())
+                elif ext in IMAGE_EXTS:
+                    samples[key]["img"] = (m.offset_data, m.size)
+    except (tarfile.TarError, OSError, json.JSONDecodeError) as e:
+        raise EvalInputError(f"{shard}: cannot read shard ({e})") from None
+    for key in order:
+        s = samples[key]
+        if "img" not in s:
+            continue  # a sample with no image (e.g. caption only) is not a probe row
+        meta = s.get("json") or {}
+        if not isinstance(meta.get("cls"), int):
+            raise EvalInputError(f"{shard}: sample {key!r} has no integer 'cls' in its .json "
+                                 "(probe shards need a class label per sample)")
+        items.append((shard, *s["img"]))
+        labels.append(meta["cls"])
+    return items, labels
+
+
+def open_labeled(spec: str) -> LabeledImages:
+    """A labeled image set from a shard folder / shard spec (``cls`` in each .json) or an image
+    folder with one sub-folder per class."""
+    p = Path(spec)
+    if p.is_dir() and not any(p.glob("*.tar")):
+        return _image_folder(p)
+    try:
+        shards = expand_shards(spec)
+    except ShardSpecError as e:
+        raise EvalInputError(f"dataset {spec}: {e} (expected shards with 'cls' or class folders)") from None
+    items, labels = [], []
+    for s in shards:
+        it, lb = _shard_items(s)
+        items += it
+        labels += lb
+    if not items:
+        raise EvalInputError(f"dataset {spec}: no labeled images found")
+    labels = np.asarray(labels, dtype=np.int64)
+    folder = p if p.is_dir() else Path(shards[0]).parent
+    cj = folder / "classes.json"
+    if cj.is_file():
+        classes = json.loads(cj.read_text())
+        if not isinstance(classes, list) or labels.max() >= len(classes) or labels.min() < 0:
+            raise EvalInputError(f"{cj}: must list class names covering cls 0..{labels.max()}")
+    else:
+        log.warning("%s missing: naming classes by their index", cj)
+        classes = [str(i) for i in range(int(labels.max()) + 1)]
+    return LabeledImages(str(spec), items, labels, [str(c) for c in classes])
+
+
+def _image_folder(root: Path) -> LabeledImages:
+    from torchvision.datasets.folder import find_classes, make_dataset
+    exts = tuple(f".{e}" for e in IMAGE_EXTS) + (".bmp", ".gif", ".tif", ".tiff")
+    try:
+        classes, idx = find_classes(str(root))
+        samples = make_dataset(str(root), idx, extensions=exts)
+    except (FileNotFoundError, OSError) as e:
+        raise EvalInputError(f"dataset {root}: {e}") from None
+    items = [(path, -1, -1) for path, _ in samples]
+    return LabeledImages(str(root), items, np.asarray([c for _, c in samples]), classes)
+
+
+# ---------------------------------------------------------------------------------- extractors
+
+@dataclass
+class Extractor:
+    """A frozen model: ``transform`` maps a PIL image to a CHW tensor, ``forward`` a batch to
+    (B, D) features. ``info`` (kind, resolved weights, ...) goes into the feature-cache key."""
+    forward: Callable[[torch.Tensor], torch.Tensor]
+    transform: Callable[[Image.Image], torch.Tensor]
+    module: torch.nn.Module | None  # moved to the device by build_extractor (None: already there)
+    info: dict = field(default_factory=dict)
+
+    @torch.no_grad()
+    def __call__(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        return self.forward(pixel_values).float()
+
+
+def processor_transform(proc) -> Callable:
+    def tf(img: Image.Image) -> torch.Tensor:
+        return proc(images=img, return_tensors="pt")["pixel_values"][0]
+    return tf
+
+
+def _our_model(cfg, state: dict | None, seed: int, feature: str, info: dict) -> Extractor:
+    """Our MLCDEncoder (training.model) with ``state`` (None = random init with ``seed``) and the
+    export's own image processor (training.hf.processor_config): checkpoint features equal the
+    exported folder's."""
+    from transformers import CLIPImageProcessor
+
+    from training.hf import processor_config
+    from training.model import ModelConfig, build_model
+    if isinstance(cfg, dict):
+        try:
+            cfg = ModelConfig(**cfg)
+        except (TypeError, ValueError) as e:
+            raise EvalInputError(f"{info.get('weights') or 'model'}: bad ModelConfig {cfg}: {e}") from None
+    torch.manual_seed(seed)
+    model = build_model(cfg).eval()
+    if state is not None:
+        try:
+            missing, unexpected = model.load_state_dict(state, strict=False)
+        except RuntimeError as e:  # shape mismatch
+            raise EvalInputError(f"{info.get('weights')}: weights do not fit {cfg.name}: "
+                                 f"{str(e).splitlines()[-1].strip()}") from None
+        # a bare backbone state may lack the training head; the backbone must be whole
+        bad = [k for k in missing if not k.startswith("head.")] + list(unexpected)
+        if bad:
+            raise EvalInputError(f"{info.get('weights')}: state dict does not match {cfg.name}: {bad[:4]}")
+    if feature == "head":
+        fwd = model
+    else:
+        def fwd(x):
+            return model.vision_model(x).pooler_output
+    proc = CLIPImageProcessor(**{k: v for k, v in processor_config(cfg).items()
+                                 if k != "image_processor_type"})
+    return Extractor(fwd, processor_transform(proc), model,
+                     {**info, "model_config": dict(vars(cfg.resolved())), "feature": feature})
+
+
+def resolve_checkpoint(path: str) -> Path:
+    """A training out_dir, its ``checkpoints/`` folder, or one ``step_*`` folder -> the step
+    folder (``latest`` names the newest complete one)."""
+    from training.export import ExportError, resolve_step_dir
+    try:
+        return resolve_step_dir(Path(path))
+    except ExportError as e:
+        raise EvalInputError(str(e)) from None
+
+
+def _checkpoint(spec) -> Extractor:
+    """Training checkpoint folder (via training.export's loader: zero_to_fp32 + trainer_state's
+    model_config) or a bare state file (.safetensors/.pt, our or HF keys) + `model` fields."""
+    from training.export import ExportError, load_training_checkpoint
+    from training.hf import from_hf_state_dict, load_state_file
+    p = Path(spec.path)
+    info = {"kind": "checkpoint", "weights": spec.path}
+    try:
+        if p.is_file():
+            if not spec.model:
+                raise EvalInputError(f"{p}: a bare state file needs `model` (ModelConfig fields)")
+            sd = from_hf_state_dict(load_state_file(p))
+            mcfg = dict(spec.model)
+            if "head.weight" in sd:  # the file decides the head width (as training.export does)
+                mcfg["embed_dim"] = int(sd["head.weight"].shape[0])
+            return _our_model(mcfg, sd, spec.seed, spec.feature, info)
+        sd, cfg, st = load_training_checkpoint(p)
+    except (ExportError, FileNotFoundError, ValueError) as e:
+        if isinstance(e, EvalInputError):
+            raise
+        raise EvalInputError(f"{p}: {e}") from None
+    info.update(weights=str(resolve_checkpoint(spec.path)), step=st.get("step"))
+    return _our_model(cfg, sd, spec.seed, spec.feature, info)
+
+
+def _weights_id(path: Path) -> str:
+    """Cheap identity of a weights file/folder (names, sizes, mtimes) for the feature cache."""
+    files = sorted(path.rglob("*")) if path.is_dir() else [path]
+    h = hashlib.sha1()
+    for f in files:
+        if f.is_file():
+            s = f.stat()
+            name = f.relative_to(path) if path.is_dir() else f.name
+            h.update(f"{name}:{s.st_size}:{s.st_mtime_ns}".encode())
+    return h.hexdigest()[:16]
+
+
+def build_extractor(spec, device: torch.device) -> Extractor:
+    """``spec``: a training.eval.ModelSpec (kind, path, arch, pretrained, model, seed, feature)."""
+    builders = {"checkpoint": _checkpoint, "hf": lambda s: _hf(s.path), "random": _random,
+                "open_clip": _open_clip, "encoder": lambda s: _encoder(s, device)}
+    if spec.kind not in builders:
+        raise EvalInputError(f"unknown model kind {spec.kind!r} (known: {', '.join(KINDS)})")
+    ex = builders[spec.kind](spec)
+    if ex.module is not None:
+        ex.module.to(device).eval()
+        ex.info.setdefault("params", sum(p.numel() for p in ex.module.parameters()))
+    return ex
+
+
+def _random(spec) -> Extractor:
+    """Random init of our architecture: `model` (ModelConfig fields), or the architecture of the
+    checkpoint / HF export at `path` (so the baseline is exactly the trained model's)."""
+    info = {"kind": "random", "seed": spec.seed}
+    if spec.model:
+        return _our_model(dict(spec.model), None, spec.seed, spec.feature, info)
+    p = Path(spec.path)
+    if (p / "config.json").is_file():  # an HF folder (ours or DeepGlint's CLIP/MLCD towers)
+        from training.hf import config_from_hf
+        try:
+            cfg = config_from_hf(json.loads((p / "config.json").read_text()))
+        except (ValueError, KeyError) as e:
+            raise EvalInputError(f"{p}/config.json: {e}") from None
+        return _our_model(cfg, None, spec.seed, spec.feature, {**info, "like": spec.path})
+    from training.export import ExportError, model_config_from
+    step = resolve_checkpoint(spec.path)
+    try:
+        cfg = model_config_from(str(step / "trainer_state.json"))
+    except (ExportError, ValueError) as e:
+        raise EvalInputError(f"{step}/trainer_state.json: no usable model_config ({e})") from None
+    return _our_model(cfg, None, spec.seed, spec.feature, {**info, "like": spec.path})
+
+
+def _hf(path: str) -> Extractor:
+    """transformers AutoModel (CLIPVisionModel, MLCDVisionModel, or a full CLIPModel's tower) and
+    the folder's saved image processor; features = the tower's pooler_output."""
+    from transformers import AutoImageProcessor, AutoModel
+    p = Path(path)
+    if not (p / "config.json").is_file():
+        raise EvalInputError(f"{path}: not an HF model folder (no config.json)")
+    try:
+        proc = AutoImageProcessor.from_pretrained(path)
+        model = AutoModel.from_pretrained(path).eval()
+    except (OSError, ValueError) as e:
+        raise EvalInputError(f"{path}: cannot load with transformers ({str(e).splitlines()[0]})") from None
+    tower = getattr(model, "vision_model", model)
+
+    def fwd(x):
+        return tower(pixel_values=x).pooler_output
+    return Extractor(fwd, processor_transform(proc), model,
+                     {"kind": "hf", "weights": path, "model_type": model.config.model_type,
+                      "class": type(model).__name__})
+
+
+def _open_clip(spec) -> Extractor:
+    """An open_clip model (name + pretrained tag or local file; null = random init);
+    features = encode_image (the embedding CLIP's own linear-probe evaluation uses)."""
+    import open_clip
+    torch.manual_seed(spec.seed)
+    try:
+        model, _, preprocess = open_clip.create_model_and_transforms(
+            spec.arch, pretrained=spec.pretrained or None, pretrained_text=False)
+    except (RuntimeError, ValueError, OSError) as e:
+        raise EvalInputError(f"open_clip {spec.arch} pretrained={spec.pretrained!r}: "
+                             f"{str(e).splitlines()[0]}") from None
+    return Extractor(model.encode_image, preprocess, model,
+                     {"kind": "open_clip", "arch": spec.arch, "pretrained": spec.pretrained})
+
+
+def _encoder(spec, device) -> Extractor:
+    """The stage-1 encoder's image tower (pipeline.encoders): same weights and preprocessing
+    as the embeddings that were clustered; `model` holds its EncoderConfig fields."""
+    from pipeline.encoders import EncoderConfig, build_encoder
+    try:
+        enc = build_encoder(EncoderConfig(**dict(spec.model)), device)
+    except (TypeError, ValueError, RuntimeError, OSError) as e:
+        raise EvalInputError(f"stage-1 encoder {dict(spec.model)}: {str(e).splitlines()[0]}") from None
+    tower = getattr(enc, "net", None) or getattr(enc, "model", None)  # offline | open_clip
+    params = sum(p.numel() for p in tower.parameters()) if tower is not None else 0
+    return Extractor(enc.encode_images, enc.preprocess, None,
+                     {"kind": "encoder", **enc.describe(), "params": params})
+
+
+# ---------------------------------------------------------------------------------- extraction
+
+def _collate(batch):
+    return torch.stack([b[0] for b in batch]), torch.tensor([b[1] for b in batch])
+
+
+def extract(ex: Extractor, ds: LabeledImages, ctx: DistContext, batch_size: int = 64,
+            workers: int = 0, desc: str = "features", device: torch.device | None = None) -> np.ndarray:
+    """(N, D) float32 features of ``ds`` in row order, on every rank. Each rank computes one
+    contiguous block of rows; the blocks are all-gathered (one collective per dataset)."""
+    device = device or ctx.device
+    n, world = len(ds), ctx.world_size
+    per = math.ceil(n / world)
+    lo, hi = min(ctx.rank * per, n), min((ctx.rank + 1) * per, n)
+    sub = Subset(ds.with_transform(ex.transform), range(lo, hi))
+    loader = DataLoader(sub, batch_size=batch_size, num_workers=workers, collate_fn=_collate,
+                        persistent_workers=False)
+    out = []
+    with progress(hi - lo, desc, ctx) as bar:
+        for x, _ in loader:
+            out.append(ex(x.to(device, non_blocking=True)).cpu())
+            bar.update(len(x))
+    local = torch.cat(out) if out else None
+    if not ctx.distributed:
+        return local.numpy() if local is not None else np.zeros((0, 0), np.float32)
+    # a rank with no rows (N < W) still joins; it learns D from the others
+    dim = torch.tensor([local.shape[1] if local is not None else 0], device=device)
+    dist.all_reduce(dim, op=dist.ReduceOp.MAX)
+    buf = torch.zeros(per, int(dim), dtype=torch.float32, device=device)
+    if local is not None:
+        buf[: len(local)] = local.to(device)
+    parts = [torch.empty_like(buf) for _ in range(world)]
+    dist.all_gather(parts, buf)
+    return torch.cat(parts)[:n].cpu().numpy()
+
+
+def to_jsonable(d: Any) -> Any:
+    return json.loads(json.dumps(d, default=str))

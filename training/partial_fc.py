@@ -1,0 +1,185 @@
+"""PartialFC: the K x D class centers split into contiguous blocks across ranks (model parallel,
+insightface/UNICOM style), with per-step class sampling (the RICE rule).
+
+Memory per rank: K/W x D fp32 centers (+ their gradient and optimizer state, x3-4 with AdamW)
+plus the sampled rows and a B_global x S logit matrix; a data-parallel classifier would need the
+whole K x D on every rank (1M x 512 fp32 = 2 GiB, 8 GiB with Adam).
+
+Per step, a rank:
+1. all-gathers the normalized embeddings and labels of the global batch (`all_gather_grad`:
+   backward sums each rank's slice, i.e. a reduce-scatter, times `grad_scale`);
+2. samples its columns: every positive of the global batch inside its block plus exactly
+   floor(rho * K_local) negatives drawn uniformly from the non-positives (rho = 1: the block);
+3. computes cosines to those centers and its share of the loss (training/loss.py), reduced
+   across ranks.
+The centers are never data-parallel parameters: keep them out of DeepSpeed/DDP and give them
+their own optimizer (`make_optimizer`).
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch import nn
+
+from pipeline.config import check
+from training.loss import LossConfig, mlcd_loss, unicom_loss
+
+INIT_CHUNK = 1 << 16  # centers are initialized in fixed chunks so the K x D matrix is the same
+#                       for any world size (one seeded generator per chunk)
+
+
+@dataclass
+class PartialFCConfig:
+    num_classes: int = 0          # K; 0 = rows of the k-means centroids file (train.centroids)
+    sample_rate: float = 0.1      # rho: negatives per step = floor(rho * K_local)
+    init_std: float = 0.01        # centers ~ normal(0, init_std) (normalized in the loss)
+    optimizer: str = "adamw"      # adamw | sgd (momentum 0.9)
+    lr_mult: float = 1.0          # center LR = backbone LR (schedule included) x lr_mult
+    weight_decay: float | None = None  # None: the backbone's optim.weight_decay
+
+    def __post_init__(self):
+        check(self.num_classes >= 0, "num_classes", self.num_classes, "must be >= 0 (0 = from centroids)")
+        check(0 < self.sample_rate <= 1, "sample_rate", self.sample_rate, "must be in (0, 1]")
+        check(self.init_std > 0, "init_std", self.init_std, "must be > 0")
+        check(self.optimizer in ("adamw", "sgd"), "optimizer", self.optimizer, "must be adamw or sgd")
+        check(self.lr_mult > 0, "lr_mult", self.lr_mult, "must be > 0")
+
+
+def shard_range(num_classes: int, rank: int, world_size: int) -> tuple[int, int]:
+    """(start, num_local) of a rank's block; the first K % W ranks get one extra class."""
+    num_local = num_classes // world_size + int(rank < num_classes % world_size)
+    start = num_classes // world_size * rank + min(rank, num_classes % world_size)
+    return start, num_local
+
+
+class _AllGather(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, group, grad_scale):
+        ctx.group, ctx.grad_scale = group, grad_scale
+        out = [torch.empty_like(x) for _ in range(dist.get_world_size(group))]
+        dist.all_gather(out, x.contiguous(), group=group)
+        return torch.cat(out)
+
+    @staticmethod
+    def backward(ctx, grad):
+        w = dist.get_world_size(ctx.group)
+        parts = list(grad.contiguous().chunk(w))
+        mine = torch.empty_like(parts[0])
+        # each rank's loss only saw its own classes: the true gradient of my rows is the sum of
+        # every rank's partial gradient for them
+        dist.reduce_scatter(mine, parts, op=dist.ReduceOp.SUM, group=ctx.group)
+        return mine * ctx.grad_scale, None, None
+
+
+def all_gather_grad(x: torch.Tensor, group, grad_scale: float = 1.0) -> torch.Tensor:
+    """Concatenation over ranks (equal first dims) with a gradient-correct backward. The trainer
+    passes grad_scale = W: DeepSpeed/DDP average backbone gradients over ranks, but the loss is
+    already a mean over the global batch, so the average would divide by W once too often."""
+    if group is None:
+        return x  # single process: W = 1, nothing to undo
+    return _AllGather.apply(x, group, grad_scale)
+
+
+def all_gather_nograd(x: torch.Tensor, group) -> torch.Tensor:
+    if group is None:
+        return x
+    out = [torch.empty_like(x) for _ in range(dist.get_world_size(group))]
+    dist.all_gather(out, x.contiguous(), group=group)
+    return torch.cat(out)
+
+
+def init_centers(num_classes: int, dim: int, start: int, num_local: int, std: float, seed: int
+                 ) -> torch.Tensor:
+    """Rows [start, start + num_local) of a K x D normal(0, std) matrix that does not depend on
+    how it is split (costs at most two extra chunks of generation per rank)."""
+    out = torch.empty(num_local, dim)
+    end = start + num_local
+    for c in range(start // INIT_CHUNK, math.ceil(end / INIT_CHUNK)):
+        c0, c1 = c * INIT_CHUNK, min((c + 1) * INIT_CHUNK, num_classes)
+        g = torch.Generator().manual_seed(seed * 1_000_003 + c)
+        chunk = torch.randn(c1 - c0, dim, generator=g) * std
+        lo, hi = max(c0, start), min(c1, end)
+        out[lo - start:hi - start] = chunk[lo - c0:hi - c0]
+    return out
+
+
+class PartialFC(nn.Module):
+    """This rank's block of class centers and the sampled, sharded loss over the global batch."""
+
+    def __init__(self, num_classes: int, dim: int, cfg: PartialFCConfig, loss_cfg: LossConfig,
+                 rank: int = 0, world_size: int = 1, group=None, seed: int = 0,
+                 grad_scale: float = 1.0):
+        super().__init__()
+        check(num_classes >= world_size, "num_classes", num_classes,
+              f"must be >= the number of ranks ({world_size})")
+        self.cfg, self.loss_cfg = cfg, loss_cfg
+        self.num_classes, self.dim = num_classes, dim
+        self.rank, self.world_size, self.group = rank, world_size, group
+        self.seed, self.grad_scale = seed, grad_scale
+        self.start, self.num_local = shard_range(num_classes, rank, world_size)
+        self.weight = nn.Parameter(init_centers(num_classes, dim, self.start, self.num_local,
+                                                cfg.init_std, seed))
+
+    @property
+    def num_negatives(self) -> int:
+        return int(self.cfg.sample_rate * self.num_local)
+
+    def sample(self, labels: torch.Tensor, step: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """labels: (B, l) global class ids of the global batch (-1 = none). Returns the sampled
+        local rows (S,) (positives first) and the (B, S) positive mask. The draw depends only on
+        (seed, rank, step): a resumed run samples what the uninterrupted one did."""
+        local = labels - self.start
+        valid = (labels >= 0) & (local >= 0) & (local < self.num_local)
+        pos = torch.unique(local[valid])
+        if self.cfg.sample_rate >= 1.0:
+            sampled = torch.arange(self.num_local, device=labels.device)
+        else:
+            g = torch.Generator(device=labels.device).manual_seed(
+                (self.seed * 1_000_003 + step) * 4099 + self.rank)
+            score = torch.rand(self.num_local, generator=g, device=labels.device)
+            score[pos] = -1.0  # never drawn as a negative
+            k = min(self.num_negatives, self.num_local - pos.numel())
+            neg = torch.topk(score, k, sorted=False).indices
+            sampled = torch.cat([pos, neg])
+        col = torch.full((self.num_local,), -1, dtype=torch.long, device=labels.device)
+        col[sampled] = torch.arange(sampled.numel(), device=labels.device)
+        mask = torch.zeros(labels.shape[0], sampled.numel(), dtype=torch.bool, device=labels.device)
+        rows = torch.arange(labels.shape[0], device=labels.device)[:, None].expand_as(labels)
+        mask[rows[valid], col[local[valid]]] = True
+        return sampled, mask
+
+    def forward(self, emb: torch.Tensor, labels: torch.Tensor, step: int
+                ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """emb: (B_local, D) unnormalized embeddings of this rank's samples; labels (B_local, l).
+        Returns the global-batch loss (same value on every rank) and detached stats."""
+        labels = labels[:, :self.loss_cfg.labels_used].to(emb.device, torch.long)
+        emb = F.normalize(emb.float(), dim=1)
+        emb_g = all_gather_grad(emb, self.group, self.grad_scale)
+        labels_g = all_gather_nograd(labels, self.group)
+        sampled, mask = self.sample(labels_g, step)
+        w = F.normalize(self.weight[sampled], dim=1)  # gradient flows into the sampled rows only
+        cos = emb_g @ w.T
+        if self.loss_cfg.mode == "unicom":
+            target = torch.where(mask.any(1), mask.float().argmax(1), -1)
+            loss, terms = unicom_loss(cos, target, self.loss_cfg, self.group)
+        else:
+            loss, terms = mlcd_loss(cos, mask, self.loss_cfg, self.group)
+        counts = torch.tensor([float(sampled.numel()), float(mask.any(0).sum())])
+        if self.group is not None:
+            dist.all_reduce(counts, group=self.group)
+        terms.update(sampled_classes=counts[0], positives=counts[1])
+        return loss, terms
+
+
+def make_optimizer(pfc: PartialFC, cfg: PartialFCConfig, lr: float, weight_decay: float,
+                   betas=(0.9, 0.98), eps: float = 1e-6) -> torch.optim.Optimizer:
+    """The centers' own optimizer (per-rank state, no data-parallel reduction). Its LR follows
+    the backbone schedule x lr_mult (the trainer sets it every step)."""
+    wd = weight_decay if cfg.weight_decay is None else cfg.weight_decay
+    if cfg.optimizer == "sgd":
+        return torch.optim.SGD([pfc.weight], lr=lr * cfg.lr_mult, momentum=0.9, weight_decay=wd)
+    return torch.optim.AdamW([pfc.weight], lr=lr * cfg.lr_mult, betas=betas, eps=eps, weight_decay=wd)
