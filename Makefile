@@ -16,7 +16,7 @@ export HF_HUB_OFFLINE := 1
 export TRANSFORMERS_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: setup apt demo demo-data test test-fast bench lint embed cluster assign train export eval clean
+.PHONY: setup apt demo demo-data test test-fast bench bench-gpu envcheck lint embed cluster assign train export eval clean
 
 setup: $(STAMP)
 
@@ -43,9 +43,17 @@ test-fast: setup
 bench: setup apt
 	$(PY) -m launch.bench $(ARGS)
 
+# On a CUDA machine: every stage's per-GPU throughput in one table (DRY_RUN=1 prints the plan).
+bench-gpu: setup
+	$(PY) -m launch.bench_gpu $(ARGS)
+
+# Preflight of a multi-node layout: ranks, hosts, all-reduce bandwidth.
+envcheck: setup
+	NPROC=$(NPROC) NNODES=$(NNODES) bash launch/torchrun.sh envcheck $(ARGS)
+
 lint: setup
 	$(VENV)/bin/ruff check pipeline clustering training launch tests
-	-command -v shellcheck >/dev/null && shellcheck launch/*.sh .ci/run
+	-command -v shellcheck >/dev/null && shellcheck -x launch/*.sh launch/slurm/* .ci/run
 
 embed cluster assign train export eval: setup
 	NPROC=$(NPROC) NNODES=$(NNODES) bash launch/torchrun.sh $@ $(CONFIG) $(ARGS)

@@ -137,7 +137,11 @@ def run_assign(run: RunConfig, cfg: AssignConfig, ctx: DistContext) -> dict:
 
     device = ctx.device if (cfg.gpu and torch.cuda.is_available()) else torch.device("cpu")
     engine = "torch" if cfg.engine == "auto" else cfg.engine
-    tracker = Tracker(run.wandb, ctx, str(out), "assign", {"run": asdict(run), "assign": asdict(cfg)})
+    # wandb's run folder goes beside the labels, not among them
+    track_dir = Path(cfg.report_dir)
+    if ctx.is_main:
+        track_dir.mkdir(parents=True, exist_ok=True)
+    tracker = Tracker(run.wandb, ctx, str(track_dir), "assign", {"run": asdict(run), "assign": asdict(cfg)})
     t0 = Timer()
     topk = TopK(c, cfg.l, engine, device, cfg.block_rows, cfg.hnsw_m, cfg.hnsw_ef_search)
     build_s = t0.elapsed()

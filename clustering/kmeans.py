@@ -83,8 +83,9 @@ class KMeansConfig:
 # ---------------------------------------------------------------- checkpoints
 
 class Checkpoint:
-    """``ckpt/state.json`` names the newest ``ckpt/iter_*.npy``; the npy is written first, so a
-    kill at any point leaves a consistent pair. ``key`` fingerprints what the run depends on."""
+    """``{name}.json`` names the newest ``{name}_{tag}.npy`` (centers); the npy is written first,
+    so a kill at any point leaves a consistent pair. ``key`` fingerprints what the run depends on;
+    a checkpoint with another key is ignored."""
 
     def __init__(self, folder: Path, key: str, enabled: bool = True):
         self.folder, self.key, self.enabled = folder, key, enabled
@@ -363,7 +364,9 @@ def run_kmeans(run: RunConfig, cfg: KMeansConfig, ctx: DistContext) -> dict:
                           f"{cfg.store} has {info.rows})")
     out = prepare_out_dir(cfg.out_dir, run, {"run": run, "cluster": cfg}, "cluster")
     done = out / "clustering.json"
-    key = hashlib.sha256(json.dumps([asdict(cfg), run.seed], sort_keys=True).encode()).hexdigest()[:16]
+    # what the result depends on (not logging knobs): a checkpoint or result with another key is stale
+    key_cfg = {k: v for k, v in asdict(cfg).items() if k not in ("verbose", "tiny_cluster")}
+    key = hashlib.sha256(json.dumps([key_cfg, run.seed], sort_keys=True).encode()).hexdigest()[:16]
     if run.overwrite:
         ctx.barrier()  # every rank has read the out dir before rank 0 clears it
         if ctx.is_main:

@@ -1,13 +1,15 @@
 #!/usr/bin/env bash
 # Installs the Debian packages that hold the demo's real images (offline sources):
 # openclipart-png (clip art in category folders), fonts-noto-color-emoji + unicode-data (emoji
-# rendered with Pillow, captions from their names), dataset-fashion-mnist (held-out probe set).
+# rendered with Pillow, captions from their names), dataset-fashion-mnist (held-out probe set);
+# and shellcheck, which the tests run over launch/*.sh.
 set -euo pipefail
 need=()
 [ -d /usr/share/openclipart ] || need+=(openclipart-png)
 [ -f /usr/share/fonts/truetype/noto/NotoColorEmoji.ttf ] || need+=(fonts-noto-color-emoji)
 [ -f /usr/share/unicode/emoji/emoji-test.txt ] || [ -f /usr/share/unicode/UnicodeData.txt ] || need+=(unicode-data)
 [ -d /usr/share/datasets/fashion-mnist ] || need+=(dataset-fashion-mnist)
+command -v shellcheck >/dev/null || need+=(shellcheck)   # the launch scripts' lint test
 [ ${#need[@]} -eq 0 ] && exit 0
 sudo=""
 [ "$(id -u)" -eq 0 ] || sudo="sudo"

@@ -75,7 +75,9 @@ def main(argv: list[str] | None = None) -> int:
     if nproc > 1 or nnodes > 1:
         cmd = torchrun_cmd(module, rest, nproc, nnodes)
         print("+", shlex.join(cmd), file=sys.stderr)
-        return subprocess.call(cmd)
+        # restarted workers must not reuse the agent's rendezvous store (pytorch#135712)
+        env = {"TORCH_DISABLE_SHARE_RDZV_TCP_STORE": "1", **os.environ}
+        return subprocess.call(cmd, env=env)
     # Every stage module exposes cli(argv) (config stages: pipeline.config.cli_main(main, argv)).
     res = importlib.import_module(module).cli(rest)
     return res if isinstance(res, int) else 0

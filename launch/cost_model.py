@@ -24,11 +24,11 @@ SOURCES = {
     "h100_bf16": (989e12, "H100 SXM dense bf16 tensor FLOP/s, NVIDIA H100 datasheet"),
     "h100_fp32": (67e12, "H100 SXM fp32 (non-tensor) FLOP/s, NVIDIA H100 datasheet"),
     "clip_retrieval_l14_a100": (312.0, "ViT-L/14 images/s on one A100, clip-retrieval README (RESEARCH.md)"),
-    "faiss_dist_1m": ((50e6, 1e6, 20, 899.0, 80), "50M points -> 1M centroids, 20 it, 899 s on 20x4 GPUs, "
-                      "faiss wiki/benchmark (RESEARCH.md)"),
+    "faiss_dist_1m": ((50e6, 1e6, 20, 899.0, 80), ("50M points -> 1M centroids, 20 it, 899 s on 20x4 GPUs, "
+                                                   "faiss wiki/benchmark (RESEARCH.md)")),
     "adam_bytes_per_param": (16, "mixed-precision Adam model state, ZeRO paper (Rajbhandari et al. 2020)"),
-    "act_bytes_per_token_width": (34, "16-bit activations per layer = 34*s*b*h bytes without the "
-                                      "attention-score term (flash/SDPA), Korthikanti et al. 2022"),
+    "act_bytes_per_token_width": (34, ("16-bit activations per layer = 34*s*b*h bytes without the "
+                                       "attention-score term (flash/SDPA), Korthikanti et al. 2022")),
 }
 ASSUMED = {
     "mfu": 0.40,          # ViT training MFU we plan with (issue 5 targets >= 50% for L/14 on H100)
@@ -37,14 +37,14 @@ ASSUMED = {
     "bytes_per_image": None,  # derived: laion400m_tb / laion400m_n
 }
 
-# name -> (image, patch, width, layers, heads, mlp, head_dim_out); must match training/model.py PRESETS
+# name -> (image, patch, width, layers, heads, mlp, head output dim, 2D RoPE); must match training/model.py PRESETS
 # (a test checks) with image sizes as trained in the paper's recipes.
 MODELS = {
     "vit_b32_224": (224, 32, 768, 12, 12, 3072, 512),
     "vit_l14_224": (224, 14, 1024, 24, 16, 4096, 768),
     "vit_l14_336": (336, 14, 1024, 24, 16, 4096, 768),
-    "vit_bigG14_224": (224, 14, 1664, 48, 16, 8192, 1280),
-    "vit_bigG14_336": (336, 14, 1664, 48, 16, 8192, 1280),
+    "vit_bigG14_224": (224, 14, 1664, 48, 16, 8192, 1280, True),
+    "vit_bigG14_336": (336, 14, 1664, 48, 16, 8192, 1280, True),
 }
 
 
@@ -61,6 +61,7 @@ class ViT:
     heads: int
     mlp: int
     out_dim: int
+    rope: bool = False  # 2D RoPE: no absolute position embedding, a class_pos_emb of head_dim/2
 
     @property
     def tokens(self) -> int:
@@ -69,7 +70,8 @@ class ViT:
     def params(self) -> float:
         d, m = self.width, self.mlp
         per_layer = 4 * d * d + 4 * d + 2 * d * m + m + d + 4 * d  # qkv+out (+bias), fc1/fc2, 2 LN
-        embed = 3 * self.patch ** 2 * d + d + (0 if self.width == 1664 else self.tokens * d)
+        pos = d // self.heads // 2 if self.rope else self.tokens * d
+        embed = 3 * self.patch ** 2 * d + d + pos
         return self.layers * per_layer + embed + 4 * d + d * self.out_dim
 
     def fwd_flops(self) -> float:
@@ -182,13 +184,13 @@ def tables(ds: str, world: int = 80) -> str:
     out = [f"### {ds}: N = {n / 1e6:.0f}M images\n",
            "| stage | on disk | FLOPs | A100-hours | H100-hours |", "|---|---|---|---|---|",
            f"| images (256 px shards) | {fmt_bytes(d['image_bytes'])} | | | |",
-           f"| embed ViT-L/14-224 fp16 | {fmt_bytes(e['store_bytes_per_kind'])} per kind (img/text/joint) | "
-           f"{e['flops']:.2g} | {e['a100_h_cited']:.0f} (cited rate) / {e['a100_h_compute']:.0f} (40% MFU) | "
-           f"{e['h100_h_compute']:.0f} (40% MFU, if decode keeps up) |",
-           f"| k-means K=1M, 100M sample, 20 it | {fmt_bytes(km['centroid_bytes'])} centroids | {km['flops']:.2g} | "
-           f"{km['a100_h_fp32']:.0f} (fp32) | {km['h100_h_fp32']:.0f} (fp32) / {km['h100_h_bf16']:.1f} (bf16) |",
-           f"| assign top-8 of 1M | {fmt_bytes(a['labels_bytes'] + a['sims_bytes'])} labels+sims | {a['flops']:.2g} | "
-           f"{a['a100_h_fp32']:.0f} (fp32) | {a['h100_h_fp32']:.0f} (fp32) / {a['h100_h_bf16']:.1f} (bf16) |"]
+           (f"| embed ViT-L/14-224 fp16 | {fmt_bytes(e['store_bytes_per_kind'])} per kind (img/text/joint) | "
+            f"{e['flops']:.2g} | {e['a100_h_cited']:.0f} (cited rate) / {e['a100_h_compute']:.0f} (40% MFU) | "
+            f"{e['h100_h_compute']:.0f} (40% MFU, if decode keeps up) |"),
+           (f"| k-means K=1M, 100M sample, 20 it | {fmt_bytes(km['centroid_bytes'])} centroids | {km['flops']:.2g} | "
+            f"{km['a100_h_fp32']:.0f} (fp32) | {km['h100_h_fp32']:.0f} (fp32) / {km['h100_h_bf16']:.1f} (bf16) |"),
+           (f"| assign top-8 of 1M | {fmt_bytes(a['labels_bytes'] + a['sims_bytes'])} labels+sims | {a['flops']:.2g} | "
+            f"{a['a100_h_fp32']:.0f} (fp32) | {a['h100_h_fp32']:.0f} (fp32) / {a['h100_h_bf16']:.1f} (bf16) |")]
     epochs = 32
     for name, zero, ck in (("vit_b32_224", 1, False), ("vit_l14_224", 1, True), ("vit_bigG14_224", 2, True)):
         t = train_cost(name, n * epochs, 32_000, world, zero, ck)

@@ -57,7 +57,7 @@ fi
 launch_env_defaults "${NUM_GPUS:-${slots[0]}}"
 env_file=${DS_ENV_FILE:-${LOG_DIR:-$PWD/logs}/deepspeed_env}
 env_lines=$(for v in DS_ACCELERATOR OMP_NUM_THREADS HF_HUB_OFFLINE TRANSFORMERS_OFFLINE WANDB_MODE \
-                     TORCH_NCCL_ASYNC_ERROR_HANDLING TOKENIZERS_PARALLELISM; do
+                     TORCH_NCCL_ASYNC_ERROR_HANDLING TORCH_DISABLE_SHARE_RDZV_TCP_STORE TOKENIZERS_PARALLELISM; do
               if [ -n "${!v:-}" ]; then echo "$v=${!v}"; fi; done)
 py=$(launch_python)
 cmd=("$(dirname "$py")/deepspeed" "${ds_args[@]}" "$module" "${args[@]}")

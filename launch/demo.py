@@ -68,6 +68,7 @@ class Demo:
         cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={self.nproc}",
                "--standalone", "-m", "training.train", "--config", self.config, *self.overrides]
         env = {**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1"),
+               "TORCH_DISABLE_SHARE_RDZV_TCP_STORE": "1",
                "DS_ACCELERATOR": os.environ.get("DS_ACCELERATOR", "cpu")}
         log.info("+ %s", " ".join(cmd))
         if subprocess.call(cmd, env=env, cwd=ROOT) != 0:

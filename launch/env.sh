@@ -37,13 +37,18 @@ launch_env_defaults() {
   # A hung or failed collective raises in every rank instead of blocking forever, so the
   # torchrun agent sees a dead worker and restarts the group (--max-restarts) from the checkpoint.
   export TORCH_NCCL_ASYNC_ERROR_HANDLING=${TORCH_NCCL_ASYNC_ERROR_HANDLING:-1}
+  # torchrun shares its rendezvous TCPStore with the workers' process group by default; after a
+  # restart the new workers then read the dead workers' addresses from it and gloo/NCCL fail to
+  # connect (pytorch#135712, #167288; measured here: every --max-restarts restart failed with
+  # "Gloo connectFullMesh ... Connection refused"). A private store per attempt fixes it.
+  export TORCH_DISABLE_SHARE_RDZV_TCP_STORE=${TORCH_DISABLE_SHARE_RDZV_TCP_STORE:-1}
   export NCCL_DEBUG=${NCCL_DEBUG:-WARN}
   # Site-specific: leave unset unless the site sets them (e.g. NCCL_SOCKET_IFNAME=ib0,
   # NCCL_IB_HCA=mlx5). Wrong values silently fall back to TCP sockets at ~1/10 the bandwidth.
 }
 
 LAUNCH_ENV_VARS=(PYTHONPATH OMP_NUM_THREADS DS_ACCELERATOR HF_HUB_OFFLINE TRANSFORMERS_OFFLINE
-  TORCH_NCCL_ASYNC_ERROR_HANDLING NCCL_DEBUG NCCL_SOCKET_IFNAME NCCL_IB_HCA NCCL_IB_DISABLE
+  TORCH_NCCL_ASYNC_ERROR_HANDLING TORCH_DISABLE_SHARE_RDZV_TCP_STORE NCCL_DEBUG NCCL_SOCKET_IFNAME NCCL_IB_HCA NCCL_IB_DISABLE
   NCCL_NET_GDR_LEVEL CUDA_VISIBLE_DEVICES MASTER_ADDR MASTER_PORT WANDB_MODE)
 
 launch_env_print() {

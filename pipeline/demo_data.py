@@ -88,10 +88,12 @@ def openclipart_items(cfg: DataConfig, seed: int) -> tuple[list[dict], dict[str,
     pool, probe = [], {"train": [], "test": []}
     for cat, fs in sorted(by_cat.items()):
         for f in fs:
-            rel = str(f.relative_to(root))
             item = {"kind": "file", "path": str(f), "caption": _clipart_caption(f), "source": "openclipart",
                     "label": cat, "url": f"file://{f}"}
-            u = _stable_frac(rel)  # hash split: stable when files are added or removed
+            # Hash split on category + caption, not on the path: versions of one drawing
+            # (`name_01.png`, `name_02.png`) share a caption and must land on the same side, or
+            # the probe's test set leaks into its train set (and into the pretraining pool).
+            u = _stable_frac(f"{cat}/{item['caption']}")
             if cat in probe_classes and u < cfg.probe_fraction:
                 item["cls"] = probe_classes.index(cat)
                 probe["train" if u < cfg.probe_fraction / 2 else "test"].append(item)

@@ -40,8 +40,10 @@ def expand_shards(spec: str | Sequence[str]) -> list[str]:
             raise ShardSpecError(f"no .tar shards in directory {spec}")
         return shards
     if p.suffix == ".txt" and p.is_file():
+        # Lines are taken as given (braces expanded): a listed shard that is missing becomes a
+        # per-shard failure of the stage reading it, not an error that aborts the whole run.
         lines = [ln.strip() for ln in p.read_text().splitlines()]
-        return [s for ln in lines if ln and not ln.startswith("#") for s in expand_shards(ln)]
+        return [s for ln in lines if ln and not ln.startswith("#") for s in braceexpand(ln)]
     shards = list(braceexpand(spec))
     missing = [s for s in shards if not os.path.exists(s)]
     if missing and len(missing) == len(shards):

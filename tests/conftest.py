@@ -11,6 +11,9 @@ os.environ.setdefault("DS_ACCELERATOR", "cpu")
 os.environ.setdefault("WANDB_MODE", "disabled")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# torch 2.14: restarted workers must not reuse the agent's rendezvous store (stale peer addresses
+# -> "Gloo connectFullMesh ... Connection refused"); pytorch#135712.
+os.environ.setdefault("TORCH_DISABLE_SHARE_RDZV_TCP_STORE", "1")
 
 
 def free_port() -> int:

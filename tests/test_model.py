@@ -293,7 +293,7 @@ def test_export_deepspeed_checkpoint(tmp_path):
     assert ex.cli([str(run), str(out), "--with-head"]) == 0  # run folder -> latest step
     ref = load_file(str(run / "reference.safetensors"))
     with safe_open(str(out / "model.safetensors"), "pt") as f:
-        got = {k: f.get_tensor(k) for k in f}
+        got = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118 (safe_open is not iterable)
     assert set(got) == set(to_hf_state_dict(ref, with_head=True))
     for k, v in to_hf_state_dict(ref, with_head=True).items():
         assert torch.equal(got[k], v), k

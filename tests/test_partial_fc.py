@@ -15,12 +15,12 @@ import sys
 
 import pytest
 import torch
-
 from conftest import torchrun
 
 
 def check_loss_and_grads(ctx) -> None:
     import torch.nn.functional as F  # noqa: F401
+
     from training.loss import LossConfig, dense_mlcd_loss, dense_unicom_loss
     from training.partial_fc import PartialFC, PartialFCConfig, init_centers
     K, D, B = 11, 8, 3
@@ -35,7 +35,7 @@ def check_loss_and_grads(ctx) -> None:
         assert (pfc.start, pfc.num_local) == ((0, 6) if ctx.rank == 0 else (6, 5))
         mine = slice(ctx.rank * B, (ctx.rank + 1) * B)
         x = emb[mine].clone().requires_grad_()
-        loss, terms = pfc(x, labels[mine], step=0)
+        loss, _ = pfc(x, labels[mine], step=0)
         loss.backward()
         xd = emb.clone().requires_grad_()
         wd = init_centers(K, D, 0, K, 0.01, seed=3).requires_grad_()
@@ -77,12 +77,19 @@ def check_loss_and_grads(ctx) -> None:
 def check_full_step(ctx) -> None:
     """2 ranks x (2 micro-batches of 2) through DeepSpeed == one dense SGD step on 8 samples."""
     import deepspeed
+
+    from training.data import TrainDataConfig
     from training.loss import LossConfig, dense_mlcd_loss
     from training.model import ModelConfig, build_model
     from training.partial_fc import PartialFC, PartialFCConfig, init_centers, make_optimizer
-    from training.train import (DeepSpeedConfig, OptimConfig, TrainConfig, deepspeed_config,
-                                make_backbone_optimizer, train_step)
-    from training.data import TrainDataConfig
+    from training.train import (
+        DeepSpeedConfig,
+        OptimConfig,
+        TrainConfig,
+        deepspeed_config,
+        make_backbone_optimizer,
+        train_step,
+    )
     cfg = TrainConfig(
         model=ModelConfig(name="vit_tiny_rope2d", image_size=16, patch_size=8, width=16, layers=1,
                           heads=2, mlp_dim=32, embed_dim=8),

@@ -97,7 +97,7 @@ def load_centers(step_dir: Path, pfc, opt: torch.optim.Optimizer, world_size: in
                                  f"{pfc.num_classes}")
             s, e = int(meta["start"]), int(meta["end"])
             a, b = max(s, lo), min(e, hi)
-            for key in sf.keys():
+            for key in sf.keys():  # noqa: SIM118 (safe_open is not a mapping)
                 if key == "rng.torch":
                     if world_size == pfc.world_size and int(meta["rank"]) == pfc.rank:
                         torch.set_rng_state(sf.get_tensor(key))
@@ -110,7 +110,7 @@ def load_centers(step_dir: Path, pfc, opt: torch.optim.Optimizer, world_size: in
                 if key not in state:
                     state[key] = torch.empty(pfc.num_local, *sf.get_slice(key).get_shape()[1:])
                 state[key][a - lo:b - lo] = sf.get_slice(key)[a - s:b - s]
-            covered += max(0, b - a) if "weight" in sf.keys() else 0
+            covered += max(0, b - a) if "weight" in sf.keys() else 0  # noqa: SIM118
     if covered != pfc.num_local:
         raise ValueError(f"{step_dir}: center shards cover {covered} of this rank's {pfc.num_local} classes")
     with torch.no_grad():

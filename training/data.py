@@ -25,10 +25,9 @@ from pathlib import Path
 import numpy as np
 import pyarrow.parquet as pq
 import torch
+import webdataset as wds
 from PIL import Image
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
-
-import webdataset as wds
 
 from pipeline.config import check
 from pipeline.io import load_npy
@@ -70,8 +69,9 @@ class ShardPart:
     labels: str
 
 
-def find_parts(cfg: TrainDataConfig) -> list[ShardPart]:
-    """Shards that have both a metadata part and a label part (others are logged and left out)."""
+def find_parts(cfg: TrainDataConfig, num_labels: int = 1) -> list[ShardPart]:
+    """Shards that have both a metadata part and a label part (others are logged and left out).
+    Checks the first label part's width against `num_labels` up front (header only)."""
     shards = expand_shards(cfg.shards)
     parts, missing = [], []
     for i, url in enumerate(shards):
@@ -86,6 +86,10 @@ def find_parts(cfg: TrainDataConfig) -> list[ShardPart]:
     if not parts:
         raise FileNotFoundError(f"no shard of {cfg.shards} has labels: expected {labels_path(cfg.labels, 0)} "
                                 f"and {meta_path(cfg.store, 0)} (run stages 1 and 2 first)")
+    width = load_npy(parts[0].labels, mmap=True).shape
+    if len(width) != 2 or width[1] < num_labels:
+        raise ValueError(f"{parts[0].labels}: shape {width}, but loss.num_labels needs {num_labels} "
+                         f"labels per row")
     return parts
 
 
@@ -148,14 +152,19 @@ class LabeledStream(IterableDataset):
         """Endless (key, image bytes, labels) of labeled samples, shards drawn with replacement,
         through a shuffle buffer. Each yielded tuple carries how many unlabeled ones it skipped."""
         cache: dict[str, dict] = {}
-        buf, skipped = [], 0
+        buf, skipped, dry = [], 0, 0
         while True:
+            if dry > 4 * len(self.parts) + 20:  # every draw came back without a labeled sample
+                raise ValueError(f"no labeled samples found in {len(self.parts)} shards (e.g. "
+                                 f"{self.parts[0].url} with {self.parts[0].labels}): keys do not match "
+                                 f"the metadata, or every label row is -1")
             part = self.parts[int(rng.integers(len(self.parts)))]
             if part.url not in cache:  # a few shards per worker: small
                 if len(cache) >= 8:
                     cache.pop(next(iter(cache)))
                 cache[part.url] = load_part_labels(part, self.num_labels, self.num_classes)
             table = cache[part.url]
+            dry += 1
             for s in wds.tarfile_samples([{"url": part.url}]):
                 lab = table.get(s["__key__"])
                 img = next((s[e] for e in IMAGE_EXTS if e in s), None)
@@ -163,7 +172,7 @@ class LabeledStream(IterableDataset):
                     skipped += 1
                     continue
                 item = (img, lab, skipped)
-                skipped = 0
+                skipped, dry = 0, 0
                 if len(buf) < self.cfg.shuffle_buffer:
                     buf.append(item)
                     continue

@@ -29,6 +29,7 @@ from pathlib import Path
 import torch
 
 from pipeline.io import atomic_write_json, read_json
+from training.checkpoint import STEP_RE, find_latest
 from training.hf import from_hf_state_dict, load_state_file, save_hf_folder
 from training.model import PRESETS, ModelConfig
 
@@ -42,16 +43,18 @@ class ExportError(ValueError):
 
 
 def resolve_step_dir(path: Path) -> Path:
-    """A run folder / checkpoints folder / step folder -> the complete step folder to export."""
-    for folder in (path, path / "checkpoints"):
-        latest = folder / "latest"
-        if latest.is_file() and not (folder / "trainer_state.json").is_file():
-            step = folder / latest.read_text().strip()
-            if not step.is_dir():
-                raise ExportError(f"{latest} names {step.name!r}, which does not exist")
-            return step
+    """A run folder / checkpoints folder / step folder -> the complete step folder to export
+    (`latest`, else the newest complete step: training.checkpoint.find_latest)."""
     if (path / "trainer_state.json").is_file():
         return path
+    for folder in (path, path / "checkpoints"):
+        if folder.is_dir() and ((folder / "latest").is_file()
+                                or any(STEP_RE.match(p.name) for p in folder.iterdir())):
+            step = find_latest(folder)
+            if step is None:
+                raise ExportError(f"{folder}: no complete checkpoint (trainer_state.json with "
+                                  "complete=true)")
+            return step
     raise ExportError(f"{path}: not a training checkpoint (no trainer_state.json, no latest file)")
 
 

@@ -87,11 +87,12 @@ def _reduce_sum(x: torch.Tensor, group) -> torch.Tensor:
     return _AllReduceSum.apply(x, group) if group is not None else x
 
 
-def sharded_logsumexp1(z: torch.Tensor, group) -> torch.Tensor:
-    """log(1 + sum_j exp(z_ij)) per row, over columns spread across the ranks of `group`
-    (z = -inf marks a column that does not count). Shape (B,)."""
-    m = _reduce_max(z.max(dim=1).values.clamp_min(0.0), group)  # the 1 is exp(0): max >= 0
-    s = _reduce_sum(torch.exp(z - m[:, None]).sum(dim=1), group)
+def sharded_logsumexp1(zs: list[torch.Tensor], group) -> torch.Tensor:
+    """For each z in `zs` (B, S_local): log(1 + sum_j exp(z_ij)) per row, over columns spread
+    across the ranks of `group` (a very negative z marks a column that does not count). Returns
+    (len(zs), B); the terms share one max and one sum all-reduce of small (len(zs), B) tensors."""
+    m = _reduce_max(torch.stack([z.max(dim=1).values for z in zs]).clamp_min(0.0), group)  # 1 = exp(0)
+    s = _reduce_sum(torch.stack([torch.exp(z - mi[:, None]).sum(dim=1) for z, mi in zip(zs, m)]), group)
     return m + torch.log(s + torch.exp(-m))
 
 
@@ -103,8 +104,7 @@ def mlcd_loss(cos: torch.Tensor, pos_mask: torch.Tensor, cfg: LossConfig, group=
     neg_inf = torch.finfo(cos.dtype).min
     z_pos = (-cfg.scale * apply_margin(cos, cfg.margin, cfg.margin_type)).masked_fill(~pos_mask, neg_inf)
     z_neg = (cfg.scale * cos).masked_fill(pos_mask, neg_inf)
-    l_pos = sharded_logsumexp1(z_pos, group)
-    l_neg = sharded_logsumexp1(z_neg, group)
+    l_pos, l_neg = sharded_logsumexp1([z_pos, z_neg], group)
     loss = (l_pos + l_neg).mean()
     return loss, {"loss_pos": l_pos.detach().mean(), "loss_neg": l_neg.detach().mean()}
 
@@ -122,7 +122,7 @@ def unicom_loss(cos: torch.Tensor, target: torch.Tensor, cfg: LossConfig, group=
     lse = m + torch.log(_reduce_sum(torch.exp(logits - m[:, None]).sum(dim=1), group))
     pos = _reduce_sum(torch.where(has, logit_t, torch.zeros_like(logit_t)), group)
     loss = (lse - pos).mean()
-    return loss, {"loss_pos": -pos.detach().mean() / cfg.scale, "loss_neg": lse.detach().mean()}
+    return loss, {"loss_pos": -pos.detach().mean(), "loss_neg": lse.detach().mean()}  # sum = loss
 
 
 # ---------------------------------------------------------------- dense references

@@ -53,7 +53,8 @@ def _fit(model, x: np.ndarray, y: np.ndarray, C: float) -> bool:
 
 
 def linear_probe(xtr: np.ndarray, ytr: np.ndarray, xte: np.ndarray, yte: np.ndarray,
-                 c_grid: Sequence[float] = (0.01, 0.1, 0.601, 3.0, 10.0), val_fraction: float = 0.2,
+                 c_grid: Sequence[float] = (0.001, 0.01, 0.1, 0.601, 3.0, 10.0, 100.0),
+                 val_fraction: float = 0.2,
                  max_iter: int = 1000, standardize: bool = True, seed: int = 0) -> dict:
     """Top-1 (fraction) on test of logistic regression with C chosen on a held-out slice of train."""
     xtr, xte = np.asarray(xtr, np.float64), np.asarray(xte, np.float64)

@@ -24,16 +24,16 @@ import math
 import os
 import socket
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 import torch
 import torch.distributed as dist
 from torch import nn
 
-from pipeline.config import (ConfigError, RunConfig, check, cli_main, load_config, prepare_out_dir,
-                             to_dict)
+from pipeline.config import ConfigError, RunConfig, check, cli_main, load_config, prepare_out_dir, to_dict
 from pipeline.dist import DistContext, init_distributed
 from pipeline.io import atomic_write_text
 from pipeline.tracking import Tracker, progress, setup_logging
@@ -111,9 +111,10 @@ class TrainConfig:
         check(self.time_budget_s >= 0, "time_budget_s", self.time_budget_s, "must be >= 0")
 
 
-# Keys that may change when a run is continued (they do not change what is learned).
+# Keys that may change when a run is continued (they do not change what is learned; a run folder
+# may also be moved or copied).
 RESUMABLE_KEYS = ("train.steps", "train.time_budget_s", "train.checkpoint", "train.data.workers",
-                  "train.data.pin_memory")
+                  "train.data.pin_memory", "run.out_dir", "train.out_dir")
 
 
 class TrainingDiverged(FloatingPointError):
@@ -275,7 +276,7 @@ def train(run: RunConfig, cfg: TrainConfig, ctx: DistContext) -> dict:
     root = out / "checkpoints"
     num_classes = cfg.partial_fc.num_classes or _collective_check(
         ctx, lambda: num_classes_from_centroids(cfg.centroids))
-    parts = _collective_check(ctx, lambda: find_parts(cfg.data))
+    parts = _collective_check(ctx, lambda: find_parts(cfg.data, cfg.loss.labels_used))
     resume = ctx.broadcast_object(ckpt.find_latest(root) if ctx.is_main else None)
     state = ckpt.read_state(resume) if resume else {}
     same_world = bool(resume) and state.get("world_size") == ctx.world_size
@@ -384,6 +385,10 @@ def main(config: str | None, overrides: list[str] | None = None) -> dict:
 
 
 def cli(argv=None):
+    import sys
+    argv = list(sys.argv[1:] if argv is None else argv)
+    # the deepspeed launcher appends --local_rank=N (it also sets LOCAL_RANK, which we read)
+    argv = [a for a in argv if not a.startswith(("--local_rank=", "--local-rank="))]
     return cli_main(main, argv)
 
 
