@@ -11,7 +11,6 @@ re-running `make demo` picks up where it stopped.
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import os
 import subprocess
@@ -20,7 +19,7 @@ import time
 from pathlib import Path
 
 from pipeline.config import ConfigError, load_config, load_run
-from pipeline.io import atomic_write_json, atomic_write_text, read_json
+from pipeline.io import atomic_write_json, read_json
 
 log = logging.getLogger("mlcd.demo")
 ROOT = Path(__file__).resolve().parents[1]
@@ -78,7 +77,7 @@ class Demo:
         from training import export
         from training.train import TrainConfig
         _, tcfg = load_config(self.config, self.overrides, "train", TrainConfig)
-        export.export_checkpoint(tcfg.out_dir, str(self.out / "export"))
+        export.export(tcfg.out_dir, self.out / "export")
         _check_reload(self.out / "export")
 
     def eval(self):
@@ -99,8 +98,8 @@ class Demo:
 def _check_reload(folder: Path) -> None:
     """The exported folder loads with transformers, offline, and gives finite features."""
     import torch
-    from transformers import AutoModel, AutoProcessor
     from PIL import Image
+    from transformers import AutoModel, AutoProcessor
     model = AutoModel.from_pretrained(folder).eval()
     proc = AutoProcessor.from_pretrained(folder)
     x = proc(images=Image.new("RGB", (80, 60), "white"), return_tensors="pt")

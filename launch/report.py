@@ -80,7 +80,8 @@ def write_report(out: Path, state: dict, config: str, overrides: list[str]) -> s
     clus = _read(out / "clusters" / "clustering.json") or {}
     metrics = _metrics(out / "train" / "metrics.jsonl")
     thr = {
-        "embed": f"{store.get('images_per_s', 0):.1f} images/s" if store else "",
+        "embed": (f"{store['num_rows'] / max(state['stages']['embed']['seconds'], 1e-9):.1f} images/s "
+                  f"({store['num_rows']} images)") if store and "embed" in state.get("stages", {}) else "",
         "cluster": f"K={clus.get('k')} on {clus.get('sample_size')} x {clus.get('dim')}" if clus else "",
         "train": (f"{sum(m.get('samples_per_s', 0) for m in metrics[-20:]) / max(len(metrics[-20:]), 1):.0f} "
                   f"samples/s (last 20 logged steps, all ranks)") if metrics else "",
@@ -119,7 +120,7 @@ def write_report(out: Path, state: dict, config: str, overrides: list[str]) -> s
     if metrics:
         png = out / "loss_curve.png"
         loss_curve(metrics, png)
-        first, last = metrics[0], metrics[-1]
+        last = metrics[-1]
         k = max(1, len(metrics) // 10)
         head = sum(m["loss"] for m in metrics[:k]) / k
         tail = sum(m["loss"] for m in metrics[-k:]) / k

@@ -146,10 +146,3 @@ def run_bench(quick: bool = False) -> list[dict]:
         rows.append({"what": "machine load (1-min avg)", "images": "", "images_per_s": "",
                      "note": f"{load:.1f} on {os.cpu_count()} cores: shared boxes make every row noisy"})
         return rows
-
-
-if __name__ == "__main__":
-    import sys
-
-    from launch.bench import print_table
-    print_table("embed", run_bench(quick="--quick" in sys.argv))

@@ -12,8 +12,8 @@ killed build resumes by skipping shards whose ``_stats.json`` exists.
 from __future__ import annotations
 
 import gzip
-import json
 import hashlib
+import json
 import logging
 import random
 import re
@@ -47,6 +47,7 @@ class DataConfig:
     openclipart_max: int = 0       # 0 = all (after the probe hold-out)
     probe_min_per_class: int = 60  # categories with at least this many images feed the probe
     probe_fraction: float = 0.3    # of those categories' images, held out of the pool
+    probe_max: int = 0             # cap per probe split (train / test); 0 = all
     emoji_test_file: str = "/usr/share/unicode/emoji/emoji-test.txt"
     emoji_font: str = "/usr/share/fonts/truetype/noto/NotoColorEmoji.ttf"
     emoji_max: int = 0             # 0 = all
@@ -59,7 +60,7 @@ class DataConfig:
         check(self.samples_per_shard > 0, "samples_per_shard", self.samples_per_shard, "must be > 0")
         check(0.0 < self.probe_fraction < 1.0, "probe_fraction", self.probe_fraction, "must be in (0, 1)")
         check(self.workers >= 1, "workers", self.workers, "must be >= 1")
-        for k in ("openclipart_max", "emoji_max", "fmnist_train", "fmnist_test", "max_pixels"):
+        for k in ("openclipart_max", "emoji_max", "fmnist_train", "fmnist_test", "max_pixels", "probe_max"):
             check(getattr(self, k) >= 0, k, getattr(self, k), "must be >= 0")
 
 
@@ -102,6 +103,10 @@ def openclipart_items(cfg: DataConfig, seed: int) -> tuple[list[dict], dict[str,
     random.Random(seed).shuffle(pool)
     if cfg.openclipart_max:
         pool = pool[:cfg.openclipart_max]
+    if cfg.probe_max:
+        for split in probe:
+            random.Random(seed + 2).shuffle(probe[split])
+            probe[split] = probe[split][:cfg.probe_max]
     return pool, probe, probe_classes
 
 

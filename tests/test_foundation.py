@@ -8,7 +8,7 @@ import pyarrow.parquet as pq
 import pytest
 import webdataset as wds
 
-from pipeline.config import ConfigError, check, load_config, prepare_out_dir, load_sections, RunConfig
+from pipeline.config import ConfigError, check, load_config, prepare_out_dir
 from tests.conftest import ROOT, torchrun
 
 
@@ -91,8 +91,9 @@ def test_out_dir_with_different_config_refused(tmp_path):
 
 def test_default_config_dumps_match_schemas():
     """configs/defaults/<stage>.yaml document the dataclass defaults and must not drift."""
-    from launch.check import default_sections, SCHEMAS
     import yaml
+
+    from launch.check import SCHEMAS, default_sections
     for name, cfg in default_sections().items():
         path = ROOT / "configs" / "defaults" / f"{name}.yaml"
         assert path.is_file(), f"{path} missing: run `python -m launch.check --write-defaults`"
@@ -163,6 +164,7 @@ def test_demo_shards_read_back(demo_data):
 
 def test_decompression_bomb_skipped_and_counted(tmp_path):
     from PIL import Image
+
     from pipeline import demo_data as dd
     src = tmp_path / "png" / "animals"
     src.mkdir(parents=True)

@@ -290,7 +290,7 @@ def test_resume_on_one_rank(runs, tmp_path):
         assert float(opt.state[pfc.weight]["step"]) == 16
     p = run_train(out, 1, synthetic_overrides(runs / "syn") + [
         "train.deepspeed.zero_stage=2", "train.steps=18", "train.checkpoint.every=100"])
-    assert "resuming a 2-rank checkpoint on 1 ranks" in p.stderr + p.stdout
+    assert "resuming a 2-rank ZeRO-2 checkpoint on 1 ranks" in p.stderr + p.stdout
     m = read_metrics(out)
     assert sorted(m) == list(range(1, 19)) and np.isfinite(m[18]["loss"])
     w = load_file(out / "train" / "checkpoints" / "step_00000018" / "partial_fc" / "rank0_of1.safetensors")

@@ -154,12 +154,3 @@ def run_bench(quick: bool) -> list[dict]:
     if torch.cuda.is_available():
         rows += cuda_mfu(quick)
     return rows
-
-
-if __name__ == "__main__":
-    import argparse
-
-    from launch.bench import print_table
-    ap = argparse.ArgumentParser()
-    ap.add_argument("--quick", action="store_true")
-    print_table("model", run_bench(ap.parse_args().quick))

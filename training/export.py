@@ -29,7 +29,7 @@ from pathlib import Path
 import torch
 
 from pipeline.io import atomic_write_json, read_json
-from training.checkpoint import STEP_RE, find_latest
+from training.checkpoint import STEP_RE, find_latest, load_backbone_state_dict
 from training.hf import from_hf_state_dict, load_state_file, save_hf_folder
 from training.model import PRESETS, ModelConfig
 
@@ -96,10 +96,8 @@ def load_training_checkpoint(path: Path) -> tuple[dict, ModelConfig, dict]:
     if "model_config" not in state:
         raise ExportError(f"{step}/trainer_state.json: no model_config")
     cfg = _config(state["model_config"], f"{step}/trainer_state.json")
-    tag = _zero_tag_dir(step)
-    # deepspeed imports take seconds and are only needed here.
-    from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
-    sd = get_fp32_state_dict_from_zero_checkpoint(str(tag.parent), tag=tag.name)
+    # One reader for every ZeRO stage (0 stores the module whole; 1-3 go through zero_to_fp32).
+    sd = load_backbone_state_dict(_zero_tag_dir(step))
     return _strip_module(dict(sd)), cfg, state
 
 

@@ -22,6 +22,7 @@ import json
 import logging
 import math
 import os
+import shutil
 import socket
 import time
 from collections.abc import Iterator
@@ -274,21 +275,29 @@ def train(run: RunConfig, cfg: TrainConfig, ctx: DistContext) -> dict:
     _collective_check(ctx, lambda: prepare_out_dir(out, run, {"run": run, "train": cfg}, "train",
                                                    ignore=RESUMABLE_KEYS))
     root = out / "checkpoints"
+    if run.overwrite and ctx.is_main and root.exists():  # a fresh start must not auto-resume
+        log.warning("run.overwrite: deleting %s and its metrics", root)
+        shutil.rmtree(root)
+        (out / "metrics.jsonl").unlink(missing_ok=True)
+    ctx.barrier()
     num_classes = cfg.partial_fc.num_classes or _collective_check(
         ctx, lambda: num_classes_from_centroids(cfg.centroids))
     parts = _collective_check(ctx, lambda: find_parts(cfg.data, cfg.loss.labels_used))
     resume = ctx.broadcast_object(ckpt.find_latest(root) if ctx.is_main else None)
     state = ckpt.read_state(resume) if resume else {}
-    same_world = bool(resume) and state.get("world_size") == ctx.world_size
+    # DeepSpeed reloads its own state only onto the same world size and ZeRO stage
+    exact = bool(resume) and (state.get("world_size"), state.get("zero_stage")) == (
+        ctx.world_size, cfg.deepspeed.zero_stage)
 
     model_cfg = dataclasses.replace(
         cfg.model, grad_checkpointing=cfg.model.grad_checkpointing or cfg.deepspeed.activation_checkpointing)
     torch.manual_seed(run.seed)  # identical backbone init on every rank
     model = build_model(model_cfg)
-    if resume and not same_world:
-        log.warning("resuming a %s-rank checkpoint on %d ranks: centers re-sharded, backbone weights "
-                    "from the fp32 consolidation, backbone optimizer moments restart",
-                    state.get("world_size"), ctx.world_size)
+    n_params = sum(p.numel() for p in model.parameters())  # before ZeRO-3 partitions them
+    if resume and not exact:
+        log.warning("resuming a %s-rank ZeRO-%s checkpoint on %d ranks with ZeRO-%d: centers re-sharded, "
+                    "backbone weights from the fp32 consolidation, backbone optimizer moments restart",
+                    state.get("world_size"), state.get("zero_stage"), ctx.world_size, cfg.deepspeed.zero_stage)
         model.load_state_dict(ckpt.load_backbone_state_dict(resume))
     engine, _, _, _ = deepspeed.initialize(model=model, optimizer=make_backbone_optimizer(model, cfg.optim),
                                            config=deepspeed_config(cfg), dist_init_required=False)
@@ -300,7 +309,7 @@ def train(run: RunConfig, cfg: TrainConfig, ctx: DistContext) -> dict:
                              (cfg.optim.beta1, cfg.optim.beta2), cfg.optim.eps)
     step, samples_seen = 0, 0
     if resume:
-        if same_world:
+        if exact:
             engine.load_checkpoint(str(root), tag=resume.name, load_optimizer_states=True,
                                    load_lr_scheduler_states=False)
         ckpt.load_centers(resume, pfc, pfc_opt, int(state["world_size"]))
@@ -312,7 +321,7 @@ def train(run: RunConfig, cfg: TrainConfig, ctx: DistContext) -> dict:
         old = metrics_path.read_text().splitlines() if metrics_path.exists() else []
         atomic_write_text(metrics_path, "".join(ln + "\n" for ln in old if json.loads(ln)["step"] <= step))
         log.info("training %s (%.1fM params) on %d ranks, K=%d classes (%d per rank), global batch %d, "
-                 "ZeRO-%d %s", model_cfg.name, sum(p.numel() for p in model.parameters()) / 1e6,
+                 "ZeRO-%d %s", model_cfg.name, n_params / 1e6,
                  ctx.world_size, num_classes, pfc.num_local, global_batch, cfg.deepspeed.zero_stage,
                  cfg.deepspeed.precision)
 

@@ -1,0 +1,82 @@
+"""Issue 7: a CI-sized demo through the same code path as `make demo` (configs/debug.yaml:
+a few hundred real images, a tiny 2D-RoPE ViT, a few dozen steps on 2 torchrun ranks)."""
+import json
+import time
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from tests.conftest import ROOT
+
+
+@pytest.fixture(scope="module")
+def demo_run(tmp_path_factory):
+    from launch import demo
+    out = tmp_path_factory.mktemp("demo")
+    t0 = time.perf_counter()
+    rc = demo.main(["--config", str(ROOT / "configs/debug.yaml"), f"run.out_dir={out}"])
+    return out, rc, time.perf_counter() - t0
+
+
+@pytest.mark.slow
+def test_demo_end_to_end_artifacts(demo_run):
+    out, rc, _ = demo_run
+    assert rc == 0
+    state = json.loads((out / "demo_state.json").read_text())
+    assert [s for s in state["stages"]] == ["data", "embed", "cluster", "assign", "train", "export", "eval"]
+    assert all(s["done"] for s in state["stages"].values())
+    # every stage's artifacts exist and parse
+    data = json.loads((out / "data" / "manifest.json").read_text())
+    store = json.loads((out / "store" / "manifest.json").read_text())
+    assert store["complete"] and store["num_rows"] == data["train"]["samples"]
+    centroids = np.load(out / "clusters" / "centroids.npy")
+    assert np.allclose(np.linalg.norm(centroids, axis=1), 1, atol=1e-4)
+    labels = np.load(out / "clusters" / "labels" / "labels_0.npy")
+    assert labels.dtype == np.int32 and labels.shape[1] == 8 and labels.max() < centroids.shape[0]
+    metrics = [json.loads(x) for x in (out / "train" / "metrics.jsonl").read_text().splitlines()]
+    assert metrics and all(np.isfinite(m["loss"]) for m in metrics)
+    results = json.loads((out / "eval" / "results.json").read_text())
+    assert {(r["model"], r["dataset"]) for r in results["results"]} == {
+        (m, d) for m in ("trained", "random_init", "stage1_encoder") for d in ("openclipart", "fmnist")}
+    report = (out / "report.md").read_text()
+    assert "## Linear probe" in report and "| trained |" in report
+    for png in ("loss_curve.png", "probe.png"):
+        with Image.open(out / png) as im:
+            assert im.size[0] > 100
+    sheets = list((out / "clusters" / "report").glob("*.png"))
+    assert len(sheets) >= 2 and (out / "clusters" / "report" / "index.html").is_file()
+
+
+@pytest.mark.slow
+def test_demo_export_reloads_with_matching_features(demo_run):
+    """The HF folder, read back by transformers, gives our trained model's features."""
+    from transformers import AutoModel
+
+    from training.export import load_training_checkpoint
+    from training.model import build_model
+    out, rc, _ = demo_run
+    assert rc == 0
+    sd, cfg, state = load_training_checkpoint(out / "train")
+    ours = build_model(cfg).eval()
+    ours.load_state_dict(sd)
+    hf = AutoModel.from_pretrained(out / "export").eval()
+    x = torch.randn(2, 3, cfg.resolved().image_size, cfg.resolved().image_size)
+    with torch.no_grad():
+        a = ours.vision_model(x).pooler_output
+        b = hf(pixel_values=x).pooler_output
+    assert torch.allclose(a, b, atol=1e-5), (a - b).abs().max()
+
+
+@pytest.mark.slow
+def test_demo_rerun_resumes_instead_of_redoing(demo_run):
+    from launch import demo
+    out, rc, _ = demo_run
+    assert rc == 0
+    before = (out / "demo_state.json").read_text()
+    ckpts = sorted(p.name for p in (out / "train" / "checkpoints").iterdir())
+    assert demo.main(["--config", str(ROOT / "configs/debug.yaml"), f"run.out_dir={out}"]) == 0
+    # a re-run stage would have rewritten its timing and the training run its checkpoints
+    assert (out / "demo_state.json").read_text() == before
+    assert sorted(p.name for p in (out / "train" / "checkpoints").iterdir()) == ckpts
