@@ -108,8 +108,9 @@ def write_report(out: Path, state: dict, config: str, overrides: list[str]) -> s
                   f"Cluster sizes: min {cs.get('min')}, median {cs.get('median')}, max {cs.get('max')}, "
                   f"empty {cs.get('empty')}, imbalance {cs.get('imbalance', 0):.2f}.", ""]
     rep = out / "clusters" / "report"
-    hist = next(iter(sorted(rep.glob("*hist*.png"))), None) if rep.is_dir() else None
-    sheets = sorted(p for p in rep.glob("*.png") if "hist" not in p.name) if rep.is_dir() else []
+    hist = rep / "cluster_sizes.png"  # names written by clustering/report.py
+    hist = hist if hist.is_file() else None
+    sheets = sorted(rep.glob("sheet_*.png")) if rep.is_dir() else []
     if hist:
         lines += [f"![cluster sizes]({hist.relative_to(out)})", ""]
     if sheets:
