@@ -26,10 +26,10 @@ import torch
 from clustering.data import clean_rows, open_store, store_cli
 from clustering.topk import ENGINES, TopK, recall_at_l
 from pipeline.config import RunConfig, check, load_config, prepare_out_dir
-from pipeline.dist import DistContext, destroy, init_distributed
+from pipeline.dist import DistContext, run_distributed
 from pipeline.io import atomic_write_json, clean_stale_tmp, load_npy, read_json
 from pipeline.store import KINDS, StoreError, labels_path, sims_path, write_labels
-from pipeline.tracking import Timer, Tracker, progress, setup_logging
+from pipeline.tracking import Timer, Tracker, progress
 
 log = logging.getLogger("mlcd.assign")
 
@@ -218,12 +218,7 @@ def write_manifest(out: Path, info, cfg: AssignConfig, state: dict, engine: str,
 
 def main(config: str | None = None, overrides=()) -> dict:
     run, cfg = load_config(config, list(overrides), "assign", AssignConfig)
-    ctx = init_distributed()
-    setup_logging(ctx)
-    try:
-        return run_assign(run, cfg, ctx)
-    finally:
-        destroy(ctx)
+    return run_distributed(run_assign, run, cfg)
 
 
 def cli(argv=None) -> int:

@@ -36,10 +36,10 @@ import torch
 from clustering.data import StoreInfo, draw_sample, open_store, store_cli
 from clustering.topk import faiss_gpus, nearest
 from pipeline.config import ConfigError, RunConfig, check, load_config, prepare_out_dir
-from pipeline.dist import DistContext, destroy, init_distributed
+from pipeline.dist import DistContext, run_distributed
 from pipeline.io import atomic_save_npy, atomic_write_json, load_npy, read_json
 from pipeline.store import KINDS
-from pipeline.tracking import Timer, Tracker, progress, setup_logging
+from pipeline.tracking import Timer, Tracker, progress
 
 log = logging.getLogger("mlcd.cluster")
 METHODS = ("auto", "faiss", "two_level", "torch")
@@ -444,12 +444,7 @@ def run_kmeans(run: RunConfig, cfg: KMeansConfig, ctx: DistContext) -> dict:
 
 def main(config: str | None = None, overrides=()) -> dict:
     run, cfg = load_config(config, list(overrides), "cluster", KMeansConfig)
-    ctx = init_distributed()
-    setup_logging(ctx)
-    try:
-        return run_kmeans(run, cfg, ctx)
-    finally:
-        destroy(ctx)
+    return run_distributed(run_kmeans, run, cfg)
 
 
 def cli(argv=None) -> int:

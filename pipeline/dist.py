@@ -92,3 +92,15 @@ def init_distributed(timeout_min: float = 30.0, backend: str | None = None) -> D
 def destroy(ctx: DistContext) -> None:
     if ctx.distributed and dist.is_initialized():
         dist.destroy_process_group()
+
+
+def run_distributed(fn, *args):
+    """Entry-point plumbing of every stage: build the context once, log per rank, run
+    ``fn(*args, ctx)``, and always tear the process group down (also on errors)."""
+    from pipeline.tracking import setup_logging  # tracking imports this module
+    ctx = init_distributed()
+    setup_logging(ctx)
+    try:
+        return fn(*args, ctx)
+    finally:
+        destroy(ctx)

@@ -38,12 +38,12 @@ import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from pipeline.config import ConfigError, RunConfig, check, cli_main, load_config, prepare_out_dir
-from pipeline.dist import DistContext, destroy, init_distributed
+from pipeline.dist import DistContext, run_distributed
 from pipeline.encoders import EncoderConfig, build_encoder
 from pipeline.io import atomic_write_json, clean_stale_tmp
 from pipeline.shards import ShardSpecError, expand_shards, shard_stem
 from pipeline.store import KINDS, meta_path, part_complete, write_part
-from pipeline.tracking import Tracker, progress, setup_logging
+from pipeline.tracking import Tracker, progress
 
 log = logging.getLogger("mlcd.embed")
 PART_META_KEY = b"mlcd_part"  # parquet schema metadata: this part's counts (JSON)
@@ -471,12 +471,7 @@ def _plain(cfg) -> dict:
 
 def main(config: str | None, overrides: list[str]) -> dict:
     run, cfg = load_config(config, overrides, "embed", EmbedConfig)
-    ctx = init_distributed()
-    setup_logging(ctx)
-    try:
-        return embed(cfg, run, ctx)
-    finally:
-        destroy(ctx)
+    return run_distributed(embed, cfg, run)
 
 
 def cli(argv=None):
