@@ -41,6 +41,13 @@ def torchrun_cmd(module: str, args: list[str], nproc: int, nnodes: int = 1,
     return cmd + ["-m", module, *args]
 
 
+def torchrun_env(**defaults: str) -> dict:
+    """The environment for a torchrun child: the caller's, plus defaults it doesn't set. Restarted
+    workers must not reuse the agent's rendezvous store (torch 2.14: stale peer addresses ->
+    "Gloo connectFullMesh ... Connection refused"; pytorch#135712)."""
+    return {"TORCH_DISABLE_SHARE_RDZV_TCP_STORE": "1", **defaults, **os.environ}
+
+
 def _pop_int(args: list[str], flag: str, default: int) -> int:
     for i, a in enumerate(args):
         if a == flag and i + 1 < len(args):
@@ -75,9 +82,7 @@ def main(argv: list[str] | None = None) -> int:
     if nproc > 1 or nnodes > 1:
         cmd = torchrun_cmd(module, rest, nproc, nnodes)
         print("+", shlex.join(cmd), file=sys.stderr)
-        # restarted workers must not reuse the agent's rendezvous store (pytorch#135712)
-        env = {"TORCH_DISABLE_SHARE_RDZV_TCP_STORE": "1", **os.environ}
-        return subprocess.call(cmd, env=env)
+        return subprocess.call(cmd, env=torchrun_env())
     # Every stage module exposes cli(argv) (config stages: pipeline.config.cli_main(main, argv)).
     res = importlib.import_module(module).cli(rest)
     return res if isinstance(res, int) else 0

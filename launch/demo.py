@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import argparse
 import logging
-import os
 import subprocess
 import sys
 import time
@@ -64,11 +63,9 @@ class Demo:
         assign.main(self.config, self.overrides)
 
     def train(self):
-        cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={self.nproc}",
-               "--standalone", "-m", "training.train", "--config", self.config, *self.overrides]
-        env = {**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1"),
-               "TORCH_DISABLE_SHARE_RDZV_TCP_STORE": "1",
-               "DS_ACCELERATOR": os.environ.get("DS_ACCELERATOR", "cpu")}
+        from launch.cli import torchrun_cmd, torchrun_env
+        cmd = torchrun_cmd("training.train", ["--config", self.config, *self.overrides], self.nproc)
+        env = torchrun_env(OMP_NUM_THREADS="1", DS_ACCELERATOR="cpu")
         log.info("+ %s", " ".join(cmd))
         if subprocess.call(cmd, env=env, cwd=ROOT) != 0:
             raise SystemExit("demo: training failed (see the log above); rerun `make demo` to resume")

@@ -399,3 +399,12 @@ def test_elastic_restart_resumes_from_last_checkpoint(tmp_path):
     assert state["step"] == steps and state["complete"]
     logged = [json.loads(ln)["step"] for ln in metrics.read_text().splitlines()]
     assert logged == list(range(1, steps + 1))  # the counter continued; redone steps logged once
+
+
+def test_stage_module_tables_agree():
+    """launch/env.sh (shell launchers) and launch/cli.py (`mlcd`) name the same module per stage."""
+    from launch.cli import STAGES
+    for stage in ("embed", "cluster", "assign", "train", "eval", "export"):
+        out = subprocess.run(["bash", "-c", f"source launch/env.sh && launch_module {stage}"], cwd=ROOT,
+                             capture_output=True, text=True, check=True).stdout.strip()
+        assert out == STAGES[stage], (stage, out)
