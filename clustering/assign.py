@@ -23,10 +23,11 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from clustering.data import clean_rows, open_store, store_cli
+from clustering.data import clean_rows, open_store
 from clustering.topk import ENGINES, TopK, recall_at_l
 from pipeline.config import RunConfig, check, load_config, prepare_out_dir
-from pipeline.dist import DistContext, run_distributed
+from pipeline.dist import DistContext
+from pipeline.entry import cli_main, run_distributed
 from pipeline.io import atomic_write_json, clean_stale_tmp, load_npy, read_json
 from pipeline.store import KINDS, StoreError, labels_path, sims_path, write_labels
 from pipeline.tracking import Timer, Tracker, progress
@@ -116,9 +117,9 @@ def run_assign(run: RunConfig, cfg: AssignConfig, ctx: DistContext) -> dict:
     # all input checks before anything is written
     info = open_store(cfg.store, cfg.kind, need_metadata=True, skip_incomplete=cfg.skip_incomplete)
     c = load_centroids(cfg.centroids, info.dim, cfg.l)
-    out = prepare_out_dir(cfg.out_dir, run, {"run": run, "assign": cfg}, "assign",
-                          ignore=("assign.report", "assign.report_dir", "assign.report_clusters",
-                                  "assign.report_members"))
+    out = ctx.agree(lambda: prepare_out_dir(
+        cfg.out_dir, run, {"run": run, "assign": cfg}, "assign",
+        ignore=("assign.report", "assign.report_dir", "assign.report_clusters", "assign.report_members")))
     # Labels already on disk are reused only if they came from these exact centers.
     state = {"centroids_sha256": file_sha256(cfg.centroids), "k": len(c), "l": cfg.l, "kind": cfg.kind}
     st_path = out / "state.json"
@@ -222,7 +223,7 @@ def main(config: str | None = None, overrides=()) -> dict:
 
 
 def cli(argv=None) -> int:
-    return store_cli(main, argv)
+    return cli_main(main, argv)
 
 
 if __name__ == "__main__":

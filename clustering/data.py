@@ -8,13 +8,11 @@ the number of ranks, and only one part's chosen rows are in memory at a time (me
 from __future__ import annotations
 
 import logging
-import sys
 from dataclasses import dataclass, field
 
 import numpy as np
 import pyarrow.parquet as pq
 
-from pipeline.config import cli_main
 from pipeline.store import EmbeddingStore, StoreError, emb_path, meta_path
 
 log = logging.getLogger("mlcd.cluster")
@@ -119,13 +117,3 @@ def draw_sample(info: StoreInfo, n: int, seed: int, parts: list[int] | None = No
         per_part[p] = int(valid.sum())
     x = np.concatenate(chunks) if chunks else np.zeros((0, info.dim), np.float32)
     return np.ascontiguousarray(x), per_part, bad
-
-
-def store_cli(main, argv=None) -> int:
-    """``cli_main`` (bad config: exit 2) plus bad store input as one line, exit 1."""
-    try:
-        cli_main(main, argv)
-    except StoreError as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(1)
-    return 0

@@ -33,10 +33,11 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from clustering.data import StoreInfo, draw_sample, open_store, store_cli
+from clustering.data import StoreInfo, draw_sample, open_store
 from clustering.topk import faiss_gpus, nearest
 from pipeline.config import ConfigError, RunConfig, check, load_config, prepare_out_dir
-from pipeline.dist import DistContext, run_distributed
+from pipeline.dist import DistContext
+from pipeline.entry import cli_main, run_distributed
 from pipeline.io import atomic_save_npy, atomic_write_json, load_npy, read_json
 from pipeline.store import KINDS
 from pipeline.tracking import Timer, Tracker, progress
@@ -362,7 +363,7 @@ def run_kmeans(run: RunConfig, cfg: KMeansConfig, ctx: DistContext) -> dict:
     if cfg.k > n:
         raise ConfigError(f"cluster.k={cfg.k} is larger than the sample ({n} rows; the store "
                           f"{cfg.store} has {info.rows})")
-    out = prepare_out_dir(cfg.out_dir, run, {"run": run, "cluster": cfg}, "cluster")
+    out = ctx.agree(lambda: prepare_out_dir(cfg.out_dir, run, {"run": run, "cluster": cfg}, "cluster"))
     done = out / "clustering.json"
     # what the result depends on (not logging knobs): a checkpoint or result with another key is stale
     key_cfg = {k: v for k, v in asdict(cfg).items() if k not in ("verbose", "tiny_cluster")}
@@ -448,7 +449,7 @@ def main(config: str | None = None, overrides=()) -> dict:
 
 
 def cli(argv=None) -> int:
-    return store_cli(main, argv)
+    return cli_main(main, argv)
 
 
 if __name__ == "__main__":

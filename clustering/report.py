@@ -171,8 +171,8 @@ def main(config: str | None = None, overrides=()) -> Path:
 
 
 def cli(argv=None) -> int:
-    from clustering.data import store_cli
-    return store_cli(main, argv)
+    from pipeline.entry import cli_main
+    return cli_main(main, argv)
 
 
 if __name__ == "__main__":

@@ -12,12 +12,7 @@ import json
 import sys
 import time
 
-BENCHES = {
-    "embed": "pipeline.bench_embed",
-    "cluster": "clustering.bench",
-    "model": "training.bench_model",
-    "train": "training.bench_train",
-}
+from pipeline.stages import BENCHES
 
 
 def print_table(title: str, rows: list[dict]) -> None:

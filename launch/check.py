@@ -13,17 +13,10 @@ from pathlib import Path
 import yaml
 
 from pipeline.config import ConfigError, load_sections, to_dict
+from pipeline.stages import schemas as stage_schemas
 
-# section -> "module:Class"; each stage owns its schema.
-SCHEMAS = {
-    "run": "pipeline.config:RunConfig",
-    "data": "pipeline.demo_data:DataConfig",
-    "embed": "pipeline.embed:EmbedConfig",
-    "cluster": "clustering.kmeans:KMeansConfig",
-    "assign": "clustering.assign:AssignConfig",
-    "train": "training.train:TrainConfig",
-    "eval": "training.eval:EvalConfig",
-}
+# section -> "module:Class", from the stage registry; each stage owns its schema.
+SCHEMAS = stage_schemas()
 ROOT = Path(__file__).resolve().parents[1]
 
 

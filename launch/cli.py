@@ -17,17 +17,12 @@ import shlex
 import subprocess
 import sys
 
-STAGES = {
-    "embed": "pipeline.embed",
-    "cluster": "clustering.kmeans",
-    "assign": "clustering.assign",
-    "train": "training.train",
-    "export": "training.export",
-    "eval": "training.eval",
-    "demo": "launch.demo",
-    "check": "launch.check",
-}
-DATA = {"demo": "pipeline.demo_data"}
+from pipeline.stages import STAGES as REGISTRY
+
+# `mlcd <command>` -> module, from the one stage table (pipeline/stages.py); `mlcd data demo`
+# builds the demo shards (the registry's `data` stage).
+STAGES = {name: s.module for name, s in REGISTRY.items() if name not in ("data", "envcheck")}
+DATA = {"demo": REGISTRY["data"].module}
 
 
 def torchrun_cmd(module: str, args: list[str], nproc: int, nnodes: int = 1,

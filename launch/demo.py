@@ -64,7 +64,8 @@ class Demo:
 
     def train(self):
         from launch.cli import torchrun_cmd, torchrun_env
-        cmd = torchrun_cmd("training.train", ["--config", self.config, *self.overrides], self.nproc)
+        from pipeline.stages import module_of
+        cmd = torchrun_cmd(module_of("train"), ["--config", self.config, *self.overrides], self.nproc)
         env = torchrun_env(OMP_NUM_THREADS="1", DS_ACCELERATOR="cpu")
         log.info("+ %s", " ".join(cmd))
         if subprocess.call(cmd, env=env, cwd=ROOT) != 0:
@@ -78,7 +79,7 @@ class Demo:
         _check_reload(self.out / "export")
 
     def eval(self):
-        from training import eval as ev
+        from training.evaluation import evaluate as ev
         ev.main(self.config, self.overrides)
 
     def report(self):

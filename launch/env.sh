@@ -58,16 +58,8 @@ launch_env_print() {
   done
 }
 
-# stage name -> python module (the same table as launch/cli.py:STAGES).
+# stage name -> python module, looked up in the one stage table (pipeline/stages.py).
 launch_module() {
-  case "$1" in
-    embed) echo pipeline.embed ;;
-    cluster) echo clustering.kmeans ;;
-    assign) echo clustering.assign ;;
-    train) echo training.train ;;
-    eval) echo training.eval ;;
-    export) echo training.export ;;
-    envcheck) echo launch.envcheck ;;
-    *) echo "unknown stage '$1' (embed cluster assign train eval export envcheck)" >&2; return 2 ;;
-  esac
+  local root; root=$(launch_root)
+  PYTHONPATH="$root${PYTHONPATH:+:$PYTHONPATH}" "$(launch_python)" -m pipeline.stages module "$1"
 }

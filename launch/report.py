@@ -132,7 +132,7 @@ def write_report(out: Path, state: dict, config: str, overrides: list[str]) -> s
     # probes
     ev = _read(out / "eval" / "results.json")
     if ev:
-        from training.eval import markdown_table
+        from training.evaluation.evaluate import markdown_table
         rows = [{"model": r["model"], "dataset": r["dataset"], "linear": 100 * r["linear"]["top1"],
                  "knn": 100 * r["knn"]["top1"]} for r in ev["results"]]
         probe_chart(rows, out / "probe.png")

@@ -130,7 +130,7 @@ def run_bench(quick: bool = False) -> list[dict]:
         rows.append({"what": "(b) model only (pre-decoded)", "images": m, "images_per_s": b_rate,
                      "note": f"{enc.name} @{enc.image_size}px, {torch.get_num_threads()} threads"})
 
-        summary = embed(cfg, run, ctx)  # (c)
+        summary = embed(run, cfg, ctx)  # (c)
         c = summary["images_per_s"]
         rows.append({"what": "(c) full stage", "images": summary["rows"], "images_per_s": c,
                      "note": f"efficiency c/min(a,b) = {c / min(a, b_rate):.2f} (target >= 0.9)"})

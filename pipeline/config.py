@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import dataclasses
 import os
-import sys
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -219,17 +218,3 @@ def _diff(old: Any, new: Any, prefix: str = "", ignore: tuple = ()) -> list[str]
             out += _diff(old.get(k), new.get(k), f"{prefix}{k}.", ignore)
         return out
     return [] if old == new else [f"{prefix.rstrip('.')}: {old!r} -> {new!r}"]
-
-
-def cli_main(fn, argv: Sequence[str] | None = None):
-    """Shared ``python -m <stage>`` entry: ``--config FILE [key=value ...]``; exit 2 on bad config."""
-    import argparse
-    parser = argparse.ArgumentParser(prog=fn.__module__)
-    parser.add_argument("--config", "-c", default=None, help="run config YAML (configs/*.yaml)")
-    parser.add_argument("overrides", nargs="*", help="dotted overrides, e.g. embed.batch_size=64")
-    args = parser.parse_args(argv)
-    try:
-        return fn(args.config, args.overrides)
-    except ConfigError as e:
-        print(f"config error: {e}", file=sys.stderr)
-        sys.exit(2)

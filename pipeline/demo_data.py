@@ -26,7 +26,8 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 
-from pipeline.config import RunConfig, check, cli_main, load_config, prepare_out_dir
+from pipeline.config import RunConfig, check, load_config, prepare_out_dir
+from pipeline.entry import cli_main
 from pipeline.io import atomic_write_json
 from pipeline.shards import ShardWriter, encode_image
 
@@ -240,7 +241,7 @@ class _Inline:
         return map(fn, it)
 
 
-def build(cfg: DataConfig, run: RunConfig) -> dict:
+def build(run: RunConfig, cfg: DataConfig) -> dict:
     out = Path(cfg.out_dir)
     summary = {}
     pool, probe, classes = openclipart_items(cfg, run.seed)
@@ -265,7 +266,7 @@ def main(config: str | None, overrides: list[str]) -> dict:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
     run, cfg = load_config(config, overrides, "data", DataConfig)
     prepare_out_dir(cfg.out_dir, run, {"run": run, "data": cfg}, "data", ignore=("data.workers",))
-    summary = build(cfg, run)
+    summary = build(run, cfg)
     for name, s in summary.items():
         log.info("%-28s %6d samples in %3d shards, skipped %s", name, s["samples"], s["shards"], s["skipped"])
     return summary

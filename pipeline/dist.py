@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import datetime
 import os
+import pickle
 from dataclasses import dataclass
 
 import torch
@@ -59,6 +60,31 @@ class DistContext:
         dist.broadcast_object_list(box, src=src)
         return box[0]
 
+    def agree(self, fn):
+        """Rank 0 runs ``fn()``; every rank returns its result, or raises its error. The one way
+        to "check once, all agree" (listing work, validating inputs, preparing a folder): an
+        error on rank 0 is broadcast, so no rank is left waiting at a later collective."""
+        if not self.distributed:
+            return fn()
+        out, err = None, None
+        if self.is_main:
+            try:
+                out = fn()
+            except Exception as e:  # noqa: BLE001 -- re-raised below, on every rank
+                err = e
+        sent = err
+        if self.is_main and err is not None:
+            try:
+                pickle.dumps(err)
+            except Exception:  # noqa: BLE001 -- an exception that cannot travel: send its text
+                sent = RuntimeError(f"{type(err).__name__}: {err}")
+        err_all = self.broadcast_object(sent)
+        if err_all is not None:
+            if self.is_main:
+                raise err
+            raise err_all
+        return self.broadcast_object(out)
+
     def shard(self, items: list) -> list:
         """This rank's items of a list: every world_size-th, starting at rank (deterministic)."""
         return items[self.rank::self.world_size]
@@ -93,14 +119,3 @@ def destroy(ctx: DistContext) -> None:
     if ctx.distributed and dist.is_initialized():
         dist.destroy_process_group()
 
-
-def run_distributed(fn, *args):
-    """Entry-point plumbing of every stage: build the context once, log per rank, run
-    ``fn(*args, ctx)``, and always tear the process group down (also on errors)."""
-    from pipeline.tracking import setup_logging  # tracking imports this module
-    ctx = init_distributed()
-    setup_logging(ctx)
-    try:
-        return fn(*args, ctx)
-    finally:
-        destroy(ctx)

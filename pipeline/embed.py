@@ -24,7 +24,6 @@ import io
 import json
 import logging
 import os
-import sys
 import tarfile
 import time
 import warnings
@@ -37,9 +36,10 @@ import pyarrow.parquet as pq
 import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
-from pipeline.config import ConfigError, RunConfig, check, cli_main, load_config, prepare_out_dir
-from pipeline.dist import DistContext, run_distributed
+from pipeline.config import ConfigError, RunConfig, check, load_config, prepare_out_dir
+from pipeline.dist import DistContext
 from pipeline.encoders import EncoderConfig, build_encoder
+from pipeline.entry import StageError, cli_main, run_distributed
 from pipeline.io import atomic_write_json, clean_stale_tmp
 from pipeline.shards import ShardSpecError, expand_shards, shard_stem
 from pipeline.store import KINDS, meta_path, part_complete, write_part
@@ -77,8 +77,9 @@ class EmbedConfig:
         check(isinstance(self.input, str) and bool(self.input), "input", self.input, "must be a non-empty string")
 
 
-class EmbedFailed(RuntimeError):
-    """Some shards could not be read; every other part was written."""
+class EmbedFailed(StageError):
+    """Some shards could not be read; every other part was written (exit 1, rerun retries them)."""
+    label = "embed failed"
 
 
 # ---------------------------------------------------------------- reading and repairing samples
@@ -358,25 +359,20 @@ def _expected_rows(shards: list[str]) -> int | None:
     return total
 
 
-def embed(cfg: EmbedConfig, run: RunConfig, ctx: DistContext) -> dict:
+def embed(run: RunConfig, cfg: EmbedConfig, ctx: DistContext) -> dict:
     out = Path(cfg.out_dir)
     try:
         shards = expand_shards(cfg.input)
     except ShardSpecError as e:
         raise ConfigError(f"embed.input={cfg.input!r}: {e}") from None
-    err = None
-    if ctx.is_main:  # one rank checks the folder and lists the work, so all ranks agree on it
-        try:
-            prepare_out_dir(out, run, {"run": run, "embed": cfg}, "embed",
-                            ignore=("embed.workers", "embed.prefetch_factor"))
-            for k in [*KINDS, "metadata"]:
-                clean_stale_tmp(out / (f"{k}_emb" if k != "metadata" else k))
-            todo = [i for i in range(len(shards)) if not part_complete(out, i, cfg.kinds)]
-        except ConfigError as e:
-            err, todo = str(e), []
-    err, todo = ctx.broadcast_object((err, todo if ctx.is_main else None))
-    if err:
-        raise ConfigError(err)
+    def unfinished() -> list[int]:  # one rank checks the folder and lists the work
+        prepare_out_dir(out, run, {"run": run, "embed": cfg}, "embed",
+                        ignore=("embed.workers", "embed.prefetch_factor"))
+        for k in [*KINDS, "metadata"]:
+            clean_stale_tmp(out / (f"{k}_emb" if k != "metadata" else k))
+        return [i for i in range(len(shards)) if not part_complete(out, i, cfg.kinds)]
+
+    todo = ctx.agree(unfinished)
     mine = [(i, shards[i]) for i in ctx.shard(todo)]
     log.info("%d shards, %d done, %d to do (%d on this rank) -> %s",
              len(shards), len(shards) - len(todo), len(todo), len(mine), out)
@@ -471,15 +467,11 @@ def _plain(cfg) -> dict:
 
 def main(config: str | None, overrides: list[str]) -> dict:
     run, cfg = load_config(config, overrides, "embed", EmbedConfig)
-    return run_distributed(embed, cfg, run)
+    return run_distributed(embed, run, cfg)
 
 
 def cli(argv=None):
-    try:
-        return cli_main(main, argv)
-    except EmbedFailed as e:
-        print(f"embed failed: {e}", file=sys.stderr)
-        sys.exit(1)
+    return cli_main(main, argv)
 
 
 if __name__ == "__main__":

@@ -16,13 +16,14 @@ import pyarrow.parquet as pq
 import webdataset as wds
 from braceexpand import braceexpand
 
+from pipeline.entry import StageError
 from pipeline.io import atomic_path, atomic_write_json
 
 IMAGE_EXTS = ("jpg", "jpeg", "png", "webp")
 
 
-class ShardSpecError(ValueError):
-    pass
+class ShardSpecError(StageError, ValueError):
+    exit_code = 2  # a shard spec that matches nothing is a setting to fix
 
 
 def expand_shards(spec: str | Sequence[str]) -> list[str]:

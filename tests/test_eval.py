@@ -11,8 +11,8 @@ from conftest import torchrun
 from PIL import Image
 
 from pipeline.shards import ShardWriter, encode_image
-from training import probe
-from training.features import EvalInputError, open_labeled
+from training.evaluation import probe
+from training.evaluation.features import EvalInputError, open_labeled
 
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")
 
@@ -123,7 +123,7 @@ def colour_data(tmp_path_factory):
 
 
 def test_eval_cli_writes_results_and_reuses_cached_features(tmp_path, colour_data):
-    from training import eval as ev
+    from training.evaluation import evaluate as ev
     cfg = _eval_config(tmp_path, colour_data)
     report = ev.main(str(cfg), [])
     out = tmp_path / "run" / "eval"
@@ -154,8 +154,8 @@ def test_open_clip_and_hf_export_extractors(tmp_path, colour_data):
     """open_clip (random init, no download) and an HF folder saved by our export code both give
     finite features of the right width; the HF folder matches our model's pooled output."""
     from pipeline.dist import DistContext
-    from training.eval import ModelSpec
-    from training.features import build_extractor, extract
+    from training.evaluation.evaluate import ModelSpec
+    from training.evaluation.features import build_extractor, extract
     from training.hf import save_hf_folder
     from training.model import ModelConfig, build_model
     ds = open_labeled(str(colour_data / "test"))
@@ -184,10 +184,10 @@ def test_distributed_extraction_equals_one_rank(tmp_path, colour_data):
     """2 ranks under torchrun (each takes a contiguous block of rows, gathered in order) give the
     same features as one in-process rank; 15 test rows do not split evenly (8 + 7)."""
     from pipeline.dist import DistContext
-    from training.eval import ModelSpec
-    from training.features import build_extractor, extract
+    from training.evaluation.evaluate import ModelSpec
+    from training.evaluation.features import build_extractor, extract
     cfg = _eval_config(tmp_path, colour_data)
-    torchrun(["-m", "training.eval", "--config", str(cfg)], 2, env={"HF_HUB_OFFLINE": "1"})
+    torchrun(["-m", "training.evaluation.evaluate", "--config", str(cfg)], 2, env={"HF_HUB_OFFLINE": "1"})
     spec = ModelSpec(name="tiny", kind="random", model={"name": "vit_tiny_clip", "image_size": 32}, seed=1)
     ex = build_extractor(spec, torch.device("cpu"))
     for split, n in (("train", 30), ("test", 15)):

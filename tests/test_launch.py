@@ -169,7 +169,7 @@ SLURM_ENV = {"SLURM_JOB_ID": "4242", "SLURM_NNODES": "2", "SLURM_JOB_NODELIST": 
 
 @pytest.mark.parametrize("stage,module", [("train", "training.train"), ("embed", "pipeline.embed"),
                                           ("cluster", "clustering.kmeans"), ("assign", "clustering.assign"),
-                                          ("eval", "training.eval")])
+                                          ("eval", "training.evaluation.evaluate")])
 def test_slurm_dry_run_two_nodes_by_eight(stage, module, tmp_path):
     # Run from elsewhere, as sbatch does with its spooled copy: the script finds the repo.
     out = sh([str(ROOT / f"launch/slurm/{stage}.sbatch"), "configs/prod/x.yaml", "run.seed=1"],

@@ -1,7 +1,7 @@
 """Linear probe + k-NN of frozen features, for several models on several labeled image sets.
 
-    python -m training.eval --config configs/demo.yaml [eval.key=value ...]
-    torchrun --nproc_per_node 2 -m training.eval --config ...   # extraction split over ranks
+    python -m training.evaluation.evaluate --config configs/demo.yaml [eval.key=value ...]
+    torchrun --nproc_per_node 2 -m training.evaluation.evaluate --config ...   # extraction split over ranks
 
 Models (``eval.models``) and datasets (``eval.datasets``) are lists of named entries: a layered run
 file replaces a whole list, an override switches one entry off (``eval.models.2.enabled=false``)
@@ -28,12 +28,20 @@ from typing import Any
 import numpy as np
 import torch
 
-from pipeline.config import ConfigError, RunConfig, check, cli_main, load_config, prepare_out_dir
-from pipeline.dist import DistContext, destroy, init_distributed
+from pipeline.config import ConfigError, RunConfig, check, load_config, prepare_out_dir
+from pipeline.dist import DistContext
+from pipeline.entry import cli_main, run_distributed
 from pipeline.io import atomic_save_npy, atomic_write_json, atomic_write_text, load_npy, read_json
-from pipeline.tracking import Tracker, setup_logging
-from training import probe
-from training.features import KINDS, EvalInputError, build_extractor, extract, open_labeled, to_jsonable
+from pipeline.tracking import Tracker
+from training.evaluation import probe
+from training.evaluation.features import (
+    KINDS,
+    EvalInputError,
+    build_extractor,
+    extract,
+    open_labeled,
+    to_jsonable,
+)
 
 log = logging.getLogger("mlcd.eval")
 
@@ -141,7 +149,7 @@ def _hash(obj) -> str:
 
 def _model_key(spec: ModelSpec) -> dict:
     """What the features depend on, known before loading the model (weights identity added)."""
-    from training.features import _weights_id, resolve_checkpoint
+    from training.evaluation.features import _weights_id, resolve_checkpoint
     key = asdict(spec)
     key.pop("enabled")
     key.pop("name")
@@ -195,7 +203,7 @@ def _device(cfg: EvalConfig, ctx: DistContext) -> torch.device:
     return ctx.device if ctx.device.type == "cuda" else torch.device("cuda", 0)
 
 
-def evaluate(cfg: EvalConfig, run: RunConfig, ctx: DistContext, tracker: Tracker | None = None) -> dict:
+def evaluate(run: RunConfig, cfg: EvalConfig, ctx: DistContext, tracker: Tracker | None = None) -> dict:
     out = Path(cfg.out_dir)
     cache = FeatureCache(out / "features")
     device = _device(cfg, ctx)
@@ -249,14 +257,18 @@ def evaluate(cfg: EvalConfig, run: RunConfig, ctx: DistContext, tracker: Tracker
                         cache.put(mname, dname, split, fp, x, {"model": mname, "dataset": dname,
                                                                "split": split, **timing[split]})
                 feats[split] = x
+
+            def probe_row():  # rank 0 probes; an error there stops every rank (no one waits)
+                rkey = _hash({"features": [cache.paths(mname, dname, s)[0].stat().st_mtime_ns
+                                           for s in ("train", "test")], "probe": probe_key})
+                row = prev_rows.get((mname, dname))
+                if row is None or row.get("key") != rkey:
+                    # JSON round trip: int/float dict keys become strings, as in a reused row
+                    row = to_jsonable(_probe_row(mname, dname, feats, tr, te, cfg, run.seed, rkey, timing))
+                return row
+            row = ctx.agree(probe_row)
             if not ctx.is_main:
                 continue
-            rkey = _hash({"features": [cache.paths(mname, dname, s)[0].stat().st_mtime_ns
-                                       for s in ("train", "test")], "probe": probe_key})
-            row = prev_rows.get((mname, dname))
-            if row is None or row.get("key") != rkey:
-                # JSON round trip: int/float dict keys become strings, as in a reused row
-                row = to_jsonable(_probe_row(mname, dname, feats, tr, te, cfg, run.seed, rkey, timing))
             report["results"].append(row)
             if tracker is not None:
                 tracker.log({f"eval/{dname}/{mname}/linear_top1": row["linear"]["top1"],
@@ -311,29 +323,24 @@ def _write(out: Path, report: dict) -> None:
     atomic_write_text(out / "results.md", markdown_table(report))
 
 
+def run_eval(run: RunConfig, cfg: EvalConfig, ctx: DistContext) -> dict:
+    # models/datasets may change between reruns: the caches are checked by fingerprint
+    ctx.agree(lambda: prepare_out_dir(cfg.out_dir, run, {"run": run, "eval": cfg}, "eval",
+                                      ignore=("eval.models", "eval.datasets", "eval.batch_size",
+                                              "eval.workers", "eval.device")))
+    tracker = Tracker(run.wandb, ctx, cfg.out_dir, "eval", {"eval": asdict(cfg)})
+    try:
+        report = evaluate(run, cfg, ctx, tracker)
+    finally:
+        tracker.finish()
+    if ctx.is_main:
+        print(markdown_table(report))
+    return report
+
+
 def main(config: str | None, overrides: list[str]) -> dict:
     run, cfg = load_config(config, overrides, "eval", EvalConfig)
-    ctx = init_distributed()
-    setup_logging(ctx)
-    try:
-        if ctx.is_main:
-            # models/datasets may change between reruns: the caches are checked by fingerprint
-            prepare_out_dir(cfg.out_dir, run, {"run": run, "eval": cfg}, "eval",
-                            ignore=("eval.models", "eval.datasets", "eval.batch_size",
-                                    "eval.workers", "eval.device"))
-        ctx.barrier()
-        tracker = Tracker(run.wandb, ctx, cfg.out_dir, "eval", {"eval": asdict(cfg)})
-        try:
-            report = evaluate(cfg, run, ctx, tracker)
-        except EvalInputError as e:
-            raise ConfigError(str(e)) from None
-        finally:
-            tracker.finish()
-        if ctx.is_main:
-            print(markdown_table(report))
-        return report
-    finally:
-        destroy(ctx)
+    return run_distributed(run_eval, run, cfg)
 
 
 def cli(argv=None):

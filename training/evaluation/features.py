@@ -41,6 +41,7 @@ from PIL import Image
 from torch.utils.data import DataLoader, Dataset, Subset
 
 from pipeline.dist import DistContext
+from pipeline.entry import StageError
 from pipeline.shards import IMAGE_EXTS, ShardSpecError, expand_shards
 from pipeline.tracking import progress
 
@@ -49,8 +50,10 @@ log = logging.getLogger("mlcd.eval")
 KINDS = ("checkpoint", "hf", "open_clip", "encoder", "random")
 
 
-class EvalInputError(ValueError):
-    """A dataset or model that cannot be read: the message names the file."""
+class EvalInputError(StageError, ValueError):
+    """A dataset or model named in ``eval`` that cannot be read: the message names the file.
+    Exit code 2: the fix is in the eval section (a path, a kind)."""
+    exit_code = 2
 
 
 # ------------------------------------------------------------------------------------ datasets
@@ -285,7 +288,7 @@ def _weights_id(path: Path) -> str:
 
 
 def build_extractor(spec, device: torch.device) -> Extractor:
-    """``spec``: a training.eval.ModelSpec (kind, path, arch, pretrained, model, seed, feature)."""
+    """``spec``: a training.evaluation.evaluate.ModelSpec (kind, path, arch, pretrained, model, seed, feature)."""
     builders = {"checkpoint": _checkpoint, "hf": lambda s: _hf(s.path), "random": _random,
                 "open_clip": _open_clip, "encoder": lambda s: _encoder(s, device)}
     if spec.kind not in builders:

@@ -1,0 +1,88 @@
+"""The one entry path of every stage: ``python -m <stage>`` -> ``cli_main`` -> ``main(config,
+overrides)`` -> ``run_distributed(fn, run, cfg)`` -> ``fn(run, cfg, ctx)``.
+
+- ``cli_main`` parses ``--config FILE key=value ...`` and turns user errors into one line on
+  stderr and an exit code: 2 for a bad config (``ConfigError``, or a ``StageError`` whose
+  ``exit_code`` is 2), 1 for bad input (a ``StageError``: an unreadable store, failed shards, ...).
+  Every rank prints and exits the same way, so under torchrun no rank is left waiting and the
+  launcher only sees non-zero exits (``launch/cli.py`` reports those without a traceback).
+- ``run_distributed`` builds the ``DistContext`` once, sets up per-rank logging, runs the stage
+  and always destroys the process group, also on errors.
+
+Per-stage setup that every stage needs (network policy, run-folder lock, ...) goes in
+``run_distributed``, before ``fn`` runs: it is the single place all stages pass through with a
+context in hand.
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Callable, Sequence
+from typing import Any
+
+from pipeline.config import ConfigError
+from pipeline.dist import DistContext, destroy, init_distributed
+from pipeline.tracking import setup_logging
+
+
+class StageError(Exception):
+    """A user-facing stage failure: ``str(e)`` is the message, ``exit_code`` 1 (bad input) or 2
+    (bad config/arguments). Modules subclass it for their own errors (``StoreError``, ...)."""
+    exit_code = 1
+    label = "error"
+
+    def __init__(self, message: str = "", exit_code: int | None = None):
+        super().__init__(message)
+        if exit_code is not None:
+            self.exit_code = exit_code
+
+    def __reduce__(self):  # survives DistContext.agree's broadcast with its code
+        return (_rebuild, (type(self), str(self), self.exit_code))
+
+
+def _rebuild(cls, message, code):
+    e = cls.__new__(cls)
+    StageError.__init__(e, message, code)
+    return e
+
+
+def exit_code(e: BaseException) -> int | None:
+    """The exit code of a user error, None for a bug (which keeps its traceback)."""
+    if isinstance(e, ConfigError):
+        return 2
+    if isinstance(e, StageError):
+        return e.exit_code
+    return None
+
+
+def report(e: BaseException) -> int | None:
+    """Prints a user error as one line (prefixed by its kind) and returns its exit code."""
+    code = exit_code(e)
+    if code is not None:
+        label = "config error" if isinstance(e, ConfigError) else getattr(e, "label", "error")
+        print(f"{label}: {e}", file=sys.stderr, flush=True)
+    return code
+
+
+def cli_main(main: Callable[[str | None, list[str]], Any], argv: Sequence[str] | None = None,
+             prog: str | None = None):
+    """Shared ``python -m <stage>`` entry: ``--config FILE [key=value ...]``; user errors exit 1/2."""
+    parser = argparse.ArgumentParser(prog=prog or main.__module__)
+    parser.add_argument("--config", "-c", default=None, help="run config YAML (configs/*.yaml)")
+    parser.add_argument("overrides", nargs="*", help="dotted overrides, e.g. embed.batch_size=64")
+    args = parser.parse_args(argv)
+    try:
+        return main(args.config, args.overrides)
+    except (ConfigError, StageError) as e:
+        sys.exit(report(e))
+
+
+def run_distributed(fn: Callable[..., Any], run, cfg, **kwargs) -> Any:
+    """Builds the context once, logs per rank, runs ``fn(run, cfg, ctx)`` and always tears the
+    process group down (also on errors)."""
+    ctx: DistContext = init_distributed()
+    setup_logging(ctx)
+    try:
+        return fn(run, cfg, ctx, **kwargs)
+    finally:
+        destroy(ctx)
