@@ -9,7 +9,6 @@ Shards given as URLs or ``pipe:`` commands are skipped (only local tars are open
 from __future__ import annotations
 
 import html
-import io
 import logging
 import os
 import tarfile
@@ -17,8 +16,8 @@ from pathlib import Path
 
 import numpy as np
 
+from pipeline.images import is_image_name, load_rgb
 from pipeline.io import atomic_path, atomic_write_text
-from pipeline.shards import IMAGE_EXTS
 from pipeline.store import EmbeddingStore, LabelStore
 
 log = logging.getLogger("mlcd.report")
@@ -76,8 +75,8 @@ def fetch_images(wanted: dict[str, set[str]]) -> dict[tuple[str, str], bytes]:
         with tarfile.open(shard) as tf:
             for ti in tf:
                 base = os.path.basename(ti.name)
-                key, _, ext = base.partition(".")
-                if key in keys and ext.lower() in IMAGE_EXTS and (shard, key) not in out:
+                key = base.partition(".")[0]
+                if key in keys and is_image_name(base) and (shard, key) not in out:
                     out[(shard, key)] = tf.extractfile(ti).read()
     return out
 
@@ -88,17 +87,10 @@ def contact_sheet(images: list[bytes | None], thumb: int, path: Path) -> None:
     for i, b in enumerate(images):
         if b is None:
             continue
-        try:
-            im = Image.open(io.BytesIO(b))
-            im.load()
-        except (OSError, ValueError, Image.DecompressionBombError) as e:  # leave its cell blank
-            log.warning("contact sheet %s: unreadable image (%s)", path.name, e)
+        im, why = load_rgb(b, draft=thumb)
+        if im is None:  # leave its cell blank
+            log.warning("contact sheet %s: unreadable image (%s)", path.name, why)
             continue
-        if im.mode in ("RGBA", "LA", "P"):
-            im = im.convert("RGBA")
-            bg = Image.new("RGBA", im.size, "white")
-            im = Image.alpha_composite(bg, im)
-        im = im.convert("RGB")
         im.thumbnail((thumb, thumb))
         sheet.paste(im, (i * thumb + (thumb - im.width) // 2, (thumb - im.height) // 2))
     with atomic_path(path) as tmp:

@@ -19,8 +19,9 @@ import torch
 
 from pipeline.config import load_config
 from pipeline.dist import DistContext
-from pipeline.embed import EmbedConfig, embed, load_rgb, make_loader, read_caption, read_samples
+from pipeline.embed import EmbedConfig, embed, make_loader, read_caption, read_samples
 from pipeline.encoders import build_encoder
+from pipeline.images import image_bytes, load_rgb
 from pipeline.shards import expand_shards
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -65,7 +66,7 @@ def _naive(shards: list[str], cfg: EmbedConfig, enc) -> int:
     n, batch, caps = 0, [], []
     for url in shards:
         for s in read_samples(url):
-            img, _ = load_rgb(next((s[e] for e in cfg.image_exts if e in s), None), cfg.max_pixels)
+            img, _ = load_rgb(image_bytes(s, cfg.image_exts), cfg.max_pixels)
             if img is None:
                 continue
             batch.append(enc.preprocess(img))

@@ -28,6 +28,7 @@ from tqdm import tqdm
 
 from pipeline.config import RunConfig, check, load_config, prepare_out_dir
 from pipeline.entry import cli_main
+from pipeline.images import load_rgb
 from pipeline.io import atomic_write_json
 from pipeline.shards import ShardWriter, encode_image
 
@@ -164,13 +165,12 @@ def _render(item: dict, size: int, max_pixels: int, font_path: str):
         meta["cls"] = item["cls"]
     try:
         if item["kind"] == "file":
-            with Image.open(item["path"]) as im:
-                w, h = im.size
-                meta.update(original_width=w, original_height=h)
-                if w * h > max_pixels:
-                    return None, "decompression_bomb", meta
-                im.draft("RGB", (size, size))
-                img = im.convert("RGBA")
+            with Image.open(item["path"]) as im:  # header only: the size, before decoding
+                meta.update(original_width=im.width, original_height=im.height)
+            img, why = load_rgb(item["path"], max_pixels, draft=size)  # the stages' decoder
+            if img is None:
+                return None, "decompression_bomb" if why == "too_large" else f"decode_error:{why}", meta
+            img = img.convert("RGBA")
         elif item["kind"] == "emoji":
             font = ImageFont.truetype(font_path, 109)  # the one size the bitmap font has
             img = Image.new("RGBA", (136, 128), (255, 255, 255, 0))

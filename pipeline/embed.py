@@ -20,13 +20,11 @@ then the run exits 1 listing every failed shard (a rerun retries only those).
 from __future__ import annotations
 
 import collections
-import io
 import json
 import logging
 import os
 import tarfile
 import time
-import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -40,6 +38,7 @@ from pipeline.config import ConfigError, RunConfig, check, load_config, prepare_
 from pipeline.dist import DistContext
 from pipeline.encoders import EncoderConfig, build_encoder
 from pipeline.entry import StageError, cli_main, run_distributed
+from pipeline.images import IMAGE_EXTS, MAX_PIXELS, image_bytes, load_rgb
 from pipeline.io import atomic_write_json, clean_stale_tmp
 from pipeline.shards import ShardSpecError, expand_shards, shard_stem
 from pipeline.store import KINDS, meta_path, part_complete, write_part
@@ -59,8 +58,8 @@ class EmbedConfig:
     batch_size: int = 64
     workers: int = 2                   # DataLoader decode workers per rank (0 = in the main process)
     prefetch_factor: int = 4           # batches queued per worker
-    max_pixels: int = 89_478_485       # larger images are skipped before decoding (Pillow's limit)
-    image_exts: list[str] = field(default_factory=lambda: ["jpg", "jpeg", "png", "webp", "bmp", "tiff"])
+    max_pixels: int = MAX_PIXELS       # larger images are skipped before decoding (Pillow's limit)
+    image_exts: list[str] = field(default_factory=lambda: list(IMAGE_EXTS))  # first one present is read
     caption_ext: str = "txt"
     skip_missing_caption: bool = False  # False: keep the image, embed the empty caption
     extra_fields: list[str] = field(default_factory=list)  # sample-JSON fields copied to metadata
@@ -151,63 +150,6 @@ class _Tail:
         self.f.close()
 
 
-def load_rgb(data: bytes | None, max_pixels: int, draft: int = 0):
-    """Image bytes -> (RGB PIL image, [repairs]) or (None, skip reason). Never raises."""
-    from PIL import Image, ImageOps, UnidentifiedImageError
-    if data is None:
-        return None, "missing_image"
-    if len(data) == 0:
-        return None, "empty_image"
-    try:
-        im = Image.open(io.BytesIO(data))
-        w, h = im.size
-        if w * h > max_pixels:
-            return None, "too_large"
-        if draft and im.format == "JPEG":
-            im.draft(im.mode, (draft, draft))  # DCT-domain downscale: decode cost drops ~(scale)^2
-        im.load()
-        fixes = []
-        if im.getexif().get(0x0112, 1) in range(2, 9):  # EXIF orientation: rotate/flip upright
-            im = ImageOps.exif_transpose(im)
-            fixes.append("exif_rotated")
-        im, mode_fixes = to_rgb(im)
-        return im, fixes + mode_fixes
-    except Image.DecompressionBombError:
-        return None, "too_large"
-    except UnidentifiedImageError:
-        return None, "not_an_image"
-    except Exception:  # noqa: BLE001 -- any decoder error is bad data: truncated, corrupt, ...
-        return None, "corrupt_image"
-
-
-def to_rgb(im):
-    """Any Pillow mode -> RGB; transparent pixels go on white (as the demo shards are rendered)."""
-    from PIL import Image
-    mode, fixes = im.mode, []
-    if mode in ("I;16", "I;16L", "I;16B", "I;16N", "I", "F"):  # 16/32-bit: rescale, don't clip
-        a = np.asarray(im, dtype=np.float32)
-        if a.max(initial=0) > 255:
-            a = a / 257.0
-        return Image.fromarray(np.clip(a, 0, 255).astype(np.uint8), "L").convert("RGB"), ["high_bit_depth"]
-    if mode in ("P", "PA"):
-        fixes.append("palette")
-        has_alpha = mode == "PA" or "transparency" in im.info
-        im = im.convert("RGBA" if has_alpha else "RGB")
-        mode = im.mode
-    elif mode == "L" and "transparency" in im.info:
-        im = im.convert("RGBA")
-        mode = "RGBA"
-    if mode in ("RGBA", "LA", "La", "RGBa"):
-        fixes.append("alpha")
-        im = im.convert("RGBA")
-        bg = Image.new("RGBA", im.size, (255, 255, 255, 255))
-        return Image.alpha_composite(bg, im).convert("RGB"), fixes
-    if mode == "RGB":
-        return im, fixes
-    fixes.append({"L": "grayscale", "1": "grayscale", "CMYK": "cmyk"}.get(mode, f"mode_{mode}"))
-    return im.convert("RGB"), fixes
-
-
 def read_caption(raw: bytes | None) -> tuple[str, list[str]]:
     if raw is None:
         return "", ["caption_missing"]
@@ -232,10 +174,6 @@ class ShardSamples(IterableDataset):
         self.parts, self.cfg, self.preprocess, self.image_size = parts, cfg, preprocess, image_size
 
     def __iter__(self):
-        from PIL import Image
-        # our own max_pixels check runs first; this only stops Pillow refusing before it (per process)
-        Image.MAX_IMAGE_PIXELS = max(Image.MAX_IMAGE_PIXELS or 0, self.cfg.max_pixels)
-        warnings.simplefilter("ignore", Image.DecompressionBombWarning)
         info = get_worker_info()
         mine = self.parts[info.id::info.num_workers] if info else self.parts
         for part, url in mine:
@@ -253,8 +191,7 @@ class ShardSamples(IterableDataset):
                     skipped["duplicate_key"] += 1
                     continue
                 seen.add(key)
-                raw = next((s[e] for e in cfg.image_exts if e in s), None)
-                img, why = load_rgb(raw, cfg.max_pixels, draft=self.image_size)
+                img, why = load_rgb(image_bytes(s, cfg.image_exts), cfg.max_pixels, draft=self.image_size)
                 if img is None:
                     skipped[why] += 1
                     continue

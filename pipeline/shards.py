@@ -19,8 +19,6 @@ from braceexpand import braceexpand
 from pipeline.entry import StageError
 from pipeline.io import atomic_path, atomic_write_json
 
-IMAGE_EXTS = ("jpg", "jpeg", "png", "webp")
-
 
 class ShardSpecError(StageError, ValueError):
     exit_code = 2  # a shard spec that matches nothing is a setting to fix

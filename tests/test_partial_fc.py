@@ -1,4 +1,4 @@
-"""PartialFC + MLCD loss exactness (issue 6, check i).
+"""PartialFC + MLCD loss exactness.
 
 Run as a script under torchrun (2 gloo ranks), it checks on every rank:
 - rho = 1, K = 11 split 6/5: loss and gradients w.r.t. the embeddings and the class centers equal
@@ -10,7 +10,6 @@ Run as a script under torchrun (2 gloo ranks), it checks on every rank:
 """
 from __future__ import annotations
 
-import copy
 import sys
 
 import pytest
@@ -76,20 +75,13 @@ def check_loss_and_grads(ctx) -> None:
 
 def check_full_step(ctx) -> None:
     """2 ranks x (2 micro-batches of 2) through DeepSpeed == one dense SGD step on 8 samples."""
-    import deepspeed
-
+    from pipeline.config import RunConfig
+    from training.config import DeepSpeedConfig, OptimConfig, TrainConfig
     from training.data import TrainDataConfig
     from training.loss import LossConfig, dense_mlcd_loss
     from training.model import ModelConfig, build_model
-    from training.partial_fc import PartialFC, PartialFCConfig, init_centers, make_optimizer
-    from training.train import (
-        DeepSpeedConfig,
-        OptimConfig,
-        TrainConfig,
-        deepspeed_config,
-        make_backbone_optimizer,
-        train_step,
-    )
+    from training.partial_fc import PartialFCConfig, init_centers
+    from training.trainer import Trainer, make_backbone_optimizer
     cfg = TrainConfig(
         model=ModelConfig(name="vit_tiny_rope2d", image_size=16, patch_size=8, width=16, layers=1,
                           heads=2, mlp_dim=32, embed_dim=8),
@@ -103,17 +95,14 @@ def check_full_step(ctx) -> None:
     images = torch.randn(n, 3, 16, 16, generator=g)
     labels = torch.randint(0, K, (n, 2), generator=g)
     torch.manual_seed(0)
-    model = build_model(cfg.model)
-    ref = copy.deepcopy(model)
-    engine, _, _, _ = deepspeed.initialize(model=model, optimizer=make_backbone_optimizer(model, cfg.optim),
-                                           config=deepspeed_config(cfg), dist_init_required=False)
-    pfc = PartialFC(K, 8, cfg.partial_fc, cfg.loss, ctx.rank, ctx.world_size, ctx.group, seed=0,
-                    grad_scale=float(ctx.world_size))
-    opt = make_optimizer(pfc, cfg.partial_fc, cfg.optim.lr, cfg.optim.weight_decay)
+    ref = build_model(cfg.model)  # the same seeded init the Trainer builds (run.seed = 0)
+    trainer = Trainer(RunConfig(seed=0), cfg, ctx, num_classes=K)  # the stage's build, no files
+    engine, pfc = trainer.engine, trainer.pfc
+    assert all(torch.equal(p, q) for p, q in zip(engine.module.state_dict().values(), ref.state_dict().values()))
     # global micro-batch m = ranks' slices m of their halves; rank r holds samples [4r, 4r + 4)
     mine = [(images[4 * ctx.rank + 2 * m:4 * ctx.rank + 2 * m + 2],
              labels[4 * ctx.rank + 2 * m:4 * ctx.rank + 2 * m + 2], 0) for m in range(2)]
-    out = train_step(engine, pfc, opt, mine, step=0, cfg=cfg)
+    out = trainer.train_step(mine)
     centers = torch.cat(ctx.all_gather_object(pfc.weight.detach()))
 
     wd = init_centers(K, 8, 0, K, 0.01, seed=0).requires_grad_()

@@ -106,22 +106,16 @@ def bench_throughput(quick: bool) -> list[dict]:
 
 def _throughput_worker(quick: bool) -> None:
     """Under torchrun: same model, same batch; ours vs DDP + full softmax."""
-    import deepspeed
     import torch.nn.functional as F
 
+    from pipeline.config import RunConfig
     from pipeline.dist import init_distributed
+    from training.config import DeepSpeedConfig, OptimConfig, TrainConfig
     from training.data import TrainDataConfig
     from training.loss import LossConfig
     from training.model import ModelConfig, build_model
-    from training.partial_fc import PartialFC, PartialFCConfig, make_optimizer
-    from training.train import (
-        DeepSpeedConfig,
-        OptimConfig,
-        TrainConfig,
-        deepspeed_config,
-        make_backbone_optimizer,
-        train_step,
-    )
+    from training.partial_fc import PartialFCConfig
+    from training.trainer import Trainer
     ctx = init_distributed()
     model_cfg = (ModelConfig(name="vit_tiny_rope2d", image_size=32, width=64, layers=2, heads=4, mlp_dim=128,
                              embed_dim=64) if quick else
@@ -137,22 +131,15 @@ def _throughput_worker(quick: bool) -> None:
     images = torch.randn(B, 3, size, size, generator=g)
     labels = torch.randint(0, K, (B, 8), generator=g)
 
-    torch.manual_seed(0)
-    model = build_model(model_cfg)
-    engine, _, _, _ = deepspeed.initialize(model=model, optimizer=make_backbone_optimizer(model, cfg.optim),
-                                           config=deepspeed_config(cfg), dist_init_required=False)
-    pfc = PartialFC(K, model.out_dim, cfg.partial_fc, cfg.loss, ctx.rank, ctx.world_size, ctx.group,
-                    grad_scale=float(ctx.world_size))
-    opt = make_optimizer(pfc, cfg.partial_fc, 1e-3, 0.2)
-    step = [0]
+    trainer = Trainer(RunConfig(seed=0), cfg, ctx, num_classes=K)  # the stage's build, no files
 
     def ours():
-        train_step(engine, pfc, opt, [(images, labels, 0)], step[0], cfg)
-        step[0] += 1
+        trainer.train_step([(images, labels, 0)])
+        trainer.step += 1
     t_ours = _time(ours, reps)
 
     torch.manual_seed(0)
-    base = torch.nn.Sequential(build_model(model_cfg), torch.nn.Linear(model.out_dim, K, bias=False))
+    base = torch.nn.Sequential(build_model(model_cfg), torch.nn.Linear(trainer.engine.module.out_dim, K, bias=False))
     ddp = torch.nn.parallel.DistributedDataParallel(base)
     bopt = torch.optim.AdamW(ddp.parameters(), lr=1e-3, weight_decay=0.2)
 

@@ -16,7 +16,6 @@ Changing `workers` or the world size changes the stream (not an error; logged by
 """
 from __future__ import annotations
 
-import io
 import logging
 import math
 from dataclasses import dataclass
@@ -30,8 +29,9 @@ from PIL import Image
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from pipeline.config import check
+from pipeline.images import decode_rgb, image_bytes
 from pipeline.io import load_npy
-from pipeline.shards import IMAGE_EXTS, expand_shards
+from pipeline.shards import expand_shards
 from pipeline.store import labels_path, meta_path
 
 log = logging.getLogger("mlcd.train.data")
@@ -124,12 +124,9 @@ def crop_box(w: int, h: int, scale_min: float, rng: np.random.Generator) -> tupl
 
 
 def decode_image(data: bytes, size: int, cfg: TrainDataConfig, rng: np.random.Generator) -> torch.Tensor:
-    img = Image.open(io.BytesIO(data))
-    if img.mode in ("RGBA", "LA", "P"):  # clipart: transparent background -> white, not black
-        img = img.convert("RGBA")
-        bg = Image.new("RGBA", img.size, (255, 255, 255, 255))
-        img = Image.alpha_composite(bg, img)
-    img = img.convert("RGB")
+    """Stage 1's decoder (pipeline/images.py: EXIF, 16-bit, palette+alpha repairs), then a random
+    resized crop and flip. Samples stage 1 could not decode have no labels and never get here."""
+    img = decode_rgb(data)
     img = img.resize((size, size), Image.BICUBIC, box=crop_box(*img.size, cfg.crop_scale_min, rng))
     if rng.random() < cfg.hflip:
         img = img.transpose(Image.FLIP_LEFT_RIGHT)
@@ -167,7 +164,7 @@ class LabeledStream(IterableDataset):
             dry += 1
             for s in wds.tarfile_samples([{"url": part.url}]):
                 lab = table.get(s["__key__"])
-                img = next((s[e] for e in IMAGE_EXTS if e in s), None)
+                img = image_bytes(s)
                 if lab is None or img is None:
                     skipped += 1
                     continue

@@ -28,6 +28,7 @@ from pathlib import Path
 
 import torch
 
+from pipeline.entry import StageError, report
 from pipeline.io import atomic_write_json, read_json
 from training.checkpoint import STEP_RE, find_latest, load_backbone_state_dict
 from training.hf import from_hf_state_dict, load_state_file, save_hf_folder
@@ -38,8 +39,10 @@ STATE_SUFFIXES = (".safetensors", ".pt", ".pth", ".bin")
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
-class ExportError(ValueError):
-    """A bad checkpoint or argument: one line for the user."""
+class ExportError(StageError, ValueError):
+    """A bad checkpoint or argument: one line for the user, exit code 2."""
+    exit_code = 2
+    label = "export error"
 
 
 def resolve_step_dir(path: Path) -> Path:
@@ -164,8 +167,7 @@ def cli(argv=None) -> int:
     try:
         out = export(args.checkpoint, args.out_dir, args.model, args.with_head, args.dtype)
     except (ExportError, FileNotFoundError, ValueError, KeyError) as e:
-        print(f"export error: {e}", file=sys.stderr)
-        return 2
+        return report(e if isinstance(e, StageError) else ExportError(str(e)))
     print(json.dumps({"out_dir": str(out)}))
     return 0
 

@@ -23,11 +23,9 @@ gets the (N, D) float32 matrix in dataset order, identical to a 1-rank run.
 from __future__ import annotations
 
 import hashlib
-import io
 import json
 import logging
 import math
-import os
 import tarfile
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -42,7 +40,8 @@ from torch.utils.data import DataLoader, Dataset, Subset
 
 from pipeline.dist import DistContext
 from pipeline.entry import StageError
-from pipeline.shards import IMAGE_EXTS, ShardSpecError, expand_shards
+from pipeline.images import IMAGE_EXTS, decode_rgb, is_image_name
+from pipeline.shards import ShardSpecError, expand_shards
 from pipeline.tracking import progress
 
 log = logging.getLogger("mlcd.eval")
@@ -58,17 +57,6 @@ class EvalInputError(StageError, ValueError):
 
 # ------------------------------------------------------------------------------------ datasets
 
-def load_rgb(data: bytes | str | os.PathLike) -> Image.Image:
-    """RGB image; transparency is composited on white (clipart PNGs are mostly transparent, and
-    a bare convert("RGB") turns their background into whatever colour the hidden pixels hold)."""
-    img = Image.open(io.BytesIO(data) if isinstance(data, bytes) else data)
-    if img.mode in ("RGBA", "LA", "PA") or (img.mode == "P" and "transparency" in img.info):
-        img = img.convert("RGBA")
-        bg = Image.new("RGBA", img.size, (255, 255, 255, 255))
-        return Image.alpha_composite(bg, img).convert("RGB")
-    return img.convert("RGB")
-
-
 class LabeledImages(Dataset):
     """Rows of (image, label). ``items[i]`` is (file, byte offset, size); offset -1 = whole file."""
 
@@ -83,10 +71,10 @@ class LabeledImages(Dataset):
     def read(self, i: int) -> Image.Image:
         path, off, size = self.items[i]
         if off < 0:
-            return load_rgb(path)
+            return decode_rgb(path)
         with open(path, "rb") as f:
             f.seek(off)
-            return load_rgb(f.read(size))
+            return decode_rgb(f.read(size), where=f"{path}@{off}")
 
     def __getitem__(self, i: int):
         img = self.read(i)
@@ -123,7 +111,7 @@ def _shard_items(shard: str) -> tuple[list[tuple[str, int, int]], list[int]]:
                     order.append(key)
                 if ext == "json":
                     samples[key]["json"] = json.loads(tf.extractfile(m).read())
-                elif ext in IMAGE_EXTS:
+                elif is_image_name(m.name):
                     samples[key]["img"] = (m.offset_data, m.size)
     except (tarfile.TarError, OSError, json.JSONDecodeError) as e:
         raise EvalInputError(f"{shard}: cannot read shard ({e})") from None
@@ -172,7 +160,7 @@ def open_labeled(spec: str) -> LabeledImages:
 
 def _image_folder(root: Path) -> LabeledImages:
     from torchvision.datasets.folder import find_classes, make_dataset
-    exts = tuple(f".{e}" for e in IMAGE_EXTS) + (".bmp", ".gif", ".tif", ".tiff")
+    exts = tuple(f".{e}" for e in IMAGE_EXTS)
     try:
         classes, idx = find_classes(str(root))
         samples = make_dataset(str(root), idx, extensions=exts)

@@ -1,0 +1,377 @@
+"""The Trainer: builds the DeepSpeed engine (backbone), the PartialFC class centers (outside
+DeepSpeed), their optimizer and the run state once; ``fit()`` runs the loop
+(``train_step`` -> ``forward_backward``); a ``CheckpointManager`` decides when to save, what to
+keep and how to resume.
+
+Per step: for each micro-batch, embeddings -> PartialFC loss over the global batch -> backward
+(DeepSpeed averages backbone grads over ranks; the all-gather's backward multiplies by W to undo
+that, since the loss is already a global mean) -> engine.step(); at the accumulation boundary the
+centers' optimizer steps too.
+
+Used by the stage (training/train.py), the throughput bench (training/bench_train.py) and the
+exactness test (tests/test_partial_fc.py): the same build, the same step.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import math
+import shutil
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from pipeline.config import ConfigError, RunConfig, to_dict
+from pipeline.dist import DistContext
+from pipeline.entry import StageError
+from pipeline.io import atomic_write_text
+from pipeline.tracking import Tracker, progress
+from training import checkpoint as ckpt
+from training.config import CheckpointConfig, OptimConfig, TrainConfig
+from training.data import make_loader
+from training.model import build_model
+from training.partial_fc import PartialFC, make_optimizer
+
+log = logging.getLogger("mlcd.train")
+
+
+class TrainingDiverged(FloatingPointError):
+    pass
+
+
+class TrainInputError(StageError):
+    """Stage 1/2 outputs the run needs are missing or do not fit (exit 1, one line)."""
+
+
+def checked_input(fn):
+    """``fn()``, with a missing/unfit input file turned into one line for the user."""
+    try:
+        return fn()
+    except (ConfigError, StageError):
+        raise
+    except (OSError, ValueError) as e:
+        raise TrainInputError(str(e)) from None
+
+
+# ---------------------------------------------------------------- optimizers and engine config
+
+def lr_at(step: int, cfg: OptimConfig, total: int) -> float:
+    if step < cfg.warmup_steps:
+        return cfg.lr * (step + 1) / cfg.warmup_steps
+    t = (step - cfg.warmup_steps) / max(1, total - cfg.warmup_steps)
+    return cfg.lr * (cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * min(t, 1.0))))
+
+
+def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
+    """No decay on 1-D params (norms, biases) and the class/position embeddings."""
+    decay, no_decay = [], []
+    for name, p in model.named_parameters():
+        if not p.requires_grad:
+            continue
+        skip = p.ndim < 2 or any(k in name for k in ("class_embedding", "position_embedding", "class_pos_emb"))
+        (no_decay if skip else decay).append(p)
+    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+
+
+def make_backbone_optimizer(model: torch.nn.Module, cfg: OptimConfig) -> torch.optim.Optimizer:
+    groups = param_groups(model, cfg.weight_decay)
+    if cfg.name == "sgd":
+        return torch.optim.SGD(groups, lr=cfg.lr, momentum=0.9)
+    return torch.optim.AdamW(groups, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), eps=cfg.eps)
+
+
+def deepspeed_config(cfg: TrainConfig) -> dict:
+    ds = cfg.deepspeed
+    out = {
+        "train_micro_batch_size_per_gpu": cfg.data.batch_size,
+        "gradient_accumulation_steps": ds.grad_accum,
+        "gradient_clipping": ds.grad_clip,
+        "zero_optimization": {"stage": ds.zero_stage},
+        "bf16": {"enabled": ds.precision == "bf16"},
+        "fp16": {"enabled": ds.precision == "fp16", "initial_scale_power": 16},
+        "zero_allow_untested_optimizer": True,
+        "steps_per_print": 10**9,
+        "wall_clock_breakdown": False,
+    }
+    for k, v in ds.extra.items():
+        out[k] = {**out[k], **v} if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+    return out
+
+
+def zero3_register_direct_params(model: torch.nn.Module) -> None:
+    """ZeRO-3 re-gathers a module's own parameters for backward through hooks on its outputs, and
+    only sees tensors inside tuples/lists/dicts: parameters a module holds directly (here
+    vision_model.class_pos_emb) and uses in a forward returning a dataclass would be released
+    before backward needs them. Hand them to the root module, whose output is a tensor."""
+    from deepspeed.runtime.zero.partition_parameters import register_external_parameter
+    for mod in model.modules():
+        if mod is model:
+            continue
+        for p in mod.parameters(recurse=False):
+            if not isinstance(mod, (nn.Linear, nn.LayerNorm, nn.Conv2d, nn.Embedding)):
+                register_external_parameter(model, p)
+
+
+# ---------------------------------------------------------------- the step
+
+def forward_backward(engine, pfc: PartialFC, images: torch.Tensor, labels: torch.Tensor, micro: int,
+                     step: int) -> tuple[float, dict[str, float]]:
+    dtype = next(engine.module.parameters()).dtype
+    emb = engine(images.to(engine.device, dtype, non_blocking=True))
+    loss, terms = pfc(emb, labels.to(engine.device), micro)
+    value = loss.item()  # identical on every rank (a global-batch loss): all stop together
+    if not math.isfinite(value):
+        raise TrainingDiverged(f"loss is {value} at step {step + 1} (micro-batch {micro}); stopped before "
+                               f"any optimizer step used it. Lower optim.lr or check the data")
+    engine.backward(loss)
+    engine.step()  # an optimizer step only at the accumulation boundary
+    return value, {k: float(v) for k, v in terms.items()}
+
+
+def train_step(engine, pfc: PartialFC, pfc_opt, micro_batches: list, step: int, cfg: TrainConfig
+               ) -> dict[str, float]:
+    lr = lr_at(step, cfg.optim, cfg.steps)
+    for g in engine.optimizer.param_groups:
+        g["lr"] = lr
+    for g in pfc_opt.param_groups:
+        g["lr"] = lr * cfg.partial_fc.lr_mult
+    gas = len(micro_batches)
+    sums: dict[str, float] = {}
+    skipped_before = engine.skipped_steps
+    for i, (images, labels, _) in enumerate(micro_batches):
+        loss, terms = forward_backward(engine, pfc, images, labels, step * gas + i, step)
+        for k, v in {"loss": loss, **terms}.items():
+            sums[k] = sums.get(k, 0.0) + v / gas
+    if cfg.deepspeed.precision == "fp16":  # engine.backward scaled the centers' grads too
+        scale = float(getattr(engine.optimizer, "loss_scale", 1.0))
+        pfc.weight.grad.div_(scale)
+    if engine.skipped_steps == skipped_before:  # fp16 overflow: DeepSpeed skipped; so do we
+        pfc_opt.step()
+    pfc_opt.zero_grad(set_to_none=True)
+    gn = engine.get_global_grad_norm()
+    sums.update(lr=lr, grad_norm=float(gn) if gn is not None else float("nan"))
+    return sums
+
+
+def micro_batches(cfg: TrainConfig, parts, image_size: int, num_classes: int, seed: int, rank: int,
+                  start_step: int) -> Iterator[list]:
+    """Lists of grad_accum micro-batches from `start_step` on, epoch by epoch (training/data.py)."""
+    gas = cfg.deepspeed.grad_accum
+    epoch_len = cfg.data.epoch_batches or cfg.checkpoint.every * gas
+    micro = start_step * gas
+    group: list = []
+    while True:
+        epoch, j = divmod(micro, epoch_len)
+        for batch in make_loader(parts, cfg.data, image_size, cfg.loss.labels_used, num_classes, seed,
+                                 rank, epoch, epoch_len, start=j):
+            group.append(batch)
+            micro += 1
+            if len(group) == gas:
+                yield group
+                group = []
+
+
+# ---------------------------------------------------------------- checkpoints
+
+class CheckpointManager:
+    """When to save (every ``checkpoint.every`` steps, at the last step, when the time budget
+    runs out), what to keep (the newest ``checkpoint.keep`` complete ones) and how to resume:
+    exactly (same world size and ZeRO stage: DeepSpeed reloads weights and moments) or re-sharded
+    (another world size or stage: backbone weights from the fp32 consolidation, centers re-split
+    over the new ranks, backbone moments restart). Layout and save order: training/checkpoint.py."""
+
+    def __init__(self, root: Path, cfg: CheckpointConfig, ctx: DistContext, zero_stage: int):
+        self.root, self.cfg, self.ctx = Path(root), cfg, ctx
+        self.resume: Path | None = ctx.agree(lambda: ckpt.find_latest(self.root))
+        self.state = ckpt.read_state(self.resume) if self.resume else {}
+        self.exact = bool(self.resume) and (self.state.get("world_size"), self.state.get("zero_stage")) == (
+            ctx.world_size, zero_stage)
+        self.saved_at: int | None = None
+
+    @staticmethod
+    def clear(root: Path) -> None:
+        """run.overwrite: a fresh start must not auto-resume (rank 0, before any manager exists)."""
+        if root.exists():
+            log.warning("run.overwrite: deleting %s", root)
+            shutil.rmtree(root)
+
+    def backbone_weights(self) -> dict[str, torch.Tensor] | None:
+        """Initial backbone weights when resuming onto another layout (None otherwise)."""
+        if not self.resume or self.exact:
+            return None
+        log.warning("resuming a %s-rank ZeRO-%s checkpoint on %d ranks: centers re-sharded, backbone "
+                    "weights from the fp32 consolidation, backbone optimizer moments restart",
+                    self.state.get("world_size"), self.state.get("zero_stage"), self.ctx.world_size)
+        return ckpt.load_backbone_state_dict(self.resume)
+
+    def load(self, engine, pfc: PartialFC, pfc_opt) -> tuple[int, int]:
+        """(step, samples_seen) after restoring the engine (exact resumes) and the centers."""
+        if not self.resume:
+            return 0, 0
+        if self.exact:
+            engine.load_checkpoint(str(self.root), tag=self.resume.name, load_optimizer_states=True,
+                                   load_lr_scheduler_states=False)
+        ckpt.load_centers(self.resume, pfc, pfc_opt, int(self.state["world_size"]))
+        step, seen = int(self.state["step"]), int(self.state["samples_seen"])
+        log.info("resumed from %s (step %d, %d samples seen)", self.resume, step, seen)
+        self.saved_at = step
+        return step, seen
+
+    def due(self, step: int, total: int, stopping: bool) -> bool:
+        return step % self.cfg.every == 0 or step == total or stopping
+
+    def save(self, step: int, engine, pfc: PartialFC, pfc_opt, state: dict) -> Path:
+        """Collective: every rank calls it."""
+        out = ckpt.save(self.root, step, engine, pfc, pfc_opt, state, self.ctx, self.cfg.keep)
+        self.saved_at = step
+        return out
+
+    def latest(self) -> Path | None:
+        return ckpt.find_latest(self.root)
+
+
+# ---------------------------------------------------------------- the trainer
+
+class Trainer:
+    """Built once: backbone engine, PartialFC, its optimizer, the resume state. ``fit(stream)``
+    trains from ``self.step`` to ``cfg.steps``; ``train_step(batches)`` is one optimizer step."""
+
+    def __init__(self, run: RunConfig, cfg: TrainConfig, ctx: DistContext, num_classes: int,
+                 checkpoints: CheckpointManager | None = None, out_dir: str | Path | None = None):
+        self.run, self.cfg, self.ctx, self.num_classes = run, cfg, ctx, num_classes
+        self.checkpoints = checkpoints
+        self.out = Path(out_dir) if out_dir is not None else None
+        self.model_cfg = dataclasses.replace(
+            cfg.model, grad_checkpointing=cfg.model.grad_checkpointing or cfg.deepspeed.activation_checkpointing)
+        self.global_batch = cfg.data.batch_size * cfg.deepspeed.grad_accum * ctx.world_size
+        self.step, self.samples_seen = 0, 0
+        self.build()
+
+    def build(self) -> None:
+        import deepspeed
+        cfg, ctx = self.cfg, self.ctx
+        torch.manual_seed(self.run.seed)  # identical backbone init on every rank
+        model = build_model(self.model_cfg)
+        self.n_params = sum(p.numel() for p in model.parameters())  # before ZeRO-3 partitions them
+        self._init_weights(model)
+        self.engine, _, _, _ = deepspeed.initialize(
+            model=model, optimizer=make_backbone_optimizer(model, cfg.optim), config=deepspeed_config(cfg),
+            dist_init_required=False)
+        if cfg.deepspeed.zero_stage == 3:
+            zero3_register_direct_params(self.engine.module)
+        self.pfc = PartialFC(self.num_classes, model.out_dim, cfg.partial_fc, cfg.loss, ctx.rank, ctx.world_size,
+                             ctx.group, seed=self.run.seed, grad_scale=float(ctx.world_size)).to(self.engine.device)
+        self.pfc_opt = make_optimizer(self.pfc, cfg.partial_fc, cfg.optim.lr, cfg.optim.weight_decay,
+                                      (cfg.optim.beta1, cfg.optim.beta2), cfg.optim.eps)
+        if self.checkpoints is not None:
+            self.step, self.samples_seen = self.checkpoints.load(self.engine, self.pfc, self.pfc_opt)
+
+    def _init_weights(self, model: nn.Module) -> None:
+        """The one place initial backbone weights are set (after the seeded init, before the
+        engine exists): a checkpoint resumed onto another layout."""
+        sd = self.checkpoints.backbone_weights() if self.checkpoints is not None else None
+        if sd is not None:
+            model.load_state_dict(sd)
+
+    def train_step(self, batches: list) -> dict[str, float]:
+        try:
+            return train_step(self.engine, self.pfc, self.pfc_opt, batches, self.step, self.cfg)
+        except TrainingDiverged as e:
+            kept = self.checkpoints.latest() if self.checkpoints is not None else None
+            raise TrainingDiverged(f"{e}. Last good checkpoint kept: {kept or 'none yet'}") from None
+
+    def state(self, last: dict) -> dict:
+        """trainer_state.json of a checkpoint (what export and a resume read)."""
+        run, cfg = self.run, self.cfg
+        return {"step": self.step, "samples_seen": self.samples_seen, "seed": run.seed, "data_seed": run.seed,
+                "rng": "sampling and data are seeded by (seed, rank, step); torch RNG per rank in "
+                       "partial_fc/*.safetensors", "world_size": self.ctx.world_size,
+                "zero_stage": cfg.deepspeed.zero_stage, "num_classes": self.num_classes,
+                "global_batch": self.global_batch, "model_config": dataclasses.asdict(self.model_cfg.resolved()),
+                "config": {"run": to_dict(run), "train": to_dict(cfg)}, "last_metrics": last}
+
+    def stream(self, parts) -> Iterator[list]:
+        return micro_batches(self.cfg, parts, self.model_cfg.resolved().image_size, self.num_classes,
+                             self.run.seed, self.ctx.rank, self.step)
+
+    def fit(self, stream: Iterator[list]) -> dict:
+        cfg, ctx = self.cfg, self.ctx
+        metrics = _Metrics(self, self.out / "metrics.jsonl" if self.out else None)
+        bar = progress(cfg.steps, "train", ctx, unit="step", initial=self.step)
+        t_start, last = time.perf_counter(), {}
+        while self.step < cfg.steps:
+            batches = next(stream)
+            last = self.train_step(batches)
+            self.step += 1
+            self.samples_seen += self.global_batch
+            bar.update(1)
+            metrics.add(last, batches)
+            stopping = self._over_budget(t_start)
+            if self.checkpoints is not None and self.checkpoints.due(self.step, cfg.steps, stopping):
+                self.checkpoints.save(self.step, self.engine, self.pfc, self.pfc_opt, self.state(last))
+            if stopping:
+                log.warning("time budget %.0f s reached at step %d of %d; checkpoint saved (rerun to continue)",
+                            cfg.time_budget_s, self.step, cfg.steps)
+                break
+        bar.close()
+        metrics.finish()
+        saved = self.checkpoints.saved_at if self.checkpoints is not None else None
+        summary = {"step": self.step, "samples_seen": self.samples_seen,
+                   "checkpoint": str(self.checkpoints.root / ckpt.tag_for(saved)) if saved is not None else None,
+                   "last": last}
+        if ctx.is_main:
+            log.info("done: %s", json.dumps(summary))
+        return summary
+
+    def _over_budget(self, t_start: float) -> bool:
+        """Every rank stops at the same step (the max over ranks of "my clock ran out")."""
+        b = self.cfg.time_budget_s
+        over = torch.tensor(float(b > 0 and time.perf_counter() - t_start > b))
+        self.ctx.all_reduce_(over, op=dist.ReduceOp.MAX)
+        return bool(over.item())
+
+
+class _Metrics:
+    """Every `run.log_every` steps: throughput and the step's numbers to wandb and (rank 0)
+    metrics.jsonl, which first drops lines a killed run logged after its last checkpoint."""
+
+    def __init__(self, trainer: Trainer, path: Path | None):
+        self.t, self.path = trainer, path
+        ctx = trainer.ctx
+        if ctx.is_main and path is not None:
+            old = path.read_text().splitlines() if path.exists() else []
+            atomic_write_text(path, "".join(ln + "\n" for ln in old if json.loads(ln)["step"] <= trainer.step))
+        self.tracker = Tracker(trainer.run.wandb, ctx, str(path.parent if path else "."), "train",
+                               {"train": to_dict(trainer.cfg)})
+        self.t_start = self.t_log = time.perf_counter()
+        self.n, self.skipped = 0, 0
+
+    def add(self, last: dict, batches: list) -> None:
+        t = self.t
+        self.n += t.global_batch
+        self.skipped += sum(int(b[2]) for b in batches)
+        if t.step % t.run.log_every and t.step != t.cfg.steps:
+            return
+        now = time.perf_counter()
+        last.update(samples_per_s=self.n / (now - self.t_log), skipped_unlabeled=self.skipped,
+                    samples_seen=t.samples_seen, elapsed_s=now - self.t_start)
+        if torch.cuda.is_available():
+            last["max_mem_gb"] = torch.cuda.max_memory_allocated() / 2**30
+        self.n, self.t_log = 0, now
+        self.tracker.log(last, t.step)
+        if t.ctx.is_main:
+            if self.path is not None:
+                with open(self.path, "a") as f:
+                    f.write(json.dumps({"step": t.step, **last}) + "\n")
+            log.info("step %d/%d loss %.4f (pos %.4f neg %.4f) lr %.2e gnorm %.3g %.1f samples/s "
+                     "sampled %d pos %d", t.step, t.cfg.steps, last["loss"], last["loss_pos"],
+                     last["loss_neg"], last["lr"], last["grad_norm"], last["samples_per_s"],
+                     last["sampled_classes"], last["positives"])
+
+    def finish(self) -> None:
+        self.tracker.finish()
