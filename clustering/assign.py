@@ -115,8 +115,9 @@ def assign_part(arr: np.ndarray, topk: TopK, block_rows: int) -> tuple[np.ndarra
 def run_assign(run: RunConfig, cfg: AssignConfig, ctx: DistContext) -> dict:
     timer = Timer()
     # all input checks before anything is written
-    info = open_store(cfg.store, cfg.kind, need_metadata=True, skip_incomplete=cfg.skip_incomplete)
-    c = load_centroids(cfg.centroids, info.dim, cfg.l)
+    info = ctx.agree(lambda: open_store(cfg.store, cfg.kind, need_metadata=True,
+                                        skip_incomplete=cfg.skip_incomplete))
+    c = ctx.agree(lambda: load_centroids(cfg.centroids, info.dim, cfg.l))
     out = ctx.agree(lambda: prepare_out_dir(
         cfg.out_dir, run, {"run": run, "assign": cfg}, "assign",
         ignore=("assign.report", "assign.report_dir", "assign.report_clusters", "assign.report_members")))

@@ -358,7 +358,7 @@ def run_kmeans(run: RunConfig, cfg: KMeansConfig, ctx: DistContext) -> dict:
         raise ConfigError(f"cluster.method={method} runs in one process; use method=torch (or auto) "
                           f"with {ctx.world_size} ranks")
     # all input checks before anything is written
-    info = open_store(cfg.store, cfg.kind)
+    info = ctx.agree(lambda: open_store(cfg.store, cfg.kind))
     n = sample_size(cfg, info.rows)
     if cfg.k > n:
         raise ConfigError(f"cluster.k={cfg.k} is larger than the sample ({n} rows; the store "

@@ -14,7 +14,6 @@ from __future__ import annotations
 import importlib
 import os
 import shlex
-import subprocess
 import sys
 
 from pipeline.stages import STAGES as REGISTRY
@@ -41,6 +40,30 @@ def torchrun_env(**defaults: str) -> dict:
     workers must not reuse the agent's rendezvous store (torch 2.14: stale peer addresses ->
     "Gloo connectFullMesh ... Connection refused"; pytorch#135712)."""
     return {"TORCH_DISABLE_SHARE_RDZV_TCP_STORE": "1", **defaults, **os.environ}
+
+
+def run_torchrun(torchrun_args: list[str]) -> int:
+    """torchrun in this process, so a stage's user error stays one line: the ranks print it and
+    exit 1/2 (pipeline/entry.py); the agent's failure report and traceback are replaced by the
+    exit code, or one line naming the rank for anything else (a crash prints its own traceback
+    from the worker; a signal is named here)."""
+    import logging
+
+    from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
+    from torch.distributed.run import parse_args, run
+    for k, v in torchrun_env().items():
+        os.environ.setdefault(k, v)
+    logging.getLogger("torch.distributed.elastic").setLevel(logging.CRITICAL)
+    try:
+        run(parse_args(torchrun_args))
+    except ChildFailedError as e:
+        rank, failure = e.get_first_failure()
+        code = failure.exitcode
+        if code not in (1, 2):
+            print(f"mlcd: {e.name}: rank {rank} " + (f"killed by signal {failure.signal_name()}" if code < 0
+                  else f"exited with code {code}"), file=sys.stderr)
+        return code if code > 0 else 1
+    return 0
 
 
 def _pop_int(args: list[str], flag: str, default: int) -> int:
@@ -77,7 +100,7 @@ def main(argv: list[str] | None = None) -> int:
     if nproc > 1 or nnodes > 1:
         cmd = torchrun_cmd(module, rest, nproc, nnodes)
         print("+", shlex.join(cmd), file=sys.stderr)
-        return subprocess.call(cmd, env=torchrun_env())
+        return run_torchrun(cmd[3:])
     # Every stage module exposes cli(argv) (config stages: pipeline.config.cli_main(main, argv)).
     res = importlib.import_module(module).cli(rest)
     return res if isinstance(res, int) else 0

@@ -82,6 +82,7 @@ class DistContext:
         if err_all is not None:
             if self.is_main:
                 raise err
+            err_all.agreed = True  # a copy of rank 0's error: rank 0 reports it
             raise err_all
         return self.broadcast_object(out)
 

@@ -16,6 +16,7 @@ context in hand.
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -56,9 +57,12 @@ def exit_code(e: BaseException) -> int | None:
 
 
 def report(e: BaseException) -> int | None:
-    """Prints a user error as one line (prefixed by its kind) and returns its exit code."""
+    """Prints a user error as one line (prefixed by its kind) and returns its exit code. Rank 0
+    alone prints an error every rank has: a copy of rank 0's (``DistContext.agree``) or a bad
+    config (every rank reads the same file and overrides)."""
     code = exit_code(e)
-    if code is not None:
+    shared = getattr(e, "agreed", False) or isinstance(e, ConfigError)
+    if code is not None and not (shared and os.environ.get("RANK", "0") != "0"):
         label = "config error" if isinstance(e, ConfigError) else getattr(e, "label", "error")
         print(f"{label}: {e}", file=sys.stderr, flush=True)
     return code
