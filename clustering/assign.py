@@ -24,6 +24,7 @@ import numpy as np
 import torch
 
 from clustering.data import clean_rows, open_store
+from clustering.report import make_report
 from clustering.topk import ENGINES, TopK, recall_at_l
 from pipeline.config import RunConfig, check, load_config, prepare_out_dir
 from pipeline.dist import DistContext
@@ -178,7 +179,6 @@ def run_assign(run: RunConfig, cfg: AssignConfig, ctx: DistContext) -> dict:
         manifest = write_manifest(out, info, cfg, state, engine, recall, stats, build_s, timer.elapsed(),
                                   ctx.world_size)
         if cfg.report:
-            from clustering.report import make_report
             make_report(cfg.store, out, cfg.report_dir, cfg.report_clusters, cfg.report_members,
                         run.seed, tracker)
     tracker.finish()

@@ -148,11 +148,12 @@ def make_report(store_root: str, labels_dir: str | Path, report_dir: str | Path,
 
 
 def main(config: str | None = None, overrides=()) -> Path:
-    from clustering.assign import AssignConfig
     from pipeline.config import load_config
     from pipeline.dist import DistContext
+    from pipeline.stages import schema
     from pipeline.tracking import Tracker, setup_logging
-    run, cfg = load_config(config, list(overrides), "assign", AssignConfig)
+    # the report's settings are the assign section's (through the registry: assign imports us)
+    run, cfg = load_config(config, list(overrides), "assign", schema("assign"))
     setup_logging()
     tracker = Tracker(run.wandb, DistContext(), cfg.report_dir, "cluster-report", {})
     try:

@@ -6,13 +6,13 @@
 """
 from __future__ import annotations
 
-import importlib
 import sys
 from pathlib import Path
 
 import yaml
 
 from pipeline.config import ConfigError, load_sections, to_dict
+from pipeline.stages import schema
 from pipeline.stages import schemas as stage_schemas
 
 # section -> "module:Class", from the stage registry; each stage owns its schema.
@@ -21,11 +21,7 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def schemas() -> dict[str, type]:
-    out = {}
-    for name, ref in SCHEMAS.items():
-        mod, cls = ref.split(":")
-        out[name] = getattr(importlib.import_module(mod), cls)
-    return out
+    return {name: schema(name) for name in SCHEMAS}
 
 
 def default_sections() -> dict:

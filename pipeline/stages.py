@@ -57,6 +57,15 @@ def schemas() -> dict[str, str]:
     return {"run": RUN_SCHEMA, **{s.section: s.schema for s in STAGES.values() if s.section}}
 
 
+def schema(section: str) -> type:
+    """The dataclass of a config section, imported on demand (launch/check.py, and entries that
+    read another stage's section, such as the standalone cluster report)."""
+    import importlib
+    ref = schemas()[section]
+    mod, cls = ref.split(":")
+    return getattr(importlib.import_module(mod), cls)
+
+
 def main(argv: list[str] | None = None) -> int:
     """``python -m pipeline.stages module NAME``: the module of a stage, for the shell launchers."""
     args = list(sys.argv[1:] if argv is None else argv)
