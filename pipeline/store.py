@@ -83,9 +83,6 @@ class EmbeddingStore:
             raise StoreError(f"{path}: expected a 2-D array, got shape {arr.shape}")
         return arr
 
-    def shape(self, kind: str, part: int) -> tuple[int, int]:
-        return tuple(self.load(kind, part, mmap=True).shape)  # header only (memory-mapped)
-
     def check(self, kind: str) -> tuple[list[int], int, np.dtype, list[int]]:
         """(parts, dim, dtype, rows per part); one error naming the first inconsistent file."""
         parts = self.parts(kind)

@@ -16,11 +16,11 @@ log = logging.getLogger("mlcd")
 
 
 class Tracker:
-    """``log(dict, step)`` goes to wandb (rank 0, if enabled) and is kept for the run's report."""
+    """``log(dict, step)`` goes to wandb (rank 0, if enabled); nothing is kept in memory (stages
+    write their own metrics files)."""
 
     def __init__(self, cfg: WandbConfig, ctx: DistContext, out_dir: str, job: str, config: dict):
         self.run = None
-        self.history: list[dict] = []
         if ctx.is_main and cfg.mode != "disabled":
             import wandb
             # pass mode= explicitly: flipping WANDB_MODE after a first init has no effect
@@ -29,7 +29,6 @@ class Tracker:
                                   reinit="finish_previous")
 
     def log(self, metrics: dict[str, Any], step: int | None = None) -> None:
-        self.history.append({"step": step, **metrics})
         if self.run is not None:
             self.run.log(metrics, step=step)
 

@@ -315,7 +315,7 @@ def test_bad_samples_and_bad_shards(tmp_path, capsys):
     assert m["parts"][0]["samples"] == n_bad
     assert m["skipped"] == skipped and m["fixed"] == fixed
     st = EmbeddingStore(store)
-    assert st.parts("img") == [0, 1, 5] and st.shape("joint", 1) == (0, 16)
+    assert st.parts("img") == [0, 1, 5] and st.load("joint", 1).shape == (0, 16)
     meta = st.metadata(0).to_pydict()
     assert meta["key"] == ["ok", "cmyk", "sixteen", "palette", "palette_alpha", "rgba", "gray",
                            "rotated", "nocap", "emptycap", "latin1"]

@@ -17,7 +17,6 @@ optimizer moments across a new world size, so the backbone's moments restart the
 """
 from __future__ import annotations
 
-import json
 import logging
 import re
 import shutil
@@ -162,7 +161,3 @@ def load_backbone_state_dict(step_dir: Path) -> dict[str, torch.Tensor]:
         sd = torch.load(path, map_location="cpu", weights_only=True)["module"]
     return {k: v.float() for k, v in sd.items()}
 
-
-def describe(step_dir: Path) -> str:
-    s = read_state(step_dir)
-    return json.dumps({k: s.get(k) for k in ("step", "samples_seen", "world_size", "zero_stage")})
