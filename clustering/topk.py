@@ -2,7 +2,7 @@
 
 Engines:
 - ``torch``: blocked matmul + topk. On CPU this measured 5.7x faster than faiss-cpu IndexFlatIP
-  for top-8 (RESEARCH.md; `make bench` re-measures it); on GPU it is one cuBLAS GEMM per block.
+  for top-8 (`make bench` measures it); on GPU it is one cuBLAS GEMM per block.
   Memory: block_rows x K floats for the score block.
 - ``faiss``: IndexFlatIP (on all GPUs when faiss has them).
 - ``hnsw``: faiss IndexHNSWFlat over the centers, approximate; for K ~ 1M where the exact GEMM

@@ -12,6 +12,8 @@ from __future__ import annotations
 import argparse
 from dataclasses import dataclass
 
+from training.model import ModelConfig, analytic_params, forward_flops, num_tokens
+
 GB = 1e9
 TB = 1e12
 
@@ -23,28 +25,28 @@ SOURCES = {
     "a100_fp32": (19.5e12, "A100 fp32 (non-tensor) FLOP/s, NVIDIA A100 datasheet"),
     "h100_bf16": (989e12, "H100 SXM dense bf16 tensor FLOP/s, NVIDIA H100 datasheet"),
     "h100_fp32": (67e12, "H100 SXM fp32 (non-tensor) FLOP/s, NVIDIA H100 datasheet"),
-    "clip_retrieval_l14_a100": (312.0, "ViT-L/14 images/s on one A100, clip-retrieval README (RESEARCH.md)"),
+    "clip_retrieval_l14_a100": (312.0, "ViT-L/14 images/s on one A100, clip-retrieval README"),
     "faiss_dist_1m": ((50e6, 1e6, 20, 899.0, 80), ("50M points -> 1M centroids, 20 it, 899 s on 20x4 GPUs, "
-                                                   "faiss wiki/benchmark (RESEARCH.md)")),
+                                                   "faiss wiki/benchmark")),
     "adam_bytes_per_param": (16, "mixed-precision Adam model state, ZeRO paper (Rajbhandari et al. 2020)"),
     "act_bytes_per_token_width": (34, ("16-bit activations per layer = 34*s*b*h bytes without the "
                                        "attention-score term (flash/SDPA), Korthikanti et al. 2022")),
 }
 ASSUMED = {
-    "mfu": 0.40,          # ViT training MFU we plan with (issue 5 targets >= 50% for L/14 on H100)
+    "mfu": 0.40,          # ViT training MFU we plan with (the target is >= 50% for L/14 on H100)
     "embed_mfu": 0.40,    # inference with fp16 autocast, when decode keeps up
     "gemm_eff": 0.70,     # fraction of peak a large fp32 GEMM (k-means/assign) reaches
     "bytes_per_image": None,  # derived: laion400m_tb / laion400m_n
 }
 
-# name -> (image, patch, width, layers, heads, mlp, head output dim, 2D RoPE); must match training/model.py PRESETS
-# (a test checks) with image sizes as trained in the paper's recipes.
+# name -> (image size as trained in the paper's recipes, training/model.py preset): the sizes
+# and FLOPs formulas are the model's own (training.model.analytic_params / forward_flops).
 MODELS = {
-    "vit_b32_224": (224, 32, 768, 12, 12, 3072, 512),
-    "vit_l14_224": (224, 14, 1024, 24, 16, 4096, 768),
-    "vit_l14_336": (336, 14, 1024, 24, 16, 4096, 768),
-    "vit_bigG14_224": (224, 14, 1664, 48, 16, 8192, 1280, True),
-    "vit_bigG14_336": (336, 14, 1664, 48, 16, 8192, 1280, True),
+    "vit_b32_224": (224, "vit_b32_224"),
+    "vit_l14_224": (224, "vit_l14_336"),
+    "vit_l14_336": (336, "vit_l14_336"),
+    "vit_bigG14_224": (224, "vit_bigG14_336"),
+    "vit_bigG14_336": (336, "vit_bigG14_336"),
 }
 
 
@@ -54,32 +56,34 @@ def src(key: str) -> float:
 
 @dataclass(frozen=True)
 class ViT:
-    image: int
-    patch: int
-    width: int
-    layers: int
-    heads: int
-    mlp: int
-    out_dim: int
-    rope: bool = False  # 2D RoPE: no absolute position embedding, a class_pos_emb of head_dim/2
+    """A model preset at a training resolution, with the cost numbers the tables need."""
+    cfg: ModelConfig
 
     @property
     def tokens(self) -> int:
-        return (self.image // self.patch) ** 2 + 1
+        return num_tokens(self.cfg)
+
+    @property
+    def width(self) -> int:
+        return self.cfg.width
+
+    @property
+    def layers(self) -> int:
+        return self.cfg.layers
+
+    @property
+    def mlp(self) -> int:
+        return self.cfg.mlp_dim
+
+    @property
+    def out_dim(self) -> int:
+        return self.cfg.embed_dim
 
     def params(self) -> float:
-        d, m = self.width, self.mlp
-        per_layer = 4 * d * d + 4 * d + 2 * d * m + m + d + 4 * d  # qkv+out (+bias), fc1/fc2, 2 LN
-        pos = d // self.heads // 2 if self.rope else self.tokens * d
-        embed = 3 * self.patch ** 2 * d + d + pos
-        return self.layers * per_layer + embed + 4 * d + d * self.out_dim
+        return analytic_params(self.cfg)
 
     def fwd_flops(self) -> float:
-        """Forward FLOPs per image: 2 per MAC of every matmul (projections, MLP, attention)."""
-        d, m, n = self.width, self.mlp, self.tokens
-        per_layer = n * (8 * d * d + 4 * d * m) + 4 * n * n * d
-        patch = 2 * 3 * self.patch ** 2 * d * (n - 1)
-        return self.layers * per_layer + patch + 2 * d * self.out_dim
+        return forward_flops(self.cfg)
 
     def act_bytes(self, checkpointing: bool) -> float:
         """Activation bytes per sample kept for backward (16-bit). Without checkpointing:
@@ -89,7 +93,8 @@ class ViT:
 
 
 def model(name: str) -> ViT:
-    return ViT(*MODELS[name])
+    image, preset = MODELS[name]
+    return ViT(ModelConfig(name=preset, image_size=image).resolved())
 
 
 def train_state_bytes(params: float, zero: int, world: int) -> float:

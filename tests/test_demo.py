@@ -1,4 +1,4 @@
-"""Issue 7: a CI-sized demo through the same code path as `make demo` (configs/debug.yaml:
+"""A CI-sized demo through the same code path as `make demo` (configs/debug.yaml:
 a few hundred real images, a tiny 2D-RoPE ViT, a few dozen steps on 2 torchrun ranks)."""
 import json
 import time

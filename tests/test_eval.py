@@ -1,4 +1,4 @@
-"""Evaluation (issue 7): probes on synthetic features, labeled dataset loaders, the eval CLI with
+"""Evaluation: probes on synthetic features, labeled dataset loaders, the eval CLI with
 its feature cache, and torchrun-distributed extraction equal to one rank."""
 import json
 import textwrap

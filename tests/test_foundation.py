@@ -1,4 +1,4 @@
-"""Issue 2: config system, distributed context under real torchrun, demo shard builder."""
+"""Config system, distributed context under real torchrun, demo shard builder."""
 import json
 import subprocess
 import sys

@@ -8,6 +8,7 @@ card's bf16 matmul rate measured first (target >= 50%).
 """
 from __future__ import annotations
 
+import dataclasses
 import statistics
 import time
 from functools import partial
@@ -16,7 +17,7 @@ import torch
 from torch import nn
 
 from training.hf import hf_config_dict, to_hf_state_dict
-from training.model import ModelConfig, build_model, num_params
+from training.model import ModelConfig, build_model, forward_flops, num_params
 
 # (label, model config, batch, input size); full mode uses B/32 at full size and a 4-layer
 # slice of RICE L/14 (one L/14 step of 24 layers takes tens of seconds on 2 CPU cores).
@@ -116,12 +117,8 @@ def _matmul_tflops(dtype=torch.bfloat16, n=8192, iters=20) -> float:
 
 
 def vit_train_flops(cfg: ModelConfig, size: int) -> float:
-    """Matmul FLOPs of one fwd+bwd sample (bwd = 2x fwd), attention scores included."""
-    c = cfg.resolved()
-    n = (size // c.patch_size) ** 2 + 1
-    per_layer = 2 * n * (4 * c.width ** 2 + 2 * c.width * c.mlp_dim) + 4 * n * n * c.width
-    patch = 2 * (n - 1) * 3 * c.patch_size ** 2 * c.width
-    return 3 * (c.layers * per_layer + patch)
+    """Matmul FLOPs of one fwd+bwd sample (bwd = 2x fwd) of the backbone at `size` px."""
+    return 3 * forward_flops(dataclasses.replace(cfg, image_size=size), head=False)
 
 
 def cuda_mfu(quick: bool) -> list[dict]:

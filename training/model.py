@@ -336,3 +336,37 @@ def build_model(cfg: ModelConfig) -> MLCDEncoder:
 
 def num_params(module: nn.Module) -> int:
     return sum(p.numel() for p in module.parameters())
+
+
+# ---------------------------------------------------------------- sizes and FLOPs (one place)
+# Counted from the architecture above, without building it: launch/cost_model.py plans with
+# them, training/bench_model.py and launch/bench_gpu.py turn measured step times into MFU, and a
+# test holds analytic_params equal to the built module's count. Formulas: docs/SCALING.md.
+
+def num_tokens(cfg: ModelConfig) -> int:
+    c = cfg.resolved()
+    return (c.image_size // c.patch_size) ** 2 + 1  # patches + the class token
+
+
+def analytic_params(cfg: ModelConfig) -> int:
+    """Parameters of build_model(cfg): per block qkv + out projections with biases, MLP, two
+    LayerNorms; patch conv, class embedding, position embedding (2D RoPE: a class_pos_emb of
+    head_dim/2 instead), pre/post LayerNorms, the bias-free head."""
+    c = cfg.resolved()
+    d, m = c.width, c.mlp_dim
+    per_layer = 4 * d * d + 4 * d + 2 * d * m + m + d + 4 * d
+    pos = d // c.heads // 2 if c.rope2d else num_tokens(c) * d
+    embed = 3 * c.patch_size ** 2 * d + d + pos
+    return c.layers * per_layer + embed + 4 * d + d * c.embed_dim
+
+
+def forward_flops(cfg: ModelConfig, head: bool = True) -> float:
+    """Forward FLOPs per image: 2 per multiply-accumulate of every matmul (projections, MLP,
+    attention scores and mixing, patch embedding, optionally the head). A training step is 3x
+    (backward = 2x forward), 4x with activation checkpointing."""
+    c = cfg.resolved()
+    d, m, n = c.width, c.mlp_dim, num_tokens(c)
+    per_layer = n * (8 * d * d + 4 * d * m) + 4 * n * n * d
+    patch = 2 * 3 * c.patch_size ** 2 * d * (n - 1)
+    return c.layers * per_layer + patch + (2 * d * c.embed_dim if head else 0)
+
