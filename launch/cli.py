@@ -101,7 +101,7 @@ def main(argv: list[str] | None = None) -> int:
         cmd = torchrun_cmd(module, rest, nproc, nnodes)
         print("+", shlex.join(cmd), file=sys.stderr)
         return run_torchrun(cmd[3:])
-    # Every stage module exposes cli(argv) (config stages: pipeline.config.cli_main(main, argv)).
+    # Every stage module exposes cli(argv) (config stages: pipeline.entry.cli_main(main, argv)).
     res = importlib.import_module(module).cli(rest)
     return res if isinstance(res, int) else 0
 
