@@ -87,6 +87,10 @@ def run_distributed(fn: Callable[..., Any], run, cfg, **kwargs) -> Any:
     ctx: DistContext = init_distributed()
     setup_logging(ctx)
     try:
-        return fn(run, cfg, ctx, **kwargs)
+        out = fn(run, cfg, ctx, **kwargs)
+        # no rank tears its group down while a peer still talks to it (gloo aborts the process
+        # on exit when it does); on an error there is no barrier: a peer may never reach it
+        ctx.barrier()
+        return out
     finally:
         destroy(ctx)
