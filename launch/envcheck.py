@@ -21,7 +21,7 @@ import time
 
 import torch
 
-from pipeline.dist import destroy, init_distributed
+from pipeline.entry import run_distributed
 from pipeline.io import atomic_write_json
 
 
@@ -61,8 +61,10 @@ def main(argv=None) -> int:
     ap.add_argument("--iters", type=int, default=5)
     ap.add_argument("--out", default=None, help="write rank{r}.json here")
     ap.add_argument("--sleep", type=float, default=0.0, help="stay alive this long (seconds)")
-    args = ap.parse_args(argv)
-    ctx = init_distributed()
+    return run_distributed(check, None, ap.parse_args(argv))
+
+
+def check(_run, args, ctx) -> int:
     me = report(ctx)
     # The group really talks: the sum of ones is the world size on every rank.
     one = ctx.all_reduce_(torch.ones(1, device=ctx.device))
@@ -81,9 +83,7 @@ def main(argv=None) -> int:
               f"allreduce={'ok' if ok else 'FAILED'} busbw={me['busbw_GBps']:.2f} GB/s", flush=True)
     if args.sleep:
         time.sleep(args.sleep)
-    ok = me["allreduce_ok"]
-    destroy(ctx)
-    return 0 if ok else 1
+    return 0 if me["allreduce_ok"] else 1
 
 
 def cli(argv=None) -> int:

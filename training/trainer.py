@@ -40,8 +40,9 @@ from training.partial_fc import PartialFC, make_optimizer
 log = logging.getLogger("mlcd.train")
 
 
-class TrainingDiverged(FloatingPointError):
-    pass
+class TrainingDiverged(StageError, FloatingPointError):
+    """A non-finite loss: stopped before any optimizer step used it (exit 1, one line)."""
+    label = "training diverged"
 
 
 class TrainInputError(StageError):
