@@ -369,10 +369,12 @@ def embed(run: RunConfig, cfg: EmbedConfig, ctx: DistContext) -> dict:
         tracker.log({"embed/total_images_per_s": summary["images_per_s"],
                      **{f"embed/total_skipped/{k}": v for k, v in summary["manifest"]["skipped"].items()}})
     tracker.finish()
-    ctx.barrier()
-    if failures:
-        lines = "\n".join(f"  part {f['part']}: {f['shard']}: {f['error']}" for f in failures)
-        raise EmbedFailed(f"{len(failures)} of {len(shards)} shards failed (rerun to retry them):\n{lines}")
+
+    def all_written() -> None:  # all ranks hold the same list; rank 0 reports it (after the manifest)
+        if failures:
+            lines = "\n".join(f"  part {f['part']}: {f['shard']}: {f['error']}" for f in failures)
+            raise EmbedFailed(f"{len(failures)} of {len(shards)} shards failed (rerun to retry them):\n{lines}")
+    ctx.agree(all_written)
     return summary
 
 
