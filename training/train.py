@@ -31,7 +31,6 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import torch.distributed as dist
 from torch import nn
 
 from pipeline.config import ConfigError, RunConfig, check, cli_main, load_config, prepare_out_dir, to_dict
@@ -366,8 +365,10 @@ def train(run: RunConfig, cfg: TrainConfig, ctx: DistContext) -> dict:
                          "sampled %d pos %d", step, cfg.steps, last["loss"], last["loss_pos"],
                          last["loss_neg"], last["lr"], last["grad_norm"], last["samples_per_s"],
                          last["sampled_classes"], last["positives"])
-        over = torch.tensor(float(cfg.time_budget_s > 0 and time.perf_counter() - t_start > cfg.time_budget_s))
-        ctx.all_reduce_(over, op=dist.ReduceOp.MAX)
+        # on the device: nccl has no CPU backend (the .item() below syncs; loss.item() already did)
+        over = torch.tensor(float(cfg.time_budget_s > 0 and time.perf_counter() - t_start > cfg.time_budget_s),
+                            device=ctx.device)
+        ctx.all_reduce_(over, "max")
         if step % cfg.checkpoint.every == 0 or step == cfg.steps or over.item():
             ckpt.save(root, step, engine, pfc, pfc_opt, trainer_state(last), ctx, cfg.checkpoint.keep)
             saved_at = step
