@@ -465,7 +465,14 @@ def run_item(name: str, work: Path) -> int:
         pass
     if rank == 0:
         (work / "items").mkdir(parents=True, exist_ok=True)
-        (work / "items" / f"{name}.json").write_text(json.dumps(res, default=str))
+        tmp = work / "items" / f".{name}.json.tmp"
+        tmp.write_text(json.dumps(res, default=str))
+        os.replace(tmp, work / "items" / f"{name}.json")
+    # the verdict is written; now tear down any process group an item left (a stage's main may
+    # not destroy its own), so an NCCL communicator is not destructed at interpreter exit
+    import torch.distributed as dist
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
     return 0 if res["status"] != "FAIL" else 1
 
 
@@ -561,6 +568,7 @@ def run_all(out: Path, work: Path, budget_s: float, only: list[str] | None) -> l
         results.append(res)
         log(f"gpu-check: {res['status']:4s} {it.name} ({res['proc_s']} s)"
             f"{': ' + res['reason'] if res.get('reason') else ''}")
+        write_outputs(out, results, time.perf_counter() - t_start, final=False)  # partial, if killed
     total = time.perf_counter() - t_start
     log(f"gpu-check: {sum(r['status'] == 'PASS' for r in results)} PASS, "
         f"{sum(r['status'] == 'FAIL' for r in results)} FAIL, {sum(r['status'] == 'SKIP' for r in results)} SKIP "
@@ -613,11 +621,11 @@ def _fmt_mfu(r: dict) -> str:
     return " ".join(parts)
 
 
-def write_outputs(out: Path, results: list[dict], total: float) -> None:
+def write_outputs(out: Path, results: list[dict], total: float, final: bool = True) -> None:
     env = next((r for r in results if r["name"] == "env"), {})
     head = (f"gpu-check on {env.get('device_name', '?')} x{env.get('gpus', '?')}, torch {env.get('torch', '?')}, "
             f"{'CPU REHEARSAL (tiny sizes, gloo: not a measurement)' if on_cpu() else 'CUDA/NCCL'}; "
-            f"{total:.0f} s")
+            f"{total:.0f} s{'' if final else ' so far (incomplete)'}")
     lines = [f"# {head}", "", "| item | status | value | MFU | peak mem GB | item s | process s | detail |",
              "|---|---|---:|---|---:|---:|---:|---|"]
     for r in results:
@@ -637,7 +645,8 @@ def write_outputs(out: Path, results: list[dict], total: float) -> None:
     tmp.write_text(json.dumps({"header": head, "cpu_rehearsal": on_cpu(), "total_s": round(total, 1),
                                "items": results}, indent=1, default=str))
     os.replace(tmp, out / "gpu_check.json")
-    print("\n" + text, flush=True)
+    if final:
+        print("\n" + text, flush=True)
 
 
 def plan(budget_s: float, only: list[str] | None) -> str:

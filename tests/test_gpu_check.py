@@ -58,3 +58,16 @@ def test_cpu_rehearsal_of_some_items(tmp_path):
     md = (out / "gpu_check.md").read_text()
     assert "| rate_kmeans | PASS |" in md and "CPU REHEARSAL" in md
     assert (out / "gpu_check.log").stat().st_size > 0
+
+
+def test_a_hung_item_is_killed_at_its_limit():
+    """A hang costs the item's limit, not the run: the whole process group is killed."""
+    import time
+
+    from launch.gpu_check import _run_child
+    lines = []
+    t0 = time.perf_counter()
+    res = _run_child([sys.executable, "-c", "import subprocess, sys; print('started', flush=True); "
+                      "subprocess.run([sys.executable, '-c', 'import time; time.sleep(120)'])"], 2, lines.append)
+    assert time.perf_counter() - t0 < 30
+    assert res == {"status": "FAIL", "reason": "timeout: killed after 2 s"} and "started\n" in lines
