@@ -56,7 +56,7 @@ class Item:
 
 
 ITEMS = [
-    Item("bundle", "install .gpu_bundle/wheels into /tmp/site when deepspeed/open_clip are missing", 120,
+    Item("bundle", "install .gpu_bundle/wheels into /tmp/site when deepspeed/open_clip are missing", 150,
          "python", min_s=5),
     Item("env", "versions, GPUs, which faiss imports (GPUs it sees), bf16 matmul TFLOP/s", 60, "python"),
     Item("collectives", "every DistContext collective with CPU and device tensors", 60),
@@ -335,7 +335,7 @@ def item_rate_embed(work: Path, p: dict) -> dict:
     x = torch.randn(p["batch"], 3, enc.image_size, enc.image_size, device=dev)
     dt = _timed(lambda: enc.encode_images(x), p["iters"], 2)
     rate = p["batch"] / dt
-    res = {"value": round(rate, 1), "unit": "img/s/GPU", "setting": f"{p['model']} fp16 batch {p['batch']}"}
+    res = {"value": round(rate, 1), "unit": "img/s/GPU", "setting": f"{p['model']} {'fp16' if dev.type == 'cuda' else 'fp32'} batch {p['batch']}"}
     if p["model"] == "ViT-L-14":
         res["mfu"] = _mfu(work, rate * cost_model("vit_l14_224").fwd_flops())
     return res
@@ -432,7 +432,8 @@ def _rate_train(work: Path, p: dict) -> dict:
     dt = _timed(one, p["iters"], 2)
     rate = p["batch"] / dt
     return {"value": round(rate, 1), "unit": "samples/s/GPU",
-            "setting": f"{p['model']}@{p['image_size']} bf16 batch {p['batch']} ZeRO-2 + PartialFC K={p['k']} rho 0.1",
+            "setting": f"{p['model']}@{p['image_size']} {'bf16' if gpu else 'fp32'} batch {p['batch']} ZeRO-2 + "
+                       f"PartialFC K={p['k']} rho 0.1",
             "mfu": _mfu(work, rate * vit_train_flops(cfg, p["image_size"]))}
 
 
@@ -512,7 +513,7 @@ def install_bundle(log) -> dict:
     """The `bundle` item, in the parent: pip into /tmp/site only what is not importable."""
     wheels = sorted((BUNDLE / "wheels").glob("*.whl"))
     probe = subprocess.run([sys.executable, "-c", "import deepspeed, open_clip, webdataset"], env=child_env(),
-                           capture_output=True, text=True, timeout=120)
+                           capture_output=True, text=True, timeout=60)
     if probe.returncode == 0:
         return {"status": "SKIP", "reason": "deepspeed, open_clip, webdataset already importable"}
     if not wheels:
@@ -520,7 +521,7 @@ def install_bundle(log) -> dict:
                                             "(run `make gpu-bundle` where there is network)"}
     cmd = [sys.executable, "-m", "pip", "install", "-q", "--no-index", "--no-deps", "--no-compile",
            "--no-cache-dir", "--upgrade", "--target", str(SITE), *map(str, wheels)]
-    p = subprocess.run(cmd, capture_output=True, text=True, timeout=110)
+    p = subprocess.run(cmd, capture_output=True, text=True, timeout=90)
     log(p.stdout + p.stderr)
     if p.returncode:
         return {"status": "FAIL", "reason": f"pip install --target {SITE} failed ({p.returncode})"}
@@ -551,16 +552,11 @@ def run_all(out: Path, work: Path, budget_s: float, only: list[str] | None) -> l
             res = {"status": "SKIP", "reason": f"out of the time budget ({left:.0f} s left of {budget_s:.0f})"}
         elif bad:
             res = {"status": "SKIP", "reason": f"needs {', '.join(bad)}"}
-        elif it.name == "bundle":
-            res = install_bundle(log)
         else:
-            limit = min(it.timeout_s, left)
-            cmd = command(it, work)
-            log(f"\n=== {it.name}: {it.what} (limit {limit:.0f} s)\n+ {' '.join(cmd)}")
-            proc = _run_child(cmd, limit, log)
-            res = _read(work, it.name) or proc  # the item's own verdict, else how its process ended
-            if proc["status"] == "FAIL" and res is not proc:
-                res["process"] = proc["reason"]  # e.g. a hang in teardown after the work was done
+            try:
+                res = install_bundle(log) if it.name == "bundle" else _launch(it, work, min(it.timeout_s, left), log)
+            except Exception as e:  # noqa: BLE001 - one item's trouble never stops the others
+                res = {"status": "FAIL", "reason": f"{type(e).__name__}: {e}"[:300]}
         res["proc_s"] = round(time.perf_counter() - t0, 1)  # with process start, imports, teardown
         res.setdefault("wall_s", res["proc_s"])
         res["name"], res["what"] = it.name, it.what
@@ -576,6 +572,16 @@ def run_all(out: Path, work: Path, budget_s: float, only: list[str] | None) -> l
     write_outputs(out, results, total)
     logf.close()
     return results
+
+
+def _launch(it: Item, work: Path, limit: float, log) -> dict:
+    cmd = command(it, work)
+    log(f"\n=== {it.name}: {it.what} (limit {limit:.0f} s)\n+ {' '.join(cmd)}")
+    proc = _run_child(cmd, limit, log)
+    res = _read(work, it.name) or proc  # the item's own verdict, else how its process ended
+    if proc["status"] == "FAIL" and res is not proc:
+        res["process"] = proc["reason"]  # e.g. a hang in teardown after the work was done
+    return res
 
 
 def _run_child(cmd: list[str], limit: float, log) -> dict:
