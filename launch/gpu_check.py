@@ -186,7 +186,7 @@ def item_env(work: Path) -> dict:
     dtype = torch.bfloat16 if dev.type == "cuda" else torch.float32
     a = torch.randn(n, n, device=dev, dtype=dtype)
     dt = _timed(lambda: a @ a, 10, 3)
-    res["matmul_tflops"] = round(2 * n ** 3 / dt / 1e12, 1)
+    res["matmul_tflops"] = float(f"{2 * n ** 3 / dt / 1e12:.4g}")
     res["device_name"] = torch.cuda.get_device_name(dev) if dev.type == "cuda" else "cpu"
     res["value"], res["unit"] = res["matmul_tflops"], f"TFLOP/s ({n}^3 {str(dtype)[6:]} matmul)"
     missing = [m for m in ("deepspeed", "open_clip", "webdataset") if str(res[m]).startswith("not")]
@@ -384,7 +384,7 @@ def item_rate_kmeans(work: Path, p: dict) -> dict:
     finally:
         destroy(ctx)
     flops = 2.0 * p["rows"] * p["k"] * p["d"]
-    return {"value": round(per_it, 2), "unit": "s/iteration", "tflops_fp32": round(flops / per_it / 1e12, 1),
+    return {"value": float(f"{per_it:.4g}"), "unit": "s/iteration", "tflops_fp32": round(flops / per_it / 1e12, 1),
             "setting": f"K={p['k']} D={p['d']} N={p['rows']} fp32, block_rows {p['block_rows']}",
             "s_per_iter_100M_sample_on_32_gpus": round(per_it * 100e6 / p["rows"] / 32, 1)}
 
