@@ -16,7 +16,7 @@ export HF_HUB_OFFLINE := 1
 export TRANSFORMERS_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: setup apt demo demo-data test test-fast bench bench-gpu envcheck lint embed cluster assign train export eval clean
+.PHONY: setup apt demo demo-data test test-fast bench gpu-check gpu-bundle envcheck lint embed cluster assign train export eval clean
 
 setup: $(STAMP)
 
@@ -43,9 +43,18 @@ test-fast: setup
 bench: setup apt
 	$(PY) -m launch.bench $(ARGS)
 
-# On a CUDA machine: every stage's per-GPU throughput in one table (DRY_RUN=1 prints the plan).
-bench-gpu: setup
-	$(PY) -m launch.bench_gpu $(ARGS)
+# On a CUDA machine, one unattended command (<= 8 min): every stage end to end under torchrun/NCCL,
+# then per-GPU rates at K = 1M; PASS/FAIL/SKIP per item, table + JSON in $(OUT). DRY_RUN=1 prints
+# the plan, GPU_CHECK_ON_CPU=1 rehearses the same items on CPU. No `setup` dependency: on an
+# offline GPU box it runs on the python3 that has torch, with .gpu_bundle (make gpu-bundle) carried.
+OUT ?= runs/gpu_check_out
+GPU_PY ?= $(shell [ -x $(PY) ] && echo $(PY) || echo python3)
+gpu-check:
+	PYTHONUNBUFFERED=1 $(GPU_PY) -m launch.gpu_check --out $(OUT) $(ARGS)
+
+# Run here (network + Debian image packages): wheels of what a bare GPU box lacks + small demo shards.
+gpu-bundle: setup apt
+	VENV=$(VENV) bash launch/gpu_bundle.sh .gpu_bundle
 
 # Preflight of a multi-node layout: ranks, hosts, all-reduce bandwidth.
 envcheck: setup

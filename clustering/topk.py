@@ -17,7 +17,11 @@ ENGINES = ("auto", "torch", "faiss", "hnsw")
 
 
 def faiss_gpus() -> int:
-    import faiss
+    """GPUs faiss can use; 0 with a CPU build or with no faiss at all (the torch engines need none)."""
+    try:
+        import faiss
+    except ImportError:
+        return 0
     return faiss.get_num_gpus() if hasattr(faiss, "get_num_gpus") else 0
 
 

@@ -3,7 +3,7 @@
     python -m launch.cost_model [--dataset laion400m|coyo700m] [--gpus 80]    (markdown tables)
 
 Everything here is arithmetic on cited inputs (``SOURCES``) plus a few stated assumptions
-(``ASSUMED``); nothing is measured. Measured numbers come from `make bench-gpu` and go beside
+(``ASSUMED``); nothing is measured. Measured numbers come from `make gpu-check` and go beside
 these, never in place of them. docs/SCALING.md explains each formula; tests/test_launch.py checks
 the anchors (e.g. 400M x 768 fp16 = 614 GB).
 """

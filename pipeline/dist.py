@@ -37,21 +37,88 @@ class DistContext:
         """The world group (passed explicitly to collectives; None when single-process)."""
         return dist.group.WORLD if self.distributed else None
 
+    # ------------------------------------------------------------ collectives
+    # Every torch.distributed collective of the project goes through these methods (a static test
+    # enforces it; the only exceptions are the autograd Functions of training/partial_fc.py and
+    # training/loss.py). NCCL has no CPU backend, so a tensor that is not on the communication
+    # device is staged there and the result copied back: the caller may pass a CPU tensor and
+    # still gets a correct (if slower: one host round trip) result. Per-step statistics should
+    # be created on `ctx.device` in the first place so that no copy happens.
+
+    @property
+    def comm_device(self) -> torch.device:
+        """Where collective buffers must live: the rank's GPU under nccl, the CPU under gloo."""
+        return self.device if self.backend == "nccl" else torch.device("cpu")
+
+    def _stage(self, t: torch.Tensor) -> torch.Tensor:
+        return t if t.device == self.comm_device else t.to(self.comm_device)
+
     def barrier(self) -> None:
         if self.distributed:
-            dist.barrier()
+            # under nccl, name the device: a barrier on a guessed device can hang (torch warns)
+            if self.backend == "nccl":
+                dist.barrier(device_ids=[self.device.index])
+            else:
+                dist.barrier()
+
+    def all_reduce_(self, t: torch.Tensor, op: str | dist.ReduceOp = "sum") -> torch.Tensor:
+        """In place over ranks (op: sum | max | min | product | avg, or a ReduceOp); returns t."""
+        if self.distributed:
+            op = _op(op)
+            if op == dist.ReduceOp.AVG and self.backend != "nccl":  # gloo has no AVG
+                self.all_reduce_(t, "sum")
+                return t.div_(self.world_size)
+            buf = self._stage(t)
+            dist.all_reduce(buf, op=op)
+            if buf is not t:
+                t.copy_(buf)
+        return t
+
+    def all_gather(self, t: torch.Tensor) -> torch.Tensor:
+        """Concatenation along dim 0 of every rank's tensor (same shape and dtype on every
+        rank), on t's device."""
+        if not self.distributed:
+            return t
+        buf = self._stage(t).contiguous()
+        parts = [torch.empty_like(buf) for _ in range(self.world_size)]
+        dist.all_gather(parts, buf)
+        return torch.cat(parts).to(t.device)
+
+    def reduce_scatter(self, t: torch.Tensor, op: str | dist.ReduceOp = "sum") -> torch.Tensor:
+        """Reduces t over ranks and returns this rank's block of dim 0 (t.shape[0] must divide by
+        world_size), on t's device."""
+        if not self.distributed:
+            return t
+        if t.shape[0] % self.world_size:
+            raise ValueError(f"reduce_scatter: dim 0 ({t.shape[0]}) must divide by the world size "
+                             f"({self.world_size})")
+        buf = self._stage(t).contiguous()
+        parts = list(buf.chunk(self.world_size))
+        mine = torch.empty_like(parts[0])
+        if self.backend == "nccl":
+            dist.reduce_scatter(mine, parts, op=_op(op))
+        else:  # gloo implements no reduce_scatter: all-reduce, keep my block (CPU, small)
+            dist.all_reduce(buf, op=_op(op))
+            mine.copy_(buf.chunk(self.world_size)[self.rank])
+        return mine.to(t.device)
+
+    def broadcast_(self, t: torch.Tensor, src: int = 0) -> torch.Tensor:
+        """In place: every rank ends with rank src's values; returns t."""
+        if self.distributed:
+            buf = self._stage(t)
+            dist.broadcast(buf, src=src)
+            if buf is not t:
+                t.copy_(buf)
+        return t
 
     def all_gather_object(self, obj):
+        """Every rank's picklable obj, in rank order. Objects are pickled: only for small
+        control data the project itself made (never data read from a file)."""
         if not self.distributed:
             return [obj]
         out = [None] * self.world_size
         dist.all_gather_object(out, obj)
         return out
-
-    def all_reduce_(self, t: torch.Tensor, op=dist.ReduceOp.SUM) -> torch.Tensor:
-        if self.distributed:
-            dist.all_reduce(t, op=op)
-        return t
 
     def broadcast_object(self, obj, src: int = 0):
         if not self.distributed:
@@ -89,6 +156,18 @@ class DistContext:
     def shard(self, items: list) -> list:
         """This rank's items of a list: every world_size-th, starting at rank (deterministic)."""
         return items[self.rank::self.world_size]
+
+
+_OPS = {"sum": dist.ReduceOp.SUM, "max": dist.ReduceOp.MAX, "min": dist.ReduceOp.MIN,
+        "product": dist.ReduceOp.PRODUCT, "avg": dist.ReduceOp.AVG}
+
+
+def _op(op):
+    if isinstance(op, str):
+        if op not in _OPS:
+            raise ValueError(f"unknown reduce op {op!r}; one of {sorted(_OPS)}")
+        return _OPS[op]
+    return op
 
 
 def init_distributed(timeout_min: float = 30.0, backend: str | None = None) -> DistContext:

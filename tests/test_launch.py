@@ -328,36 +328,6 @@ def test_cost_model_anchors_and_presets():
         assert cm.tables(ds) in scaling, f"docs/SCALING.md is stale: paste `python -m launch.cost_model --dataset {ds}`"
 
 
-# --- bench-gpu ----------------------------------------------------------------------------------
-
-def test_bench_gpu_dry_run_plan():
-    p = subprocess.run([sys.executable, "-m", "launch.bench_gpu"], cwd=ROOT, capture_output=True, text=True,
-                       env={**os.environ, "DRY_RUN": "1", "OMP_NUM_THREADS": "1"}, timeout=120, check=False)
-    assert p.returncode == 0, p.stderr
-    plan = {ln.split(":")[0].strip(): ln for ln in p.stdout.splitlines() if ln.startswith("  ")}
-    assert set(plan) == {"matmul", "embed", "kmeans", "assign", "train", "command"}
-    assert '"k": 1000000, "d": 768' in plan["kmeans"] and '"model": "ViT-L-14"' in plan["embed"]
-    assert '"model": "vit_l14_336", "image_size": 224' in plan["train"]
-    if not __import__("torch").cuda.is_available():  # without a GPU a real run refuses, clearly
-        q = subprocess.run([sys.executable, "-m", "launch.bench_gpu", "--only", "kmeans"], cwd=ROOT,
-                           capture_output=True, text=True, timeout=120, check=False)
-        assert q.returncode == 2 and "needs a CUDA GPU" in q.stderr
-
-
-@pytest.mark.slow
-def test_bench_gpu_tiny_runs_every_benchmark(tmp_path):
-    """The GPU benchmarks' code paths at toy sizes on CPU, so the script works when a GPU session
-    finally runs it. The numbers are not measurements."""
-    out = tmp_path / "rows.json"
-    p = subprocess.run([sys.executable, "-m", "launch.bench_gpu", "--tiny", "--json", str(out)], cwd=ROOT,
-                       capture_output=True, text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"}, check=False)
-    assert p.returncode == 0, p.stderr[-3000:]
-    rows = {r["bench"]: r for r in json.loads(out.read_text())}
-    assert set(rows) == {"matmul", "embed", "kmeans", "assign", "train"}
-    assert all(r["value"] > 0 for r in rows.values())
-    assert "| train |" in p.stdout and "not a measurement" in p.stdout
-
-
 # --- elastic restart ----------------------------------------------------------------------------
 
 @pytest.mark.slow

@@ -340,7 +340,7 @@ def num_params(module: nn.Module) -> int:
 
 # ---------------------------------------------------------------- sizes and FLOPs (one place)
 # Counted from the architecture above, without building it: launch/cost_model.py plans with
-# them, training/bench_model.py and launch/bench_gpu.py turn measured step times into MFU, and a
+# them, training/bench_model.py and launch/gpu_check.py turn measured step times into MFU, and a
 # test holds analytic_params equal to the built module's count. Formulas: docs/SCALING.md.
 
 def num_tokens(cfg: ModelConfig) -> int:

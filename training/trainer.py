@@ -23,7 +23,6 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import torch
-import torch.distributed as dist
 from torch import nn
 
 from pipeline.config import ConfigError, RunConfig, to_dict
@@ -332,8 +331,9 @@ class Trainer:
     def _over_budget(self, t_start: float) -> bool:
         """Every rank stops at the same step (the max over ranks of "my clock ran out")."""
         b = self.cfg.time_budget_s
-        over = torch.tensor(float(b > 0 and time.perf_counter() - t_start > b))
-        self.ctx.all_reduce_(over, op=dist.ReduceOp.MAX)
+        # on the device: nccl has no CPU backend (.item() syncs; the step's loss.item() already did)
+        over = torch.tensor(float(b > 0 and time.perf_counter() - t_start > b), device=self.ctx.device)
+        self.ctx.all_reduce_(over, "max")
         return bool(over.item())
 
 

@@ -34,7 +34,6 @@ from typing import Any
 
 import numpy as np
 import torch
-import torch.distributed as dist
 from PIL import Image
 from torch.utils.data import DataLoader, Dataset, Subset
 
@@ -387,14 +386,11 @@ def extract(ex: Extractor, ds: LabeledImages, ctx: DistContext, batch_size: int 
     if not ctx.distributed:
         return local.numpy() if local is not None else np.zeros((0, 0), np.float32)
     # a rank with no rows (N < W) still joins; it learns D from the others
-    dim = torch.tensor([local.shape[1] if local is not None else 0], device=device)
-    dist.all_reduce(dim, op=dist.ReduceOp.MAX)
+    dim = ctx.all_reduce_(torch.tensor([local.shape[1] if local is not None else 0], device=device), "max")
     buf = torch.zeros(per, int(dim), dtype=torch.float32, device=device)
     if local is not None:
         buf[: len(local)] = local.to(device)
-    parts = [torch.empty_like(buf) for _ in range(world)]
-    dist.all_gather(parts, buf)
-    return torch.cat(parts)[:n].cpu().numpy()
+    return ctx.all_gather(buf)[:n].cpu().numpy()
 
 
 def to_jsonable(d: Any) -> Any:
