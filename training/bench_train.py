@@ -141,7 +141,7 @@ def _throughput_worker(quick: bool) -> None:
     model = build_model(model_cfg)
     engine, _, _, _ = deepspeed.initialize(model=model, optimizer=make_backbone_optimizer(model, cfg.optim),
                                            config=deepspeed_config(cfg), dist_init_required=False)
-    pfc = PartialFC(K, model.out_dim, cfg.partial_fc, cfg.loss, ctx.rank, ctx.world_size, ctx.group,
+    pfc = PartialFC(K, model.out_dim, cfg.partial_fc, cfg.loss, ctx.rank, ctx.world_size, ctx,
                     grad_scale=float(ctx.world_size))
     opt = make_optimizer(pfc, cfg.partial_fc, 1e-3, 0.2)
     step = [0]

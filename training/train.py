@@ -304,7 +304,7 @@ def train(run: RunConfig, cfg: TrainConfig, ctx: DistContext) -> dict:
     if cfg.deepspeed.zero_stage == 3:
         zero3_register_direct_params(engine.module)
     pfc = PartialFC(num_classes, model.out_dim, cfg.partial_fc, cfg.loss, ctx.rank, ctx.world_size,
-                    ctx.group, seed=run.seed, grad_scale=float(ctx.world_size)).to(engine.device)
+                    ctx, seed=run.seed, grad_scale=float(ctx.world_size)).to(engine.device)
     pfc_opt = make_optimizer(pfc, cfg.partial_fc, cfg.optim.lr, cfg.optim.weight_decay,
                              (cfg.optim.beta1, cfg.optim.beta2), cfg.optim.eps)
     step, samples_seen = 0, 0
