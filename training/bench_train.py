@@ -101,6 +101,8 @@ def bench_loss_chunks(quick: bool) -> list[dict]:
     """One simulated rank (rank 0 of W, no process group: the global batch is given directly)."""
     spec = dict(K=200_000, W=32, D=128, B=8192, reps=5) if quick else dict(K=1_000_000, W=32, D=256,
                                                                              B=16_384, reps=5)
+    if torch.cuda.is_available() and not quick:  # the production shape: K = 1M, W = 8, B = 32,768
+        spec = dict(K=1_000_000, W=8, D=512, B=32_768, reps=5)
     out = {}
     for chunk in (-1, 1024, 0):
         for what in ("memory", "time"):
