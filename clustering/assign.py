@@ -63,6 +63,9 @@ class AssignConfig:
         check(self.report_members >= 1, "report_members", self.report_members, "must be >= 1")
 
 
+AUTO_PROBE_MIN_ROWS = 1_000_000  # engine=auto measures torch vs faiss only on stores this large
+
+
 def file_sha256(path: str | Path) -> str:
     h = hashlib.sha256()
     with open(path, "rb") as f:
@@ -129,6 +132,8 @@ def run_assign(run: RunConfig, cfg: AssignConfig, ctx: DistContext) -> dict:
     if ctx.is_main:
         clean_stale_tmp(out)
         old = read_json(st_path) if st_path.is_file() else None
+        if engine == "auto" and info.rows < AUTO_PROBE_MIN_ROWS:
+            engine = "torch"  # the probe (~6 x 8k rows) would cost a noticeable share of the job
         if engine == "auto":
             if (not run.overwrite and old is not None and old.get("engine") in ("torch", "faiss")
                     and {k: old.get(k) for k in state} == state):

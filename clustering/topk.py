@@ -13,6 +13,7 @@ Engines:
   sized to ~0.2 s of GEMM) and keeps faiss only if it is > 5% faster: torch's results do not
   depend on the thread count, faiss's do (in a last bit: a resume with other threads could swap
   near-tied labels). `make bench` (clustering/bench.py) prints both against the bare GEMM rate.
+  clustering/assign.py skips the probe (torch) for stores under 1M rows.
 - ``hnsw``: faiss IndexHNSWFlat over the centers, approximate; for K ~ 1M where the exact GEMM
   costs K*D flops per row. Its recall against exact search is measured and reported by callers.
 """

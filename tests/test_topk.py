@@ -25,3 +25,25 @@ def test_grouped_top_l_matches_full_sort():
     auto = TopK(c, 8, "auto")
     assert auto.engine in ("torch", "faiss") and set(auto.probe) == {"torch", "faiss"}
     np.testing.assert_array_equal(auto.search(x)[0], ref)
+
+
+def test_assign_auto_engine_is_recorded_and_kept_on_resume(tmp_path, monkeypatch):
+    """engine=auto: the measured winner goes into state.json and a resumed run keeps it."""
+    import json
+
+    from test_clustering import assign, make_store
+
+    from clustering import assign as asg
+    monkeypatch.setattr(asg, "AUTO_PROBE_MIN_ROWS", 0)  # probe even this tiny store
+    c, _ = make_store(tmp_path / "store", n_parts=3, rows=300, d=32, k=300)
+    (tmp_path / "clusters").mkdir()
+    np.save(tmp_path / "clusters/centroids.npy", c.astype(np.float32))
+    man = assign(tmp_path, "assign.l=4", "assign.engine=auto")
+    state_path = tmp_path / "clusters/labels/state.json"
+    state = json.loads(state_path.read_text())
+    assert man["engine"] == state["engine"] in ("torch", "faiss")
+    other = "faiss" if state["engine"] == "torch" else "torch"
+    state_path.write_text(json.dumps({**state, "engine": other}))  # as if the first run measured that
+    (tmp_path / "clusters/labels/labels_1.npy").unlink()
+    man = assign(tmp_path, "assign.l=4", "assign.engine=auto")
+    assert man["engine"] == other and man["resumed_parts"] == 2
