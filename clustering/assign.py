@@ -3,8 +3,8 @@
     python -m clustering.assign --config configs/demo.yaml [assign.l=8 ...]
     torchrun --nproc_per_node N -m clustering.assign ...          (ranks split the parts)
 
-Exact by default (``engine=torch``: blocked GEMM + topk, the fastest exact engine measured on CPU;
-``faiss``: IndexFlatIP, on all GPUs when faiss has them). ``engine=hnsw`` is approximate (for
+Exact by default (``engine=auto``: torch's blocked GEMM + partial top-l or faiss IndexFlatIP,
+whichever a quick probe at start measures faster on this machine, see clustering/topk.py). ``engine=hnsw`` is approximate (for
 K ~ 1M); its recall@l against exact search is measured on ``recall_rows`` rows and reported.
 Rows with NaN/inf/zero norm get labels -1 and sims 0 (counted). Output, per part, through
 pipeline.store.write_labels (sims then labels, each atomic: a part whose labels file exists is
@@ -43,7 +43,7 @@ class AssignConfig:
     centroids: str = "${run.out_dir}/clusters/centroids.npy"
     out_dir: str = "${run.out_dir}/clusters/labels"
     l: int = 8                          # labels per row (MLCD: 8; UNICOM: 1)
-    engine: str = "auto"                # auto (= torch) | torch | faiss | hnsw (approximate)
+    engine: str = "auto"                # auto (faster of torch/faiss, measured) | torch | faiss | hnsw (approx.)
     block_rows: int = 16384             # rows per GEMM block: block_rows x K floats of scores
     gpu: bool = True
     skip_incomplete: bool = False       # parts without metadata: error (default) or counted skip
@@ -63,6 +63,9 @@ class AssignConfig:
         check(self.recall_rows >= 0, "recall_rows", self.recall_rows, "must be >= 0")
         check(self.report_clusters >= 0, "report_clusters", self.report_clusters, "must be >= 0")
         check(self.report_members >= 1, "report_members", self.report_members, "must be >= 1")
+
+
+AUTO_PROBE_MIN_ROWS = 1_000_000  # engine=auto measures torch vs faiss only on stores this large
 
 
 def file_sha256(path: str | Path) -> str:
@@ -122,31 +125,44 @@ def run_assign(run: RunConfig, cfg: AssignConfig, ctx: DistContext) -> dict:
     out = ctx.agree(lambda: prepare_out_dir(
         cfg.out_dir, run, {"run": run, "assign": cfg}, "assign",
         ignore=("assign.report", "assign.report_dir", "assign.report_clusters", "assign.report_members")))
-    # Labels already on disk are reused only if they came from these exact centers.
+    # Labels already on disk are reused only if they came from these exact centers and the same
+    # exact engine (torch and faiss may round a sim's last bit differently).
     state = {"centroids_sha256": file_sha256(cfg.centroids), "k": len(c), "l": cfg.l, "kind": cfg.kind}
     st_path = out / "state.json"
+    device = ctx.device if (cfg.gpu and torch.cuda.is_available()) else torch.device("cpu")
     ctx.barrier()
+    topk, engine, old = None, cfg.engine, None
     if ctx.is_main:
         clean_stale_tmp(out)
         old = read_json(st_path) if st_path.is_file() else None
+        if engine == "auto" and info.rows < AUTO_PROBE_MIN_ROWS:
+            engine = "torch"  # the probe (~6 x 8k rows) would cost a noticeable share of the job
+        if engine == "auto":
+            if (not run.overwrite and old is not None and old.get("engine") in ("torch", "faiss")
+                    and {k: old.get(k) for k in state} == state):
+                engine = old["engine"]  # a resumed run keeps the engine its first parts used
+            else:  # measured once, on rank 0; every rank uses the winner
+                topk = TopK(c, cfg.l, "auto", device, cfg.block_rows)
+                engine = topk.engine
+    engine = ctx.broadcast_object(engine)
+    state["engine"] = engine
+    if ctx.is_main:
         if run.overwrite or (old is not None and old != state):
             if old is not None and old != state and not run.overwrite:
-                log.warning("centroids or l changed since %s was written; relabeling every part", out)
+                log.warning("centroids, l or engine changed since %s was written; relabeling every part", out)
             for p in list(out.glob("labels_*.npy")) + list(out.glob("sims_*.npy")):
                 p.unlink()
             (out / "manifest.json").unlink(missing_ok=True)
         atomic_write_json(st_path, state)
     ctx.barrier()
 
-    device = ctx.device if (cfg.gpu and torch.cuda.is_available()) else torch.device("cpu")
-    engine = "torch" if cfg.engine == "auto" else cfg.engine
     # wandb's run folder goes beside the labels, not among them
     track_dir = Path(cfg.report_dir)
     if ctx.is_main:
         track_dir.mkdir(parents=True, exist_ok=True)
     tracker = Tracker(run.wandb, ctx, str(track_dir), "assign", {"run": asdict(run), "assign": asdict(cfg)})
     t0 = Timer()
-    topk = TopK(c, cfg.l, engine, device, cfg.block_rows, cfg.hnsw_m, cfg.hnsw_ef_search)
+    topk = topk or TopK(c, cfg.l, engine, device, cfg.block_rows, cfg.hnsw_m, cfg.hnsw_ef_search)
     build_s = t0.elapsed()
     n_rows = dict(zip(info.parts, info.counts))
     mine = ctx.shard(info.parts)

@@ -272,7 +272,11 @@ def test_assign_kill_and_resume(tmp_path):
     assert p.returncode == 0, p.stderr[-3000:]
     man = json.loads((tmp_path / "clusters/labels/manifest.json").read_text())
     assert 1 <= man["resumed_parts"] < 6 and man["rows"] == 96000
-    assign(tmp_path, "assign.out_dir=" + str(tmp_path / "ref"))
+    # reference: same engine as the resumed run (auto measures afresh) and the same thread count
+    # (faiss's sums, unlike torch's, depend on it)
+    p = subprocess.run(cmd + ["assign.out_dir=" + str(tmp_path / "ref"), f"assign.engine={man['engine']}"],
+                       check=False, cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=300)
+    assert p.returncode == 0, p.stderr[-3000:]
     a, b = LabelStore(tmp_path / "clusters/labels"), LabelStore(tmp_path / "ref")
     for q in range(6):
         for u, v in zip(a.load(q), b.load(q)):

@@ -5,7 +5,10 @@
    B x S logits, a few copies each).
 2. Step time of the sharded loss at K = 100k, rho = 0.1 vs rho = 1.0 (one process: forward +
    backward, and with the centers' AdamW step, which is dense over the block either way).
-3. Samples/s of the training step (DeepSpeed ZeRO-2 + PartialFC rho 0.1 + MLCD) against a plain
+3. Peak memory of the loss forward + backward at one rank's share of a large global batch,
+   chunked (`partial_fc.chunk_rows`) vs not, and the step-time cost of chunking (each variant in
+   a fresh process: peak RSS growth on CPU, torch.cuda.max_memory_allocated on CUDA).
+4. Samples/s of the training step (DeepSpeed ZeRO-2 + PartialFC rho 0.1 + MLCD) against a plain
    DDP baseline of the same model with a full data-parallel softmax classifier, 2 ranks (torchrun,
    gloo on CPU), synthetic batches (compute only, no data loading).
 """
@@ -33,6 +36,12 @@ def _time(fn, reps: int) -> float:
         fn()
         ts.append(time.perf_counter() - t0)
     return statistics.median(ts)
+
+
+def _timed(fn) -> float:
+    t0 = time.perf_counter()
+    fn()
+    return time.perf_counter() - t0
 
 
 def bench_memory(quick: bool) -> list[dict]:
@@ -86,6 +95,84 @@ def bench_rho(quick: bool) -> list[dict]:
             {"bench": "step time rho=0.1 (ours) vs 1.0 (ref)", "config": cfg + " + centers' AdamW",
              "ours": times[0.1][1], "reference": times[1.0][1], "unit": "s/step",
              "ratio": times[1.0][1] / times[0.1][1], "note": "AdamW is dense over the block either way"}]
+
+
+def bench_loss_chunks(quick: bool) -> list[dict]:
+    """One simulated rank (rank 0 of W, no process group: the global batch is given directly)."""
+    spec = dict(K=200_000, W=32, D=128, B=8192, reps=5) if quick else dict(K=1_000_000, W=32, D=256,
+                                                                             B=16_384, reps=5)
+    if torch.cuda.is_available() and not quick:  # the production shape: K = 1M, W = 8, B = 32,768
+        spec = dict(K=1_000_000, W=8, D=512, B=32_768, reps=5)
+    out = {}
+    for chunk in (-1, 1024, 0):
+        for what in ("memory", "time"):
+            # memory: glibc's default (dynamic) mmap threshold keeps freed buffers resident, so RSS
+            # would not track live tensors; a fixed threshold returns every large buffer on free.
+            # time: default malloc (what training runs with)
+            env = {**os.environ, "PYTHONPATH": str(ROOT)}
+            if what == "memory":
+                env["MALLOC_MMAP_THRESHOLD_"] = "65536"
+            p = subprocess.run([sys.executable, "-m", "training.bench_train", "loss",
+                                json.dumps({**spec, "chunk": chunk, "what": what})],
+                               cwd=ROOT, env=env, capture_output=True, text=True, timeout=1800, check=False)
+            line = next((ln for ln in p.stdout.splitlines() if ln.startswith("LOSS_JSON ")), None)
+            if p.returncode != 0 or line is None:
+                raise RuntimeError(f"loss memory bench failed ({p.returncode}): {p.stderr[-3000:]}")
+            out.setdefault(chunk, {}).update({k: v for k, v in json.loads(line[len("LOSS_JSON "):]).items()
+                                              if v is not None})
+    off = out[-1]
+    cfg = f"K={spec['K']:,} W={spec['W']} D={spec['D']} global B={spec['B']:,} S_local={off['S']:,}"
+    rows = []
+    for chunk in (1024, 0):
+        r = out[chunk]
+        name = f"chunk_rows={chunk}" + (f" (auto: {r['rows']} rows)" if chunk == 0 else "")
+        rows += [{"bench": f"loss peak memory, {name} (ours) vs unchunked (ref)", "config": cfg,
+                  "ours": r["peak"] / 2**20, "reference": off["peak"] / 2**20, "unit": f"MiB ({r['how']})",
+                  "ratio": off["peak"] / max(r["peak"], 1), "note": "ratio = memory saved x"},
+                 {"bench": f"loss fwd+bwd time, {name} (ours) vs unchunked (ref)", "config": cfg,
+                  "ours": r["time"], "reference": off["time"], "unit": "s/step",
+                  "ratio": r["time"] / off["time"], "note": "ratio - 1 = cost of chunking (goal <= 10%)"}]
+    return rows
+
+
+def _loss_worker(spec: dict) -> None:
+    import resource
+
+    from training.loss import LossConfig
+    from training.partial_fc import PartialFC, PartialFCConfig
+    dev = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    B, D, K = spec["B"], spec["D"], spec["K"]
+    pfc = PartialFC(K, D, PartialFCConfig(sample_rate=0.1, chunk_rows=spec["chunk"]), LossConfig(),
+                    rank=0, world_size=spec["W"]).to(dev)
+    g = torch.Generator().manual_seed(0)
+    emb = torch.randn(B, D, generator=g).to(dev).requires_grad_()
+    labels = torch.randint(0, K, (B, 8), generator=g).to(dev)
+
+    def fwd_bwd(n=B):
+        loss, _ = pfc(emb[:n], labels[:n], 0)
+        loss.backward()
+        pfc.weight.grad = emb.grad = None
+        if dev.type == "cuda":
+            torch.cuda.synchronize()
+    for rows in (-1, 16):  # both code paths once, small: one-time library pages are not the loss's
+        pfc.cfg.chunk_rows = rows
+        fwd_bwd(64)
+    pfc.cfg.chunk_rows = spec["chunk"]
+    if dev.type == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+        base, how = torch.cuda.memory_allocated(), "cuda max_memory_allocated"
+    else:
+        base, how = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024, "peak RSS growth"
+    fwd_bwd()
+    peak = (torch.cuda.max_memory_allocated() if dev.type == "cuda"
+            else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024) - base
+    sampled, _, _ = pfc.sample_columns(labels, 0)
+    t = None
+    if spec["what"] == "time":
+        peak = None
+        t = min(_timed(fwd_bwd) for _ in range(spec["reps"]))  # min: the box may be shared
+    print("LOSS_JSON " + json.dumps({"peak": peak, "time": t, "how": how, "S": sampled.numel(),
+                                     "rows": pfc.chunk_rows(B, sampled.numel())}), flush=True)
 
 
 def bench_throughput(quick: bool) -> list[dict]:
@@ -160,8 +247,11 @@ def _throughput_worker(quick: bool) -> None:
 
 
 def run_bench(quick: bool) -> list[dict]:
-    return bench_memory(quick) + bench_rho(quick) + bench_throughput(quick)
+    return bench_memory(quick) + bench_rho(quick) + bench_loss_chunks(quick) + bench_throughput(quick)
 
 
 if __name__ == "__main__":
-    _throughput_worker(quick=len(sys.argv) > 1 and sys.argv[1] == "quick")
+    if len(sys.argv) > 2 and sys.argv[1] == "loss":
+        _loss_worker(json.loads(sys.argv[2]))
+    else:
+        _throughput_worker(quick=len(sys.argv) > 1 and sys.argv[1] == "quick")

@@ -6,11 +6,19 @@ sampled negatives N' (cosines c to L2-normalized centers):
 
     L = log(1 + sum_{i in P} exp(-s * phi(c_i))) + log(1 + sum_{j in N'} exp(s * c_j))
 
-Each rank holds some of the columns. A log-sum-exp over columns spread across ranks is reduced
-stably: all-reduce the per-row max (no gradient needed: the result does not depend on it), then
-all-reduce the sum of exp(z - max). The "1" is a zero logit, counted once after the reduction.
-Every rank ends with the same per-sample loss; `_AllReduceSum`'s backward is the identity
-because each rank back-propagates its own (identical) copy of that downstream graph.
+Each rank holds some of the columns. Every log-sum-exp is split in two steps:
+1. `local_terms`: per row, the log-sum-exp over this rank's columns only (a (T, B) tensor: T = 2
+   terms, B rows). Rows can be processed in chunks (training/partial_fc.py), so the B x S logit
+   matrix never has to exist at once; an empty set of columns gives a very negative value.
+2. `combine`: the ranks' per-row values are merged stably: all-reduce their max M (no gradient
+   needed: the result does not depend on it), all-reduce sum_r exp(lse_r - M), then
+   log(1 + sum) = M + log(sum + exp(-M)) for MLCD (the "1" is a zero logit, counted once) or
+   M + log(sum) for the softmax. Only (T, B) tensors cross the wire.
+Every rank ends with the same per-sample loss; `_AllReduceSum`'s backward is the identity because
+each rank back-propagates its own (identical) copy of that downstream graph.
+
+All collectives of the loss are the autograd Functions below; they take the run's DistContext
+(pipeline/dist.py) and expect tensors already on its device (NCCL has no CPU tensors).
 
 `dense_mlcd_loss` / `dense_unicom_loss` are the single-process reference implementations (tests
 compare the sharded version against them; the benchmark uses them as the full-softmax baseline).
@@ -61,87 +69,114 @@ def apply_margin(c: torch.Tensor, margin: float, kind: str) -> torch.Tensor:
     return torch.where(c > math.cos(math.pi - margin), phi, c - margin * math.sin(margin))
 
 
+def _single(ctx) -> bool:
+    return ctx is None or not ctx.distributed
+
+
 class _AllReduceSum(torch.autograd.Function):
     """Forward: sum over ranks. Backward: identity (every rank computes the same loss from the
     sum, so d loss / d (my addend) = d loss / d sum on each rank)."""
 
     @staticmethod
-    def forward(ctx, x, group):
+    def forward(fctx, x, ctx):
         x = x.clone()
-        dist.all_reduce(x, op=dist.ReduceOp.SUM, group=group)
+        dist.all_reduce(x, op=dist.ReduceOp.SUM, group=ctx.group)
         return x
 
     @staticmethod
-    def backward(ctx, grad):
+    def backward(fctx, grad):
         return grad, None
 
 
-def _reduce_max(x: torch.Tensor, group) -> torch.Tensor:
-    x = x.detach().clone()
-    if group is not None:
-        dist.all_reduce(x, op=dist.ReduceOp.MAX, group=group)
-    return x
+class _AllReduceMax(torch.autograd.Function):
+    """Max over ranks of a detached tensor (a stabilizing shift: no gradient flows through it)."""
+
+    @staticmethod
+    def forward(fctx, x, ctx):
+        x = x.detach().clone()
+        dist.all_reduce(x, op=dist.ReduceOp.MAX, group=ctx.group)
+        return x
+
+    @staticmethod
+    def backward(fctx, grad):
+        return None, None
 
 
-def _reduce_sum(x: torch.Tensor, group) -> torch.Tensor:
-    return _AllReduceSum.apply(x, group) if group is not None else x
+def reduce_sum(x: torch.Tensor, ctx) -> torch.Tensor:
+    return x if _single(ctx) else _AllReduceSum.apply(x, ctx)
 
 
-def sharded_logsumexp1(zs: list[torch.Tensor], group) -> torch.Tensor:
-    """For each z in `zs` (B, S_local): log(1 + sum_j exp(z_ij)) per row, over columns spread
-    across the ranks of `group` (a very negative z marks a column that does not count). Returns
-    (len(zs), B); the terms share one max and one sum all-reduce of small (len(zs), B) tensors."""
-    m = _reduce_max(torch.stack([z.max(dim=1).values for z in zs]).clamp_min(0.0), group)  # 1 = exp(0)
-    s = _reduce_sum(torch.stack([torch.exp(z - mi[:, None]).sum(dim=1) for z, mi in zip(zs, m)]), group)
-    return m + torch.log(s + torch.exp(-m))
+def reduce_max(x: torch.Tensor, ctx) -> torch.Tensor:
+    return x.detach() if _single(ctx) else _AllReduceMax.apply(x.detach(), ctx)
 
 
-def mlcd_loss(cos: torch.Tensor, pos_mask: torch.Tensor, cfg: LossConfig, group=None
-              ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-    """cos: (B, S) cosines of the global batch to this rank's sampled centers; pos_mask: (B, S)
-    True where that center is one of the sample's positives (everything else in the rank's
-    sample is a negative for that sample). Returns the mean over the global batch."""
+def local_terms(cos: torch.Tensor, pos_mask: torch.Tensor, cfg: LossConfig) -> torch.Tensor:
+    """Per-row local pieces of the loss over this rank's columns, (2, B).
+    mlcd: pos_mask (B, S) bool -> [lse of -s phi(c) over positives, lse of s c over negatives].
+    unicom: pos_mask (B, S) bool with at most one True per row (the sample's class if it lives
+    here) -> [lse over all columns with the margin on the target, target logit or 0]."""
     neg_inf = torch.finfo(cos.dtype).min
+    if cfg.mode == "unicom":
+        has = pos_mask.any(1)
+        phi = cfg.scale * apply_margin(cos, cfg.margin, cfg.margin_type)
+        logits = torch.where(pos_mask, phi, cfg.scale * cos)
+        # logsumexp over zero columns is -inf; clamp keeps it finite (and its gradient zero)
+        lse = torch.logsumexp(logits, dim=1).clamp_min(neg_inf)
+        pos = torch.where(pos_mask, phi, torch.zeros_like(phi)).sum(1)
+        return torch.stack([lse, torch.where(has, pos, torch.zeros_like(pos))])
     z_pos = (-cfg.scale * apply_margin(cos, cfg.margin, cfg.margin_type)).masked_fill(~pos_mask, neg_inf)
     z_neg = (cfg.scale * cos).masked_fill(pos_mask, neg_inf)
-    l_pos, l_neg = sharded_logsumexp1([z_pos, z_neg], group)
+    return torch.stack([torch.logsumexp(z_pos, dim=1), torch.logsumexp(z_neg, dim=1)]).clamp_min(neg_inf)
+
+
+def combine(local: torch.Tensor, cfg: LossConfig, ctx=None) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """Merges the ranks' (2, B) `local_terms` into the global-batch mean loss (same on every rank)."""
+    if cfg.mode == "unicom":
+        m = reduce_max(local[0], ctx)
+        lse = m + torch.log(reduce_sum(torch.exp(local[0] - m), ctx))
+        pos = reduce_sum(local[1], ctx)
+        loss = (lse - pos).mean()
+        return loss, {"loss_pos": -pos.detach().mean(), "loss_neg": lse.detach().mean()}  # sum = loss
+    m = reduce_max(local, ctx).clamp_min(0.0)  # the "1" is exp(0)
+    l_pos, l_neg = m + torch.log(reduce_sum(torch.exp(local - m), ctx) + torch.exp(-m))
     loss = (l_pos + l_neg).mean()
     return loss, {"loss_pos": l_pos.detach().mean(), "loss_neg": l_neg.detach().mean()}
 
 
-def unicom_loss(cos: torch.Tensor, target: torch.Tensor, cfg: LossConfig, group=None
+def mlcd_loss(cos: torch.Tensor, pos_mask: torch.Tensor, cfg: LossConfig, ctx=None
+              ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """cos: (B, S) cosines of the global batch to this rank's sampled centers; pos_mask: (B, S)
+    True where that center is one of the sample's positives (everything else in the rank's
+    sample is a negative for that sample). Returns the mean over the global batch."""
+    return combine(local_terms(cos, pos_mask, cfg), cfg, ctx)
+
+
+def unicom_loss(cos: torch.Tensor, target: torch.Tensor, cfg: LossConfig, ctx=None
                 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """ArcFace softmax cross-entropy over the classes spread across ranks. target: (B,) column of
     the sample's class in this rank's `cos`, -1 where the class lives on another rank."""
-    has = target >= 0
-    col = target.clamp_min(0)[:, None]
-    c_t = cos.gather(1, col).squeeze(1)
-    logit_t = cfg.scale * apply_margin(c_t, cfg.margin, cfg.margin_type)
-    logits = (cfg.scale * cos).scatter(1, col, torch.where(has, logit_t, cfg.scale * c_t)[:, None])
-    m = _reduce_max(logits.max(dim=1).values, group)
-    lse = m + torch.log(_reduce_sum(torch.exp(logits - m[:, None]).sum(dim=1), group))
-    pos = _reduce_sum(torch.where(has, logit_t, torch.zeros_like(logit_t)), group)
-    loss = (lse - pos).mean()
-    return loss, {"loss_pos": -pos.detach().mean(), "loss_neg": lse.detach().mean()}  # sum = loss
+    return combine(local_terms(cos, target_mask(target, cos.shape[1]), cfg), cfg, ctx)
+
+
+def target_mask(cols: torch.Tensor, num_cols: int) -> torch.Tensor:
+    """(B,) or (B, l) column indices (-1 = none) -> (B, num_cols) bool mask."""
+    cols = cols.reshape(cols.shape[0], -1)
+    mask = torch.zeros(cols.shape[0], num_cols + 1, dtype=torch.bool, device=cols.device)
+    mask.scatter_(1, torch.where(cols >= 0, cols, num_cols), True)
+    return mask[:, :num_cols]
 
 
 # ---------------------------------------------------------------- dense references
-
-def _pos_mask_dense(labels: torch.Tensor, num_classes: int) -> torch.Tensor:
-    mask = torch.zeros(labels.shape[0], num_classes + 1, dtype=torch.bool, device=labels.device)
-    mask.scatter_(1, torch.where(labels >= 0, labels, num_classes), True)
-    return mask[:, :num_classes]
-
 
 def dense_mlcd_loss(emb: torch.Tensor, centers: torch.Tensor, labels: torch.Tensor, cfg: LossConfig,
                     ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """Single-process MLCD loss over all K centers (rho = 1): emb (B, D), centers (K, D),
     labels (B, l) with -1 padding."""
-    cos = F.normalize(emb.float(), dim=1) @ F.normalize(centers.float(), dim=1).T
-    return mlcd_loss(cos, _pos_mask_dense(labels, centers.shape[0]), cfg, None)
+    cos = F.normalize(emb, dim=1) @ F.normalize(centers, dim=1).T
+    return mlcd_loss(cos, target_mask(labels, centers.shape[0]), cfg, None)
 
 
 def dense_unicom_loss(emb: torch.Tensor, centers: torch.Tensor, labels: torch.Tensor, cfg: LossConfig
                       ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-    cos = F.normalize(emb.float(), dim=1) @ F.normalize(centers.float(), dim=1).T
+    cos = F.normalize(emb, dim=1) @ F.normalize(centers, dim=1).T
     return unicom_loss(cos, labels[:, 0], cfg, None)

@@ -11,7 +11,12 @@ Per step, a rank:
 2. samples its columns: every positive of the global batch inside its block plus exactly
    floor(rho * K_local) negatives drawn uniformly from the non-positives (rho = 1: the block);
 3. computes cosines to those centers and its share of the loss (training/loss.py), reduced
-   across ranks.
+   across ranks. With `chunk_rows` the global batch goes through in row chunks whose cosines are
+   recomputed in backward (activation checkpointing per chunk): peak loss memory is
+   O(chunk x S) instead of O(B_global x S) (the B x S logits, their masked copies and exps:
+   44.5 GiB measured at K = 1M, W = 8, B = 32,768), for recomputing each chunk's forward in
+   backward (one more GEMM + the elementwise terms; measured in training/bench_train.py). Same loss and
+   gradients: only per-row (2, B) log-sum-exp pieces are kept (training/loss.py `local_terms`).
 The centers are never data-parallel parameters: keep them out of DeepSpeed/DDP and give them
 their own optimizer (`make_optimizer`).
 """
@@ -19,17 +24,24 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from fractions import Fraction
 
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 
 from pipeline.config import check
-from training.loss import LossConfig, mlcd_loss, unicom_loss
+from training.loss import LossConfig, combine, local_terms, reduce_sum, target_mask
 
 INIT_CHUNK = 1 << 16  # centers are initialized in fixed chunks so the K x D matrix is the same
 #                       for any world size (one seeded generator per chunk)
+AUTO_CHUNK_LOGITS = 1 << 26  # chunk_rows = 0: rows per chunk so a chunk holds <= 64M logits
+#                              (256 MiB fp32 per buffer, ~1.5 GiB peak). Smaller chunks cost more
+#                              time: on an H200 at B = 32,768, S = 41,500 the loss took 243 ms
+#                              unchunked (44.5 GiB), 344 ms at 4,096 rows (5.8 GiB), 409 ms at 404
+#                              rows (0.83 GiB)
 
 
 @dataclass
@@ -40,6 +52,8 @@ class PartialFCConfig:
     optimizer: str = "adamw"      # adamw | sgd (momentum 0.9)
     lr_mult: float = 1.0          # center LR = backbone LR (schedule included) x lr_mult
     weight_decay: float | None = None  # None: the backbone's optim.weight_decay
+    chunk_rows: int = 0           # loss rows per chunk, recomputed in backward; 0 = auto (a chunk
+    #                               holds <= 2^26 logits; no chunking when the batch fits), -1 = off
 
     def __post_init__(self):
         check(self.num_classes >= 0, "num_classes", self.num_classes, "must be >= 0 (0 = from centroids)")
@@ -47,6 +61,7 @@ class PartialFCConfig:
         check(self.init_std > 0, "init_std", self.init_std, "must be > 0")
         check(self.optimizer in ("adamw", "sgd"), "optimizer", self.optimizer, "must be adamw or sgd")
         check(self.lr_mult > 0, "lr_mult", self.lr_mult, "must be > 0")
+        check(self.chunk_rows >= -1, "chunk_rows", self.chunk_rows, "must be >= 1, 0 (auto) or -1 (off)")
 
 
 def shard_range(num_classes: int, rank: int, world_size: int) -> tuple[int, int]:
@@ -57,39 +72,46 @@ def shard_range(num_classes: int, rank: int, world_size: int) -> tuple[int, int]
 
 
 class _AllGather(torch.autograd.Function):
+    """Concatenation over ranks; backward sums each rank's gradient for my rows (reduce-scatter).
+    x must already be on ctx.device."""
+
     @staticmethod
-    def forward(ctx, x, group, grad_scale):
-        ctx.group, ctx.grad_scale = group, grad_scale
-        out = [torch.empty_like(x) for _ in range(dist.get_world_size(group))]
-        dist.all_gather(out, x.contiguous(), group=group)
+    def forward(fctx, x, ctx, grad_scale):
+        fctx.dist_ctx, fctx.grad_scale = ctx, grad_scale
+        out = [torch.empty_like(x) for _ in range(ctx.world_size)]
+        dist.all_gather(out, x.contiguous(), group=ctx.group)
         return torch.cat(out)
 
     @staticmethod
-    def backward(ctx, grad):
-        w = dist.get_world_size(ctx.group)
-        parts = list(grad.contiguous().chunk(w))
+    def backward(fctx, grad):
+        ctx = fctx.dist_ctx
+        parts = list(grad.contiguous().chunk(ctx.world_size))
         mine = torch.empty_like(parts[0])
         # each rank's loss only saw its own classes: the true gradient of my rows is the sum of
         # every rank's partial gradient for them
         dist.reduce_scatter(mine, parts, op=dist.ReduceOp.SUM, group=ctx.group)
-        return mine * ctx.grad_scale, None, None
+        return mine * fctx.grad_scale, None, None
 
 
-def all_gather_grad(x: torch.Tensor, group, grad_scale: float = 1.0) -> torch.Tensor:
+def all_gather_grad(x: torch.Tensor, ctx, grad_scale: float = 1.0) -> torch.Tensor:
     """Concatenation over ranks (equal first dims) with a gradient-correct backward. The trainer
     passes grad_scale = W: DeepSpeed/DDP average backbone gradients over ranks, but the loss is
     already a mean over the global batch, so the average would divide by W once too often."""
-    if group is None:
+    if ctx is None or not ctx.distributed:
         return x  # single process: W = 1, nothing to undo
-    return _AllGather.apply(x, group, grad_scale)
+    return _AllGather.apply(x, ctx, grad_scale)
 
 
-def all_gather_nograd(x: torch.Tensor, group) -> torch.Tensor:
-    if group is None:
+def all_gather_nograd(x: torch.Tensor, ctx) -> torch.Tensor:
+    if ctx is None or not ctx.distributed:
         return x
-    out = [torch.empty_like(x) for _ in range(dist.get_world_size(group))]
-    dist.all_gather(out, x.contiguous(), group=group)
-    return torch.cat(out)
+    with torch.no_grad():
+        return _AllGather.apply(x, ctx, 1.0)
+
+
+def floor_fraction(rate: float, n: int) -> int:
+    """floor(rate * n) for the rate as written in the config: int(0.29 * 100) is 28 in floats."""
+    return math.floor(Fraction(repr(rate)) * n)
 
 
 def init_centers(num_classes: int, dim: int, start: int, num_local: int, std: float, seed: int
@@ -111,14 +133,18 @@ class PartialFC(nn.Module):
     """This rank's block of class centers and the sampled, sharded loss over the global batch."""
 
     def __init__(self, num_classes: int, dim: int, cfg: PartialFCConfig, loss_cfg: LossConfig,
-                 rank: int = 0, world_size: int = 1, group=None, seed: int = 0,
+                 rank: int = 0, world_size: int = 1, ctx=None, seed: int = 0,
                  grad_scale: float = 1.0):
+        """ctx: the run's DistContext (None or not distributed: one process). rank/world_size
+        may describe a simulated split when ctx is None (benchmarks)."""
         super().__init__()
         check(num_classes >= world_size, "num_classes", num_classes,
-              f"must be >= the number of ranks ({world_size})")
+              f"must be >= the number of ranks ({world_size}): a rank would hold no classes")
+        if ctx is not None and ctx.distributed:
+            assert (rank, world_size) == (ctx.rank, ctx.world_size), "rank/world_size differ from ctx"
         self.cfg, self.loss_cfg = cfg, loss_cfg
         self.num_classes, self.dim = num_classes, dim
-        self.rank, self.world_size, self.group = rank, world_size, group
+        self.rank, self.world_size, self.ctx = rank, world_size, ctx
         self.seed, self.grad_scale = seed, grad_scale
         self.start, self.num_local = shard_range(num_classes, rank, world_size)
         self.weight = nn.Parameter(init_centers(num_classes, dim, self.start, self.num_local,
@@ -126,31 +152,43 @@ class PartialFC(nn.Module):
 
     @property
     def num_negatives(self) -> int:
-        return int(self.cfg.sample_rate * self.num_local)
+        return floor_fraction(self.cfg.sample_rate, self.num_local)
 
-    def sample(self, labels: torch.Tensor, step: int) -> tuple[torch.Tensor, torch.Tensor]:
+    def sample_columns(self, labels: torch.Tensor, step: int) -> tuple[torch.Tensor, torch.Tensor, int]:
         """labels: (B, l) global class ids of the global batch (-1 = none). Returns the sampled
-        local rows (S,) (positives first) and the (B, S) positive mask. The draw depends only on
-        (seed, rank, step): a resumed run samples what the uninterrupted one did."""
+        local rows (S,) (positives first), each label's column in them ((B, l), -1 where the
+        class is not in this block) and the number of positives. The draw depends only on
+        (seed, rank, step): a resumed run samples what the uninterrupted one did. S may be 0
+        (no positive here and floor(rho * K_local) = 0): the block then adds nothing."""
+        dev = labels.device
         local = labels - self.start
         valid = (labels >= 0) & (local >= 0) & (local < self.num_local)
         pos = torch.unique(local[valid])
         if self.cfg.sample_rate >= 1.0:
-            sampled = torch.arange(self.num_local, device=labels.device)
+            sampled = torch.arange(self.num_local, device=dev)
         else:
-            g = torch.Generator(device=labels.device).manual_seed(
-                (self.seed * 1_000_003 + step) * 4099 + self.rank)
-            score = torch.rand(self.num_local, generator=g, device=labels.device)
+            g = torch.Generator(device=dev).manual_seed((self.seed * 1_000_003 + step) * 4099 + self.rank)
+            score = torch.rand(self.num_local, generator=g, device=dev)
             score[pos] = -1.0  # never drawn as a negative
             k = min(self.num_negatives, self.num_local - pos.numel())
             neg = torch.topk(score, k, sorted=False).indices
             sampled = torch.cat([pos, neg])
-        col = torch.full((self.num_local,), -1, dtype=torch.long, device=labels.device)
-        col[sampled] = torch.arange(sampled.numel(), device=labels.device)
-        mask = torch.zeros(labels.shape[0], sampled.numel(), dtype=torch.bool, device=labels.device)
-        rows = torch.arange(labels.shape[0], device=labels.device)[:, None].expand_as(labels)
-        mask[rows[valid], col[local[valid]]] = True
-        return sampled, mask
+        col = torch.full((self.num_local + 1,), -1, dtype=torch.long, device=dev)
+        col[sampled] = torch.arange(sampled.numel(), device=dev)
+        cols = col[torch.where(valid, local, self.num_local)]  # index num_local -> -1
+        return sampled, cols, pos.numel()
+
+    def sample(self, labels: torch.Tensor, step: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """The sampled local rows (S,) and the (B, S) positive mask (see sample_columns)."""
+        sampled, cols, _ = self.sample_columns(labels, step)
+        return sampled, target_mask(cols, sampled.numel())
+
+    def chunk_rows(self, batch: int, num_cols: int) -> int:
+        if self.cfg.chunk_rows > 0:
+            return self.cfg.chunk_rows
+        if self.cfg.chunk_rows < 0:
+            return batch
+        return max(1, AUTO_CHUNK_LOGITS // max(num_cols, 1))
 
     def forward(self, emb: torch.Tensor, labels: torch.Tensor, step: int
                 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
@@ -158,21 +196,35 @@ class PartialFC(nn.Module):
         Returns the global-batch loss (same value on every rank) and detached stats."""
         labels = labels[:, :self.loss_cfg.labels_used].to(emb.device, torch.long)
         emb = F.normalize(emb.float(), dim=1)
-        emb_g = all_gather_grad(emb, self.group, self.grad_scale)
-        labels_g = all_gather_nograd(labels, self.group)
-        sampled, mask = self.sample(labels_g, step)
+        emb_g = all_gather_grad(emb, self.ctx, self.grad_scale)
+        labels_g = all_gather_nograd(labels, self.ctx)
+        sampled, cols, n_pos = self.sample_columns(labels_g, step)
         w = F.normalize(self.weight[sampled], dim=1)  # gradient flows into the sampled rows only
-        cos = emb_g @ w.T
-        if self.loss_cfg.mode == "unicom":
-            target = torch.where(mask.any(1), mask.float().argmax(1), -1)
-            loss, terms = unicom_loss(cos, target, self.loss_cfg, self.group)
-        else:
-            loss, terms = mlcd_loss(cos, mask, self.loss_cfg, self.group)
-        counts = torch.tensor([float(sampled.numel()), float(mask.any(0).sum())])
-        if self.group is not None:
-            dist.all_reduce(counts, group=self.group)
+        rows = self.chunk_rows(emb_g.shape[0], sampled.numel())
+        if rows >= emb_g.shape[0]:
+            local = _chunk_terms(emb_g, w, cols, self.loss_cfg)
+        else:  # each chunk's cosines are recomputed in backward instead of being kept
+            local = torch.cat([checkpoint(_chunk_terms, e, w, c, self.loss_cfg, use_reentrant=False,
+                                          preserve_rng_state=False)
+                               for e, c in zip(emb_g.split(rows), cols.split(rows))], dim=1)
+        loss, terms = combine(local, self.loss_cfg, self.ctx)
+        counts = torch.tensor([float(sampled.numel()), float(n_pos)], device=emb.device)
+        if self.ctx is not None and self.ctx.distributed:
+            counts = all_reduce_stats(counts, self.ctx)
         terms.update(sampled_classes=counts[0], positives=counts[1])
         return loss, terms
+
+
+def _chunk_terms(emb: torch.Tensor, w: torch.Tensor, cols: torch.Tensor, cfg: LossConfig) -> torch.Tensor:
+    """(2, rows) local loss pieces of a row chunk: cosines to the sampled centers, positives
+    from the labels' columns (the (rows, S) mask only lives inside the chunk)."""
+    return local_terms(emb @ w.T, target_mask(cols, w.shape[0]), cfg)
+
+
+def all_reduce_stats(x: torch.Tensor, ctx) -> torch.Tensor:
+    """Sum over ranks of a detached per-step statistic (on the embeddings' device)."""
+    with torch.no_grad():
+        return reduce_sum(x, ctx)
 
 
 def make_optimizer(pfc: PartialFC, cfg: PartialFCConfig, lr: float, weight_decay: float,

@@ -265,7 +265,7 @@ class Trainer:
         if cfg.deepspeed.zero_stage == 3:
             zero3_register_direct_params(self.engine.module)
         self.pfc = PartialFC(self.num_classes, model.out_dim, cfg.partial_fc, cfg.loss, ctx.rank, ctx.world_size,
-                             ctx.group, seed=self.run.seed, grad_scale=float(ctx.world_size)).to(self.engine.device)
+                             ctx, seed=self.run.seed, grad_scale=float(ctx.world_size)).to(self.engine.device)
         self.pfc_opt = make_optimizer(self.pfc, cfg.partial_fc, cfg.optim.lr, cfg.optim.weight_decay,
                                       (cfg.optim.beta1, cfg.optim.beta2), cfg.optim.eps)
         if self.checkpoints is not None:
