@@ -65,3 +65,22 @@ def test_clip_retrieval_padded_store_end_to_end(tmp_path):
     assert len(parts) == 12 and parts[10].labels.endswith("labels_10.npy")
     table = load_part_labels(parts[3], 2, 4)
     assert len(table) == 40 and "000030000" in table
+
+
+@pytest.mark.parametrize("method", ["faiss", "torch"])
+def test_kmeans_nredo_keeps_best_run(tmp_path, method):
+    from clustering import kmeans as km
+    from test_clustering import make_store
+    make_store(tmp_path / "store", n_parts=2, rows=400, d=16, k=12, noise=0.05)
+    base = ["cluster.k=12", "cluster.niter=4", "cluster.init=random", f"cluster.method={method}",
+            "cluster.points_per_centroid=1000"]
+    one = km.main(None, [f"run.out_dir={tmp_path / 'a'}", f"cluster.store={tmp_path / 'store'}", *base])
+    many = km.main(None, [f"run.out_dir={tmp_path / 'b'}", f"cluster.store={tmp_path / 'store'}", *base,
+                          "cluster.nredo=4"])
+    assert one["redo_objectives"] == [one["objective_final"]] and one["best_redo"] == 0
+    assert len(many["redo_objectives"]) == 4 and len(set(many["redo_objectives"])) > 1  # other inits
+    assert many["redo_objectives"][0] == pytest.approx(one["objective_final"], rel=1e-6)
+    assert many["objective_final"] == max(many["redo_objectives"]) >= one["objective_final"]
+    kept = np.load(tmp_path / "b/clusters/centroids.npy")
+    x = np.concatenate([np.load(p).astype(np.float32) for p in sorted((tmp_path / "store/joint_emb").glob("*.npy"))])
+    assert (x @ kept.T).max(1).sum() == pytest.approx(many["objective_final"], rel=1e-4)
