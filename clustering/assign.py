@@ -218,7 +218,7 @@ def write_manifest(out: Path, info, cfg: AssignConfig, state: dict, engine: str,
 
 def main(config: str | None = None, overrides=()) -> dict:
     run, cfg = load_config(config, list(overrides), "assign", AssignConfig)
-    return run_distributed(run_assign, run, cfg)
+    return run_distributed(run_assign, run, cfg, run=run, out_dir=cfg.out_dir)
 
 
 def cli(argv=None) -> int:

@@ -460,7 +460,7 @@ def run_kmeans(run: RunConfig, cfg: KMeansConfig, ctx: DistContext) -> dict:
 
 def main(config: str | None = None, overrides=()) -> dict:
     run, cfg = load_config(config, list(overrides), "cluster", KMeansConfig)
-    return run_distributed(run_kmeans, run, cfg)
+    return run_distributed(run_kmeans, run, cfg, run=run, out_dir=cfg.out_dir)
 
 
 def cli(argv=None) -> int:

@@ -34,6 +34,11 @@ class ConfigError(ValueError):
     """A bad configuration: the message is a single line for the user."""
 
 
+class InputError(ValueError):
+    """Bad input files or folders (a store, labels, shard list, a locked output folder): one
+    line for the user, exit code 1 (a bad config is 2)."""
+
+
 def check(cond: bool, key: str, value: Any, why: str) -> None:
     """Range checks in ``__post_init__``; the loader adds section and file to ``key``."""
     if not cond:
@@ -63,6 +68,11 @@ class RunConfig:
     overwrite: bool = False
     log_every: int = 10
     wandb: WandbConfig = field(default_factory=WandbConfig)
+    # Off unless set (pipeline/netpolicy.py): model downloads (HF hub, open_clip tags), shard
+    # specs that run a shell command (`pipe:...`), and remote shard URLs (http://, s3://, ...).
+    allow_download: bool = False
+    allow_pipe: bool = False
+    allow_remote: bool = False
 
 
 def _read_yaml(path: Path) -> dict:
@@ -201,7 +211,8 @@ def prepare_out_dir(out_dir: str | os.PathLike, run: RunConfig, sections: dict[s
         old = yaml.safe_load(target.read_text()) or {}
         new = yaml.safe_load(text)
         diff = _diff(old, new, ignore=tuple(ignore) + ("run.resume", "run.overwrite", "run.wandb",
-                                                         "run.log_every"))
+                                                         "run.log_every", "run.allow_download",
+                                                         "run.allow_pipe", "run.allow_remote"))
         if diff:
             raise ConfigError(
                 f"{out} holds a run with a different config ({'; '.join(diff[:3])}); "
@@ -233,3 +244,7 @@ def cli_main(fn, argv: Sequence[str] | None = None):
     except ConfigError as e:
         print(f"config error: {e}", file=sys.stderr)
         sys.exit(2)
+    except InputError as e:  # every rank raises the same one; rank 0 says it
+        if os.environ.get("RANK", "0") == "0":
+            print(f"error: {e}", file=sys.stderr)
+        sys.exit(1)

@@ -94,13 +94,19 @@ def destroy(ctx: DistContext) -> None:
         dist.destroy_process_group()
 
 
-def run_distributed(fn, *args):
+def run_distributed(fn, *args, run=None, out_dir=None):
     """Entry-point plumbing of every stage: build the context once, log per rank, run
-    ``fn(*args, ctx)``, and always tear the process group down (also on errors)."""
+    ``fn(*args, ctx)``, and always tear the process group down (also on errors). With ``run``
+    (its RunConfig) the stage runs under ``pipeline.guard.stage_guard`` (network/shell policy,
+    and the lock on ``out_dir``)."""
+    from pipeline.guard import stage_guard
     from pipeline.tracking import setup_logging  # tracking imports this module
     ctx = init_distributed()
     setup_logging(ctx)
     try:
-        return fn(*args, ctx)
+        if run is None:
+            return fn(*args, ctx)
+        with stage_guard(run, out_dir, ctx, fn.__module__):
+            return fn(*args, ctx)
     finally:
         destroy(ctx)

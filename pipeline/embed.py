@@ -471,7 +471,7 @@ def _plain(cfg) -> dict:
 
 def main(config: str | None, overrides: list[str]) -> dict:
     run, cfg = load_config(config, overrides, "embed", EmbedConfig)
-    return run_distributed(embed, cfg, run)
+    return run_distributed(embed, cfg, run, run=run, out_dir=cfg.out_dir)
 
 
 def cli(argv=None):

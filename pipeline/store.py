@@ -34,13 +34,14 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from pipeline.config import InputError
 from pipeline.io import atomic_path, atomic_save_npy, load_npy
 
 KINDS = ("img", "text", "joint")
 _PART_RE = re.compile(r"^(?:img|text|joint)_emb_(\d+)\.npy$")
 
 
-class StoreError(ValueError):
+class StoreError(InputError):
     pass
 
 

@@ -84,3 +84,128 @@ def test_kmeans_nredo_keeps_best_run(tmp_path, method):
     kept = np.load(tmp_path / "b/clusters/centroids.npy")
     x = np.concatenate([np.load(p).astype(np.float32) for p in sorted((tmp_path / "store/joint_emb").glob("*.npy"))])
     assert (x @ kept.T).max(1).sum() == pytest.approx(many["objective_final"], rel=1e-4)
+
+
+# ---------------------------------------------------------------- one writer per folder
+
+def test_folder_lock_refuses_second_writer_and_takes_over_stale(tmp_path):
+    import json
+    import socket
+    import subprocess
+    import sys
+
+    from pipeline import lock
+    from pipeline.config import InputError
+    with lock.folder_lock(tmp_path / "out", "first") as path:
+        owner = json.loads(path.read_text())
+        assert owner["pid"] == os.getpid() and owner["host"] == socket.gethostname()
+        with pytest.raises(lock.LockError, match=r"in use by pid \d+ on .* \(first\)") as e:
+            lock.acquire(tmp_path / "out", "second")
+        assert isinstance(e.value, InputError) and "\n" not in str(e.value)
+    assert not path.exists()  # released on exit
+    # a run killed with SIGKILL leaves its lock behind: its pid is dead on this host -> stale
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True,
+                          text=True).stdout.strip()
+    path.write_text(json.dumps({"pid": int(dead), "host": socket.gethostname(), "start": 0, "what": "x"}))
+    with lock.folder_lock(tmp_path / "out", "third") as p2:
+        assert json.loads(p2.read_text())["what"] == "third"
+    # another host's lock is never broken automatically
+    path.write_text(json.dumps({"pid": 1, "host": "elsewhere-host", "start": 0, "what": "x"}))
+    with pytest.raises(lock.LockError, match="elsewhere-host"):
+        lock.acquire(tmp_path / "out")
+
+
+def test_stage_refuses_folder_held_by_live_run(tmp_path, capsys):
+    """A real second process holds the k-means folder; `python -m clustering.kmeans` on the same
+    folder exits 1 with one line; once the holder is gone the run goes through."""
+    import subprocess
+    import sys
+
+    from clustering import kmeans as km
+    from test_clustering import make_store
+    make_store(tmp_path / "store", n_parts=1, rows=200, d=8, k=4)
+    folder = tmp_path / "clusters"
+    holder = subprocess.Popen([sys.executable, "-c", "import sys, time; from pipeline import lock; "
+                               f"lock.acquire({str(folder)!r}, 'holder'); print('held', flush=True); "
+                               "time.sleep(120)"], cwd=ROOT, env=ENV, stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        args = [f"run.out_dir={tmp_path}", "cluster.k=4", "cluster.niter=2"]
+        with pytest.raises(SystemExit) as e:
+            km.cli(args)
+        err = capsys.readouterr().err.strip().splitlines()
+        assert e.value.code == 1 and len(err) == 1 and f"{folder} is in use by pid {holder.pid}" in err[0]
+    finally:
+        holder.kill()
+        holder.wait()
+    assert km.main(None, args)["k"] == 4  # dead holder: stale lock taken over
+    assert not (folder / ".mlcd.lock").exists()
+
+
+# ---------------------------------------------------------------- shard specs and downloads
+
+def test_pipe_and_remote_specs_need_opt_in(tmp_path, monkeypatch):
+    from pipeline import netpolicy
+    from pipeline.config import ConfigError, RunConfig
+    from pipeline.shards import ShardSpecError, expand_shards
+    for var in ("MLCD_ALLOW_PIPE", "MLCD_ALLOW_REMOTE", "MLCD_ALLOW_DOWNLOAD", "HF_HUB_OFFLINE",
+                "TRANSFORMERS_OFFLINE", "HF_DATASETS_OFFLINE"):
+        monkeypatch.delenv(var, raising=False)
+    marker = tmp_path / "pwned"
+    lst = tmp_path / "list.txt"
+    lst.write_text(f"# shards\n{tmp_path}/a.tar\npipe:touch {marker}; cat {tmp_path}/a.tar\n")
+    with pytest.raises(ShardSpecError, match=rf"{lst}:3: 'pipe:touch .*run.allow_pipe=true"):
+        expand_shards(str(lst))
+    with pytest.raises(ShardSpecError, match="run.allow_remote=true"):
+        expand_shards("https://example.com/{00000..00002}.tar")
+    (tmp_path / "remote.txt").write_text("s3://bucket/00000.tar\n")
+    with pytest.raises(ShardSpecError, match=r"remote.txt:1: 's3://bucket/00000.tar' is a remote URL"):
+        expand_shards(str(tmp_path / "remote.txt"))
+    assert expand_shards(f"file://{tmp_path}/a.tar") == [f"file://{tmp_path}/a.tar"]  # local
+    netpolicy.apply(RunConfig(allow_pipe=True, allow_remote=True))
+    assert expand_shards(str(lst))[1].startswith("pipe:touch")
+    assert len(expand_shards("https://example.com/{00000..00002}.tar")) == 3
+    assert not marker.exists()  # expanding never runs anything
+    # downloads: offline for HF, and an open_clip tag that is not local is refused in one line
+    netpolicy.apply(RunConfig())
+    assert os.environ["HF_HUB_OFFLINE"] == os.environ["TRANSFORMERS_OFFLINE"] == "1"
+    import huggingface_hub.constants as hc
+    assert hc.HF_HUB_OFFLINE is True
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "empty-cache"))
+    monkeypatch.setattr(hc, "HF_HUB_CACHE", str(tmp_path / "empty-cache"))
+    with pytest.raises(ConfigError, match=r"pretrained='openai' \(open_clip ViT-B-32\).*run.allow_download"):
+        netpolicy.check_open_clip("ViT-B-32", "openai")
+    weights = tmp_path / "w.bin"
+    weights.write_bytes(b"")
+    netpolicy.check_open_clip("ViT-B-32", str(weights))  # a local file is fine
+    netpolicy.apply(RunConfig(allow_download=True))
+    assert os.environ["HF_HUB_OFFLINE"] == "0" and hc.HF_HUB_OFFLINE is False
+    netpolicy.check_open_clip("ViT-B-32", "openai")
+    netpolicy.apply(RunConfig())
+
+
+def test_stage_module_started_directly_is_offline(tmp_path):
+    """`python -m training.eval` (no mlcd, no Makefile): an open_clip tag is refused before any
+    download, with one line and exit 2; HF offline is set in the process."""
+    import subprocess
+    import sys
+    env = {k: v for k, v in ENV.items() if k not in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE")}
+    env["HF_HUB_CACHE"] = str(tmp_path / "empty-cache")
+    cfg = tmp_path / "eval.yaml"
+    shards = tmp_path / "d"
+    from PIL import Image
+    for c in ("cat", "dog"):
+        (shards / c).mkdir(parents=True)
+        for i in range(2):
+            Image.new("RGB", (8, 8), (i * 90, 0, 0)).save(shards / c / f"{i}.png")
+    cfg.write_text(f"""
+run: {{out_dir: {tmp_path}/run}}
+eval:
+  models: [{{name: oc, kind: open_clip, arch: ViT-B-32, pretrained: openai}}]
+  datasets: [{{name: d, train: {shards}, test: {shards}}}]
+""")
+    p = subprocess.run([sys.executable, "-m", "training.eval", "--config", str(cfg)], cwd=ROOT, env=env,
+                       capture_output=True, text=True, timeout=300)
+    err = [ln for ln in p.stderr.splitlines() if "WARNING" not in ln and ln.strip()]
+    assert p.returncode == 2, p.stderr[-3000:]
+    assert "run.allow_download" in err[-1] and "Traceback" not in p.stderr

@@ -21,6 +21,7 @@ import hashlib
 import json
 import logging
 import time
+from contextlib import ExitStack
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -30,6 +31,7 @@ import torch
 
 from pipeline.config import ConfigError, RunConfig, check, cli_main, load_config, prepare_out_dir
 from pipeline.dist import DistContext, destroy, init_distributed
+from pipeline.guard import stage_guard
 from pipeline.io import atomic_save_npy, atomic_write_json, atomic_write_text, load_npy, read_json
 from pipeline.tracking import Tracker, setup_logging
 from training import probe
@@ -315,7 +317,9 @@ def main(config: str | None, overrides: list[str]) -> dict:
     run, cfg = load_config(config, overrides, "eval", EvalConfig)
     ctx = init_distributed()
     setup_logging(ctx)
+    guard = ExitStack()
     try:
+        guard.enter_context(stage_guard(run, cfg.out_dir, ctx, "training.eval"))  # policy + folder lock
         if ctx.is_main:
             # models/datasets may change between reruns: the caches are checked by fingerprint
             prepare_out_dir(cfg.out_dir, run, {"run": run, "eval": cfg}, "eval",
@@ -333,6 +337,7 @@ def main(config: str | None, overrides: list[str]) -> dict:
             print(markdown_table(report))
         return report
     finally:
+        guard.close()
         destroy(ctx)
 
 

@@ -36,6 +36,7 @@ from torch import nn
 
 from pipeline.config import ConfigError, RunConfig, check, cli_main, load_config, prepare_out_dir, to_dict
 from pipeline.dist import DistContext, init_distributed
+from pipeline.guard import stage_guard
 from pipeline.io import atomic_write_text
 from pipeline.tracking import Tracker, progress, setup_logging
 from training import checkpoint as ckpt
@@ -390,7 +391,8 @@ def main(config: str | None, overrides: list[str] | None = None) -> dict:
     _one_process_env()
     ctx = init_distributed()
     setup_logging(ctx)
-    return train(run, cfg, ctx)
+    with stage_guard(run, cfg.out_dir, ctx, "training.train"):  # network policy + folder lock
+        return train(run, cfg, ctx)
 
 
 def cli(argv=None):
