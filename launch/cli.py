@@ -14,7 +14,6 @@ from __future__ import annotations
 import importlib
 import os
 import shlex
-import subprocess
 import sys
 
 STAGES = {
@@ -82,7 +81,8 @@ def main(argv: list[str] | None = None) -> int:
     if nproc > 1 or nnodes > 1:
         cmd = torchrun_cmd(module, rest, nproc, nnodes)
         print("+", shlex.join(cmd), file=sys.stderr)
-        return subprocess.call(cmd, env=torchrun_env())
+        from launch.torchrun import launch  # torchrun, one line on a failed worker; forwards SIGTERM
+        return launch(cmd, torchrun_env())
     # Every stage module exposes cli(argv) (config stages: pipeline.config.cli_main(main, argv)).
     res = importlib.import_module(module).cli(rest)
     return res if isinstance(res, int) else 0

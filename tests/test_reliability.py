@@ -209,3 +209,61 @@ eval:
     err = [ln for ln in p.stderr.splitlines() if "WARNING" not in ln and ln.strip()]
     assert p.returncode == 2, p.stderr[-3000:]
     assert "run.allow_download" in err[-1] and "Traceback" not in p.stderr
+
+
+# ---------------------------------------------------------------- training inputs
+
+def _train_inputs(tmp_path):
+    from test_train import TINY, build_synthetic, synthetic_overrides
+    build_synthetic(tmp_path / "syn", shards=2, per_shard=12, k=24)
+    return [f"run.out_dir={tmp_path / 'run'}", *TINY, *synthetic_overrides(tmp_path / "syn"), "train.steps=1"]
+
+
+def test_training_inputs_validated_up_front(tmp_path, caplog):
+    from pipeline.config import load_config
+    from pipeline.dist import DistContext
+    from pipeline.io import atomic_save_npy
+    from training.train import TrainConfig
+    from training.validate import TrainInputError, check_inputs
+    over = _train_inputs(tmp_path)
+    syn = tmp_path / "syn"
+
+    def check(*extra):
+        check_inputs(load_config(None, [*over, *extra], "train", TrainConfig)[1], DistContext())
+
+    check()  # the good inputs pass
+    with pytest.raises(TrainInputError, match=r"labels_\d.npy: label 2\d at row \d+ is outside \[-1, 20\)"):
+        check("train.partial_fc.num_classes=20")
+    with caplog.at_level("WARNING"):
+        check("train.partial_fc.num_classes=30")  # larger than the centroids' K: on purpose, warned
+    assert "num_classes=30 differs from the 24 centroids" in caplog.text
+    with pytest.raises(TrainInputError, match="nope.npy: k-means centroids not found"):
+        check(f"train.centroids={tmp_path}/nope.npy")
+    with pytest.raises(TrainInputError, match="embedding store not found"):
+        check(f"train.data.store={tmp_path}/nostore")
+    with pytest.raises(TrainInputError, match="shard spec .* matches no file"):
+        check(f"train.data.shards={tmp_path}/nothing/{{00000..00001}}.tar")
+    # a labels folder from another store: row counts differ from the metadata
+    lab = syn / "clusters/labels/labels_0.npy"
+    atomic_save_npy(lab, np.zeros((5, 3), np.int32))
+    with pytest.raises(TrainInputError, match=r"labels_0.npy: 5 label rows but .*metadata_0.parquet has 11: "
+                                              r"not row-aligned"):
+        check()
+
+
+@pytest.mark.slow
+def test_bad_training_input_under_mlcd_two_ranks_is_one_line(tmp_path):
+    """`mlcd train --nproc 2` with labels beyond K: exit 1, the reason in one line, no traceback
+    (neither a worker's nor the torchrun agent's), before DeepSpeed is set up."""
+    import subprocess
+    import sys
+    over = _train_inputs(tmp_path)
+    p = subprocess.run([sys.executable, "-m", "launch.cli", "train", "--nproc", "2", *over,
+                        "train.partial_fc.num_classes=20"], cwd=ROOT, env=ENV, capture_output=True,
+                       text=True, timeout=300)
+    assert p.returncode == 1, p.stderr[-3000:]
+    assert "Traceback" not in p.stderr and "DeepSpeed" not in p.stderr, p.stderr[-3000:]
+    errors = [ln for ln in p.stderr.splitlines() if ln.startswith("error:")]
+    assert len(errors) == 1 and "is outside [-1, 20)" in errors[0] and "labels_" in errors[0]
+    assert "mlcd: training.train failed on rank" in p.stderr
+    assert not (tmp_path / "run/train/checkpoints").exists()

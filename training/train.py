@@ -44,6 +44,7 @@ from training.data import TrainDataConfig, find_parts, make_loader, num_classes_
 from training.loss import LossConfig
 from training.model import ModelConfig, build_model
 from training.partial_fc import PartialFC, PartialFCConfig, make_optimizer
+from training.validate import check_inputs
 
 log = logging.getLogger("mlcd.train")
 
@@ -272,6 +273,7 @@ def micro_batches(cfg: TrainConfig, parts, image_size: int, num_classes: int, se
 def train(run: RunConfig, cfg: TrainConfig, ctx: DistContext) -> dict:
     import deepspeed
 
+    check_inputs(cfg, ctx)  # training/validate.py: bad inputs end here in one line, on every rank
     out = Path(cfg.out_dir)
     _collective_check(ctx, lambda: prepare_out_dir(out, run, {"run": run, "train": cfg}, "train",
                                                    ignore=RESUMABLE_KEYS))
