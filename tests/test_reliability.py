@@ -267,3 +267,50 @@ def test_bad_training_input_under_mlcd_two_ranks_is_one_line(tmp_path):
     assert len(errors) == 1 and "is outside [-1, 20)" in errors[0] and "labels_" in errors[0]
     assert "mlcd: training.train failed on rank" in p.stderr
     assert not (tmp_path / "run/train/checkpoints").exists()
+
+
+# ---------------------------------------------------------------- no pickled code from checkpoints
+
+class _Payload:
+    """Unpickling this runs `touch <marker>` (what a crafted checkpoint would do)."""
+
+    def __init__(self, marker):
+        self.marker = str(marker)
+
+    def __reduce__(self):
+        return (os.system, (f"touch {self.marker}",))
+
+
+def test_planted_pickle_in_checkpoint_is_refused(tmp_path):
+    """A real ZeRO-2 checkpoint whose DeepSpeed optimizer file is replaced by a pickle that would
+    run code: export (zero_to_fp32), resume (engine.load_checkpoint) and the re-shard loader all
+    refuse it in one line, and the payload never runs."""
+    import subprocess
+    import sys
+
+    import torch
+
+    from training.checkpoint import find_latest, load_backbone_state_dict
+    from training.safe_load import UnsafeCheckpoint
+    over = _train_inputs(tmp_path) + ["train.deepspeed.zero_stage=2", "train.checkpoint.every=1"]
+    p = subprocess.run([sys.executable, "-m", "training.train", *over], cwd=ROOT, env=ENV,
+                       capture_output=True, text=True, timeout=300)
+    assert p.returncode == 0, p.stderr[-3000:]
+    step = find_latest(tmp_path / "run/train/checkpoints")
+    assert load_backbone_state_dict(step)  # the genuine checkpoint loads weights-only
+    marker = tmp_path / "pwned"
+    optim = next(step.glob("*zero_pp_rank_0_*optim_states.pt"))
+    torch.save({"optimizer_state_dict": _Payload(marker)}, optim)
+    with pytest.raises(UnsafeCheckpoint, match=r"refused to load the pickled global (posix|os)\.system"):
+        load_backbone_state_dict(step)
+    assert not marker.exists()
+    ex = subprocess.run([sys.executable, "-m", "training.export", str(step), str(tmp_path / "hf")], cwd=ROOT,
+                        env=ENV, capture_output=True, text=True, timeout=300)
+    err = [ln for ln in ex.stderr.splitlines() if ln.startswith("export error")]
+    assert ex.returncode != 0 and len(err) == 1 and "refused to load" in err[0] and "Traceback" not in ex.stderr
+    assert not marker.exists()
+    rs = subprocess.run([sys.executable, "-m", "training.train", *over, "train.steps=2"], cwd=ROOT, env=ENV,
+                        capture_output=True, text=True, timeout=300)
+    err = [ln for ln in rs.stderr.splitlines() if ln.startswith("error:")]
+    assert rs.returncode == 1 and len(err) == 1 and "refused to load" in err[0], rs.stderr[-3000:]
+    assert "Traceback" not in rs.stderr and not marker.exists()

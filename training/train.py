@@ -313,8 +313,7 @@ def train(run: RunConfig, cfg: TrainConfig, ctx: DistContext) -> dict:
     step, samples_seen = 0, 0
     if resume:
         if exact:
-            engine.load_checkpoint(str(root), tag=resume.name, load_optimizer_states=True,
-                                   load_lr_scheduler_states=False)
+            ckpt.load_engine(engine, resume)  # weights-only, DeepSpeed's files included
         ckpt.load_centers(resume, pfc, pfc_opt, int(state["world_size"]))
         step, samples_seen = int(state["step"]), int(state["samples_seen"])
         log.info("resumed from %s (step %d, %d samples seen)", resume, step, samples_seen)
