@@ -33,10 +33,14 @@ def launch(cmd: list[str], env: dict) -> int:
 
 
 def main(argv: list[str]) -> int:
+    from torch.distributed.elastic.multiprocessing.api import SignalException
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
     from torch.distributed.run import main as torchrun
     try:
         torchrun(argv)
+    except SignalException as e:  # the agent has stopped its workers
+        print(f"mlcd: stopped by signal {int(e.sigval)}; workers terminated", file=sys.stderr)
+        return 128 + int(e.sigval)
     except ChildFailedError as e:
         rank, first = e.get_first_failure()
         code = first.exitcode if first.exitcode and first.exitcode > 0 else 1

@@ -314,3 +314,43 @@ def test_planted_pickle_in_checkpoint_is_refused(tmp_path):
     err = [ln for ln in rs.stderr.splitlines() if ln.startswith("error:")]
     assert rs.returncode == 1 and len(err) == 1 and "refused to load" in err[0], rs.stderr[-3000:]
     assert "Traceback" not in rs.stderr and not marker.exists()
+
+
+@pytest.mark.slow
+def test_sigkill_of_mlcd_group_takes_workers_down(tmp_path):
+    """torchrun starts workers in their own sessions; `kill -9 -PGID` of `mlcd train --nproc 2`
+    used to leave them running. Now they get SIGTERM when their agent dies, and a rerun on the
+    folder takes over the stale lock."""
+    import json
+    import signal
+    import subprocess
+    import sys
+    import time
+    over = _train_inputs(tmp_path) + ["train.steps=100000", "train.checkpoint.every=100000"]
+    proc = subprocess.Popen([sys.executable, "-m", "launch.cli", "train", "--nproc", "2", *over], cwd=ROOT,
+                            env=ENV, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                            start_new_session=True)
+    lock = tmp_path / "run/train/.mlcd.lock"
+    try:
+        for _ in range(240):
+            if lock.is_file() and lock.read_text():
+                break
+            time.sleep(0.5)
+        worker = json.loads(lock.read_text())["pid"]
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+        for _ in range(40):
+            try:
+                os.kill(worker, 0)
+            except ProcessLookupError:
+                break
+            time.sleep(0.5)
+        else:
+            os.kill(worker, signal.SIGKILL)
+            pytest.fail(f"rank 0 (pid {worker}) outlived its killed agent")
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+    from pipeline import lock as L
+    with L.folder_lock(tmp_path / "run/train", "rerun"):  # stale (dead pid): taken over
+        pass
