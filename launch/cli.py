@@ -81,7 +81,7 @@ def main(argv: list[str] | None = None) -> int:
     if nproc > 1 or nnodes > 1:
         cmd = torchrun_cmd(module, rest, nproc, nnodes)
         print("+", shlex.join(cmd), file=sys.stderr)
-        from launch.torchrun import launch  # torchrun, one line on a failed worker; forwards SIGTERM
+        from launch.torchrun_quiet import launch  # torchrun, one line on a failed worker; forwards SIGTERM
         return launch(cmd, torchrun_env())
     # Every stage module exposes cli(argv) (config stages: pipeline.config.cli_main(main, argv)).
     res = importlib.import_module(module).cli(rest)

@@ -7,7 +7,7 @@
   (they run in their own sessions: a signal to mlcd's process group alone would not reach them,
   and SIGKILL to the agent leaves them running; see README "Stopping a run").
 
-    python -m launch.torchrun --nproc_per_node=2 --standalone -m training.train ...
+    python -m launch.torchrun_quiet --nproc_per_node=2 --standalone -m training.train ...
 """
 from __future__ import annotations
 
@@ -19,7 +19,7 @@ import sys
 def launch(cmd: list[str], env: dict) -> int:
     """Runs a `torchrun_cmd` command through this module; returns the agent's exit code."""
     i = cmd.index("torch.distributed.run")
-    proc = subprocess.Popen([*cmd[:i], "launch.torchrun", *cmd[i + 1:]], env=env)
+    proc = subprocess.Popen([*cmd[:i], "launch.torchrun_quiet", *cmd[i + 1:]], env=env)
 
     def forward(sig, _frame):
         proc.send_signal(sig)
