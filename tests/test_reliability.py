@@ -69,8 +69,9 @@ def test_clip_retrieval_padded_store_end_to_end(tmp_path):
 
 @pytest.mark.parametrize("method", ["faiss", "torch"])
 def test_kmeans_nredo_keeps_best_run(tmp_path, method):
-    from clustering import kmeans as km
     from test_clustering import make_store
+
+    from clustering import kmeans as km
     make_store(tmp_path / "store", n_parts=2, rows=400, d=16, k=12, noise=0.05)
     base = ["cluster.k=12", "cluster.niter=4", "cluster.init=random", f"cluster.method={method}",
             "cluster.points_per_centroid=1000"]
@@ -121,8 +122,9 @@ def test_stage_refuses_folder_held_by_live_run(tmp_path, capsys):
     import subprocess
     import sys
 
-    from clustering import kmeans as km
     from test_clustering import make_store
+
+    from clustering import kmeans as km
     make_store(tmp_path / "store", n_parts=1, rows=200, d=8, k=4)
     folder = tmp_path / "clusters"
     holder = subprocess.Popen([sys.executable, "-c", "import sys, time; from pipeline import lock; "
