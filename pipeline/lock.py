@@ -25,6 +25,7 @@ from pipeline.config import InputError
 log = logging.getLogger("mlcd.lock")
 LOCK_NAME = ".mlcd.lock"
 _EMPTY_GRACE_S = 30.0  # a lock file with no content yet is being written (or its writer died)
+_CREATED: dict[Path, list[Path]] = {}  # folders acquire() made, deepest first
 
 
 class LockError(InputError):
@@ -65,8 +66,10 @@ def _stale(path: Path, owner: dict | None) -> bool:
 def acquire(folder: str | os.PathLike, what: str = "") -> Path:
     """Takes ``folder``'s lock or raises LockError naming the owner."""
     folder = Path(folder)
+    created = [p for p in (folder, *folder.parents) if not p.exists()]
     folder.mkdir(parents=True, exist_ok=True)
     path = folder / LOCK_NAME
+    _CREATED[path] = created  # removed again on release if still empty (a run refused on input)
     me = {"pid": os.getpid(), "host": socket.gethostname(), "start": time.time(), "what": what}
     for _ in range(3):
         try:
@@ -97,6 +100,11 @@ def release(path: Path) -> None:
     o = _owner(path)
     if o and o.get("pid") == os.getpid() and o.get("host") == socket.gethostname():
         path.unlink(missing_ok=True)
+        for d in _CREATED.pop(path, []):
+            try:
+                d.rmdir()  # only if the run wrote nothing there
+            except OSError:
+                break
 
 
 @contextmanager
