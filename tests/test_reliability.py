@@ -50,7 +50,7 @@ def test_clip_retrieval_padded_store_end_to_end(tmp_path):
     assert emb_path(store, "img", 3).name == "img_emb_03.npy" and part_name(store, 11) == "11"
     over = [f"run.out_dir={tmp_path}", "cluster.kind=img", "assign.kind=img"]
     km.main(None, over + ["cluster.k=4", "cluster.niter=5", "cluster.points_per_centroid=1000"])
-    asg.main(None, over + ["assign.l=2", "assign.report=false"])
+    asg.main(None, over + ["assign.l=2", "assign.report_clusters=2"])  # report: no `key` column either
     labels = tmp_path / "clusters/labels"
     assert sorted(p.name for p in labels.glob("labels_*.npy")) == [f"labels_{i:02d}.npy" for i in range(12)]
     lab = LabelStore(labels)
