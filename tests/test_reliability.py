@@ -356,3 +356,19 @@ def test_sigkill_of_mlcd_group_takes_workers_down(tmp_path):
     from pipeline import lock as L
     with L.folder_lock(tmp_path / "run/train", "rerun"):  # stale (dead pid): taken over
         pass
+
+
+def test_training_input_shard_with_labels_must_exist(tmp_path):
+    from pipeline.config import load_config
+    from pipeline.dist import DistContext
+    from training.train import TrainConfig
+    from training.validate import TrainInputError, check_inputs
+    over = _train_inputs(tmp_path)
+    lst = tmp_path / "list.txt"
+    data = tmp_path / "syn/data/train"
+    lst.write_text(f"{data}/00000.tar\n{data}/00001.tar\n")
+    cfg = load_config(None, [*over, f"train.data.shards={lst}"], "train", TrainConfig)[1]
+    check_inputs(cfg, DistContext())
+    (data / "00001.tar").unlink()
+    with pytest.raises(TrainInputError, match=r"00001.tar: shard not found, but it has labels .*labels_1.npy"):
+        check_inputs(cfg, DistContext())

@@ -3,7 +3,8 @@ one line naming the file and the reason, on every rank, instead of a traceback o
 first sampled.
 
 Checked on rank 0, the verdict broadcast (every rank raises the same ``TrainInputError``):
-- the shard list expands and its local shards exist, and some shard has metadata + labels;
+- the shard list expands, some shard has metadata + labels, and every such local shard exists
+  (shards without labels are left out with a warning, as before);
 - every label part is row-aligned with its metadata part (same rows: a labels folder made from
   another store fails here), has >= ``loss.num_labels`` columns and a sims file;
 - every label is in [-1, K): K = ``partial_fc.num_classes`` or the centroids' row count;
@@ -77,9 +78,6 @@ def _check(cfg) -> None:
         raise TrainInputError(f"train.data.shards={d.shards!r}: {e}") from None
     if not shards:
         raise TrainInputError(f"train.data.shards={d.shards!r}: no shards")
-    for url in shards:
-        if not (url.startswith("pipe:") or "://" in url) and not os.path.isfile(url):
-            raise TrainInputError(f"{url}: shard not found (listed by train.data.shards={d.shards!r})")
     if not os.path.isdir(d.store):
         raise TrainInputError(f"{d.store}: embedding store not found (train.data.store)")
     if not os.path.isdir(d.labels):
@@ -90,6 +88,9 @@ def _check(cfg) -> None:
         if not (m.is_file() and lab.is_file()):
             continue  # left out at start-up with a warning (training/data.py:find_parts)
         found += 1
+        if not (url.startswith("pipe:") or "://" in url) and not os.path.isfile(url):
+            raise TrainInputError(f"{url}: shard not found, but it has labels {lab} "
+                                  f"(listed by train.data.shards={d.shards!r})")
         _check_part(m, lab, sims_path(d.labels, i), need, k)
     if not found:
         raise TrainInputError(f"no shard of {d.shards} has labels: expected {labels_path(d.labels, 0)} and "
