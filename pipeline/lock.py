@@ -3,7 +3,8 @@
 The lock file is created with ``O_CREAT | O_EXCL`` (atomic, also on NFS v3+) and holds the
 owner's pid, host and start time as JSON. A second run on the same folder is refused with one
 line naming the owner. A lock whose pid is dead on this host is stale (a killed run: SIGKILL
-runs no cleanup) and is taken over; a lock from another host is never broken automatically
+runs no cleanup), as is one whose pid now belongs to a process started later (pid reuse), and
+is taken over; a lock from another host is never broken automatically
 (we can't see its processes): delete the file if that run is gone. Released on exit.
 
 In a distributed stage only rank 0 takes it (``hold``); the outcome is broadcast so every rank
@@ -42,6 +43,16 @@ def _alive(pid: int) -> bool:
     return True
 
 
+def _proc_start(pid: int) -> str | None:
+    """The process's start time in clock ticks since boot (Linux), so a pid reused by another
+    process after the owner died is not mistaken for the owner."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+        return stat.rsplit(")", 1)[1].split()[19]
+    except (OSError, IndexError):
+        return None
+
+
 def _owner(path: Path) -> dict | None:
     try:
         return json.loads(path.read_text() or "null")
@@ -60,7 +71,13 @@ def _stale(path: Path, owner: dict | None) -> bool:
             return time.time() - path.stat().st_mtime > _EMPTY_GRACE_S
         except FileNotFoundError:
             return True
-    return owner.get("host") == socket.gethostname() and not _alive(int(owner.get("pid", -1)))
+    if owner.get("host") != socket.gethostname():
+        return False
+    pid = int(owner.get("pid", -1))
+    if not _alive(pid):
+        return True
+    started = owner.get("proc_start")
+    return started is not None and _proc_start(pid) not in (None, started)  # pid reused
 
 
 def acquire(folder: str | os.PathLike, what: str = "") -> Path:
@@ -70,7 +87,8 @@ def acquire(folder: str | os.PathLike, what: str = "") -> Path:
     folder.mkdir(parents=True, exist_ok=True)
     path = folder / LOCK_NAME
     _CREATED[path] = created  # removed again on release if still empty (a run refused on input)
-    me = {"pid": os.getpid(), "host": socket.gethostname(), "start": time.time(), "what": what}
+    me = {"pid": os.getpid(), "host": socket.gethostname(), "start": time.time(), "what": what,
+          "proc_start": _proc_start(os.getpid())}
     for _ in range(3):
         try:
             fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)

@@ -110,6 +110,11 @@ def test_folder_lock_refuses_second_writer_and_takes_over_stale(tmp_path):
     path.write_text(json.dumps({"pid": int(dead), "host": socket.gethostname(), "start": 0, "what": "x"}))
     with lock.folder_lock(tmp_path / "out", "third") as p2:
         assert json.loads(p2.read_text())["what"] == "third"
+    # a live pid that is not the owner (reused: other start time) does not hold the folder
+    path.write_text(json.dumps({"pid": os.getppid(), "host": socket.gethostname(), "start": 0, "what": "x",
+                                "proc_start": "1"}))
+    with lock.folder_lock(tmp_path / "out", "fourth"):
+        pass
     # another host's lock is never broken automatically
     path.write_text(json.dumps({"pid": 1, "host": "elsewhere-host", "start": 0, "what": "x"}))
     with pytest.raises(lock.LockError, match="elsewhere-host"):
