@@ -30,7 +30,7 @@ from pipeline.config import RunConfig, check, load_config, prepare_out_dir
 from pipeline.dist import DistContext
 from pipeline.entry import cli_main, run_distributed
 from pipeline.io import atomic_write_json, clean_stale_tmp, load_npy, read_json
-from pipeline.store import KINDS, StoreError, labels_path, sims_path, write_labels
+from pipeline.store import KINDS, StoreError, labels_path, part_name, sims_path, write_labels
 from pipeline.tracking import Timer, Tracker, progress
 
 log = logging.getLogger("mlcd.assign")
@@ -179,7 +179,7 @@ def run_assign(run: RunConfig, cfg: AssignConfig, ctx: DistContext) -> dict:
         labels, sims, _ = assign_part(arr, topk, cfg.block_rows)
         work_s += time.perf_counter() - t
         work_rows += len(arr)
-        write_labels(out, p, labels, sims)
+        write_labels(out, part_name(info.store.root, p), labels, sims)  # the store's digits
         bar.update(len(arr))
         tracker.log({"assign/rows_per_s": work_rows / max(work_s, 1e-9), "assign/part": p})
     bar.close()
@@ -236,7 +236,7 @@ def write_manifest(out: Path, info, cfg: AssignConfig, state: dict, engine: str,
 
 def main(config: str | None = None, overrides=()) -> dict:
     run, cfg = load_config(config, list(overrides), "assign", AssignConfig)
-    return run_distributed(run_assign, run, cfg)
+    return run_distributed(run_assign, run, cfg, lock_dir=cfg.out_dir)
 
 
 def cli(argv=None) -> int:

@@ -66,6 +66,7 @@ class KMeansConfig:
     init: str = "auto"                  # random | kmeans++ | auto (kmeans++ when k <= 8192)
     init_candidates: int = 8            # k-means++ picks among k * this seeded sample rows
     verbose: bool = False               # faiss's own per-iteration prints
+    nredo: int = 1                      # independent runs (seeds run.seed + 1000003 r); best objective kept
 
     def __post_init__(self):
         check(self.kind in KINDS, "kind", self.kind, f"must be one of {KINDS}")
@@ -79,6 +80,7 @@ class KMeansConfig:
         check(self.init in ("auto", "random", "kmeans++"), "init", self.init, "must be auto, random or kmeans++")
         check(self.init_candidates >= 1, "init_candidates", self.init_candidates, "must be >= 1")
         check(self.block_rows >= 1, "block_rows", self.block_rows, "must be >= 1")
+        check(self.nredo >= 1, "nredo", self.nredo, "must be >= 1")
 
 
 # ---------------------------------------------------------------- checkpoints
@@ -393,24 +395,37 @@ def run_kmeans(run: RunConfig, cfg: KMeansConfig, ctx: DistContext) -> dict:
     # method=torch keeps each rank's share on its GPU; faiss keeps the sample in host memory and
     # streams it (so does the final size pass below, block by block)
     x = torch.from_numpy(x_np).to(device) if method == "torch" else torch.from_numpy(x_np)
-    init, n_valid = _gather_init(x, info, my_parts, per_part, cfg, run.seed, ctx)
-    t_train = Timer()
-    if method == "torch":
-        c, hist = train_torch(x, init, cfg.niter, ckpt, cfg.checkpoint_every, ctx, cfg.block_rows, tracker)
-    elif method == "faiss":
-        c, hist = train_faiss(x_np, init.cpu().numpy(), cfg.niter, run.seed, ckpt, cfg.checkpoint_every,
-                              gpus, cfg.verbose, tracker)
-    else:
-        c, hist = train_two_level(x_np, cfg.k, cfg.coarse_k, cfg.niter, run.seed, ckpt,
-                                  cfg.checkpoint_every, gpus, cfg.verbose, tracker, ctx,
-                                  use_kmeanspp(cfg.init, cfg.coarse_k or round(math.sqrt(cfg.k))),
-                                  cfg.init_candidates)
-    train_s = t_train.elapsed()
-    # sizes on the sample under the final centers (one extra assignment pass, GEMM + argmax)
-    ct = torch.from_numpy(c).to(device).T.contiguous()
-    idx, sim = nearest(x, ct, cfg.block_rows)
-    sizes = ctx.all_reduce_(torch.bincount(idx, minlength=cfg.k).to(torch.int64)).cpu().numpy()
-    final_obj = float(ctx.all_reduce_(sim.double().sum().reshape(1)).cpu()[0])
+    # cluster.nredo: independent runs from differently seeded inits; the one with the best final
+    # objective (sum of similarities to the nearest center) is kept, like faiss's nredo. Costs
+    # nredo x the training time; run 0 is the nredo=1 run, so a restart can only improve on it.
+    best, redo_obj = None, []
+    for r in range(cfg.nredo):
+        seed = run.seed + 1_000_003 * r
+        rck = ckpt if r == 0 else Checkpoint(out / "ckpt" / f"redo{r}", key, enabled=True)
+        init, n_valid = _gather_init(x, info, my_parts, per_part, cfg, seed, ctx)
+        t_train = Timer()
+        if method == "torch":
+            c, hist = train_torch(x, init, cfg.niter, rck, cfg.checkpoint_every, ctx, cfg.block_rows, tracker)
+        elif method == "faiss":
+            c, hist = train_faiss(x_np, init.cpu().numpy(), cfg.niter, seed, rck, cfg.checkpoint_every,
+                                  gpus, cfg.verbose, tracker)
+        else:
+            c, hist = train_two_level(x_np, cfg.k, cfg.coarse_k, cfg.niter, seed, rck,
+                                      cfg.checkpoint_every, gpus, cfg.verbose, tracker, ctx,
+                                      use_kmeanspp(cfg.init, cfg.coarse_k or round(math.sqrt(cfg.k))),
+                                      cfg.init_candidates)
+        train_s = t_train.elapsed()
+        # sizes on the sample under the final centers (one extra assignment pass, GEMM + argmax)
+        ct = torch.from_numpy(c).to(device).T.contiguous()
+        idx, sim = nearest(x, ct, cfg.block_rows)
+        sizes = ctx.all_reduce_(torch.bincount(idx, minlength=cfg.k).to(torch.int64)).cpu().numpy()
+        final_obj = float(ctx.all_reduce_(sim.double().sum().reshape(1)).cpu()[0])
+        redo_obj.append(final_obj)
+        if cfg.nredo > 1:
+            log.info("k-means run %d/%d: objective %.6g", r + 1, cfg.nredo, final_obj)
+        if best is None or final_obj > best[3]:
+            best = (c, hist, sizes, final_obj, train_s, r)
+    c, hist, sizes, final_obj, train_s, best_redo = best
     idx = sim = None
     result = {
         "complete": True, "key": key, "k": cfg.k, "dim": info.dim, "kind": cfg.kind, "method": method,
@@ -420,6 +435,7 @@ def run_kmeans(run: RunConfig, cfg: KMeansConfig, ctx: DistContext) -> dict:
         "iterations_run": len(hist["obj"]),  # faiss ends a chunk early once the objective stops moving
         "objective_final": final_obj, "mean_similarity": final_obj / max(n_valid, 1),
         "splits_per_iteration": hist.get("nsplit", []),
+        "nredo": cfg.nredo, "redo_objectives": redo_obj, "best_redo": best_redo,
         **{k: v for k, v in hist.items() if k not in ("obj", "nsplit")},
         "cluster_sizes": cluster_stats(sizes, cfg.tiny_cluster),
         "empty_clusters_handling": "during training an empty cluster is re-seeded by splitting the "
@@ -445,7 +461,7 @@ def run_kmeans(run: RunConfig, cfg: KMeansConfig, ctx: DistContext) -> dict:
 
 def main(config: str | None = None, overrides=()) -> dict:
     run, cfg = load_config(config, list(overrides), "cluster", KMeansConfig)
-    return run_distributed(run_kmeans, run, cfg)
+    return run_distributed(run_kmeans, run, cfg, lock_dir=cfg.out_dir)
 
 
 def cli(argv=None) -> int:

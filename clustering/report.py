@@ -116,7 +116,7 @@ def make_report(store_root: str, labels_dir: str | Path, report_dir: str | Path,
         rows = sorted({r for ms in members.values() for _, q, r in ms if q == p})
         t = store.metadata(p).take(rows).to_pydict()
         for i, r in enumerate(rows):
-            meta[(p, r)] = (str(t["shard"][i]) if "shard" in t else "", str(t["key"][i]),
+            meta[(p, r)] = (str(t["shard"][i]) if "shard" in t else "", str(t.get("key", t.get("image_path", [""] * len(rows)))[i]),
                             str(t.get("caption", [""] * len(rows))[i] or ""))
     wanted: dict[str, set[str]] = {}
     for shard, key, _ in meta.values():

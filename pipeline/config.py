@@ -62,6 +62,11 @@ class RunConfig:
     overwrite: bool = False
     log_every: int = 10
     wandb: WandbConfig = field(default_factory=WandbConfig)
+    # Off unless set (pipeline/netpolicy.py): model downloads (HF hub, open_clip tags), shard
+    # specs that run a shell command (`pipe:...`), and remote shard URLs (http://, s3://, ...).
+    allow_download: bool = False
+    allow_pipe: bool = False
+    allow_remote: bool = False
 
 
 def _read_yaml(path: Path) -> dict:
@@ -200,7 +205,8 @@ def prepare_out_dir(out_dir: str | os.PathLike, run: RunConfig, sections: dict[s
         old = yaml.safe_load(target.read_text()) or {}
         new = yaml.safe_load(text)
         diff = _diff(old, new, ignore=tuple(ignore) + ("run.resume", "run.overwrite", "run.wandb",
-                                                         "run.log_every"))
+                                                         "run.log_every", "run.allow_download",
+                                                         "run.allow_pipe", "run.allow_remote"))
         if diff:
             raise ConfigError(
                 f"{out} holds a run with a different config ({'; '.join(diff[:3])}); "

@@ -406,7 +406,7 @@ def _plain(cfg) -> dict:
 
 def main(config: str | None, overrides: list[str]) -> dict:
     run, cfg = load_config(config, overrides, "embed", EmbedConfig)
-    return run_distributed(embed, run, cfg)
+    return run_distributed(embed, run, cfg, lock_dir=cfg.out_dir)
 
 
 def cli(argv=None):

@@ -33,6 +33,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+from pipeline import netpolicy
 from pipeline.config import check
 
 log = logging.getLogger("mlcd.encoders")
@@ -129,6 +130,7 @@ class OpenClipEncoder(Encoder):
             open_clip.add_model_config(cfg.model_config)
             name = Path(cfg.model_config).stem
         kwargs = {"force_image_size": cfg.image_size} if cfg.image_size else {}
+        netpolicy.check_open_clip(name, cfg.pretrained, "embed.encoder.pretrained")
         # pretrained_text=False: a random-init model must not reach for HF text-tower weights
         model, _, preprocess = open_clip.create_model_and_transforms(
             name, pretrained=cfg.pretrained, device=device, pretrained_text=cfg.pretrained is not None,

@@ -9,9 +9,9 @@ overrides)`` -> ``run_distributed(fn, run, cfg)`` -> ``fn(run, cfg, ctx)``.
 - ``run_distributed`` builds the ``DistContext`` once, sets up per-rank logging, runs the stage
   and always destroys the process group, also on errors.
 
-Per-stage setup that every stage needs (network policy, run-folder lock, ...) goes in
-``run_distributed``, before ``fn`` runs: it is the single place all stages pass through with a
-context in hand.
+Per-stage setup that every stage needs goes in ``run_distributed``, before ``fn`` runs: it is
+the single place all stages pass through with a context in hand. Today: the network/shell policy
+and the output-folder lock (``pipeline/guard.py``).
 """
 from __future__ import annotations
 
@@ -23,28 +23,9 @@ from typing import Any
 
 from pipeline.config import ConfigError
 from pipeline.dist import DistContext, destroy, init_distributed
+from pipeline.errors import InputError, StageError  # noqa: F401 -- re-exported: the stages' error base
+from pipeline.guard import stage_guard
 from pipeline.tracking import setup_logging
-
-
-class StageError(Exception):
-    """A user-facing stage failure: ``str(e)`` is the message, ``exit_code`` 1 (bad input) or 2
-    (bad config/arguments). Modules subclass it for their own errors (``StoreError``, ...)."""
-    exit_code = 1
-    label = "error"
-
-    def __init__(self, message: str = "", exit_code: int | None = None):
-        super().__init__(message)
-        if exit_code is not None:
-            self.exit_code = exit_code
-
-    def __reduce__(self):  # survives DistContext.agree's broadcast with its code
-        return (_rebuild, (type(self), str(self), self.exit_code))
-
-
-def _rebuild(cls, message, code):
-    e = cls.__new__(cls)
-    StageError.__init__(e, message, code)
-    return e
 
 
 def exit_code(e: BaseException) -> int | None:
@@ -81,13 +62,19 @@ def cli_main(main: Callable[[str | None, list[str]], Any], argv: Sequence[str] |
         sys.exit(report(e))
 
 
-def run_distributed(fn: Callable[..., Any], run, cfg, **kwargs) -> Any:
+def run_distributed(fn: Callable[..., Any], run, cfg, *, lock_dir=None, **kwargs) -> Any:
     """Builds the context once, logs per rank, runs ``fn(run, cfg, ctx)`` and always tears the
-    process group down (also on errors)."""
+    process group down (also on errors). The stage runs under ``pipeline.guard.stage_guard``:
+    the run's network/shell policy always (``run.allow_*``), and the lock on ``lock_dir`` (the
+    stage's output folder) when given, so two runs never write into one folder."""
     ctx: DistContext = init_distributed()
     setup_logging(ctx)
     try:
-        out = fn(run, cfg, ctx, **kwargs)
+        if run is None:  # a tool without a run config (envcheck): no policy, no folder
+            out = fn(run, cfg, ctx, **kwargs)
+        else:
+            with stage_guard(run, lock_dir, ctx, fn.__module__):
+                out = fn(run, cfg, ctx, **kwargs)
         # no rank tears its group down while a peer still talks to it (gloo aborts the process
         # on exit when it does); on an error there is no barrier: a peer may never reach it
         ctx.barrier()

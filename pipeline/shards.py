@@ -16,7 +16,8 @@ import pyarrow.parquet as pq
 import webdataset as wds
 from braceexpand import braceexpand
 
-from pipeline.entry import StageError
+from pipeline import netpolicy
+from pipeline.errors import StageError
 from pipeline.io import atomic_path, atomic_write_json
 
 
@@ -27,11 +28,12 @@ class ShardSpecError(StageError, ValueError):
 def expand_shards(spec: str | Sequence[str]) -> list[str]:
     """Input shards from a brace pattern (``/data/{00000..04095}.tar``), a list file (``.txt``,
     one shard per line), a directory (its ``*.tar``), or a list of any of those. ``pipe:`` and
-    URL specs are passed through for webdataset to open."""
+    URL specs are passed through for webdataset to open, only where the run allows them
+    (``check_url``; a refused list-file line is named by file and line number)."""
     if not isinstance(spec, str):
         return [s for item in spec for s in expand_shards(item)]
     if spec.startswith("pipe:") or "://" in spec:
-        return list(braceexpand(spec))
+        return [check_url(s, "shard spec") for s in braceexpand(spec)]
     p = Path(spec)
     if p.is_dir():
         shards = sorted(str(x) for x in p.glob("*.tar"))
@@ -42,12 +44,25 @@ def expand_shards(spec: str | Sequence[str]) -> list[str]:
         # Lines are taken as given (braces expanded): a listed shard that is missing becomes a
         # per-shard failure of the stage reading it, not an error that aborts the whole run.
         lines = [ln.strip() for ln in p.read_text().splitlines()]
-        return [s for ln in lines if ln and not ln.startswith("#") for s in braceexpand(ln)]
+        return [check_url(s, f"{p}:{i + 1}") for i, ln in enumerate(lines)
+                if ln and not ln.startswith("#") for s in braceexpand(ln)]
     shards = list(braceexpand(spec))
     missing = [s for s in shards if not os.path.exists(s)]
     if missing and len(missing) == len(shards):
         raise ShardSpecError(f"shard spec {spec!r} matches no file (first: {missing[0]})")
     return shards
+
+
+def check_url(url: str, where: str) -> str:
+    """``url`` if the run's policy lets it be opened (pipeline/netpolicy.py): webdataset runs a
+    ``pipe:`` spec with a shell and fetches remote URLs, so a line of a data file must not do
+    either unless the config says so."""
+    if url.startswith("pipe:") and not netpolicy.pipe_allowed():
+        raise ShardSpecError(f"{where}: {url[:80]!r} is a shell command (pipe:); refused unless "
+                             f"run.allow_pipe=true")
+    if netpolicy.is_remote(url) and not url.startswith("pipe:") and not netpolicy.remote_allowed():
+        raise ShardSpecError(f"{where}: {url[:80]!r} is a remote URL; refused unless run.allow_remote=true")
+    return url
 
 
 def shard_stem(url: str) -> str:

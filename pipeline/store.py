@@ -14,6 +14,12 @@ Label store (stage 2 -> stage 3), row-aligned with ``metadata_{i}.parquet``::
     labels/sims_{i}.npy     float16 N_i x l cosine similarities
     labels/manifest.json
 
+``{i}`` is the part number, zero-padded or not: clip-retrieval's writer pads it to
+``int(log10(partition_count)) + 1`` digits (``img_emb_00.npy`` once there are 10 or more parts, as
+in LAION's released stores); we write it unpadded. Readers accept any padding (``part_file``), and
+label files take the digits of the store part they label (``part_name``), so both stay aligned.
+Metadata needs a ``key`` column (ours, img2dataset's) or clip-retrieval's ``image_path``.
+
 Parts are written file by file atomically; ``metadata`` is written last, so a part whose metadata
 file exists is complete. Readers never need the manifest.
 """
@@ -28,23 +34,61 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from pipeline.entry import StageError
+from pipeline.errors import InputError
 from pipeline.io import atomic_path, atomic_save_npy, load_npy
 
 KINDS = ("img", "text", "joint")
 _PART_RE = re.compile(r"^(?:img|text|joint)_emb_(\d+)\.npy$")
 
 
-class StoreError(StageError, ValueError):
+class StoreError(InputError):
     pass
 
 
-def emb_path(root: str | os.PathLike, kind: str, part: int) -> Path:
-    return Path(root) / f"{kind}_emb" / f"{kind}_emb_{part}.npy"
+_MAX_DIGITS = 9
 
 
-def meta_path(root: str | os.PathLike, part: int) -> Path:
-    return Path(root) / "metadata" / f"metadata_{part}.parquet"
+def part_file(folder: str | os.PathLike, prefix: str, part: int | str, suffix: str) -> Path:
+    """``folder/{prefix}{part}{suffix}``: an existing file with the part number zero-padded to any
+    width (a few stats, no listing), else the unpadded name (what we write). A ``str`` part is
+    taken verbatim (the digits of an existing file, see ``part_name``)."""
+    folder = Path(folder)
+    if isinstance(part, str):
+        return folder / f"{prefix}{part}{suffix}"
+    plain = folder / f"{prefix}{part}{suffix}"
+    if plain.exists():
+        return plain
+    for width in range(len(str(part)) + 1, _MAX_DIGITS + 1):
+        p = folder / f"{prefix}{part:0{width}d}{suffix}"
+        if p.exists():
+            return p
+    return plain
+
+
+def emb_path(root: str | os.PathLike, kind: str, part: int | str) -> Path:
+    return part_file(Path(root) / f"{kind}_emb", f"{kind}_emb_", part, ".npy")
+
+
+def meta_path(root: str | os.PathLike, part: int | str) -> Path:
+    return part_file(Path(root) / "metadata", "metadata_", part, ".parquet")
+
+
+def part_name(root: str | os.PathLike, part: int) -> str:
+    """The digits a store uses for ``part`` (``"03"`` in a padded store, else ``"3"``), so the
+    label files written for it follow the store's naming."""
+    return meta_path(root, part).name[len("metadata_"):-len(".parquet")]
+
+
+def read_keys(path: str | os.PathLike) -> list[str]:
+    """Sample keys of a metadata part: ``key``, else clip-retrieval's ``image_path`` (the
+    webdataset key, or a file path whose stem is the key)."""
+    names = pq.read_schema(path).names
+    if "key" in names:
+        return [str(k) for k in pq.read_table(path, columns=["key"]).column("key").to_pylist()]
+    if "image_path" in names:
+        return [Path(str(k)).stem if "/" in str(k) else str(k)
+                for k in pq.read_table(path, columns=["image_path"]).column("image_path").to_pylist()]
+    raise StoreError(f"{path}: no 'key' or 'image_path' column (has: {', '.join(names[:8])})")
 
 
 class EmbeddingStore:
@@ -134,16 +178,17 @@ def write_part(root: str | os.PathLike, part: int, embeddings: dict[str, np.ndar
 
 # ---------------------------------------------------------------- label store
 
-def labels_path(root: str | os.PathLike, part: int) -> Path:
-    return Path(root) / f"labels_{part}.npy"
+def labels_path(root: str | os.PathLike, part: int | str) -> Path:
+    return part_file(root, "labels_", part, ".npy")
 
 
-def sims_path(root: str | os.PathLike, part: int) -> Path:
-    return Path(root) / f"sims_{part}.npy"
+def sims_path(root: str | os.PathLike, part: int | str) -> Path:
+    return part_file(root, "sims_", part, ".npy")
 
 
-def write_labels(root: str | os.PathLike, part: int, labels: np.ndarray, sims: np.ndarray) -> None:
-    """sims first, labels last: a part whose labels file exists is complete."""
+def write_labels(root: str | os.PathLike, part: int | str, labels: np.ndarray, sims: np.ndarray) -> None:
+    """sims first, labels last: a part whose labels file exists is complete. Pass
+    ``part_name(store, p)`` as ``part`` to follow the store's zero-padding."""
     if labels.shape != sims.shape or labels.ndim != 2:
         raise StoreError(f"labels {labels.shape} and sims {sims.shape} must be equal 2-D shapes")
     atomic_save_npy(sims_path(root, part), sims.astype(np.float16))

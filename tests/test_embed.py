@@ -331,7 +331,7 @@ def test_pipe_inputs(tmp_path, capsys):
     spec = f"pipe:cat {tmp_path}/shards/{{00000..00002}}.tar"  # 00002 does not exist
     store = tmp_path / "store"
     with pytest.raises(SystemExit):
-        E.cli(tiny_args(tmp_path, spec, store))
+        E.cli(tiny_args(tmp_path, spec, store, "run.allow_pipe=true"))
     assert f"part 2: pipe:cat {tmp_path}/shards/00002.tar" in capsys.readouterr().err
     st = EmbeddingStore(store)
     assert st.parts("img") == [0, 1] and st.check("joint")[3] == [6, 6]

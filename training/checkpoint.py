@@ -27,6 +27,7 @@ from safetensors import safe_open
 from safetensors.torch import save as st_save
 
 from pipeline.io import atomic_write_bytes, atomic_write_json, atomic_write_text, read_json
+from training.safe_load import weights_only_loads
 
 log = logging.getLogger("mlcd.train.ckpt")
 STEP_RE = re.compile(r"^step_(\d{8})$")
@@ -151,13 +152,21 @@ def load_backbone_state_dict(step_dir: Path) -> dict[str, torch.Tensor]:
     """The full fp32 MLCDEncoder state dict of a checkpoint, whatever its ZeRO stage and world
     size (ZeRO 1-3 via DeepSpeed's zero_to_fp32; ZeRO 0 stores the module whole)."""
     step_dir = Path(step_dir)
-    if list(step_dir.glob("*zero_pp_rank_*optim_states.pt")):
-        from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
-        sd = get_fp32_state_dict_from_zero_checkpoint(str(step_dir.parent), tag=step_dir.name)
-    else:
-        path = step_dir / "mp_rank_00_model_states.pt"
-        if not path.is_file():
-            raise FileNotFoundError(f"{step_dir}: no DeepSpeed model states (mp_rank_00_model_states.pt)")
-        sd = torch.load(path, map_location="cpu", weights_only=True)["module"]
+    with weights_only_loads(step_dir):  # zero_to_fp32 would unpickle anything: not here
+        if list(step_dir.glob("*zero_pp_rank_*optim_states.pt")):
+            from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+            sd = get_fp32_state_dict_from_zero_checkpoint(str(step_dir.parent), tag=step_dir.name)
+        else:
+            path = step_dir / "mp_rank_00_model_states.pt"
+            if not path.is_file():
+                raise FileNotFoundError(f"{step_dir}: no DeepSpeed model states (mp_rank_00_model_states.pt)")
+            sd = torch.load(path, map_location="cpu", weights_only=True)["module"]
     return {k: v.float() for k, v in sd.items()}
+
+
+def load_engine(engine, step_dir: Path) -> None:
+    """DeepSpeed's own resume (same world size and ZeRO stage), weights-only (training/safe_load.py)."""
+    with weights_only_loads(step_dir):
+        engine.load_checkpoint(str(step_dir.parent), tag=step_dir.name, load_optimizer_states=True,
+                               load_lr_scheduler_states=False)
 

@@ -22,7 +22,6 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-import pyarrow.parquet as pq
 import torch
 import webdataset as wds
 from PIL import Image
@@ -32,7 +31,7 @@ from pipeline.config import check
 from pipeline.images import decode_rgb, image_bytes
 from pipeline.io import load_npy
 from pipeline.shards import expand_shards
-from pipeline.store import labels_path, meta_path
+from pipeline.store import labels_path, meta_path, read_keys
 
 log = logging.getLogger("mlcd.train.data")
 
@@ -95,7 +94,7 @@ def find_parts(cfg: TrainDataConfig, num_labels: int = 1) -> list[ShardPart]:
 
 def load_part_labels(part: ShardPart, num_labels: int, num_classes: int) -> dict[str, np.ndarray]:
     """key -> its first `num_labels` labels (int64), for rows that have any."""
-    keys = pq.read_table(part.meta, columns=["key"]).column("key").to_pylist()
+    keys = read_keys(part.meta)
     labels = load_npy(part.labels)
     if labels.ndim != 2 or labels.shape[0] != len(keys):
         raise ValueError(f"{part.labels}: shape {labels.shape} is not row-aligned with {part.meta} "

@@ -43,6 +43,7 @@ from training.trainer import (  # noqa: F401 -- re-exported: the stage's public 
     make_backbone_optimizer,
     train_step,
 )
+from training.validate import check_inputs
 
 log = logging.getLogger("mlcd.train")
 
@@ -62,6 +63,7 @@ def _one_process_env() -> None:
 def train(run: RunConfig, cfg: TrainConfig, ctx: DistContext) -> dict:
     """The stage: check the run folder and inputs once (rank 0; every rank agrees), build the
     Trainer (resuming from the newest complete checkpoint), fit."""
+    check_inputs(cfg, ctx)  # training/validate.py: bad inputs end here in one line, on every rank
     out = Path(cfg.out_dir)
     root = out / "checkpoints"
 
@@ -87,7 +89,7 @@ def main(config: str | None, overrides: list[str] | None = None) -> dict:
     os.environ.setdefault("DS_ACCELERATOR", "cpu" if not torch.cuda.is_available() else "cuda")
     run, cfg = load_config(config, overrides or [], "train", TrainConfig)
     _one_process_env()
-    return run_distributed(train, run, cfg)
+    return run_distributed(train, run, cfg, lock_dir=cfg.out_dir)
 
 
 def cli(argv=None):

@@ -35,6 +35,7 @@ from training.config import CheckpointConfig, OptimConfig, TrainConfig
 from training.data import make_loader
 from training.model import build_model
 from training.partial_fc import PartialFC, make_optimizer
+from training.validate import TrainInputError
 
 log = logging.getLogger("mlcd.train")
 
@@ -42,10 +43,6 @@ log = logging.getLogger("mlcd.train")
 class TrainingDiverged(StageError, FloatingPointError):
     """A non-finite loss: stopped before any optimizer step used it (exit 1, one line)."""
     label = "training diverged"
-
-
-class TrainInputError(StageError):
-    """Stage 1/2 outputs the run needs are missing or do not fit (exit 1, one line)."""
 
 
 def checked_input(fn):
@@ -214,8 +211,7 @@ class CheckpointManager:
         if not self.resume:
             return 0, 0
         if self.exact:
-            engine.load_checkpoint(str(self.root), tag=self.resume.name, load_optimizer_states=True,
-                                   load_lr_scheduler_states=False)
+            ckpt.load_engine(engine, self.resume)  # weights-only, DeepSpeed's own files included
         ckpt.load_centers(self.resume, pfc, pfc_opt, int(self.state["world_size"]))
         step, seen = int(self.state["step"]), int(self.state["samples_seen"])
         log.info("resumed from %s (step %d, %d samples seen)", self.resume, step, seen)

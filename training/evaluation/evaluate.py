@@ -340,7 +340,7 @@ def run_eval(run: RunConfig, cfg: EvalConfig, ctx: DistContext) -> dict:
 
 def main(config: str | None, overrides: list[str]) -> dict:
     run, cfg = load_config(config, overrides, "eval", EvalConfig)
-    return run_distributed(run_eval, run, cfg)
+    return run_distributed(run_eval, run, cfg, lock_dir=cfg.out_dir)
 
 
 def cli(argv=None):

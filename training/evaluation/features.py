@@ -37,6 +37,7 @@ import torch
 from PIL import Image
 from torch.utils.data import DataLoader, Dataset, Subset
 
+from pipeline import netpolicy
 from pipeline.dist import DistContext
 from pipeline.entry import StageError
 from pipeline.images import IMAGE_EXTS, decode_rgb, is_image_name
@@ -336,6 +337,7 @@ def _open_clip(spec) -> Extractor:
     features = encode_image (the embedding CLIP's own linear-probe evaluation uses)."""
     import open_clip
     torch.manual_seed(spec.seed)
+    netpolicy.check_open_clip(spec.arch, spec.pretrained, f"eval.models[{spec.name}].pretrained")
     try:
         model, _, preprocess = open_clip.create_model_and_transforms(
             spec.arch, pretrained=spec.pretrained or None, pretrained_text=False)

@@ -1,0 +1,124 @@
+"""Training inputs checked before anything expensive (DeepSpeed, the model, the data stream):
+one line naming the file and the reason, on every rank, instead of a traceback once a part is
+first sampled.
+
+Checked on rank 0, the verdict broadcast (every rank raises the same ``TrainInputError``):
+- the shard list expands, some shard has metadata + labels, and every such local shard exists
+  (shards without labels are left out with a warning, as before);
+- every label part is row-aligned with its metadata part (same rows: a labels folder made from
+  another store fails here), has >= ``loss.num_labels`` columns and a sims file;
+- every label is in [-1, K): K = ``partial_fc.num_classes`` or the centroids' row count;
+- K equals the centroids' K unless ``partial_fc.num_classes`` is set to something else on purpose
+  (then a warning; labels must still fit).
+
+Cost: one pass over the label files, memory-mapped in blocks (4 bytes x l per image: 12.8 GB for
+400M images and l = 8, read once at start-up), headers for everything else.
+"""
+from __future__ import annotations
+
+import logging
+import os
+
+import numpy as np
+import pyarrow.parquet as pq
+
+from pipeline.errors import InputError
+from pipeline.io import load_npy
+from pipeline.shards import ShardSpecError, expand_shards
+from pipeline.store import labels_path, meta_path, sims_path
+
+log = logging.getLogger("mlcd.train.validate")
+BLOCK_ROWS = 1 << 22
+
+
+class TrainInputError(InputError):
+    """A training input that can't work (one line: file and reason)."""
+
+
+def check_inputs(cfg, ctx) -> None:
+    """Collective: every rank calls it with the same ``TrainConfig``; rank 0 checks, every rank
+    raises the same TrainInputError (``DistContext.agree``)."""
+    def check() -> None:
+        try:
+            _check(cfg)
+        except TrainInputError:
+            raise
+        except (InputError, OSError) as e:
+            raise TrainInputError(str(e)) from None
+    ctx.agree(check)
+
+
+def _centroids_k(path: str) -> int | None:
+    if not os.path.isfile(path):
+        return None
+    try:
+        a = load_npy(path, mmap=True)
+    except (OSError, ValueError) as e:
+        raise TrainInputError(f"{path}: unreadable centroids ({e})") from None
+    if a.ndim != 2:
+        raise TrainInputError(f"{path}: centroids must be a 2-D array, got shape {a.shape}")
+    return int(a.shape[0])
+
+
+def _check(cfg) -> None:
+    d, need = cfg.data, cfg.loss.labels_used
+    k_cent = _centroids_k(cfg.centroids)
+    k = cfg.partial_fc.num_classes or k_cent
+    if k is None:
+        raise TrainInputError(f"{cfg.centroids}: k-means centroids not found (run stage 2, or set "
+                              f"train.partial_fc.num_classes)")
+    if k_cent is not None and k != k_cent:
+        log.warning("train.partial_fc.num_classes=%d differs from the %d centroids in %s (kept: set on "
+                    "purpose)", k, k_cent, cfg.centroids)
+    try:
+        shards = expand_shards(d.shards)
+    except ShardSpecError:
+        raise
+    except OSError as e:
+        raise TrainInputError(f"train.data.shards={d.shards!r}: {e}") from None
+    if not shards:
+        raise TrainInputError(f"train.data.shards={d.shards!r}: no shards")
+    if not os.path.isdir(d.store):
+        raise TrainInputError(f"{d.store}: embedding store not found (train.data.store)")
+    if not os.path.isdir(d.labels):
+        raise TrainInputError(f"{d.labels}: label folder not found (train.data.labels)")
+    found = 0
+    for i, url in enumerate(shards):
+        m, lab = meta_path(d.store, i), labels_path(d.labels, i)
+        if not (m.is_file() and lab.is_file()):
+            continue  # left out at start-up with a warning (training/data.py:find_parts)
+        found += 1
+        if not (url.startswith("pipe:") or "://" in url) and not os.path.isfile(url):
+            raise TrainInputError(f"{url}: shard not found, but it has labels {lab} "
+                                  f"(listed by train.data.shards={d.shards!r})")
+        _check_part(m, lab, sims_path(d.labels, i), need, k)
+    if not found:
+        raise TrainInputError(f"no shard of {d.shards} has labels: expected {labels_path(d.labels, 0)} and "
+                              f"{meta_path(d.store, 0)} (run stages 1 and 2 first)")
+
+
+def _check_part(meta, lab, sims, need: int, k: int) -> None:
+    try:
+        rows = pq.ParquetFile(meta).metadata.num_rows
+    except Exception as e:  # noqa: BLE001 (pyarrow raises several types for a bad file)
+        raise TrainInputError(f"{meta}: unreadable metadata ({str(e).splitlines()[0]})") from None
+    try:
+        a = load_npy(lab, mmap=True)
+    except (OSError, ValueError) as e:
+        raise TrainInputError(f"{lab}: unreadable labels ({e})") from None
+    if a.ndim != 2 or a.shape[0] != rows:
+        raise TrainInputError(f"{lab}: {a.shape[0] if a.ndim else 0} label rows but {meta} has {rows}: "
+                              f"not row-aligned (labels made from another store?)")
+    if a.shape[1] < need:
+        raise TrainInputError(f"{lab}: {a.shape[1]} labels per row, train.loss.num_labels needs {need}")
+    if a.dtype.kind not in "iu":
+        raise TrainInputError(f"{lab}: dtype {a.dtype}, expected integers")
+    if not sims.is_file():
+        raise TrainInputError(f"{sims}: missing (written with {lab} by stage 2)")
+    for s in range(0, rows, BLOCK_ROWS):
+        b = np.asarray(a[s:s + BLOCK_ROWS, :need])
+        if b.size and (b.max() >= k or b.min() < -1):
+            bad = int(b.max()) if b.max() >= k else int(b.min())
+            row = s + int(np.argwhere((b >= k) | (b < -1))[0][0])
+            raise TrainInputError(f"{lab}: label {bad} at row {row} is outside [-1, {k}) "
+                                  f"(K = train.partial_fc.num_classes or the centroids' count)")
