@@ -40,6 +40,7 @@ from pipeline.io import atomic_write_text
 from pipeline.tracking import Tracker, progress, setup_logging
 from training import checkpoint as ckpt
 from training.data import TrainDataConfig, find_parts, make_loader, num_classes_from_centroids
+from training.init_weights import FinetuneConfig, load_initial_centers, load_initial_weights, param_groups
 from training.loss import LossConfig
 from training.model import ModelConfig, build_model
 from training.partial_fc import PartialFC, PartialFCConfig, make_optimizer
@@ -106,6 +107,10 @@ class TrainConfig:
     deepspeed: DeepSpeedConfig = field(default_factory=DeepSpeedConfig)
     data: TrainDataConfig = field(default_factory=TrainDataConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    # A new run's starting weights (training/init_weights.py); a checkpoint in out_dir wins.
+    init_from: str = ""           # run/step folder of ours, HF folder, or state file; "" = random init
+    init_centers_from: str = ""   # run/step folder of ours with the same K; "" = fresh centers
+    finetune: FinetuneConfig = field(default_factory=FinetuneConfig)
 
     def __post_init__(self):
         check(self.steps >= 1, "steps", self.steps, "must be >= 1")
@@ -131,19 +136,9 @@ def lr_at(step: int, cfg: OptimConfig, total: int) -> float:
     return cfg.lr * (cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * min(t, 1.0))))
 
 
-def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
-    """No decay on 1-D params (norms, biases) and the class/position embeddings."""
-    decay, no_decay = [], []
-    for name, p in model.named_parameters():
-        if not p.requires_grad:
-            continue
-        skip = p.ndim < 2 or any(k in name for k in ("class_embedding", "position_embedding", "class_pos_emb"))
-        (no_decay if skip else decay).append(p)
-    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-
-
-def make_backbone_optimizer(model: torch.nn.Module, cfg: OptimConfig) -> torch.optim.Optimizer:
-    groups = param_groups(model, cfg.weight_decay)
+def make_backbone_optimizer(model: torch.nn.Module, cfg: OptimConfig, ft: FinetuneConfig | None = None
+                            ) -> torch.optim.Optimizer:
+    groups = param_groups(model, cfg.weight_decay, ft)
     if cfg.name == "sgd":
         return torch.optim.SGD(groups, lr=cfg.lr, momentum=0.9)
     return torch.optim.AdamW(groups, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), eps=cfg.eps)
@@ -227,9 +222,9 @@ def train_step(engine, pfc: PartialFC, pfc_opt, micro_batches: list, step: int, 
                ) -> dict[str, float]:
     lr = lr_at(step, cfg.optim, cfg.steps)
     for g in engine.optimizer.param_groups:
-        g["lr"] = lr
+        g["lr"] = lr * g.get("lr_scale", 1.0)  # layer-wise decay (train.finetune)
     for g in pfc_opt.param_groups:
-        g["lr"] = lr * cfg.partial_fc.lr_mult
+        g["lr"] = 0.0 if cfg.finetune.freeze_centers else lr * cfg.partial_fc.lr_mult
     gas = len(micro_batches)
     sums: dict[str, float] = {}
     skipped_before = engine.skipped_steps
@@ -299,7 +294,9 @@ def train(run: RunConfig, cfg: TrainConfig, ctx: DistContext) -> dict:
                     "backbone weights from the fp32 consolidation, backbone optimizer moments restart",
                     state.get("world_size"), state.get("zero_stage"), ctx.world_size, cfg.deepspeed.zero_stage)
         model.load_state_dict(ckpt.load_backbone_state_dict(resume))
-    engine, _, _, _ = deepspeed.initialize(model=model, optimizer=make_backbone_optimizer(model, cfg.optim),
+    init = state.get("init_from") if resume else load_initial_weights(model, cfg, num_classes, ctx, out)
+    engine, _, _, _ = deepspeed.initialize(model=model, optimizer=make_backbone_optimizer(model, cfg.optim,
+                                                                                        cfg.finetune),
                                            config=deepspeed_config(cfg), dist_init_required=False)
     if cfg.deepspeed.zero_stage == 3:
         zero3_register_direct_params(engine.module)
@@ -308,6 +305,8 @@ def train(run: RunConfig, cfg: TrainConfig, ctx: DistContext) -> dict:
     pfc_opt = make_optimizer(pfc, cfg.partial_fc, cfg.optim.lr, cfg.optim.weight_decay,
                              (cfg.optim.beta1, cfg.optim.beta2), cfg.optim.eps)
     step, samples_seen = 0, 0
+    if not resume:
+        load_initial_centers(pfc, cfg)
     if resume:
         if exact:
             engine.load_checkpoint(str(root), tag=resume.name, load_optimizer_states=True,
@@ -331,7 +330,8 @@ def train(run: RunConfig, cfg: TrainConfig, ctx: DistContext) -> dict:
                        "partial_fc/*.safetensors", "world_size": ctx.world_size,
                 "zero_stage": cfg.deepspeed.zero_stage, "num_classes": num_classes,
                 "global_batch": global_batch, "model_config": dataclasses.asdict(model_cfg.resolved()),
-                "config": {"run": to_dict(run), "train": to_dict(cfg)}, "last_metrics": last}
+                "config": {"run": to_dict(run), "train": to_dict(cfg)}, "init_from": init,
+                "last_metrics": last}
 
     tracker = Tracker(run.wandb, ctx, str(out), "train", {"train": to_dict(cfg)})
     bar = progress(cfg.steps, "train", ctx, unit="step", initial=step)
