@@ -325,6 +325,9 @@ def main(config: str | None, overrides: list[str]) -> dict:
         tracker = Tracker(run.wandb, ctx, cfg.out_dir, "eval", {"eval": asdict(cfg)})
         try:
             report = evaluate(cfg, run, ctx, tracker)
+            tracker.log_table("eval/results", ["model", "dataset", "linear_top1", "knn_top1", "dim"],
+                              [[r["model"], r["dataset"], r["linear"]["top1"], r["knn"]["top1"], r["dim"]]
+                               for r in report["results"]])
         except EvalInputError as e:
             raise ConfigError(str(e)) from None
         finally:
