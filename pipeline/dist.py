@@ -52,6 +52,11 @@ class DistContext:
             dist.all_reduce(t, op=op)
         return t
 
+    def broadcast_(self, t: torch.Tensor, src: int = 0) -> torch.Tensor:
+        if self.distributed:
+            dist.broadcast(t, src=src)
+        return t
+
     def broadcast_object(self, obj, src: int = 0):
         if not self.distributed:
             return obj

@@ -118,11 +118,13 @@ def test_finetune_param_groups():
 
 @pytest.mark.slow
 def test_continue_at_higher_resolution(tmp_path):
-    """The paper's 224 -> 336 step in miniature: a 2-rank CLIP run at 32 px, exported; a 1-rank
-    run at 48 px starts from the export (position table 4x4 -> 6x6) and from the first run's
-    centers (re-sharded 2 -> 1, kept frozen), patch embedding frozen, layer-wise LR decay. A
-    rerun of the second command resumes its own checkpoint instead of re-initializing."""
+    """The paper's 224 -> 336 step in miniature: a 1-rank CLIP run at 32 px, exported; a 2-rank
+    run at 48 px starts from the export (read on rank 0, broadcast; position table 4x4 -> 6x6)
+    and from the first run's centers (re-sharded 1 -> 2, kept frozen), patch embedding frozen,
+    layer-wise LR decay. A rerun of the second command resumes its own checkpoint instead of
+    re-initializing; a bad init_from stops both ranks with one line."""
     from safetensors.torch import load_file
+    from test_train import TINY as TRAIN_TINY
     from test_train import build_synthetic, read_metrics, run_train, synthetic_overrides
 
     from training.checkpoint import load_backbone_state_dict
@@ -132,19 +134,19 @@ def test_continue_at_higher_resolution(tmp_path):
     data = synthetic_overrides(tmp_path / "syn")
     clip = ["train.model.name=vit_tiny_clip", "train.checkpoint.every=100", "train.checkpoint.keep=0"]
     a, b = tmp_path / "a", tmp_path / "b"
-    run_train(a, 2, data + clip + ["train.steps=4"])
+    run_train(a, 1, data + clip + ["train.steps=4"])
     hf = export(a / "train", tmp_path / "a_hf")
     ft = clip + ["train.model.image_size=48", f"train.init_from={hf}", f"train.init_centers_from={a / 'train'}",
                  "train.finetune.freeze_centers=true", "train.finetune.freeze_patch_embed=true",
                  "train.finetune.layer_decay=0.8"]
-    p = run_train(b, 1, data + ft + ["train.steps=3"])
+    p = run_train(b, 2, data + ft + ["train.steps=3"])
     assert "backbone initialized from" in p.stderr + p.stdout
     prov = json.loads((b / "train" / "init_from.json").read_text())
     assert prov["kind"] == "hf_folder" and any("4x4 to a 6x6" in n for n in prov["notes"])
     ka, kb = a / "train" / "checkpoints" / "step_00000004", b / "train" / "checkpoints" / "step_00000003"
     assert json.loads((kb / "trainer_state.json").read_text())["init_from"]["init_from"] == str(hf)
-    centers_a = torch.cat([load_file(ka / "partial_fc" / f"rank{r}_of2.safetensors")["weight"] for r in (0, 1)])
-    torch.testing.assert_close(load_file(kb / "partial_fc" / "rank0_of1.safetensors")["weight"], centers_a,
+    centers_b = torch.cat([load_file(kb / "partial_fc" / f"rank{r}_of2.safetensors")["weight"] for r in (0, 1)])
+    torch.testing.assert_close(centers_b, load_file(ka / "partial_fc" / "rank0_of1.safetensors")["weight"],
                                rtol=0, atol=0)
     sa, sb = load_backbone_state_dict(ka), load_backbone_state_dict(kb)
     patch = "vision_model.embeddings.patch_embedding.weight"
@@ -154,7 +156,13 @@ def test_continue_at_higher_resolution(tmp_path):
     assert 0 < float((sb[fc] - sa[fc]).detach().abs().max()) < 0.5  # trained on from A's weights
     m = read_metrics(b)
     assert sorted(m) == [1, 2, 3] and all(torch.isfinite(torch.tensor(m[s]["loss"])) for s in m)
-    p = run_train(b, 1, data + ft + ["train.steps=4"])
+    p = run_train(b, 2, data + ft + ["train.steps=4"])
     out = p.stderr + p.stdout
     assert f"resumed from {kb}" in out and "backbone initialized from" not in out
     assert sorted(read_metrics(b)) == [1, 2, 3, 4]
+    from conftest import torchrun
+    bad = torchrun(["-m", "training.train", f"run.out_dir={tmp_path / 'c'}", *TRAIN_TINY, *data, *clip,
+                    f"train.init_from={tmp_path / 'nowhere'}"], 2, check=False, timeout=300)
+    errors = [ln for ln in bad.stderr.splitlines() if ln.startswith("config error:")]
+    assert bad.returncode != 0 and len(errors) == 2, bad.stderr[-3000:]
+    assert all(f"train.init_from={tmp_path / 'nowhere'}: no such file or folder" in e for e in errors)

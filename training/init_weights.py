@@ -197,18 +197,43 @@ def load_initial_weights(model: torch.nn.Module, cfg, num_classes: int, ctx, out
         step, world = check_centers_source(cfg.init_centers_from, num_classes)
         prov["centers"] = {"step_dir": str(step), "saved_world_size": world}
     if cfg.init_from:
-        sd, arch, kind = read_source(cfg.init_from)
-        _check_arch(arch, model, cfg.init_from)
-        sd, notes = adapt_state_dict(sd, model, cfg.init_from)
-        model.load_state_dict(sd, strict=False)  # only head.* can be absent (checked above)
-        prov.update(kind=kind, source_image_size=(arch or {}).get("image_size"),
-                    source_step=(arch or {}).get("step"), image_size=model.config.image_size, notes=notes)
-        for n in notes:
+        prov.update(_load_on_rank0(model, cfg.init_from, ctx))
+        for n in prov["notes"]:
             log.info("init_from: %s", n)
-        log.info("backbone initialized from %s (%s)", cfg.init_from, kind)
+        log.info("backbone initialized from %s (%s)", cfg.init_from, prov["kind"])
     if ctx.is_main and (cfg.init_from or cfg.init_centers_from):
         atomic_write_json(Path(out_dir) / "init_from.json", prov)
     return prov
+
+
+def _load_on_rank0(model: torch.nn.Module, path: str, ctx) -> dict:
+    """Rank 0 reads, checks and loads the source, then every weight is broadcast from it: one
+    reader per job (consolidating a ZeRO checkpoint reads every rank's optimizer shards: 12 B per
+    parameter, ~22 GB for bigG; per rank that would be 8x that per node). A bad source raises the
+    same ConfigError on every rank."""
+    err, info = None, None
+    if ctx.is_main:
+        try:
+            sd, arch, kind = read_source(path)
+            _check_arch(arch, model, path)
+            sd, notes = adapt_state_dict(sd, model, path)
+            model.load_state_dict(sd, strict=False)  # only head.* can be absent (checked above)
+            del sd
+            info = {"kind": kind, "source_image_size": (arch or {}).get("image_size"),
+                    "source_step": (arch or {}).get("step"), "image_size": model.config.image_size,
+                    "notes": notes}
+        except ConfigError as e:
+            err = str(e)
+    err, info = ctx.broadcast_object((err, info))
+    if err:
+        raise ConfigError(err)
+    if ctx.distributed:
+        with torch.no_grad():
+            for t in model.state_dict().values():  # on the collective's device (NCCL: GPU)
+                buf = ctx.broadcast_(t.to(ctx.device), src=0)
+                if not ctx.is_main:
+                    t.copy_(buf)
+    return info
 
 
 def load_initial_centers(pfc, cfg) -> None:
