@@ -166,3 +166,27 @@ def test_continue_at_higher_resolution(tmp_path):
     errors = [ln for ln in bad.stderr.splitlines() if ln.startswith("config error:")]
     assert bad.returncode != 0 and len(errors) == 2, bad.stderr[-3000:]
     assert all(f"train.init_from={tmp_path / 'nowhere'}: no such file or folder" in e for e in errors)
+
+
+def test_full_clip_model_folder_matches_transformers(tmp_path):
+    """A transformers-written CLIPModel folder (vision + text towers, like OpenAI's releases):
+    the vision tower and visual_projection load; outputs match transformers at the native size
+    and, after our one-time resize, its interpolate_pos_encoding at a new size."""
+    transformers = pytest.importorskip("transformers")
+    vision = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
+                  image_size=32, patch_size=8, hidden_act="quick_gelu")
+    text = dict(hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2, vocab_size=50)
+    torch.manual_seed(0)
+    conf = transformers.CLIPConfig(vision_config=vision, text_config=text, projection_dim=16)
+    hf = transformers.CLIPModel(conf).eval()
+    hf.save_pretrained(tmp_path / "clip")
+    for size in (32, 48):
+        model, prov = start(tmp_path, tiny("vit_tiny_clip", size), tmp_path / "clip")
+        assert prov["notes"] == ([] if size == 32 else ["position embedding resized from a 4x4 to a 6x6 patch "
+                                                        "grid (bicubic)"])
+        x = torch.randn(2, 3, size, size)
+        with torch.no_grad():
+            ref = hf.vision_model(pixel_values=x, interpolate_pos_encoding=size != 32)
+            ours = model.vision_model(x)
+            torch.testing.assert_close(ours.last_hidden_state, ref.last_hidden_state, rtol=1e-5, atol=1e-5)
+            torch.testing.assert_close(model(x), hf.visual_projection(ref.pooler_output), rtol=1e-5, atol=1e-5)

@@ -9,7 +9,8 @@ own folder always wins: a requeued fine-tune resumes itself instead of restartin
 - one of our run folders, its `checkpoints/` folder or a step folder (any ZeRO stage / world
   size: read through training/export.py, which consolidates the fp32 backbone);
 - a HF folder: one we exported, or a released one (DeepGlint's CLIPVisionModel /
-  MLCDVisionModel folders, downloaded beforehand: nothing is fetched at run time);
+  MLCDVisionModel folders, or a full CLIPModel whose text tower is skipped; downloaded
+  beforehand: nothing is fetched at run time);
 - a bare state file (.safetensors, or .pt/.bin read with weights_only=True).
 The architecture must match this run's `train.model` except the image size: a CLIP-style
 position table is resized bicubically to the new patch grid (class position kept); 2D-RoPE
@@ -40,6 +41,7 @@ from pipeline.io import atomic_write_json
 log = logging.getLogger("mlcd.train.init")
 # Fields that fix the weights' shapes and meaning; image_size alone may differ.
 ARCH_FIELDS = ("patch_size", "width", "layers", "heads", "mlp_dim", "rope2d", "act")
+TEXT_KEYS = ("text_model.", "text_projection", "logit_scale")
 EMBED_KEYS = ("class_embedding", "position_embedding", "patch_embedding", "class_pos_emb", "pre_layrnorm")
 
 
@@ -108,7 +110,9 @@ def read_source(path: str | Path) -> tuple[dict[str, torch.Tensor], dict | None,
             _fail(p, "no such file or folder")
         if (p / "config.json").is_file():
             arch = dataclasses.asdict(config_from_hf(json.loads((p / "config.json").read_text())))
-            return from_hf_state_dict(_hf_weights(p)), arch, "hf_folder"
+            # a full CLIPModel folder (e.g. OpenAI's): its vision tower and visual_projection only
+            sd = {k: v for k, v in _hf_weights(p).items() if not k.startswith(TEXT_KEYS)}
+            return from_hf_state_dict(sd), arch, "hf_folder"
         sd, cfg, state = export.load_training_checkpoint(p)
         arch = dataclasses.asdict(cfg.resolved())
         arch["step"] = state.get("step")
