@@ -120,7 +120,8 @@ class TrainConfig:
 # Keys that may change when a run is continued (they do not change what is learned; a run folder
 # may also be moved or copied).
 RESUMABLE_KEYS = ("train.steps", "train.time_budget_s", "train.checkpoint", "train.data.workers",
-                  "train.data.pin_memory", "run.out_dir", "train.out_dir")
+                  "train.data.pin_memory", "run.out_dir", "train.out_dir",
+                  "train.init_from", "train.init_centers_from")  # read only before the first checkpoint
 
 
 class TrainingDiverged(FloatingPointError):
