@@ -40,7 +40,7 @@ from pipeline.io import atomic_write_json
 
 log = logging.getLogger("mlcd.train.init")
 # Fields that fix the weights' shapes and meaning; image_size alone may differ.
-ARCH_FIELDS = ("patch_size", "width", "layers", "heads", "mlp_dim", "rope2d", "act")
+ARCH_FIELDS = ("patch_size", "width", "layers", "heads", "mlp_dim", "rope2d", "act", "rope_theta", "layer_norm_eps")
 TEXT_KEYS = ("text_model.", "text_projection", "logit_scale")
 EMBED_KEYS = ("class_embedding", "position_embedding", "patch_embedding", "class_pos_emb", "pre_layrnorm")
 
