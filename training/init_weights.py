@@ -31,6 +31,7 @@ import json
 import logging
 from dataclasses import dataclass
 from pathlib import Path
+from typing import NoReturn
 
 import torch
 from safetensors import safe_open
@@ -92,7 +93,7 @@ def param_groups(model: torch.nn.Module, weight_decay: float, ft: FinetuneConfig
 
 # ---------------------------------------------------------------- reading a source
 
-def _fail(path, why: str):
+def _fail(path, why: str) -> NoReturn:
     raise ConfigError(f"train.init_from={path}: {why}")
 
 
