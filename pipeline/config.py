@@ -45,6 +45,8 @@ class WandbConfig:
     project: str = "openmlcd"
     entity: str | None = None
     name: str | None = None
+    group: str | None = None  # e.g. one experiment's stages, or a 224 run and its 336 continuation
+    tags: list[str] = field(default_factory=list)
 
     def __post_init__(self):
         check(self.mode in ("disabled", "offline", "online"), "mode", self.mode,

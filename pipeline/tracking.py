@@ -3,14 +3,17 @@ user sets run.wandb.mode=online), plus a progress bar with throughput. One place
 from __future__ import annotations
 
 import logging
+import secrets
 import sys
 import time
+from pathlib import Path
 from typing import Any
 
 from tqdm import tqdm
 
 from pipeline.config import WandbConfig
 from pipeline.dist import DistContext
+from pipeline.io import atomic_write_text
 
 log = logging.getLogger("mlcd")
 
@@ -24,13 +27,20 @@ class Tracker:
         if ctx.is_main and cfg.mode != "disabled":
             import wandb
             # pass mode= explicitly: flipping WANDB_MODE after a first init has no effect
+            # one wandb run per job folder, across requeues: its id lives in the folder
             self.run = wandb.init(mode=cfg.mode, project=cfg.project, entity=cfg.entity,
                                   name=cfg.name or job, job_type=job, dir=out_dir, config=config,
-                                  reinit="finish_previous")
+                                  group=cfg.group, tags=list(cfg.tags) or None,
+                                  id=wandb_run_id(out_dir, job), resume="allow", reinit="finish_previous")
 
     def log(self, metrics: dict[str, Any], step: int | None = None) -> None:
         if self.run is not None:
             self.run.log(metrics, step=step)
+
+    def log_table(self, key: str, columns: list[str], rows: list[list]) -> None:
+        if self.run is not None:
+            import wandb
+            self.run.log({key: wandb.Table(columns=columns, data=rows)})
 
     def log_image(self, key: str, path: str) -> None:
         if self.run is not None:
@@ -41,6 +51,18 @@ class Tracker:
         if self.run is not None:
             self.run.finish()
             self.run = None
+
+
+def wandb_run_id(out_dir: str, job: str) -> str:
+    """The job's wandb run id, created once and kept in `{out_dir}/wandb_id.{job}.txt`: a resumed
+    or requeued job logs into the same wandb run (wandb.init(id=..., resume="allow"))."""
+    path = Path(out_dir) / f"wandb_id.{job}.txt"
+    if path.is_file() and path.read_text().strip():
+        return path.read_text().strip()
+    run_id = secrets.token_hex(6)  # wandb ids: [a-z0-9], unique per project
+    path.parent.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(path, run_id + "\n")
+    return run_id
 
 
 def progress(total: int | None, desc: str, ctx: DistContext, unit: str = "img", initial: int = 0):

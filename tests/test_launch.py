@@ -287,8 +287,9 @@ def test_prod_config_validates_with_the_papers_numbers(path):
     assert t.data.batch_size * t.deepspeed.grad_accum * 80 == 32_000  # "32K" on 80 GPUs
     assert t.partial_fc.sample_rate == 0.1 and t.optim.name == "adamw" and t.optim.weight_decay == 0.2
     epochs = t.steps * 32_000 / n
-    if "336_ft" in path.name:
-        assert epochs == 1 and t.model.image_size == 336
+    if "_ft" in path.name:  # one epoch at a higher resolution, from the 224 run's weights and centers
+        assert epochs == 1 and t.model.image_size in (336, 448) and str(t.model.image_size) in path.name
+        assert t.init_from.endswith("_224") and t.init_centers_from == t.init_from
     else:
         assert epochs == 32 and t.optim.lr == 1e-3 and t.model.resolved().image_size == 224
     if path.name.startswith("unicom"):

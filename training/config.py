@@ -7,6 +7,7 @@ from typing import Any
 
 from pipeline.config import check
 from training.data import TrainDataConfig
+from training.init_weights import FinetuneConfig
 from training.loss import LossConfig
 from training.model import ModelConfig
 from training.partial_fc import PartialFCConfig
@@ -71,6 +72,10 @@ class TrainConfig:
     deepspeed: DeepSpeedConfig = field(default_factory=DeepSpeedConfig)
     data: TrainDataConfig = field(default_factory=TrainDataConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    # A new run's starting weights (training/init_weights.py); a checkpoint in out_dir wins.
+    init_from: str = ""           # run/step folder of ours, HF folder, or state file; "" = random init
+    init_centers_from: str = ""   # run/step folder of ours with the same K; "" = fresh centers
+    finetune: FinetuneConfig = field(default_factory=FinetuneConfig)
 
     def __post_init__(self):
         check(self.steps >= 1, "steps", self.steps, "must be >= 1")
@@ -80,4 +85,5 @@ class TrainConfig:
 # Keys that may change when a run is continued (they do not change what is learned; a run folder
 # may also be moved or copied).
 RESUMABLE_KEYS = ("train.steps", "train.time_budget_s", "train.checkpoint", "train.data.workers",
-                  "train.data.pin_memory", "run.out_dir", "train.out_dir")
+                  "train.data.pin_memory", "run.out_dir", "train.out_dir",
+                  "train.init_from", "train.init_centers_from")  # read only before the first checkpoint

@@ -156,16 +156,11 @@ class Embeddings(nn.Module):
             self.position_embedding = nn.Embedding(self.grid ** 2 + 1, cfg.width)
 
     def pos_embed(self, gh: int, gw: int) -> torch.Tensor:
-        """(1 + gh*gw, width); bicubic resize of the patch grid off the native size (HF CLIP's
-        interpolate_pos_encoding, same op and order, computed in fp32)."""
+        """(1 + gh*gw, width): the table itself at the native grid, else resized (resize_pos_embed)."""
         w = self.position_embedding.weight
         if (gh, gw) == (self.grid, self.grid):
             return w
-        dim = w.shape[-1]
-        patch = w[1:].float().reshape(1, self.grid, self.grid, dim).permute(0, 3, 1, 2)
-        patch = F.interpolate(patch, size=(gh, gw), mode="bicubic", align_corners=False)
-        patch = patch.permute(0, 2, 3, 1).reshape(gh * gw, dim).to(w.dtype)
-        return torch.cat([w[:1], patch], dim=0)
+        return resize_pos_embed(w, gh, gw)
 
     def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
         x = self.patch_embedding(pixel_values.to(self.patch_embedding.weight.dtype))
@@ -176,6 +171,23 @@ class Embeddings(nn.Module):
         if not self.rope2d:
             x = x + self.pos_embed(gh, gw).to(x.dtype)
         return x
+
+
+def resize_pos_embed(table: torch.Tensor, gh: int, gw: int) -> torch.Tensor:
+    """A CLIP position table (1 + g*g, width) for a square g x g patch grid -> (1 + gh*gw, width):
+    the patch part resized bicubically on its grid (HF CLIP's interpolate_pos_encoding: same op
+    and order, computed in fp32, cast back), the class position kept as is. Used on the fly for
+    off-size inputs and once when a run starts from weights trained at another resolution."""
+    n, dim = table.shape[0] - 1, table.shape[-1]
+    g = int(round(n ** 0.5))
+    if g * g != n:
+        raise ValueError(f"position table has {n} patch rows: not a square grid")
+    if (gh, gw) == (g, g):
+        return table
+    patch = table[1:].float().reshape(1, g, g, dim).permute(0, 3, 1, 2)
+    patch = F.interpolate(patch, size=(gh, gw), mode="bicubic", align_corners=False)
+    patch = patch.permute(0, 2, 3, 1).reshape(gh * gw, dim).to(table.dtype)
+    return torch.cat([table[:1], patch], dim=0)
 
 
 class Attention(nn.Module):

@@ -33,6 +33,7 @@ from pipeline.tracking import Tracker, progress
 from training import checkpoint as ckpt
 from training.config import CheckpointConfig, OptimConfig, TrainConfig
 from training.data import make_loader
+from training.init_weights import FinetuneConfig, load_initial_centers, load_initial_weights, param_groups
 from training.model import build_model
 from training.partial_fc import PartialFC, make_optimizer
 from training.validate import TrainInputError
@@ -64,19 +65,9 @@ def lr_at(step: int, cfg: OptimConfig, total: int) -> float:
     return cfg.lr * (cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * min(t, 1.0))))
 
 
-def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
-    """No decay on 1-D params (norms, biases) and the class/position embeddings."""
-    decay, no_decay = [], []
-    for name, p in model.named_parameters():
-        if not p.requires_grad:
-            continue
-        skip = p.ndim < 2 or any(k in name for k in ("class_embedding", "position_embedding", "class_pos_emb"))
-        (no_decay if skip else decay).append(p)
-    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-
-
-def make_backbone_optimizer(model: torch.nn.Module, cfg: OptimConfig) -> torch.optim.Optimizer:
-    groups = param_groups(model, cfg.weight_decay)
+def make_backbone_optimizer(model: torch.nn.Module, cfg: OptimConfig, ft: FinetuneConfig | None = None
+                            ) -> torch.optim.Optimizer:
+    groups = param_groups(model, cfg.weight_decay, ft)  # decay groups + fine-tune knobs (init_weights.py)
     if cfg.name == "sgd":
         return torch.optim.SGD(groups, lr=cfg.lr, momentum=0.9)
     return torch.optim.AdamW(groups, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), eps=cfg.eps)
@@ -134,9 +125,9 @@ def train_step(engine, pfc: PartialFC, pfc_opt, micro_batches: list, step: int, 
                ) -> dict[str, float]:
     lr = lr_at(step, cfg.optim, cfg.steps)
     for g in engine.optimizer.param_groups:
-        g["lr"] = lr
+        g["lr"] = lr * g.get("lr_scale", 1.0)  # layer-wise decay (train.finetune)
     for g in pfc_opt.param_groups:
-        g["lr"] = lr * cfg.partial_fc.lr_mult
+        g["lr"] = 0.0 if cfg.finetune.freeze_centers else lr * cfg.partial_fc.lr_mult
     gas = len(micro_batches)
     sums: dict[str, float] = {}
     skipped_before = engine.skipped_steps
@@ -256,7 +247,8 @@ class Trainer:
         self.n_params = sum(p.numel() for p in model.parameters())  # before ZeRO-3 partitions them
         self._init_weights(model)
         self.engine, _, _, _ = deepspeed.initialize(
-            model=model, optimizer=make_backbone_optimizer(model, cfg.optim), config=deepspeed_config(cfg),
+            model=model, optimizer=make_backbone_optimizer(model, cfg.optim, cfg.finetune),
+            config=deepspeed_config(cfg),
             dist_init_required=False)
         if cfg.deepspeed.zero_stage == 3:
             zero3_register_direct_params(self.engine.module)
@@ -266,13 +258,25 @@ class Trainer:
                                       (cfg.optim.beta1, cfg.optim.beta2), cfg.optim.eps)
         if self.checkpoints is not None:
             self.step, self.samples_seen = self.checkpoints.load(self.engine, self.pfc, self.pfc_opt)
+        if not self._resuming:
+            load_initial_centers(self.pfc, cfg)  # train.init_centers_from (a new run only)
+
+    @property
+    def _resuming(self) -> bool:
+        return self.checkpoints is not None and self.checkpoints.resume is not None
 
     def _init_weights(self, model: nn.Module) -> None:
         """The one place initial backbone weights are set (after the seeded init, before the
-        engine exists): a checkpoint resumed onto another layout."""
-        sd = self.checkpoints.backbone_weights() if self.checkpoints is not None else None
-        if sd is not None:
-            model.load_state_dict(sd)
+        engine exists): a checkpoint resumed onto another layout, or, for a new run,
+        `train.init_from` (training/init_weights.py; a checkpoint in the run folder wins)."""
+        if self._resuming:
+            self.init_from = self.checkpoints.state.get("init_from")
+            sd = self.checkpoints.backbone_weights()
+            if sd is not None:
+                model.load_state_dict(sd)
+            return
+        self.init_from = load_initial_weights(model, self.cfg, self.num_classes, self.ctx,
+                                              self.out if self.out is not None else self.cfg.out_dir)
 
     def train_step(self, batches: list) -> dict[str, float]:
         try:
@@ -289,7 +293,8 @@ class Trainer:
                        "partial_fc/*.safetensors", "world_size": self.ctx.world_size,
                 "zero_stage": cfg.deepspeed.zero_stage, "num_classes": self.num_classes,
                 "global_batch": self.global_batch, "model_config": dataclasses.asdict(self.model_cfg.resolved()),
-                "config": {"run": to_dict(run), "train": to_dict(cfg)}, "last_metrics": last}
+                "config": {"run": to_dict(run), "train": to_dict(cfg)}, "init_from": self.init_from,
+                "last_metrics": last}
 
     def stream(self, parts) -> Iterator[list]:
         return micro_batches(self.cfg, parts, self.model_cfg.resolved().image_size, self.num_classes,

@@ -331,6 +331,9 @@ def run_eval(run: RunConfig, cfg: EvalConfig, ctx: DistContext) -> dict:
     tracker = Tracker(run.wandb, ctx, cfg.out_dir, "eval", {"eval": asdict(cfg)})
     try:
         report = evaluate(run, cfg, ctx, tracker)
+        tracker.log_table("eval/results", ["model", "dataset", "linear_top1", "knn_top1", "dim"],
+                          [[r["model"], r["dataset"], r["linear"]["top1"], r["knn"]["top1"], r["dim"]]
+                           for r in report["results"]])
     finally:
         tracker.finish()
     if ctx.is_main:
