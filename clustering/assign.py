@@ -14,23 +14,22 @@ N x l outputs.
 """
 from __future__ import annotations
 
-import hashlib
 import logging
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-import numpy as np
 import torch
 
-from clustering.data import clean_rows, open_store
+from clustering.data import open_store
 from clustering.report import make_report
 from clustering.topk import ENGINES, TopK, recall_at_l
 from pipeline.config import RunConfig, check, load_config, prepare_out_dir
 from pipeline.dist import DistContext
 from pipeline.entry import cli_main, run_distributed
 from pipeline.io import atomic_write_json, clean_stale_tmp, load_npy, read_json
-from pipeline.store import KINDS, StoreError, labels_path, part_name, sims_path, write_labels
+from pipeline.store import KINDS, labels_path, part_name, sims_path, write_labels
+from pipeline.topl import file_sha256, label_rows, load_centroids
 from pipeline.tracking import Timer, Tracker, progress
 
 log = logging.getLogger("mlcd.assign")
@@ -68,29 +67,6 @@ class AssignConfig:
 AUTO_PROBE_MIN_ROWS = 1_000_000  # engine=auto measures torch vs faiss only on stores this large
 
 
-def file_sha256(path: str | Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 24), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
-def load_centroids(path: str, dim: int, l: int) -> np.ndarray:
-    p = Path(path)
-    if not p.is_file():
-        raise StoreError(f"centroids file {p} does not exist (run clustering.kmeans first)")
-    c = load_npy(p)
-    if c.ndim != 2 or c.shape[1] != dim:
-        raise StoreError(f"{p}: centroids of shape {c.shape} don't match the store's dim {dim}")
-    if l > c.shape[0]:
-        raise StoreError(f"assign.l={l} exceeds the {c.shape[0]} centers in {p}")
-    c = c.astype(np.float32)
-    if not np.isfinite(c).all():
-        raise StoreError(f"{p}: centroids contain NaN/inf")
-    return c / np.maximum(np.linalg.norm(c, axis=1, keepdims=True), 1e-12)
-
-
 def part_done(out: Path, part: int, rows: int, l: int) -> bool:
     lp = labels_path(out, part)
     if not (lp.is_file() and sims_path(out, part).is_file()):
@@ -99,21 +75,6 @@ def part_done(out: Path, part: int, rows: int, l: int) -> bool:
         return tuple(load_npy(lp, mmap=True).shape) == (rows, l)
     except (OSError, ValueError):  # unreadable (e.g. truncated by a crash mid-copy): redo it
         return False
-
-
-def assign_part(arr: np.ndarray, topk: TopK, block_rows: int) -> tuple[np.ndarray, np.ndarray, int]:
-    n, l = len(arr), topk.l
-    labels = np.full((n, l), -1, np.int32)
-    sims = np.zeros((n, l), np.float32)
-    bad = 0
-    for s in range(0, n, block_rows):
-        x, valid = clean_rows(arr[s:s + block_rows])
-        bad += int((~valid).sum())
-        if valid.any():
-            i, v = topk.search(x[valid])
-            labels[s:s + len(x)][valid] = i
-            sims[s:s + len(x)][valid] = v
-    return labels, sims, bad
 
 
 def run_assign(run: RunConfig, cfg: AssignConfig, ctx: DistContext) -> dict:
@@ -176,7 +137,7 @@ def run_assign(run: RunConfig, cfg: AssignConfig, ctx: DistContext) -> dict:
     for p in todo:
         arr = info.store.load(cfg.kind, p, mmap=True)
         t = time.perf_counter()
-        labels, sims, _ = assign_part(arr, topk, cfg.block_rows)
+        labels, sims, _ = label_rows(arr, topk, cfg.block_rows)
         work_s += time.perf_counter() - t
         work_rows += len(arr)
         write_labels(out, part_name(info.store.root, p), labels, sims)  # the store's digits

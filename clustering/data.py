@@ -14,10 +14,9 @@ import numpy as np
 import pyarrow.parquet as pq
 
 from pipeline.store import EmbeddingStore, StoreError, emb_path, meta_path
+from pipeline.topl import clean_rows  # one definition, shared with stage 1
 
 log = logging.getLogger("mlcd.cluster")
-
-EPS_NORM = 1e-6
 
 
 @dataclass
@@ -69,17 +68,6 @@ def open_store(root: str, kind: str, need_metadata: bool = False,
     if not keep_parts:
         raise StoreError(f"{root}: no complete parts")
     return StoreInfo(store, kind, keep_parts, dim, dtype, keep_counts, missing, incomplete)
-
-
-def clean_rows(x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """float32 unit rows and the validity mask (finite and norm > EPS_NORM); invalid rows zeroed."""
-    x = np.asarray(x, dtype=np.float32)
-    with np.errstate(invalid="ignore", over="ignore"):
-        norms = np.linalg.norm(x, axis=1)
-    valid = np.isfinite(norms) & (norms > EPS_NORM)
-    out = np.zeros_like(x)
-    out[valid] = x[valid] / norms[valid, None]
-    return out, valid
 
 
 def sample_counts(counts: list[int], n: int, seed: int) -> np.ndarray:
