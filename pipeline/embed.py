@@ -13,6 +13,17 @@ on CUDA, pinned memory, ``prefetch_factor`` batches queued per worker) and write
 carries the part's sample/skip counts in its schema metadata, so a part is either complete with
 its counts or absent: a rerun after SIGKILL redoes only absent parts and ends with the same store.
 
+Fused embed -> assign (``embed.assign_centroids``: a centers file from stage 2's k-means, e.g.
+trained on a sample's embeddings): each part's ``assign_kind`` features are also labelled at the
+part's end with stage 2b's exact torch kernel (pipeline/topl.py: same row cleaning, blocks and
+tiles as clustering/assign.py with ``engine=torch``, from the same ``dtype``-rounded features,
+so the labels and sims are bit-identical to embed-then-assign on the same device and threads)
+and written to ``labels_dir`` in the label-store layout (``labels_{i}.npy`` int32 N x l,
+``sims_{i}.npy`` float16, ``state.json``, ``manifest.json``) before the part's metadata, so a
+part is complete only with its labels. ``kinds`` may then be empty: only metadata and labels are
+written (the sample-then-label recipe, docs/SCALING.md). Stage 2b on the same centers and
+``l`` (``assign.engine=torch``) finds these labels done.
+
 Bad samples never stop a run: each is skipped or repaired and counted by reason (``manifest.json``
 ``skipped`` / ``fixed``). A shard that cannot be read is logged by name; the other shards finish,
 then the run exits 1 listing every failed shard (a rerun retries only those).
@@ -39,9 +50,10 @@ from pipeline.dist import DistContext
 from pipeline.encoders import EncoderConfig, build_encoder
 from pipeline.entry import StageError, cli_main, run_distributed
 from pipeline.images import IMAGE_EXTS, MAX_PIXELS, image_bytes, load_rgb
-from pipeline.io import atomic_write_json, clean_stale_tmp
+from pipeline.io import atomic_write_json, clean_stale_tmp, load_npy, read_json
 from pipeline.shards import ShardSpecError, expand_shards, shard_stem
-from pipeline.store import KINDS, meta_path, part_complete, write_part
+from pipeline.store import KINDS, labels_path, meta_path, part_complete, write_labels, write_part
+from pipeline.topl import ExactTopL, file_sha256, label_rows, load_centroids
 from pipeline.tracking import Tracker, progress
 
 log = logging.getLogger("mlcd.embed")
@@ -53,7 +65,7 @@ class EmbedConfig:
     input: str = "${run.out_dir}/data/train"  # brace pattern, list file (.txt), directory, pipe:/URL
     out_dir: str = "${run.out_dir}/store"
     encoder: EncoderConfig = field(default_factory=EncoderConfig)
-    kinds: list[str] = field(default_factory=lambda: list(KINDS))  # features written per part
+    kinds: list[str] = field(default_factory=lambda: list(KINDS))  # features written per part ([]: labels only)
     dtype: str = "float16"             # on disk
     batch_size: int = 64
     workers: int = 2                   # DataLoader decode workers per rank (0 = in the main process)
@@ -63,6 +75,12 @@ class EmbedConfig:
     caption_ext: str = "txt"
     skip_missing_caption: bool = False  # False: keep the image, embed the empty caption
     extra_fields: list[str] = field(default_factory=list)  # sample-JSON fields copied to metadata
+    # fused embed -> assign: label each part against these centers (None: embeddings only)
+    assign_centroids: str | None = None
+    assign_kind: str = "joint"          # the feature kind the centers were trained on
+    assign_l: int = 8                   # labels per row (MLCD: 8; UNICOM: 1)
+    assign_block_rows: int = 16384      # as assign.block_rows: same blocks, same labels
+    labels_dir: str = "${run.out_dir}/clusters/labels"
 
     def __post_init__(self):
         check(self.batch_size > 0, "batch_size", self.batch_size, "must be > 0")
@@ -70,8 +88,13 @@ class EmbedConfig:
         check(self.prefetch_factor > 0, "prefetch_factor", self.prefetch_factor, "must be > 0")
         check(self.max_pixels > 0, "max_pixels", self.max_pixels, "must be > 0")
         check(self.dtype in ("float16", "float32"), "dtype", self.dtype, "must be float16 or float32")
-        check(bool(self.kinds) and set(self.kinds) <= set(KINDS), "kinds", self.kinds,
-              f"must be a non-empty subset of {list(KINDS)}")
+        check(set(self.kinds) <= set(KINDS) and len(set(self.kinds)) == len(self.kinds), "kinds", self.kinds,
+              f"must be a subset of {list(KINDS)}")
+        check(bool(self.kinds) or bool(self.assign_centroids), "kinds", self.kinds,
+              "may be empty only with embed.assign_centroids set (labels only)")
+        check(self.assign_kind in KINDS, "assign_kind", self.assign_kind, f"must be one of {KINDS}")
+        check(self.assign_l >= 1, "assign_l", self.assign_l, "must be >= 1")
+        check(self.assign_block_rows >= 1, "assign_block_rows", self.assign_block_rows, "must be >= 1")
         check(bool(self.image_exts), "image_exts", self.image_exts, "must not be empty")
         check(isinstance(self.input, str) and bool(self.input), "input", self.input, "must be a non-empty string")
 
@@ -254,10 +277,10 @@ class _Part:
         self.cols = {"key": [], "caption": [], "url": [], "shard_row": [], "extra": []}
 
 
-def _write(out: Path, part: int, url: str, buf: _Part, stats: dict, enc, cfg: EmbedConfig):
+def _write(out: Path, part: int, url: str, buf: _Part, stats: dict, enc, cfg: EmbedConfig, topl=None):
     dims = {"img": enc.img_dim, "text": enc.text_dim, "joint": enc.joint_dim}
     emb = {k: (torch.cat(buf.feats[k]).cpu().numpy() if buf.feats[k] else np.zeros((0, dims[k]), np.float32))
-           for k in cfg.kinds}
+           for k in _needed(cfg)}
     c = buf.cols
     cols = {"key": pa.array(c["key"], pa.string()), "caption": pa.array(c["caption"], pa.string()),
             "url": pa.array(c["url"], pa.string()), "shard": pa.array([url] * len(c["key"]), pa.string()),
@@ -269,9 +292,55 @@ def _write(out: Path, part: int, url: str, buf: _Part, stats: dict, enc, cfg: Em
         except (pa.ArrowInvalid, pa.ArrowTypeError):  # mixed types across samples: keep as JSON text
             cols[f] = pa.array([None if v is None else json.dumps(v) for v in vals], pa.string())
     info = {"part": part, "shard": url, "rows": len(c["key"]), **stats}
+    if topl is not None:  # labelled from the features as stage 2b reads them: rounded to the store dtype
+        labels, sims, bad = label_rows(emb[cfg.assign_kind].astype(cfg.dtype), topl, cfg.assign_block_rows)
+        write_labels(cfg.labels_dir, part, labels, sims)  # before the metadata: complete = labelled
+        info["invalid_labels"] = bad
     table = pa.table(cols).replace_schema_metadata({PART_META_KEY: json.dumps(info).encode()})
-    write_part(out, part, emb, table, dtype=np.dtype(cfg.dtype))
+    write_part(out, part, {k: emb[k] for k in cfg.kinds}, table, dtype=np.dtype(cfg.dtype))
     return info
+
+
+def _needed(cfg: EmbedConfig) -> list[str]:
+    """Feature kinds computed per part: the ones written, and the one labelled."""
+    return [k for k in KINDS if k in cfg.kinds or (cfg.assign_centroids and k == cfg.assign_kind)]
+
+
+def _labelled(cfg: EmbedConfig, out: Path, part: int) -> bool:
+    if not cfg.assign_centroids:
+        return True
+    lp = labels_path(cfg.labels_dir, part)
+    if not lp.is_file():  # written after its sims: present means both are
+        return False
+    try:
+        return tuple(load_npy(lp, mmap=True).shape) == (pq.read_metadata(meta_path(out, part)).num_rows,
+                                                       cfg.assign_l)
+    except (OSError, ValueError):  # unreadable (e.g. cut off by a crash mid-copy): redo it
+        return False
+
+
+def _label_state(run: RunConfig, cfg: EmbedConfig) -> dict:
+    """Rank 0: the label store's state.json (stage 2b's fields). Labels from other centers, l or
+    kind are removed, so their parts are redone (embedded again: the labels need the features)."""
+    path = Path(cfg.assign_centroids)
+    if not path.is_file():
+        raise ConfigError(f"embed.assign_centroids={str(path)!r} does not exist (run clustering.kmeans first)")
+    lab = prepare_out_dir(cfg.labels_dir, run, {"run": run, "embed": cfg}, "embed",
+                          ignore=("embed.workers", "embed.prefetch_factor"))
+    clean_stale_tmp(lab)
+    k = int(load_npy(path, mmap=True).shape[0])
+    state = {"centroids_sha256": file_sha256(path), "k": k, "l": cfg.assign_l, "kind": cfg.assign_kind,
+             "engine": "torch"}
+    st_path = lab / "state.json"
+    old = read_json(st_path) if st_path.is_file() else None
+    if run.overwrite or (old is not None and old != state):
+        if old is not None and old != state and not run.overwrite:
+            log.warning("centroids, l or kind changed since %s was written; relabeling every part", lab)
+        for p in list(lab.glob("labels_*.npy")) + list(lab.glob("sims_*.npy")):
+            p.unlink()
+        (lab / "manifest.json").unlink(missing_ok=True)
+    atomic_write_json(st_path, state)
+    return state
 
 
 def part_info(out: Path, part: int) -> dict:
@@ -307,7 +376,10 @@ def embed(run: RunConfig, cfg: EmbedConfig, ctx: DistContext) -> dict:
                         ignore=("embed.workers", "embed.prefetch_factor"))
         for k in [*KINDS, "metadata"]:
             clean_stale_tmp(out / (f"{k}_emb" if k != "metadata" else k))
-        return [i for i in range(len(shards)) if not part_complete(out, i, cfg.kinds)]
+        if cfg.assign_centroids:
+            _label_state(run, cfg)
+        return [i for i in range(len(shards))
+                if not (part_complete(out, i, cfg.kinds) and _labelled(cfg, out, i))]
 
     todo = ctx.agree(unfinished)
     mine = [(i, shards[i]) for i in ctx.shard(todo)]
@@ -316,6 +388,14 @@ def embed(run: RunConfig, cfg: EmbedConfig, ctx: DistContext) -> dict:
 
     torch.manual_seed(run.seed)  # a random-init encoder (pretrained=null) is the same on every rank/rerun
     enc = build_encoder(cfg.encoder, ctx.device)
+    topl = None
+    if cfg.assign_centroids:  # checked on rank 0 (one line), then loaded by every rank
+        dim = {"img": enc.img_dim, "text": enc.text_dim, "joint": enc.joint_dim}[cfg.assign_kind]
+        ctx.agree(lambda: load_centroids(cfg.assign_centroids, dim, cfg.assign_l, "embed.assign_l").shape)
+        topl = ExactTopL(load_centroids(cfg.assign_centroids, dim, cfg.assign_l, "embed.assign_l"),
+                         cfg.assign_l, ctx.device, cfg.assign_block_rows)
+    needed = _needed(cfg)
+    need_text = bool({"text", "joint"} & set(needed))  # labels-only from img features skip the text tower
     tracker = Tracker(run.wandb, ctx, str(out), "embed", {"run": _plain(run), "embed": _plain(cfg)})
     failures, written, rows_done = [], [], 0
     skipped = collections.Counter()
@@ -334,9 +414,11 @@ def embed(run: RunConfig, cfg: EmbedConfig, ctx: DistContext) -> dict:
             buf = bufs.setdefault(part, _Part())
             if b["key"]:
                 img = enc.encode_images(b["pixels"])
-                txt = enc.encode_texts(b["caption"])
-                feats = {"img": img, "text": txt, "joint": enc.joint(img, txt)}
-                for k in cfg.kinds:  # stays on the device until the part ends: no per-batch sync
+                feats = {"img": img}
+                if need_text:
+                    feats["text"] = txt = enc.encode_texts(b["caption"])
+                    feats["joint"] = enc.joint(img, txt)
+                for k in needed:  # stays on the device until the part ends: no per-batch sync
                     buf.feats[k].append(feats[k])
                 for c in ("key", "caption", "url", "extra"):
                     buf.cols[c] += b[c]
@@ -344,7 +426,7 @@ def embed(run: RunConfig, cfg: EmbedConfig, ctx: DistContext) -> dict:
                 rows_done += len(b["key"])
                 bar.update(len(b["key"]))
             if b["end"]:
-                info = _write(out, part, shards[part], bufs.pop(part), b["stats"], enc, cfg)
+                info = _write(out, part, shards[part], bufs.pop(part), b["stats"], enc, cfg, topl)
                 written.append(info)
                 skipped.update(info["skipped"])
             if step % max(run.log_every, 1) == 0 or b["end"]:
@@ -366,6 +448,8 @@ def embed(run: RunConfig, cfg: EmbedConfig, ctx: DistContext) -> dict:
                "failures": failures}
     if ctx.is_main:
         summary["manifest"] = write_manifest(out, shards, cfg, run, enc, failures)
+        if cfg.assign_centroids:
+            summary["labels"] = write_label_manifest(out, shards, cfg)
         tracker.log({"embed/total_images_per_s": summary["images_per_s"],
                      **{f"embed/total_skipped/{k}": v for k, v in summary["manifest"]["skipped"].items()}})
     tracker.finish()
@@ -380,7 +464,8 @@ def embed(run: RunConfig, cfg: EmbedConfig, ctx: DistContext) -> dict:
 
 def write_manifest(out: Path, shards: list[str], cfg: EmbedConfig, run: RunConfig, enc, failures) -> dict:
     """Whole-store summary from every finished part's own counts (written by any rank, any run)."""
-    parts = [part_info(out, i) for i in range(len(shards)) if part_complete(out, i, cfg.kinds)]
+    parts = [part_info(out, i) for i in range(len(shards))
+             if part_complete(out, i, cfg.kinds) and _labelled(cfg, out, i)]
     skipped, fixed = collections.Counter(), collections.Counter()
     for p in parts:
         skipped.update(p.get("skipped", {}))
@@ -392,10 +477,27 @@ def write_manifest(out: Path, shards: list[str], cfg: EmbedConfig, run: RunConfi
         "dims": {k: dims[k] for k in cfg.kinds}, "dtype": cfg.dtype,
         "num_shards": len(shards), "num_parts": len(parts), "num_rows": sum(p["rows"] for p in parts),
         "skipped": dict(sorted(skipped.items())), "fixed": dict(sorted(fixed.items())),
-        "failed_shards": failures, "parts": parts,
+        "failed_shards": failures, "parts": parts, "labels_dir": cfg.labels_dir if cfg.assign_centroids else None,
         "config": {"run": _plain(run), "embed": _plain(cfg)},
     }
     atomic_write_json(out / "manifest.json", manifest)
+    return manifest
+
+
+def write_label_manifest(out: Path, shards: list[str], cfg: EmbedConfig) -> dict:
+    """The label store's manifest (stage 2b's fields), from the label files themselves."""
+    lab = Path(cfg.labels_dir)
+    parts, invalid = [], 0
+    for i in range(len(shards)):
+        if part_complete(out, i, cfg.kinds) and _labelled(cfg, out, i):
+            labels = load_npy(labels_path(lab, i), mmap=True)
+            bad = int((labels[:, 0] < 0).sum())
+            invalid += bad
+            parts.append({"part": i, "rows": len(labels), "invalid": bad})
+    manifest = {"complete": len(parts) == len(shards), **read_json(lab / "state.json"),
+                "store": str(out), "centroids": cfg.assign_centroids, "exact": True, "fused": True,
+                "rows": sum(p["rows"] for p in parts), "invalid_rows": invalid, "parts": parts}
+    atomic_write_json(lab / "manifest.json", manifest)
     return manifest
 
 

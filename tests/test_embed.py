@@ -361,3 +361,53 @@ def test_reader_accepts_clip_retrieval_store_without_manifest(tmp_path):
     with pytest.raises(StoreError, match="joint_emb"):
         st.parts("joint")
     assert E.part_info(tmp_path, 0) == {"part": 0, "rows": 5}  # our reader of counts copes too
+
+
+# ---------------------------------------------------------------- fused embed -> assign
+
+def test_fused_embed_assign_equals_embed_then_assign(tmp_path):
+    """embed.assign_centroids: labels and sims written by stage 1 itself equal stage 1 + stage 2b
+    (engine=torch) exactly; with kinds=[] only metadata and labels are written; a lost label part
+    is redone on rerun (and only it)."""
+    from clustering import assign as asg
+    from pipeline.store import LabelStore
+    write_shards(tmp_path / "shards", 3, 12)
+    spec = str(tmp_path / "shards" / "{00000..00002}.tar")
+    base = tiny_args(tmp_path, spec, tmp_path / "store", "embed.workers=0")[2:]
+    E.main(str(ROOT / "configs/debug.yaml"), base)
+    rng = np.random.default_rng(0)
+    c = rng.standard_normal((300, 16)).astype(np.float32)  # K >= 4 * 16 * l: the grouped kernel
+    np.save(tmp_path / "centroids.npy", c)
+    asg.main(None, [f"run.out_dir={tmp_path / 'run'}", f"assign.store={tmp_path / 'store'}",
+                    f"assign.centroids={tmp_path / 'centroids.npy'}", f"assign.out_dir={tmp_path / 'ref'}",
+                    "assign.engine=torch", "assign.l=4", "assign.report=false"])
+    fused = [a for a in base if not a.startswith("embed.out_dir")] + [
+        f"embed.out_dir={tmp_path / 'fused'}", "embed.kinds=[]", f"embed.labels_dir={tmp_path / 'labels'}",
+        f"embed.assign_centroids={tmp_path / 'centroids.npy'}", "embed.assign_l=4"]
+    s = E.main(str(ROOT / "configs/debug.yaml"), fused)
+    assert s["parts_written"] == 3 and s["labels"]["complete"] and s["labels"]["rows"] == 36
+    ref, got = LabelStore(tmp_path / "ref"), LabelStore(tmp_path / "labels")
+    assert ref.parts() == got.parts() == [0, 1, 2]
+    for p in ref.parts():
+        (rl, rs), (gl, gs) = ref.load(p), got.load(p)
+        assert rl.shape == (12, 4) and gl.dtype == np.int32 and gs.dtype == np.float16
+        np.testing.assert_array_equal(gl, rl)
+        np.testing.assert_array_equal(gs, rs)
+    assert len(np.unique(rl[:, 0])) > 1  # labels that could differ
+    assert not any((tmp_path / "fused" / f"{k}_emb").exists() for k in ("img", "text", "joint"))
+    assert (tmp_path / "fused/metadata/metadata_2.parquet").is_file()
+    # stage 2b's state.json fields: assign on the same centers finds these labels done
+    st = json.loads((tmp_path / "labels/state.json").read_text())
+    assert st == json.loads((tmp_path / "ref/state.json").read_text())
+    # resume: a part without labels is redone, the others are skipped
+    (tmp_path / "labels/labels_1.npy").unlink()
+    s = E.main(str(ROOT / "configs/debug.yaml"), fused)
+    assert s["parts_written"] == 1 and s["rows"] == 12
+    np.testing.assert_array_equal(got.load(1)[0], ref.load(1)[0])
+    with pytest.raises(E.ConfigError, match="kinds"):  # nothing would be written
+        E.EmbedConfig(kinds=[])
+    # a wrong centers file is one line before any work
+    np.save(tmp_path / "bad.npy", c[:, :8])
+    with pytest.raises(StoreError, match="bad.npy.*dim 16"):
+        E.main(str(ROOT / "configs/debug.yaml"), fused + [f"embed.assign_centroids={tmp_path / 'bad.npy'}",
+                                                          "run.overwrite=true"])
