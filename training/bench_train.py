@@ -11,6 +11,8 @@
 4. Samples/s of the training step (DeepSpeed ZeRO-2 + PartialFC rho 0.1 + MLCD) against a plain
    DDP baseline of the same model with a full data-parallel softmax classifier, 2 ranks (torchrun,
    gloo on CPU), synthetic batches (compute only, no data loading).
+5. The training data loader's images/s with 1 and 2 workers on real shards, per core, and the
+   cores per GPU it implies at an anchor rate, next to (4) (training/bench_data.py).
 """
 from __future__ import annotations
 
@@ -247,7 +249,10 @@ def _throughput_worker(quick: bool) -> None:
 
 
 def run_bench(quick: bool) -> list[dict]:
-    return bench_memory(quick) + bench_rho(quick) + bench_loss_chunks(quick) + bench_throughput(quick)
+    from training.bench_data import bench_loader
+    rows = bench_memory(quick) + bench_rho(quick) + bench_loss_chunks(quick)
+    step = bench_throughput(quick)
+    return rows + step + bench_loader(quick, step[0]["ours"], step[0]["config"])
 
 
 if __name__ == "__main__":
