@@ -88,5 +88,6 @@ def bench_loader(quick: bool, model_rate: float | None = None, model_config: str
         rows.append({"bench": "loader images/s per core vs the bench's training samples/s",
                      "config": model_config, "ours": per_core, "reference": model_rate, "unit": "samples/s",
                      "ratio": model_rate / per_core,
-                     "note": "ratio = cores of decode per training process of this (CPU) step"})
+                     "note": "ratio = loader cores per training process of this step (its model is the "
+                             "bench's small CPU one on synthetic inputs, not ViT-B/32-224)"})
     return rows
