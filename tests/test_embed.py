@@ -411,3 +411,26 @@ def test_fused_embed_assign_equals_embed_then_assign(tmp_path):
     with pytest.raises(StoreError, match="bad.npy.*dim 16"):
         E.main(str(ROOT / "configs/debug.yaml"), fused + [f"embed.assign_centroids={tmp_path / 'bad.npy'}",
                                                           "run.overwrite=true"])
+
+
+@pytest.mark.slow
+def test_fused_two_ranks_equal_assign(tiny):
+    """2 ranks labelling in stage 1 == stage 2b over the 1-rank reference store (same threads)."""
+    from pipeline.store import LabelStore
+    tmp, spec, ref = tiny
+    c = np.random.default_rng(1).standard_normal((300, 16)).astype(np.float32)
+    np.save(tmp / "fused_centroids.npy", c)
+    torchrun(["-m", "clustering.assign", "--config", str(ROOT / "configs/debug.yaml"), f"run.out_dir={tmp / 'run'}",
+              f"assign.store={ref}", f"assign.centroids={tmp / 'fused_centroids.npy'}",
+              f"assign.out_dir={tmp / 'fused_ref_labels'}", "assign.engine=torch", "assign.l=4", "assign.kind=joint",
+              "assign.report=false"], nproc=1)
+    torchrun(["-m", "pipeline.embed", *tiny_args(
+        tmp, spec, tmp / "fused_store", "embed.workers=1", "embed.kinds=[]", f"embed.labels_dir={tmp / 'fused_labels'}",
+        f"embed.assign_centroids={tmp / 'fused_centroids.npy'}", "embed.assign_l=4")], nproc=2)
+    a, b = LabelStore(tmp / "fused_ref_labels"), LabelStore(tmp / "fused_labels")
+    assert a.parts() == b.parts() == list(range(12))
+    for p in a.parts():
+        for x, y in zip(a.load(p), b.load(p)):
+            np.testing.assert_array_equal(x, y)
+    m = json.loads((tmp / "fused_labels/manifest.json").read_text())
+    assert m["complete"] and m["rows"] == 12 * 16 and m["fused"] and m["l"] == 4
