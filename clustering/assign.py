@@ -116,26 +116,20 @@ def assign_part(arr: np.ndarray, topk: TopK, block_rows: int) -> tuple[np.ndarra
     return labels, sims, bad
 
 
-def run_assign(run: RunConfig, cfg: AssignConfig, ctx: DistContext) -> dict:
-    timer = Timer()
-    # all input checks before anything is written
-    info = ctx.agree(lambda: open_store(cfg.store, cfg.kind, need_metadata=True,
-                                        skip_incomplete=cfg.skip_incomplete))
-    c = ctx.agree(lambda: load_centroids(cfg.centroids, info.dim, cfg.l))
-    out = ctx.agree(lambda: prepare_out_dir(
-        cfg.out_dir, run, {"run": run, "assign": cfg}, "assign",
-        ignore=("assign.report", "assign.report_dir", "assign.report_clusters", "assign.report_members")))
-    # Labels already on disk are reused only if they came from these exact centers and the same
-    # exact engine (torch and faiss may round a sim's last bit differently).
+def settle_engine(run: RunConfig, cfg: AssignConfig, rows: int, c: np.ndarray, out: Path,
+                  device: torch.device, ctx: DistContext) -> tuple[TopK | None, str, dict]:
+    """(the probe's index or None, engine, state) that every rank uses. Labels already on disk are
+    reused only if they came from these exact centers and the same exact engine (torch and faiss
+    may round a sim's last bit differently): ``state.json`` records both, and any other state
+    (or run.overwrite) removes the old label files first."""
     state = {"centroids_sha256": file_sha256(cfg.centroids), "k": len(c), "l": cfg.l, "kind": cfg.kind}
     st_path = out / "state.json"
-    device = ctx.device if (cfg.gpu and torch.cuda.is_available()) else torch.device("cpu")
     ctx.barrier()
     topk, engine, old = None, cfg.engine, None
     if ctx.is_main:
         clean_stale_tmp(out)
         old = read_json(st_path) if st_path.is_file() else None
-        if engine == "auto" and info.rows < AUTO_PROBE_MIN_ROWS:
+        if engine == "auto" and rows < AUTO_PROBE_MIN_ROWS:
             engine = "torch"  # the probe (~6 x 8k rows) would cost a noticeable share of the job
         if engine == "auto":
             if (not run.overwrite and old is not None and old.get("engine") in ("torch", "faiss")
@@ -155,6 +149,20 @@ def run_assign(run: RunConfig, cfg: AssignConfig, ctx: DistContext) -> dict:
             (out / "manifest.json").unlink(missing_ok=True)
         atomic_write_json(st_path, state)
     ctx.barrier()
+    return topk, engine, state
+
+
+def run_assign(run: RunConfig, cfg: AssignConfig, ctx: DistContext) -> dict:
+    timer = Timer()
+    # all input checks before anything is written
+    info = ctx.agree(lambda: open_store(cfg.store, cfg.kind, need_metadata=True,
+                                        skip_incomplete=cfg.skip_incomplete))
+    c = ctx.agree(lambda: load_centroids(cfg.centroids, info.dim, cfg.l))
+    out = ctx.agree(lambda: prepare_out_dir(
+        cfg.out_dir, run, {"run": run, "assign": cfg}, "assign",
+        ignore=("assign.report", "assign.report_dir", "assign.report_clusters", "assign.report_members")))
+    device = ctx.device if (cfg.gpu and torch.cuda.is_available()) else torch.device("cpu")
+    topk, engine, state = settle_engine(run, cfg, info.rows, c, out, device, ctx)
 
     # wandb's run folder goes beside the labels, not among them
     track_dir = Path(cfg.report_dir)
