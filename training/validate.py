@@ -48,13 +48,18 @@ def check_inputs(cfg, ctx) -> None:
     ctx.agree(check)
 
 
+def _npy(path, what: str) -> np.ndarray:
+    """The memory-mapped array, or one line naming the file (a truncated or non-npy file)."""
+    try:
+        return load_npy(path, mmap=True)
+    except (OSError, ValueError) as e:
+        raise TrainInputError(f"{path}: unreadable {what} ({e})") from None
+
+
 def _centroids_k(path: str) -> int | None:
     if not os.path.isfile(path):
         return None
-    try:
-        a = load_npy(path, mmap=True)
-    except (OSError, ValueError) as e:
-        raise TrainInputError(f"{path}: unreadable centroids ({e})") from None
+    a = _npy(path, "centroids")
     if a.ndim != 2:
         raise TrainInputError(f"{path}: centroids must be a 2-D array, got shape {a.shape}")
     return int(a.shape[0])
@@ -102,10 +107,7 @@ def _check_part(meta, lab, sims, need: int, k: int) -> None:
         rows = pq.ParquetFile(meta).metadata.num_rows
     except Exception as e:  # noqa: BLE001 (pyarrow raises several types for a bad file)
         raise TrainInputError(f"{meta}: unreadable metadata ({str(e).splitlines()[0]})") from None
-    try:
-        a = load_npy(lab, mmap=True)
-    except (OSError, ValueError) as e:
-        raise TrainInputError(f"{lab}: unreadable labels ({e})") from None
+    a = _npy(lab, "labels")
     if a.ndim != 2 or a.shape[0] != rows:
         raise TrainInputError(f"{lab}: {a.shape[0] if a.ndim else 0} label rows but {meta} has {rows}: "
                               f"not row-aligned (labels made from another store?)")
