@@ -24,7 +24,7 @@ import pyarrow.parquet as pq
 
 from pipeline.errors import InputError, StageError
 from pipeline.io import load_npy
-from pipeline.shards import ShardSpecError, expand_shards
+from pipeline.shards import ShardSpecError, expand_shards, is_url
 from pipeline.store import labels_path, meta_path, sims_path
 
 log = logging.getLogger("mlcd.train.validate")
@@ -93,7 +93,7 @@ def _check(cfg) -> None:
         if not (m.is_file() and lab.is_file()):
             continue  # left out at start-up with a warning (training/data.py:find_parts)
         found += 1
-        if not (url.startswith("pipe:") or "://" in url) and not os.path.isfile(url):
+        if not is_url(url) and not os.path.isfile(url):
             raise TrainInputError(f"{url}: shard not found, but it has labels {lab} "
                                   f"(listed by train.data.shards={d.shards!r})")
         _check_part(m, lab, sims_path(d.labels, i), need, k)
