@@ -174,12 +174,12 @@ def run_assign(run: RunConfig, cfg: AssignConfig, ctx: DistContext) -> dict:
     return manifest
 
 
-def settle_engine(run: RunConfig, cfg: AssignConfig, rows: int, c: np.ndarray, out: Path,
+def settle_engine(run: RunConfig, cfg: AssignConfig, rows: int, c, out: Path,
                   device: torch.device, ctx: DistContext) -> tuple[TopK | None, str, dict]:
-    """(the probe's index or None, engine, state) that every rank uses. Labels already on disk are
-    reused only if they came from these exact centers and the same exact engine (torch and faiss
-    may round a sim's last bit differently): ``state.json`` records both, and any other state
-    (or run.overwrite) removes the old label files first."""
+    """(the probe's index or None, engine, state) that every rank uses for the centers ``c`` (K x D
+    unit rows). Labels already on disk are reused only if they came from these exact centers and
+    the same exact engine (torch and faiss may round a sim's last bit differently): ``state.json``
+    records both, and any other state (or run.overwrite) removes the old label files first."""
     state = {"centroids_sha256": file_sha256(cfg.centroids), "k": len(c), "l": cfg.l, "kind": cfg.kind}
     st_path = out / "state.json"
     ctx.barrier()
