@@ -86,36 +86,8 @@ def run_assign(run: RunConfig, cfg: AssignConfig, ctx: DistContext) -> dict:
     out = ctx.agree(lambda: prepare_out_dir(
         cfg.out_dir, run, {"run": run, "assign": cfg}, "assign",
         ignore=("assign.report", "assign.report_dir", "assign.report_clusters", "assign.report_members")))
-    # Labels already on disk are reused only if they came from these exact centers and the same
-    # exact engine (torch and faiss may round a sim's last bit differently).
-    state = {"centroids_sha256": file_sha256(cfg.centroids), "k": len(c), "l": cfg.l, "kind": cfg.kind}
-    st_path = out / "state.json"
     device = ctx.device if (cfg.gpu and torch.cuda.is_available()) else torch.device("cpu")
-    ctx.barrier()
-    topk, engine, old = None, cfg.engine, None
-    if ctx.is_main:
-        clean_stale_tmp(out)
-        old = read_json(st_path) if st_path.is_file() else None
-        if engine == "auto" and info.rows < AUTO_PROBE_MIN_ROWS:
-            engine = "torch"  # the probe (~6 x 8k rows) would cost a noticeable share of the job
-        if engine == "auto":
-            if (not run.overwrite and old is not None and old.get("engine") in ("torch", "faiss")
-                    and {k: old.get(k) for k in state} == state):
-                engine = old["engine"]  # a resumed run keeps the engine its first parts used
-            else:  # measured once, on rank 0; every rank uses the winner
-                topk = TopK(c, cfg.l, "auto", device, cfg.block_rows)
-                engine = topk.engine
-    engine = ctx.broadcast_object(engine)
-    state["engine"] = engine
-    if ctx.is_main:
-        if run.overwrite or (old is not None and old != state):
-            if old is not None and old != state and not run.overwrite:
-                log.warning("centroids, l or engine changed since %s was written; relabeling every part", out)
-            for p in list(out.glob("labels_*.npy")) + list(out.glob("sims_*.npy")):
-                p.unlink()
-            (out / "manifest.json").unlink(missing_ok=True)
-        atomic_write_json(st_path, state)
-    ctx.barrier()
+    topk, engine, state = settle_engine(run, cfg, info.rows, c, out, device, ctx)
 
     # wandb's run folder goes beside the labels, not among them
     track_dir = Path(cfg.report_dir)
@@ -161,6 +133,42 @@ def run_assign(run: RunConfig, cfg: AssignConfig, ctx: DistContext) -> dict:
     tracker.finish()
     ctx.barrier()
     return manifest
+
+
+def settle_engine(run: RunConfig, cfg: AssignConfig, rows: int, c, out: Path,
+                  device: torch.device, ctx: DistContext) -> tuple[TopK | None, str, dict]:
+    """(the probe's index or None, engine, state) that every rank uses for the centers ``c`` (K x D
+    unit rows). Labels already on disk are reused only if they came from these exact centers and
+    the same exact engine (torch and faiss may round a sim's last bit differently): ``state.json``
+    records both, and any other state (or run.overwrite) removes the old label files first."""
+    state = {"centroids_sha256": file_sha256(cfg.centroids), "k": len(c), "l": cfg.l, "kind": cfg.kind}
+    st_path = out / "state.json"
+    ctx.barrier()
+    topk, engine, old = None, cfg.engine, None
+    if ctx.is_main:
+        clean_stale_tmp(out)
+        old = read_json(st_path) if st_path.is_file() else None
+        if engine == "auto" and rows < AUTO_PROBE_MIN_ROWS:
+            engine = "torch"  # the probe (~6 x 8k rows) would cost a noticeable share of the job
+        if engine == "auto":
+            if (not run.overwrite and old is not None and old.get("engine") in ("torch", "faiss")
+                    and {k: old.get(k) for k in state} == state):
+                engine = old["engine"]  # a resumed run keeps the engine its first parts used
+            else:  # measured once, on rank 0; every rank uses the winner
+                topk = TopK(c, cfg.l, "auto", device, cfg.block_rows)
+                engine = topk.engine
+    engine = ctx.broadcast_object(engine)
+    state["engine"] = engine
+    if ctx.is_main:
+        if run.overwrite or (old is not None and old != state):
+            if old is not None and old != state and not run.overwrite:
+                log.warning("centroids, l or engine changed since %s was written; relabeling every part", out)
+            for p in list(out.glob("labels_*.npy")) + list(out.glob("sims_*.npy")):
+                p.unlink()
+            (out / "manifest.json").unlink(missing_ok=True)
+        atomic_write_json(st_path, state)
+    ctx.barrier()
+    return topk, engine, state
 
 
 def measure_recall(info, c, topk: TopK, cfg: AssignConfig, seed: int, device) -> float:

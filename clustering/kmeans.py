@@ -103,6 +103,15 @@ class Checkpoint:
             return None, {}
         return load_npy(self.folder / st["file"]), st
 
+    def resume(self, niter: int, prefix: str = "") -> tuple[np.ndarray | None, int, list[float], list[int]]:
+        """(centers or None, iterations done, objective and split histories so far) of the newest
+        iteration checkpoint: where train_faiss and train_torch pick up after a kill."""
+        c, st = self.load()
+        start = st.get("iteration", 0) if c is not None else 0
+        if start:
+            log.info("%sresuming k-means at iteration %d/%d", prefix, start, niter)
+        return c, start, list(st.get("obj", [])), list(st.get("nsplit", []))
+
     def save(self, arr: np.ndarray, state: dict, name: str = "state", tag: str = "") -> None:
         if not self.enabled:
             return
@@ -122,17 +131,21 @@ def init_positions(n: int, k: int, seed: int) -> np.ndarray:
     return np.random.default_rng([seed, 0x1417]).choice(n, size=k, replace=False)
 
 
+def seeded_init(x: np.ndarray, k: int, seed: int, pp: bool, candidates: int) -> np.ndarray:
+    """K initial centers among seeded rows of ``x``: k-means++ over k * candidates of them, or
+    (pp False) the first k. The candidates are drawn either way, so the seeded rows don't depend
+    on ``pp``."""
+    cand = x[init_positions(len(x), min(len(x), k * candidates), seed)]
+    return cand[kmeanspp(torch.from_numpy(cand), k, seed)] if pp else cand[:k]
+
+
 def train_faiss(x: np.ndarray, init: np.ndarray, niter: int, seed: int, ckpt: Checkpoint,
                 every: int, gpus: int = 0, verbose: bool = False, tracker: Tracker | None = None,
                 prefix: str = "", level: int = logging.INFO) -> tuple[np.ndarray, dict]:
     """faiss spherical k-means in chunks of ``every`` iterations, resuming from ``ckpt``."""
     import faiss
-    c, st = ckpt.load()
-    start = st.get("iteration", 0) if c is not None else 0
+    c, start, obj, nsplit = ckpt.resume(niter, prefix)
     c = init if c is None else c
-    obj, nsplit = list(st.get("obj", [])), list(st.get("nsplit", []))
-    if start:
-        log.info("%sresuming k-means at iteration %d/%d", prefix, start, niter)
     while start < niter:
         n_it = min(every, niter - start)
         # max_points_per_centroid: the sample is already drawn; faiss must not subsample again
@@ -171,9 +184,7 @@ def train_two_level(x: np.ndarray, k: int, k1: int, niter: int, seed: int, ckpt:
                     every: int, gpus: int, verbose: bool, tracker: Tracker | None, ctx: DistContext,
                     pp: bool = True, init_candidates: int = 8) -> tuple[np.ndarray, dict]:
     k1 = max(2, min(k1 or round(math.sqrt(k)), k // 2))
-    cand = x[init_positions(len(x), min(len(x), k1 * init_candidates), seed)]
-    init1 = cand[kmeanspp(torch.from_numpy(cand), k1, seed)] if pp else cand[:k1]
-    c1, st1 = train_faiss(x, init1, niter, seed,
+    c1, st1 = train_faiss(x, seeded_init(x, k1, seed, pp, init_candidates), niter, seed,
                           Checkpoint(ckpt.folder / "level1", ckpt.key, ckpt.enabled), every,
                           gpus, verbose, tracker, prefix="level1/")
     xt = torch.from_numpy(x)
@@ -197,8 +208,7 @@ def train_two_level(x: np.ndarray, k: int, k1: int, niter: int, seed: int, ckpt:
                 st = {"obj": [float((xg * cg[0]).sum()) if alloc[g] == 1 else float(len(xg))] * niter}
             else:
                 # within a group only the final centers matter: one chunk, checkpoint when done
-                cand = xg[init_positions(len(xg), min(len(xg), int(alloc[g]) * init_candidates), seed + g)]
-                ig = cand[kmeanspp(torch.from_numpy(cand), int(alloc[g]), seed + g)] if pp else cand[:alloc[g]]
+                ig = seeded_init(xg, int(alloc[g]), seed + g, pp, init_candidates)
                 cg, st = train_faiss(xg, ig, niter,
                                      seed + g, Checkpoint(sub.folder, ckpt.key, False), niter, gpus,
                                      level=logging.DEBUG)
@@ -300,12 +310,8 @@ def train_torch(x: torch.Tensor, init: torch.Tensor, niter: int, ckpt: Checkpoin
                 ctx: DistContext, block_rows: int, tracker: Tracker | None = None
                 ) -> tuple[np.ndarray, dict]:
     """Distributed Lloyd iterations; every rank ends with the same centers."""
-    c_np, st = ckpt.load()
-    start = st.get("iteration", 0) if c_np is not None else 0
+    c_np, start, obj, nsplit = ckpt.resume(niter)
     c = init if c_np is None else torch.from_numpy(c_np).to(x.device)
-    obj, nsplit = list(st.get("obj", [])), list(st.get("nsplit", []))
-    if start:
-        log.info("resuming k-means at iteration %d/%d", start, niter)
     k, d = c.shape
     for it in range(start, niter):
         ct = c.T.contiguous()
@@ -353,23 +359,25 @@ def cluster_stats(sizes: np.ndarray, tiny: int) -> dict:
             "imbalance": float((sizes.astype(np.float64) ** 2).sum() * len(sizes) / max(sizes.sum(), 1) ** 2)}
 
 
-def run_kmeans(run: RunConfig, cfg: KMeansConfig, ctx: DistContext) -> dict:
-    timer = Timer()
-    method = cfg.method if cfg.method != "auto" else ("torch" if ctx.world_size > 1 else "faiss")
-    if method != "torch" and ctx.world_size > 1:
-        raise ConfigError(f"cluster.method={method} runs in one process; use method=torch (or auto) "
-                          f"with {ctx.world_size} ranks")
-    # all input checks before anything is written
-    info = ctx.agree(lambda: open_store(cfg.store, cfg.kind))
-    n = sample_size(cfg, info.rows)
-    if cfg.k > n:
-        raise ConfigError(f"cluster.k={cfg.k} is larger than the sample ({n} rows; the store "
-                          f"{cfg.store} has {info.rows})")
-    out = ctx.agree(lambda: prepare_out_dir(cfg.out_dir, run, {"run": run, "cluster": cfg}, "cluster"))
-    done = out / "clustering.json"
-    # what the result depends on (not logging knobs): a checkpoint or result with another key is stale
+def resolve_method(method: str, world_size: int) -> str:
+    """``auto`` is torch under several ranks, else faiss; faiss and two_level run in one process."""
+    resolved = method if method != "auto" else ("torch" if world_size > 1 else "faiss")
+    if resolved != "torch" and world_size > 1:
+        raise ConfigError(f"cluster.method={resolved} runs in one process; use method=torch (or auto) "
+                          f"with {world_size} ranks")
+    return resolved
+
+
+def result_key(run: RunConfig, cfg: KMeansConfig) -> str:
+    """What the result depends on (not logging knobs): a checkpoint or result with another key is stale."""
     key_cfg = {k: v for k, v in asdict(cfg).items() if k not in ("verbose", "tiny_cluster")}
-    key = hashlib.sha256(json.dumps([key_cfg, run.seed], sort_keys=True).encode()).hexdigest()[:16]
+    return hashlib.sha256(json.dumps([key_cfg, run.seed], sort_keys=True).encode()).hexdigest()[:16]
+
+
+def previous_result(run: RunConfig, out: Path, key: str, ctx: DistContext) -> dict | None:
+    """The complete result already in ``out`` for this key (nothing to do), else None. With
+    run.overwrite the old result and checkpoints are cleared first."""
+    done = out / "clustering.json"
     if run.overwrite:
         ctx.barrier()  # every rank has read the out dir before rank 0 clears it
         if ctx.is_main:
@@ -379,6 +387,58 @@ def run_kmeans(run: RunConfig, cfg: KMeansConfig, ctx: DistContext) -> dict:
     elif done.is_file() and read_json(done).get("key") == key:
         log.info("%s is complete (same config); nothing to do", done)
         return read_json(done)
+    return None
+
+
+def train_method(method: str, x: torch.Tensor, x_np: np.ndarray, init: torch.Tensor, cfg: KMeansConfig,
+                 seed: int, ckpt: Checkpoint, gpus: int, tracker: Tracker, ctx: DistContext
+                 ) -> tuple[np.ndarray, dict]:
+    """One k-means run from ``init`` with the resolved method: (centers, per-iteration history)."""
+    if method == "torch":
+        return train_torch(x, init, cfg.niter, ckpt, cfg.checkpoint_every, ctx, cfg.block_rows, tracker)
+    if method == "faiss":
+        return train_faiss(x_np, init.cpu().numpy(), cfg.niter, seed, ckpt, cfg.checkpoint_every,
+                           gpus, cfg.verbose, tracker)
+    return train_two_level(x_np, cfg.k, cfg.coarse_k, cfg.niter, seed, ckpt, cfg.checkpoint_every, gpus,
+                           cfg.verbose, tracker, ctx,
+                           use_kmeanspp(cfg.init, cfg.coarse_k or round(math.sqrt(cfg.k))), cfg.init_candidates)
+
+
+def sample_sizes(x: torch.Tensor, c: np.ndarray, k: int, block_rows: int, device: torch.device,
+                 ctx: DistContext) -> tuple[np.ndarray, float]:
+    """Cluster sizes on the sample under the final centers and the objective (sum of similarities
+    to the nearest center), over all ranks: one extra assignment pass (GEMM + argmax)."""
+    idx, sim = nearest(x, torch.from_numpy(c).to(device).T.contiguous(), block_rows)
+    sizes = ctx.all_reduce_(torch.bincount(idx, minlength=k).to(torch.int64)).cpu().numpy()
+    return sizes, float(ctx.all_reduce_(sim.double().sum().reshape(1)).cpu()[0])
+
+
+def write_result(out: Path, c: np.ndarray, sizes: np.ndarray, result: dict, tracker: Tracker) -> None:
+    """Rank 0: centers, sample sizes, then clustering.json (last: it marks the run complete)."""
+    atomic_save_npy(out / "centroids.npy", c)
+    atomic_save_npy(out / "sizes_sample.npy", sizes.astype(np.int64))
+    atomic_write_json(out / "clustering.json", result)
+    shutil.rmtree(out / "ckpt", ignore_errors=True)
+    tracker.log({"kmeans/final_objective": result["objective_final"],
+                 "kmeans/empty": result["cluster_sizes"]["empty"], "kmeans/wall_s": result["wall_s"]})
+    log.info("k-means: K=%d D=%d sample=%d in %.1f s (train %.1f s); empty %d; -> %s", result["k"],
+             result["dim"], result["sample_size"], result["wall_s"], result["train_s"],
+             result["cluster_sizes"]["empty"], out)
+
+
+def run_kmeans(run: RunConfig, cfg: KMeansConfig, ctx: DistContext) -> dict:
+    timer = Timer()
+    method = resolve_method(cfg.method, ctx.world_size)
+    # all input checks before anything is written
+    info = ctx.agree(lambda: open_store(cfg.store, cfg.kind))
+    n = sample_size(cfg, info.rows)
+    if cfg.k > n:
+        raise ConfigError(f"cluster.k={cfg.k} is larger than the sample ({n} rows; the store "
+                          f"{cfg.store} has {info.rows})")
+    out = ctx.agree(lambda: prepare_out_dir(cfg.out_dir, run, {"run": run, "cluster": cfg}, "cluster"))
+    key = result_key(run, cfg)
+    if (prev := previous_result(run, out, key, ctx)) is not None:
+        return prev
 
     use_gpu = cfg.gpu and torch.cuda.is_available()
     gpus = faiss_gpus() if cfg.gpu else 0
@@ -393,7 +453,7 @@ def run_kmeans(run: RunConfig, cfg: KMeansConfig, ctx: DistContext) -> dict:
     log.info("sample: %d rows of %s_emb (%d parts here) in %.1f s; %d invalid rows dropped",
              len(x_np), cfg.kind, len(my_parts), t_sample.elapsed(), bad)
     # method=torch keeps each rank's share on its GPU; faiss keeps the sample in host memory and
-    # streams it (so does the final size pass below, block by block)
+    # streams it (so does the final size pass, block by block)
     x = torch.from_numpy(x_np).to(device) if method == "torch" else torch.from_numpy(x_np)
     # cluster.nredo: independent runs from differently seeded inits; the one with the best final
     # objective (sum of similarities to the nearest center) is kept, like faiss's nredo. Costs
@@ -404,29 +464,15 @@ def run_kmeans(run: RunConfig, cfg: KMeansConfig, ctx: DistContext) -> dict:
         rck = ckpt if r == 0 else Checkpoint(out / "ckpt" / f"redo{r}", key, enabled=True)
         init, n_valid = _gather_init(x, info, my_parts, per_part, cfg, seed, ctx)
         t_train = Timer()
-        if method == "torch":
-            c, hist = train_torch(x, init, cfg.niter, rck, cfg.checkpoint_every, ctx, cfg.block_rows, tracker)
-        elif method == "faiss":
-            c, hist = train_faiss(x_np, init.cpu().numpy(), cfg.niter, seed, rck, cfg.checkpoint_every,
-                                  gpus, cfg.verbose, tracker)
-        else:
-            c, hist = train_two_level(x_np, cfg.k, cfg.coarse_k, cfg.niter, seed, rck,
-                                      cfg.checkpoint_every, gpus, cfg.verbose, tracker, ctx,
-                                      use_kmeanspp(cfg.init, cfg.coarse_k or round(math.sqrt(cfg.k))),
-                                      cfg.init_candidates)
+        c, hist = train_method(method, x, x_np, init, cfg, seed, rck, gpus, tracker, ctx)
         train_s = t_train.elapsed()
-        # sizes on the sample under the final centers (one extra assignment pass, GEMM + argmax)
-        ct = torch.from_numpy(c).to(device).T.contiguous()
-        idx, sim = nearest(x, ct, cfg.block_rows)
-        sizes = ctx.all_reduce_(torch.bincount(idx, minlength=cfg.k).to(torch.int64)).cpu().numpy()
-        final_obj = float(ctx.all_reduce_(sim.double().sum().reshape(1)).cpu()[0])
+        sizes, final_obj = sample_sizes(x, c, cfg.k, cfg.block_rows, device, ctx)
         redo_obj.append(final_obj)
         if cfg.nredo > 1:
             log.info("k-means run %d/%d: objective %.6g", r + 1, cfg.nredo, final_obj)
         if best is None or final_obj > best[3]:
             best = (c, hist, sizes, final_obj, train_s, r)
     c, hist, sizes, final_obj, train_s, best_redo = best
-    idx = sim = None
     result = {
         "complete": True, "key": key, "k": cfg.k, "dim": info.dim, "kind": cfg.kind, "method": method,
         "store": str(cfg.store), "store_rows": info.rows, "store_parts": len(info.parts),
@@ -446,14 +492,7 @@ def run_kmeans(run: RunConfig, cfg: KMeansConfig, ctx: DistContext) -> dict:
         "config": {"run": asdict(run), "cluster": asdict(cfg)},
     }
     if ctx.is_main:
-        atomic_save_npy(out / "centroids.npy", c)
-        atomic_save_npy(out / "sizes_sample.npy", sizes.astype(np.int64))
-        atomic_write_json(done, result)
-        shutil.rmtree(out / "ckpt", ignore_errors=True)
-        tracker.log({"kmeans/final_objective": final_obj, "kmeans/empty": result["cluster_sizes"]["empty"],
-                     "kmeans/wall_s": result["wall_s"]})
-        log.info("k-means: K=%d D=%d sample=%d in %.1f s (train %.1f s); empty %d; -> %s", cfg.k,
-                 info.dim, n_valid, result["wall_s"], train_s, result["cluster_sizes"]["empty"], out)
+        write_result(out, c, sizes, result, tracker)
     tracker.finish()
     ctx.barrier()
     return result

@@ -18,6 +18,7 @@ import numpy as np
 
 from pipeline.images import is_image_name, load_rgb
 from pipeline.io import atomic_path, atomic_write_text
+from pipeline.shards import is_url
 from pipeline.store import EmbeddingStore, LabelStore
 
 log = logging.getLogger("mlcd.report")
@@ -69,7 +70,7 @@ def fetch_images(wanted: dict[str, set[str]]) -> dict[tuple[str, str], bytes]:
     """{(shard, key): image bytes}, one sequential pass over each needed local tar."""
     out = {}
     for shard, keys in wanted.items():
-        if "://" in shard or shard.startswith("pipe:") or not os.path.isfile(shard):
+        if is_url(shard) or not os.path.isfile(shard):
             log.warning("contact sheets: cannot open shard %s (not a local file); skipped", shard)
             continue
         with tarfile.open(shard) as tf:

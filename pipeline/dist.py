@@ -9,6 +9,7 @@ from __future__ import annotations
 import datetime
 import os
 import pickle
+import socket
 from dataclasses import dataclass
 
 import torch
@@ -193,6 +194,13 @@ def init_distributed(timeout_min: float = 30.0, backend: str | None = None) -> D
                                 device_id=device if cuda else None)
     return DistContext(rank=rank, world_size=world, local_rank=local_rank,
                        local_world_size=local_world, backend=backend, device=device)
+
+
+def free_port() -> int:
+    """A TCP port free on this host now, for a one-node rendezvous (MASTER_PORT, rdzv endpoint)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
 
 
 def destroy(ctx: DistContext) -> None:

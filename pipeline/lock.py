@@ -152,13 +152,3 @@ def hold(folder: str | os.PathLike, ctx, what: str = "") -> Iterator[None]:
     finally:
         if path is not None:
             release(path)
-
-
-def check_free(folder: str | os.PathLike) -> None:
-    """Raises LockError if a live run holds ``folder`` (a launcher's early check; takes nothing)."""
-    path = Path(folder) / LOCK_NAME
-    if path.exists():
-        owner = _owner(path)
-        if not _stale(path, owner):
-            raise LockError(f"{folder} is in use by {_describe(owner or {})}: one run per output "
-                            f"folder; stop that run first (or delete {path} if it is gone)")

@@ -32,7 +32,7 @@ def expand_shards(spec: str | Sequence[str]) -> list[str]:
     (``check_url``; a refused list-file line is named by file and line number)."""
     if not isinstance(spec, str):
         return [s for item in spec for s in expand_shards(item)]
-    if spec.startswith("pipe:") or "://" in spec:
+    if is_url(spec):
         return [check_url(s, "shard spec") for s in braceexpand(spec)]
     p = Path(spec)
     if p.is_dir():
@@ -51,6 +51,11 @@ def expand_shards(spec: str | Sequence[str]) -> list[str]:
     if missing and len(missing) == len(shards):
         raise ShardSpecError(f"shard spec {spec!r} matches no file (first: {missing[0]})")
     return shards
+
+
+def is_url(spec: str) -> bool:
+    """A ``pipe:`` command or a URL: webdataset opens it itself, there is no local file to look at."""
+    return spec.startswith("pipe:") or "://" in spec
 
 
 def check_url(url: str, where: str) -> str:

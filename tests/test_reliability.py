@@ -256,6 +256,13 @@ def test_training_inputs_validated_up_front(tmp_path, caplog):
     with pytest.raises(TrainInputError, match=r"labels_0.npy: 5 label rows but .*metadata_0.parquet has 11: "
                                               r"not row-aligned"):
         check()
+    bad = tmp_path / "garbage.npy"
+    bad.write_bytes(b"not an npy file")
+    with pytest.raises(TrainInputError, match="garbage.npy: unreadable centroids"):
+        check(f"train.centroids={bad}")
+    lab.write_bytes(b"not an npy file")
+    with pytest.raises(TrainInputError, match="labels_0.npy: unreadable labels"):
+        check()
 
 
 @pytest.mark.slow

@@ -1,6 +1,7 @@
 """The layout holds: no import cycles, the layer directions (launch -> clustering, training ->
 pipeline; evaluation never imports the training loop), one stage table, one image decoder
-that gives stage 1 and stage 3 the same pixels, and the one entry path's error handling."""
+that gives stage 1 and stage 3 the same pixels, the one entry path's error handling, and no
+function over 80 lines in the stage packages."""
 from __future__ import annotations
 
 import ast
@@ -187,3 +188,31 @@ def test_agree_two_ranks_and_one_line_errors_under_mlcd(tmp_path):
         lines = [ln for ln in q.stderr.splitlines() if not ln.startswith("+ ")]
         assert q.returncode == code and len(lines) == 1 and lines[0].startswith(needle), q.stderr
         assert "Traceback" not in q.stderr
+
+
+# Stage code only: launch/ is tooling (CLI, bench runner, config checker, GPU check, demo report)
+# and tests/ are not stages; the benches inside the stage packages are held to the limit too.
+STAGE_PACKAGES = ("pipeline", "clustering", "training")
+MAX_FUNCTION_LINES = 80
+LONG_FUNCTION_EXEMPT: set[str] = set()  # "pkg/file.py:function", each with its reason beside it
+
+
+def long_functions(limit: int = MAX_FUNCTION_LINES) -> list[str]:
+    """'path:name (N lines)' for every function or method over ``limit`` lines, docstring included."""
+    found = []
+    for pkg in STAGE_PACKAGES:
+        for path in sorted((ROOT / pkg).rglob("*.py")):
+            rel = path.relative_to(ROOT).as_posix()
+            for node in ast.walk(ast.parse(path.read_text(), filename=rel)):
+                if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
+                    n = node.end_lineno - node.lineno + 1
+                    if n > limit and f"{rel}:{node.name}" not in LONG_FUNCTION_EXEMPT:
+                        found.append(f"{rel}:{node.name} ({n} lines)")
+    return found
+
+
+def test_no_long_functions_in_stage_code():
+    # the check itself sees functions (a limit of 1 flags nearly all of them)
+    assert len(long_functions(1)) > 100
+    too_long = long_functions()
+    assert not too_long, f"functions over {MAX_FUNCTION_LINES} lines (split them): {too_long}"

@@ -32,11 +32,9 @@ from pipeline.images import decode_rgb, image_bytes
 from pipeline.io import load_npy
 from pipeline.shards import expand_shards
 from pipeline.store import labels_path, meta_path, read_keys
+from training.model import CLIP_MEAN, CLIP_STD
 
 log = logging.getLogger("mlcd.train.data")
-
-CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
-CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 
 
 @dataclass

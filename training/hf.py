@@ -21,15 +21,13 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from pipeline.io import atomic_path, atomic_write_json
-from training.model import PRESETS, MLCDEncoder, ModelConfig, build_model
+from training.model import CLIP_MEAN, CLIP_STD, PRESETS, MLCDEncoder, ModelConfig, build_model
 
 log = logging.getLogger(__name__)
 PREFIX = "vision_model."
 PROJ = "visual_projection.weight"  # CLIPVisionModelWithProjection's head (bias-free, like ours)
 # Non-persistent in current HF but persistent in some older saves: never weights.
 BUFFERS = ("position_ids", "inv_freq", "original_inv_freq")
-CLIP_MEAN = [0.48145466, 0.4578275, 0.40821073]
-CLIP_STD = [0.26862954, 0.26130258, 0.27577711]
 
 
 def architecture(cfg: ModelConfig, with_head: bool = False) -> str:
@@ -199,7 +197,7 @@ def processor_config(cfg: ModelConfig) -> dict:
         "resample": 3,  # PIL bicubic
         "do_center_crop": True, "crop_size": {"height": cfg.image_size, "width": cfg.image_size},
         "do_rescale": True, "rescale_factor": 1 / 255,
-        "do_normalize": True, "image_mean": CLIP_MEAN, "image_std": CLIP_STD,
+        "do_normalize": True, "image_mean": list(CLIP_MEAN), "image_std": list(CLIP_STD),
         "do_convert_rgb": True,
     }
 

@@ -39,6 +39,10 @@ _TABLE = {  # embed_dim: the training head's output (the classifier's embedding 
 }
 PRESETS: dict[str, dict] = {name: dict(zip(_FIELDS, row)) for name, row in _TABLE.items()}
 ACTS = ("gelu", "quick_gelu")
+# The pixel normalization every backbone here takes (OpenAI CLIP's): training/data.py applies it,
+# training/hf.py writes it into the exported image processor; one definition keeps them equal.
+CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
+CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 
 
 @dataclass

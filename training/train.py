@@ -17,13 +17,12 @@ from __future__ import annotations
 
 import logging
 import os
-import socket
 from pathlib import Path
 
 import torch
 
 from pipeline.config import RunConfig, load_config, prepare_out_dir
-from pipeline.dist import DistContext
+from pipeline.dist import DistContext, free_port
 from pipeline.entry import cli_main, run_distributed
 from training.config import (  # noqa: F401 -- the `train` section's schema lives here for the registry
     RESUMABLE_KEYS,
@@ -53,11 +52,8 @@ def _one_process_env() -> None:
     a 1-rank one (only when no launcher set the variables)."""
     if "WORLD_SIZE" in os.environ:
         return
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
     os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", LOCAL_WORLD_SIZE="1",
-                      MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+                      MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()))
 
 
 def train(run: RunConfig, cfg: TrainConfig, ctx: DistContext) -> dict:

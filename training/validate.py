@@ -24,7 +24,7 @@ import pyarrow.parquet as pq
 
 from pipeline.errors import InputError, StageError
 from pipeline.io import load_npy
-from pipeline.shards import ShardSpecError, expand_shards
+from pipeline.shards import ShardSpecError, expand_shards, is_url
 from pipeline.store import labels_path, meta_path, sims_path
 
 log = logging.getLogger("mlcd.train.validate")
@@ -48,13 +48,18 @@ def check_inputs(cfg, ctx) -> None:
     ctx.agree(check)
 
 
+def _npy(path, what: str) -> np.ndarray:
+    """The memory-mapped array, or one line naming the file (a truncated or non-npy file)."""
+    try:
+        return load_npy(path, mmap=True)
+    except (OSError, ValueError) as e:
+        raise TrainInputError(f"{path}: unreadable {what} ({e})") from None
+
+
 def _centroids_k(path: str) -> int | None:
     if not os.path.isfile(path):
         return None
-    try:
-        a = load_npy(path, mmap=True)
-    except (OSError, ValueError) as e:
-        raise TrainInputError(f"{path}: unreadable centroids ({e})") from None
+    a = _npy(path, "centroids")
     if a.ndim != 2:
         raise TrainInputError(f"{path}: centroids must be a 2-D array, got shape {a.shape}")
     return int(a.shape[0])
@@ -88,7 +93,7 @@ def _check(cfg) -> None:
         if not (m.is_file() and lab.is_file()):
             continue  # left out at start-up with a warning (training/data.py:find_parts)
         found += 1
-        if not (url.startswith("pipe:") or "://" in url) and not os.path.isfile(url):
+        if not is_url(url) and not os.path.isfile(url):
             raise TrainInputError(f"{url}: shard not found, but it has labels {lab} "
                                   f"(listed by train.data.shards={d.shards!r})")
         _check_part(m, lab, sims_path(d.labels, i), need, k)
@@ -102,10 +107,7 @@ def _check_part(meta, lab, sims, need: int, k: int) -> None:
         rows = pq.ParquetFile(meta).metadata.num_rows
     except Exception as e:  # noqa: BLE001 (pyarrow raises several types for a bad file)
         raise TrainInputError(f"{meta}: unreadable metadata ({str(e).splitlines()[0]})") from None
-    try:
-        a = load_npy(lab, mmap=True)
-    except (OSError, ValueError) as e:
-        raise TrainInputError(f"{lab}: unreadable labels ({e})") from None
+    a = _npy(lab, "labels")
     if a.ndim != 2 or a.shape[0] != rows:
         raise TrainInputError(f"{lab}: {a.shape[0] if a.ndim else 0} label rows but {meta} has {rows}: "
                               f"not row-aligned (labels made from another store?)")
