@@ -51,7 +51,7 @@ from pipeline.encoders import EncoderConfig, build_encoder
 from pipeline.entry import StageError, cli_main, run_distributed
 from pipeline.images import IMAGE_EXTS, MAX_PIXELS, image_bytes, load_rgb
 from pipeline.io import atomic_write_json, clean_stale_tmp, load_npy, read_json
-from pipeline.shards import ShardSpecError, expand_shards, shard_stem
+from pipeline.shards import ShardSpecError, expand_shards, is_url, shard_stem
 from pipeline.store import KINDS, labels_path, meta_path, part_complete, write_labels, write_part
 from pipeline.topl import ExactTopL, file_sha256, label_rows, load_centroids
 from pipeline.tracking import Tracker, progress
@@ -356,13 +356,61 @@ def _expected_rows(shards: list[str]) -> int | None:
     total = 0
     for s in shards:
         p = Path(s).with_name(shard_stem(s) + "_stats.json")
-        if "://" in s or s.startswith("pipe:") or not p.is_file():
+        if is_url(s) or not p.is_file():
             return None
         try:
             total += int(json.loads(p.read_text())["successes"])
         except (ValueError, KeyError, OSError):
             return None
     return total
+
+
+def _embed_parts(mine: list, shards: list[str], out: Path, cfg: EmbedConfig, run: RunConfig, enc, topl,
+                 ctx: DistContext, tracker) -> tuple[list, list, int, collections.Counter]:
+    """This rank's shards through the encoder; each part written (atomically) as it ends.
+    Returns (failures, written part infos, rows embedded, skipped counts by reason)."""
+    needed = _needed(cfg)
+    need_text = bool({"text", "joint"} & set(needed))  # labels-only from img features skip the text tower
+    failures, written, rows_done = [], [], 0
+    skipped = collections.Counter()
+    t0 = time.perf_counter()
+    if not mine:
+        return failures, written, rows_done, skipped
+    loader = make_loader(mine, cfg, enc.preprocess, enc.image_size, ctx.device.type == "cuda")
+    bar = progress(_expected_rows([u for _, u in mine]), "embed", ctx)
+    bufs: dict[int, _Part] = {}
+    for step, b in enumerate(loader):
+        part = b["part"]
+        if b["error"]:
+            bufs.pop(part, None)
+            failures.append({"part": part, "shard": shards[part], "error": b["error"]})
+            log.error("shard %s (part %d) failed: %s", shards[part], part, b["error"])
+            continue
+        buf = bufs.setdefault(part, _Part())
+        if b["key"]:
+            img = enc.encode_images(b["pixels"])
+            feats = {"img": img}
+            if need_text:
+                feats["text"] = txt = enc.encode_texts(b["caption"])
+                feats["joint"] = enc.joint(img, txt)
+            for k in needed:  # stays on the device until the part ends: no per-batch sync
+                buf.feats[k].append(feats[k])
+            for c in ("key", "caption", "url", "extra"):
+                buf.cols[c] += b[c]
+            buf.cols["shard_row"] += b["shard_row"].tolist()
+            rows_done += len(b["key"])
+            bar.update(len(b["key"]))
+        if b["end"]:
+            info = _write(out, part, shards[part], bufs.pop(part), b["stats"], enc, cfg, topl)
+            written.append(info)
+            skipped.update(info["skipped"])
+        if step % max(run.log_every, 1) == 0 or b["end"]:
+            rate = rows_done / max(time.perf_counter() - t0, 1e-9)
+            tracker.log({"embed/images_per_s": rate, "embed/images": rows_done,
+                         "embed/parts_written": len(written),
+                         **{f"embed/skipped/{k}": v for k, v in skipped.items()}}, step=step)
+    bar.close()
+    return failures, written, rows_done, skipped
 
 
 def embed(run: RunConfig, cfg: EmbedConfig, ctx: DistContext) -> dict:
@@ -394,47 +442,9 @@ def embed(run: RunConfig, cfg: EmbedConfig, ctx: DistContext) -> dict:
         ctx.agree(lambda: load_centroids(cfg.assign_centroids, dim, cfg.assign_l, "embed.assign_l").shape)
         topl = ExactTopL(load_centroids(cfg.assign_centroids, dim, cfg.assign_l, "embed.assign_l"),
                          cfg.assign_l, ctx.device, cfg.assign_block_rows)
-    needed = _needed(cfg)
-    need_text = bool({"text", "joint"} & set(needed))  # labels-only from img features skip the text tower
     tracker = Tracker(run.wandb, ctx, str(out), "embed", {"run": _plain(run), "embed": _plain(cfg)})
-    failures, written, rows_done = [], [], 0
-    skipped = collections.Counter()
     t0 = time.perf_counter()
-    if mine:
-        loader = make_loader(mine, cfg, enc.preprocess, enc.image_size, ctx.device.type == "cuda")
-        bar = progress(_expected_rows([u for _, u in mine]), "embed", ctx)
-        bufs: dict[int, _Part] = {}
-        for step, b in enumerate(loader):
-            part = b["part"]
-            if b["error"]:
-                bufs.pop(part, None)
-                failures.append({"part": part, "shard": shards[part], "error": b["error"]})
-                log.error("shard %s (part %d) failed: %s", shards[part], part, b["error"])
-                continue
-            buf = bufs.setdefault(part, _Part())
-            if b["key"]:
-                img = enc.encode_images(b["pixels"])
-                feats = {"img": img}
-                if need_text:
-                    feats["text"] = txt = enc.encode_texts(b["caption"])
-                    feats["joint"] = enc.joint(img, txt)
-                for k in needed:  # stays on the device until the part ends: no per-batch sync
-                    buf.feats[k].append(feats[k])
-                for c in ("key", "caption", "url", "extra"):
-                    buf.cols[c] += b[c]
-                buf.cols["shard_row"] += b["shard_row"].tolist()
-                rows_done += len(b["key"])
-                bar.update(len(b["key"]))
-            if b["end"]:
-                info = _write(out, part, shards[part], bufs.pop(part), b["stats"], enc, cfg, topl)
-                written.append(info)
-                skipped.update(info["skipped"])
-            if step % max(run.log_every, 1) == 0 or b["end"]:
-                rate = rows_done / max(time.perf_counter() - t0, 1e-9)
-                tracker.log({"embed/images_per_s": rate, "embed/images": rows_done,
-                             "embed/parts_written": len(written),
-                             **{f"embed/skipped/{k}": v for k, v in skipped.items()}}, step=step)
-        bar.close()
+    failures, written, rows_done, skipped = _embed_parts(mine, shards, out, cfg, run, enc, topl, ctx, tracker)
     secs = time.perf_counter() - t0
     rate = rows_done / max(secs, 1e-9)
     log.info("rank %d: %d images in %.1f s (%.1f images/s), %d parts written, skipped %s",
