@@ -136,9 +136,25 @@ def bench_loss_chunks(quick: bool) -> list[dict]:
     return rows
 
 
-def _loss_worker(spec: dict) -> None:
-    import resource
+def _proc_status_kb(field: str) -> int:
+    for line in open("/proc/self/status"):
+        if line.startswith(field + ":"):
+            return int(line.split()[1]) * 1024
+    raise OSError(f"/proc/self/status has no {field}")
 
+
+def _rss_reset_peak() -> int:
+    """Resets this process's peak RSS (VmHWM) to its current RSS; returns the current RSS."""
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")
+    return _proc_status_kb("VmRSS")
+
+
+def _rss_peak() -> int:
+    return _proc_status_kb("VmHWM")
+
+
+def _loss_worker(spec: dict) -> None:
     from training.loss import LossConfig
     from training.partial_fc import PartialFC, PartialFCConfig
     dev = torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -163,10 +179,11 @@ def _loss_worker(spec: dict) -> None:
         torch.cuda.reset_peak_memory_stats()
         base, how = torch.cuda.memory_allocated(), "cuda max_memory_allocated"
     else:
-        base, how = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024, "peak RSS growth"
+        # The process's high-water mark is reset first (Linux: clear_refs 5), so set-up transients
+        # (the centers' seeded init, library pages) cannot hide the loss's own peak.
+        base, how = _rss_reset_peak(), "peak RSS growth"
     fwd_bwd()
-    peak = (torch.cuda.max_memory_allocated() if dev.type == "cuda"
-            else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024) - base
+    peak = (torch.cuda.max_memory_allocated() if dev.type == "cuda" else _rss_peak()) - base
     sampled, _, _ = pfc.sample_columns(labels, 0)
     t = None
     if spec["what"] == "time":
