@@ -23,6 +23,7 @@ SCHEMAS = {
     "assign": "clustering.assign:AssignConfig",
     "train": "training.train:TrainConfig",
     "eval": "training.eval:EvalConfig",
+    "ablate": "launch.ablate:AblateConfig",
 }
 ROOT = Path(__file__).resolve().parents[1]
 
