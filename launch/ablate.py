@@ -183,7 +183,7 @@ class Ablation:
                 "cluster", "--config", c, *o, f"cluster.k={k}", f"cluster.out_dir={d}"))
             self.once(f"assign_k{k}_l{self.l_max}", lambda d=d: self.mlcd(
                 "assign", "--config", c, *o, f"assign.l={self.l_max}", f"assign.centroids={d}/centroids.npy",
-                f"assign.out_dir={d}/labels"))
+                f"assign.out_dir={d}/labels", f"assign.report_dir={d}/report"))
 
     def cell_dir(self, cell: Cell, seed: int) -> Path:
         return self.root / "cells" / cell.name / f"s{seed}"
@@ -232,7 +232,7 @@ class Ablation:
         self.reference()
         if self.dry_run:
             return ""
-        text = report(self.root, self.cells, self.seeds, self.base_k, self.quick)
+        text = report(self.root, self.cells, self.seeds, self.quick)
         atomic_write_text(self.root / "report.md", text)
         return text
 
@@ -250,23 +250,25 @@ def _mean_std(xs: list[float]) -> str:
     return f"{m:.1f} +- {sd:.1f}"
 
 
-def paper_value(cell: Cell, base_k: int) -> str:
-    if cell.factor == "l":
-        v = PAPER["l"].get(cell.l)
-    elif cell.factor == "rho":
-        v = PAPER["rho"].get(cell.rho)
+def paper_value(cell: Cell, base: Cell) -> str:
+    """MLCD's number for the knob this cell changes (none when it changes two, or none ran)."""
+    v = None
+    if cell.factor == "base":
+        v = PAPER["l"][8]  # the paper's base row (l = 8, rho = 0.1, K = 1M)
+    elif cell.factor in ("l", "rho", "l x rho"):
+        if cell.rho == base.rho:
+            v = PAPER["l"].get(cell.l)
+        elif cell.l == base.l:
+            v = PAPER["rho"].get(cell.rho)
     elif cell.factor == "k":
-        v = PAPER["k"].get(round(cell.k / base_k, 2))
-    elif cell.factor == "loss":
-        v = PAPER["loss"].get(cell.loss)
-    elif cell.factor == "base":
-        v = 75.2
-    else:
-        v = None
+        v = PAPER["k"].get(round(cell.k / base.k, 2))
+    elif cell.factor == "loss" and cell.loss in PAPER["loss"]:
+        # a separate comparison in the paper (another setting): show both of its numbers
+        return f"{PAPER['loss'][cell.loss]:.1f} (mlcd {PAPER['loss']['mlcd']:.1f})"
     return "-" if v is None else f"{v:.1f}"
 
 
-def report(root: Path, cells: list[Cell], seeds: list[int], base_k: int, quick: bool) -> str:
+def report(root: Path, cells: list[Cell], seeds: list[int], quick: bool) -> str:
     """Mean +- std over seeds of each cell's linear-probe and k-NN top-1, per probe dataset."""
     rows, datasets = [], []
     for cell in cells:
@@ -289,7 +291,7 @@ def report(root: Path, cells: list[Cell], seeds: list[int], base_k: int, quick: 
             for probe in ("linear", "knn"):
                 vals.append(_mean_std([p["results"][d][probe] for p in per if d in p["results"]]))
         lines.append(f"| {cell.factor} | {cell.name} | {len(per)} | " + " | ".join(vals)
-                     + f" | {paper_value(cell, base_k)} |")
+                     + f" | {paper_value(cell, cells[0])} |")
     if ref:
         vals = [f"{100 * ref[d][probe]:.1f}" if d in ref else "-" for d in datasets for probe in ("linear", "knn")]
         lines.append("| reference | random init | 1 | " + " | ".join(vals) + " | - |")

@@ -49,7 +49,7 @@ def test_rerun_skips_finished_cells(tmp_path, caplog):
 
 
 def test_report_mean_std_and_paper_column(tmp_path):
-    from launch.ablate import AblateConfig, grid, report
+    from launch.ablate import AblateConfig, grid, paper_value, report
     cells = grid(AblateConfig(), 1000)
     lin = {0: 0.50, 1: 0.54, 2: 0.58}  # mean 54.0, sample std 4.0
     for s, v in lin.items():
@@ -59,11 +59,16 @@ def test_report_mean_std_and_paper_column(tmp_path):
     d = tmp_path / "cells" / cells[1].name / "s0"  # l = 1, one seed so far
     d.mkdir(parents=True)
     (d / "cell.json").write_text(json.dumps({"results": {"fmnist": {"linear": 0.4, "knn": 0.2}}}))
-    text = report(tmp_path, cells, [0, 1, 2], 1000, quick=False)
+    text = report(tmp_path, cells, [0, 1, 2], quick=False)
     rows = {line.split(" | ")[1]: line for line in text.splitlines() if line.startswith("| ")}
     assert "| 3 | 54.0 +- 4.0 | 30.0 +- 0.0 | 75.2 |" in rows[cells[0].name]
     assert "| 1 | 40.0 +- nan | 20.0 +- nan | 71.4 |" in rows[cells[1].name]
     assert rows[cells[2].name].endswith("| 0 | - | - | 68.7 |")  # l = 32: not run yet
+    paper = {c.name: line.split(" | ")[-1].rstrip(" |") for c in cells for line in [rows[c.name]]}
+    assert [paper[c.name] for c in cells] == ["75.2", "71.4", "68.7", "73.4", "63.2", "66.9", "74.7",
+                                              "76.9 (mlcd 78.1)", "-", "-"]
+    quick = grid(AblateConfig(), 256, quick=True)
+    assert [paper_value(c, quick[0]) for c in quick] == ["75.2", "71.4", "-", "63.2"]  # l1 rho1: two knobs
 
 
 def test_bad_ablate_config_is_one_line():
