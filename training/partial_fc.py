@@ -15,7 +15,10 @@ Per step, a rank:
      positives. The columns are the first floor(rho * K_local) + l classes of the order plus the
      batch's other positives; another image's positive that is not among a row's negatives is
      masked for that row (neither positive nor negative). The per-row rule is one threshold:
-     row b's negatives are its non-positive columns with index < limit[b].
+     row b's negatives are its non-positive columns with index < limit[b]. Cost: l more
+     columns than `batch` (the same GEMM), limits in O(B x l), two (rows, S) bool masks per
+     chunk; the batch's positives are still scored for every row, though each row uses only
+     its own (and those drawn for it), as in `batch`.
    - batch (PartialFC/UNICOM): every positive of the global batch in the block plus
      floor(rho * K_local) random non-positives; every column that is not the row's own
      positive is its negative. Other images' positives add to the negatives: with a large batch
