@@ -4,6 +4,7 @@
     mlcd embed|cluster|assign|train|eval [--nproc N] [--nnodes N] [--config F] [k=v ...]
     mlcd export CHECKPOINT OUT_DIR [...]
     mlcd demo [k=v ...]                         the whole pipeline on the demo data
+    mlcd ablate [--quick] [--config F] [k=v ...]  MLCD's ablation grid (launch/ablate.py)
     mlcd check --config F [k=v ...]             validate every section of a run config
 
 With --nproc/--nnodes > 1 the stage is started under torchrun (c10d rendezvous); otherwise it

@@ -25,7 +25,7 @@ from omegaconf.errors import OmegaConfBaseException
 
 from pipeline.io import atomic_write_text
 
-SECTIONS = ("run", "data", "embed", "cluster", "assign", "train", "eval", "bench")
+SECTIONS = ("run", "data", "embed", "cluster", "assign", "train", "eval", "bench", "ablate")
 T = TypeVar("T")
 
 

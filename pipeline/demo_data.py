@@ -56,13 +56,18 @@ class DataConfig:
     fmnist_dir: str = "/usr/share/datasets/fashion-mnist"
     fmnist_train: int = 2000
     fmnist_test: int = 1000
+    fmnist_pool: int = 0           # Fashion-MNIST training images added (unlabeled) to the pool,
+    #                                disjoint from the probe's train images; test images never
 
     def __post_init__(self):
         check(16 <= self.image_size <= 1024, "image_size", self.image_size, "must be in [16, 1024]")
         check(self.samples_per_shard > 0, "samples_per_shard", self.samples_per_shard, "must be > 0")
         check(0.0 < self.probe_fraction < 1.0, "probe_fraction", self.probe_fraction, "must be in (0, 1)")
         check(self.workers >= 1, "workers", self.workers, "must be >= 1")
-        for k in ("openclipart_max", "emoji_max", "fmnist_train", "fmnist_test", "max_pixels", "probe_max"):
+        check(self.fmnist_train + self.fmnist_pool <= 60_000, "fmnist_pool", self.fmnist_pool,
+              f"+ fmnist_train ({self.fmnist_train}) must be <= 60000 (Fashion-MNIST's train split)")
+        for k in ("openclipart_max", "emoji_max", "fmnist_train", "fmnist_test", "max_pixels", "probe_max",
+                  "fmnist_pool"):
             check(getattr(self, k) >= 0, k, getattr(self, k), "must be >= 0")
 
 
@@ -136,7 +141,9 @@ def emoji_items(cfg: DataConfig) -> list[dict]:
     return items[:cfg.emoji_max] if cfg.emoji_max else items
 
 
-def fmnist_items(cfg: DataConfig, split: str, n: int, seed: int) -> list[dict]:
+def fmnist_items(cfg: DataConfig, split: str, n: int, seed: int, skip: int = 0) -> list[dict]:
+    """n images of a split in a seeded order, after the first `skip` (the pool takes the train
+    images after the probe's, so they never overlap)."""
     d = Path(cfg.fmnist_dir)
     prefix = "train" if split == "train" else "t10k"
     img_path, lab_path = d / f"{prefix}-images-idx3-ubyte.gz", d / f"{prefix}-labels-idx1-ubyte.gz"
@@ -148,7 +155,7 @@ def fmnist_items(cfg: DataConfig, split: str, n: int, seed: int) -> list[dict]:
     with gzip.open(lab_path) as f:
         f.read(8)
         labels = np.frombuffer(f.read(), np.uint8)
-    idx = np.random.default_rng(seed).permutation(num)[:n]
+    idx = np.random.default_rng(seed).permutation(num)[skip:skip + n]
     return [{"kind": "array", "array": images[i], "caption": FMNIST_CLASSES[labels[i]],
              "source": "fashion-mnist", "label": FMNIST_CLASSES[labels[i]], "cls": int(labels[i]),
              "url": f"fashion-mnist:{prefix}:{i}"} for i in idx]
@@ -246,6 +253,9 @@ def build(run: RunConfig, cfg: DataConfig) -> dict:
     summary = {}
     pool, probe, classes = openclipart_items(cfg, run.seed)
     pool = pool + emoji_items(cfg)
+    if cfg.fmnist_pool:  # unlabeled pool images: no class in the caption, no `cls`
+        pool += [{**{k: v for k, v in it.items() if k != "cls"}, "caption": "fashion-mnist",
+                  "label": "fashion-mnist"} for it in fmnist_items(cfg, "train", cfg.fmnist_pool, run.seed, skip=cfg.fmnist_train)]
     random.Random(run.seed + 1).shuffle(pool)
     summary["train"] = write_shards(pool, out / "train", cfg, "demo shards: train pool")
     for split in ("train", "test"):

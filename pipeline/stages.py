@@ -31,6 +31,7 @@ STAGES: dict[str, Stage] = {s.name: s for s in (
           torchrun=True),
     Stage("envcheck", "launch.envcheck", torchrun=True),
     Stage("demo", "launch.demo"),
+    Stage("ablate", "launch.ablate", "ablate", "launch.ablate:AblateConfig"),
     Stage("check", "launch.check"),
 )}
 

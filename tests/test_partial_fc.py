@@ -1,13 +1,17 @@
 """PartialFC + MLCD loss exactness.
 
 Run as a script under torchrun (1 or 2 gloo ranks), it checks on every rank:
-- rho = 1, K = 11 split 6/5: loss and gradients w.r.t. the embeddings and the class centers equal
-  the dense single-process float64 loss on the same global batch (MLCD arc, MLCD cos, UNICOM),
-  unchunked and in row chunks of 1, 4 and auto (chunks recomputed in backward);
+- K = 11 split 6/5: loss and gradients w.r.t. the embeddings and the class centers equal the
+  loss written out row by row in float64 from the positive and negative class sets the rule
+  defines (MLCD arc, MLCD cos, vanilla multi-label, UNICOM), rho = 1 and rho < 1 under both
+  negative rules (`sampled`, `batch`), unchunked and in row chunks (recomputed in backward);
 - a rank whose block gets no sampled column (K = 10, rho = 0.1, positives all on rank 0) adds
-  nothing, does not hang its peers, and the loss equals the dense loss over the sampled columns;
-- rho < 1: every positive of the global batch in the block is sampled, plus exactly
+  nothing, does not hang its peers; rows without negatives (mlc: zero loss) are handled;
+- rho < 1, `batch`: every positive of the global batch in the block is sampled, plus exactly
   floor(rho * K_local) distinct negatives from outside the positives; same step -> same draw;
+- rho < 1, `sampled`: each row has exactly floor(rho * K_local) negatives per rank, none its own
+  positive, others' positives masked; the logged mean negatives per image is rho * K there and
+  far larger under `batch`;
 - one full optimizer step (DeepSpeed ZeRO-2 backbone + sharded centers, SGD, grad accumulation 2,
   each rank with half the batch) equals a plain single-process step on the whole batch.
 """
@@ -20,33 +24,70 @@ import torch
 from conftest import torchrun
 
 
+def reference_loss(emb: torch.Tensor, centers: torch.Tensor, pos: list[list[int]], neg: list[list[int]],
+                   cfg) -> torch.Tensor:
+    """The losses written out row by row from explicit positive / negative class sets (float64):
+    mlcd eq. 5, mlc eq. 4 as a literal double sum over pairs, unicom's softmax over the target
+    and the negatives."""
+    from training.loss import apply_margin
+    cos = torch.nn.functional.normalize(emb, dim=1) @ torch.nn.functional.normalize(centers, dim=1).T
+    phi = apply_margin(cos, cfg.margin, cfg.margin_type)
+    s, zero = cfg.scale, emb.new_zeros(1)
+    out = []
+    for i, (p, n) in enumerate(zip(pos, neg)):
+        zp, zn = -s * phi[i, p], s * cos[i, n]
+        if cfg.mode == "mlcd":
+            out.append(torch.logsumexp(torch.cat([zero, zp]), 0) + torch.logsumexp(torch.cat([zero, zn]), 0))
+        elif cfg.mode == "mlc":
+            pairs = (zn[:, None] + zp[None, :]).flatten()  # s_j - s_i for every (j, i) pair
+            out.append(torch.logsumexp(torch.cat([zero, pairs]), 0) + 0 * cos[i].sum())  # keep a graph
+        else:
+            assert len(p) <= 1 and len(p) + len(n) > 0
+            out.append(torch.logsumexp(torch.cat([-zp, zn]), 0) + zp.sum())
+    return torch.stack(out).mean()
+
+
+def reference_sets(ctx, pfc, labels: torch.Tensor, step: int) -> tuple[list[list[int]], list[list[int]]]:
+    """Each row's positives and negatives (global class ids) by the rule as the docs state it,
+    from every rank's draw: batch = every sampled class but the row's positives; sampled = the
+    first floor(rho * K_local) classes of the rank's random order that are not its positives."""
+    d = pfc.sample_columns(labels, step)
+    order = (d.sampled + pfc.start).tolist()
+    n_neg, n_cand = pfc.num_negatives, min(pfc.num_local, pfc.num_negatives + labels.shape[1])
+    pos = [sorted({v for v in row if v >= 0}) for row in labels.tolist()]
+    mine = [v for row in pos for v in row if pfc.start <= v < pfc.start + pfc.num_local]
+    assert set(mine) <= set(order), "a positive of the batch was not sampled"
+    if pfc.cfg.negatives == "batch":
+        neg = [[c for c in order if c not in p] for p in pos]
+    else:
+        neg = [[c for c in order[:n_cand] if c not in p][:n_neg] for p in pos]
+    every = ctx.all_gather_object(neg) if ctx.distributed else [neg]
+    return pos, [sorted(sum((r[i] for r in every), [])) for i in range(len(pos))]
+
+
 def compare_dense(ctx, K: int, emb: torch.Tensor, labels: torch.Tensor, cfg, pfc_cfg, seed: int = 3,
-                  columns: list[int] | None = None) -> None:
-    """Sharded loss, d loss/d emb and d loss/d centers on every rank == the dense float64 loss
-    over the global batch (over `columns` of the K centers only, when given: the sampled ones)."""
-    from training.loss import dense_mlcd_loss, dense_unicom_loss
+                  step: int = 0) -> None:
+    """Sharded loss, d loss/d emb and d loss/d centers on every rank == the loss written out
+    row by row in float64 from the rule's positive and negative sets over the global batch."""
     from training.partial_fc import PartialFC, init_centers
     B = emb.shape[0] // ctx.world_size
     pfc = PartialFC(K, emb.shape[1], pfc_cfg, cfg, ctx.rank, ctx.world_size, ctx, seed=seed)
     mine = slice(ctx.rank * B, (ctx.rank + 1) * B)
     x = emb[mine].clone().requires_grad_()
-    loss, terms = pfc(x, labels[mine], step=0)
+    loss, terms = pfc(x, labels[mine], step=step)
     loss.backward()
+    lab = labels[:, :cfg.labels_used]
+    pos, neg = reference_sets(ctx, pfc, lab, step)
     xd = emb.double().requires_grad_()
     wd = init_centers(K, emb.shape[1], 0, K, 0.01, seed=seed).double().requires_grad_()
-    lab = labels[:, :cfg.labels_used]
-    cols = torch.arange(K) if columns is None else torch.tensor(columns)
-    remap = torch.full((K + 1,), -1, dtype=torch.long)
-    remap[cols] = torch.arange(len(cols))
-    dense = dense_unicom_loss if cfg.mode == "unicom" else dense_mlcd_loss
-    ld, _ = dense(xd, wd[cols], remap[torch.where(lab >= 0, lab, K)], cfg)
+    ld = reference_loss(xd, wd, pos, neg, cfg)
     ld.backward()
     torch.testing.assert_close(loss.double(), ld, rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(x.grad.double(), xd.grad[mine], rtol=1e-4, atol=1e-6)
     torch.testing.assert_close(pfc.weight.grad.double(), wd.grad[pfc.start:pfc.start + pfc.num_local],
                                rtol=1e-4, atol=1e-6)
-    assert float(x.grad.abs().sum()) > 0
-    assert int(terms["sampled_classes"]) == len(cols)
+    assert float(xd.grad.abs().sum()) == 0 or float(x.grad.abs().sum()) > 0
+    assert abs(float(terms["negatives"]) - sum(map(len, neg)) / len(neg)) < 1e-4
 
 
 def check_loss_and_grads(ctx) -> None:
@@ -60,30 +101,41 @@ def check_loss_and_grads(ctx) -> None:
     labels[4, 0] = labels[4, 1]  # duplicate label in a row
     if ctx.world_size == 2:
         assert PartialFC(K, D, PartialFCConfig(), LossConfig(), ctx.rank, 2, ctx).num_local == (6 if ctx.rank == 0 else 5)
-    for cfg in (LossConfig(num_labels=3), LossConfig(num_labels=3, margin_type="cos", margin=0.2),
-                LossConfig(mode="unicom", scale=32, margin=0.5)):
+    losses = (LossConfig(num_labels=3), LossConfig(num_labels=3, margin_type="cos", margin=0.2),
+              LossConfig(mode="mlc", num_labels=3, scale=16), LossConfig(mode="unicom", scale=32, margin=0.5))
+    for cfg in losses:
         for chunk in (-1, 1, 4, 0):
             compare_dense(ctx, K, emb, labels, cfg, PartialFCConfig(sample_rate=1.0, chunk_rows=chunk))
+    # rho < 1, both rules: 2 / 1 negatives per rank (+ the batch's positives under `batch`)
+    for rule in ("sampled", "batch"):
+        for cfg in losses[::2] + losses[3:]:
+            for chunk, step in ((-1, 0), (2, 0), (-1, 7), (4, 7)):
+                compare_dense(ctx, K, emb, labels, cfg,
+                              PartialFCConfig(sample_rate=0.35, negatives=rule, chunk_rows=chunk), step=step)
 
     # an empty block: K = 10, 2 ranks, rho = 0.1 -> floor(0.5) = 0 negatives, positives all in
-    # [0, 5): rank 1 samples nothing (1 rank: rho = 0.05, no negatives either)
+    # [0, 5): under `batch` rank 1 samples nothing (1 rank: rho = 0.05, no negatives either);
+    # under `sampled` no row has a negative (mlc: a zero loss)
     rho = 0.1 if ctx.world_size == 2 else 0.05
     labels = torch.randint(0, 4, (B * 2, 3), generator=g)
+    for rule in ("sampled", "batch"):
+        for cfg in (LossConfig(num_labels=3), LossConfig(mode="mlc", num_labels=3), LossConfig(mode="unicom", scale=16)):
+            for chunk in (-1, 2):
+                compare_dense(ctx, 10, emb, labels, cfg,
+                              PartialFCConfig(sample_rate=rho, negatives=rule, chunk_rows=chunk))
     labels[2] = -1  # a row with no positive at all
-    for cfg in (LossConfig(num_labels=3), LossConfig(mode="unicom", scale=16)):
-        used = sorted(set(labels[:, :cfg.labels_used].flatten().tolist()) - {-1})
-        for chunk in (-1, 2):
-            compare_dense(ctx, 10, emb, labels, cfg, PartialFCConfig(sample_rate=rho, chunk_rows=chunk),
-                          columns=used)
+    for chunk in (-1, 2):
+        compare_dense(ctx, 10, emb, labels, LossConfig(num_labels=3),
+                      PartialFCConfig(sample_rate=rho, negatives="batch", chunk_rows=chunk))
 
-    # rho < 1: positives always in, exactly floor(rho * K_local) negatives outside them
+    # rho < 1, batch rule: positives always in, exactly floor(rho * K_local) negatives outside them
     K, rho = 1001, 0.1
-    pfc = PartialFC(K, D, PartialFCConfig(sample_rate=rho), LossConfig(num_labels=8), ctx.rank,
-                    ctx.world_size, ctx, seed=0)
+    pfc = PartialFC(K, D, PartialFCConfig(sample_rate=rho, negatives="batch"), LossConfig(num_labels=8),
+                    ctx.rank, ctx.world_size, ctx, seed=0)
     for step in range(5):
         lab = torch.randint(0, K, (64, 8), generator=g)
         lab[0] = -1
-        sampled, mask = pfc.sample(lab, step)
+        sampled, mask, negs = pfc.sample(lab, step)
         local = lab - pfc.start
         pos = set(local[(lab >= 0) & (local >= 0) & (local < pfc.num_local)].tolist())
         s = sampled.tolist()
@@ -91,20 +143,48 @@ def check_loss_and_grads(ctx) -> None:
         assert len(set(s) - pos) == int(rho * pfc.num_local)
         assert int(mask.sum()) == sum(len({v - pfc.start for v in row if pfc.start <= v < pfc.start + pfc.num_local})
                                       for row in lab.tolist())
-        again, _ = pfc.sample(lab, step)
+        assert torch.equal(negs, ~mask)
+        again, _, _ = pfc.sample(lab, step)
         assert torch.equal(again, sampled)
+    # sampled rule: every row has exactly floor(rho * K_local) negatives per rank, none its own
+    # positive; another row's positive is masked (not a negative) unless drawn for this row
+    pfc = PartialFC(K, D, PartialFCConfig(sample_rate=rho), LossConfig(num_labels=8), ctx.rank,
+                    ctx.world_size, ctx, seed=0)
+    n = pfc.num_negatives
+    for step in range(5):
+        lab = torch.randint(0, K, (64, 8), generator=g)
+        sampled, mask, negs = pfc.sample(lab, step)
+        assert negs.sum(1).eq(n).all() and not (negs & mask).any()
+        assert len(set(sampled.tolist())) == sampled.numel() <= n + 8 + int(mask.any(0).sum())
+        batch_pos = mask.any(0)
+        assert (batch_pos & ~mask & ~negs).any(), "no other row's positive was masked"
+        again = pfc.sample(lab, step)
+        assert all(torch.equal(u, v) for u, v in zip(again, (sampled, mask, negs)))
+    # mean negatives per image (the logged stat): ~rho * K under `sampled`, far more under `batch`
+    x = torch.randn(32, D, generator=g)
+    lab = torch.randint(0, K, (32 * ctx.world_size, 8), generator=torch.Generator().manual_seed(9))
+    mine = lab[32 * ctx.rank:32 * ctx.rank + 32]
+    _, t_sampled = pfc(x, mine, 0)
+    pfc.cfg = PartialFCConfig(sample_rate=rho, negatives="batch")
+    _, t_batch = pfc(x, mine, 0)
+    assert float(t_sampled["negatives"]) == 100  # floor(0.1 * 501) + floor(0.1 * 500), or 0.1 * 1001
+    distinct = len(set(lab.flatten().tolist()))
+    own = sum(len(set(row)) for row in lab.tolist()) / lab.shape[0]
+    assert abs(float(t_batch["negatives"]) - (100 + distinct - own)) < 1e-3
+    assert float(t_batch["negatives"]) > 300  # 1 rank: ~100 + 226 - 8; 2 ranks: ~100 + 400 - 8
     # more positives than the negative budget (the case insightface's top-k rule gets wrong)
-    pfc = PartialFC(40, D, PartialFCConfig(sample_rate=0.25), LossConfig(num_labels=8), ctx.rank,
-                    ctx.world_size, ctx)
+    pfc = PartialFC(40, D, PartialFCConfig(sample_rate=0.25, negatives="batch"), LossConfig(num_labels=8),
+                    ctx.rank, ctx.world_size, ctx)
     lab = torch.arange(32).view(4, 8)
-    sampled, _ = pfc.sample(lab, 0)
+    sampled, _, _ = pfc.sample(lab, 0)
     n_pos = len([c for c in range(32) if pfc.start <= c < pfc.start + pfc.num_local])
     assert sampled.numel() == n_pos + min(int(0.25 * pfc.num_local), pfc.num_local - n_pos)
     # floor(0.29 * 100) = 29 negatives (float arithmetic says 28)
-    pfc = PartialFC(100 * ctx.world_size, D, PartialFCConfig(sample_rate=0.29), LossConfig(), ctx.rank,
-                    ctx.world_size, ctx)
-    sampled, _ = pfc.sample(torch.full((2, 8), -1), 0)
-    assert sampled.numel() == 29 == pfc.num_negatives
+    for rule in ("sampled", "batch"):
+        pfc = PartialFC(100 * ctx.world_size, D, PartialFCConfig(sample_rate=0.29, negatives=rule), LossConfig(),
+                        ctx.rank, ctx.world_size, ctx)
+        _, _, negs = pfc.sample(torch.full((2, 8), -1), 0)
+        assert negs.sum(1).tolist() == [29, 29] and pfc.num_negatives == 29
 
 
 def check_full_step(ctx) -> None:
@@ -172,6 +252,26 @@ def test_partial_fc_one_process_chunked():
     """No process group: chunked == unchunked == dense float64, both loss modes."""
     from pipeline.dist import DistContext
     check_loss_and_grads(DistContext())
+
+
+def test_sampled_negatives_are_uniform():
+    """Under `sampled`, a row's negatives are a uniform draw from outside its own positives:
+    over 400 steps every other class (another row's positive included) is one of its 5
+    negatives ~400 * 5 / 47 = 43 times (binomial sd ~6), its positives never; `batch` makes the
+    other rows' positives negatives at every step."""
+    from training.loss import LossConfig
+    from training.partial_fc import PartialFC, PartialFCConfig
+    lab = torch.tensor([[0, 1, 2], [3, 4, 5], [6, -1, -1]])
+    counts = torch.zeros(50)
+    pfc = PartialFC(50, 4, PartialFCConfig(sample_rate=0.1), LossConfig(num_labels=3))
+    for step in range(400):
+        sampled, _, negs = pfc.sample(lab, step)
+        counts[sampled[negs[0]]] += 1
+    assert counts[:3].sum() == 0 and counts.sum() == 400 * 5
+    assert counts[3:].min() >= 20 and counts[3:].max() <= 70, counts
+    pfc.cfg = PartialFCConfig(sample_rate=0.1, negatives="batch")
+    sampled, _, negs = pfc.sample(lab, 0)
+    assert set(sampled[negs[0]].tolist()) >= {3, 4, 5, 6}
 
 
 def test_negative_count_and_too_few_classes():

@@ -1,10 +1,15 @@
-"""The MLCD multi-label loss and UNICOM's single-label ArcFace softmax, computed on one rank's block
-of class centers and reduced across ranks.
+"""The MLCD multi-label loss, the vanilla multi-label loss it is compared against, and UNICOM's
+single-label ArcFace softmax, computed on one rank's block of class centers and reduced across
+ranks (equations and sources: docs/LOSS.md).
 
-MLCD (paper eq. 5, margin and scale as RICE states them), for one image with positives P and the
-sampled negatives N' (cosines c to L2-normalized centers):
+For one image with positives P and negatives N' (cosines c to L2-normalized centers; which
+columns are N' is PartialFC's `negatives` rule), with s_i = s * phi(c_i), s_j = s * c_j:
 
-    L = log(1 + sum_{i in P} exp(-s * phi(c_i))) + log(1 + sum_{j in N'} exp(s * c_j))
+    mlcd (MLCD eq. 5):  L = log(1 + sum_{i in P} exp(-s_i)) + log(1 + sum_{j in N'} exp(s_j))
+    mlc  (MLCD eq. 4):  L = log(1 + sum_{j in N'} sum_{i in P} exp(s_j - s_i))
+                          = softplus(lse_{i in P}(-s_i) + lse_{j in N'}(s_j))
+
+The double sum factorizes, so both need only the same two log-sum-exps per row.
 
 Each rank holds some of the columns. Every log-sum-exp is split in two steps:
 1. `local_terms`: per row, the log-sum-exp over this rank's columns only (a (T, B) tensor: T = 2
@@ -13,15 +18,17 @@ Each rank holds some of the columns. Every log-sum-exp is split in two steps:
 2. `combine`: the ranks' per-row values are merged stably: all-reduce their max M (no gradient
    needed: the result does not depend on it), all-reduce sum_r exp(lse_r - M), then
    log(1 + sum) = M + log(sum + exp(-M)) for MLCD (the "1" is a zero logit, counted once) or
-   M + log(sum) for the softmax. Only (T, B) tensors cross the wire.
+   M + log(sum) for the softmax and for both mlc terms (then softplus of their sum). Only (T, B)
+   tensors cross the wire.
 Every rank ends with the same per-sample loss; `_AllReduceSum`'s backward is the identity because
 each rank back-propagates its own (identical) copy of that downstream graph.
 
 All collectives of the loss are the autograd Functions below; they take the run's DistContext
 (pipeline/dist.py) and expect tensors already on its device (NCCL has no CPU tensors).
 
-`dense_mlcd_loss` / `dense_unicom_loss` are the single-process reference implementations (tests
-compare the sharded version against them; the benchmark uses them as the full-softmax baseline).
+`dense_mlcd_loss` (mlcd or mlc) / `dense_unicom_loss` are the single-process losses over all K
+centers (the benchmark's full-softmax baseline; tests also check them against literal
+transcriptions of the equations).
 """
 from __future__ import annotations
 
@@ -34,17 +41,21 @@ import torch.nn.functional as F
 
 from pipeline.config import check
 
+LOSS_MODES = ("mlcd", "mlc", "unicom")
+
 
 @dataclass
 class LossConfig:
-    mode: str = "mlcd"          # mlcd (multi-label, eq. 5) | unicom (single label, ArcFace softmax)
+    mode: str = "mlcd"          # mlcd (multi-label, positives and negatives decoupled, eq. 5) |
+    #                             mlc (vanilla multi-label, pairs coupled, eq. 4) | unicom (single
+    #                             label, ArcFace softmax)
     scale: float = 64.0         # s
     margin: float = 0.3         # m on positives only (0 = the paper's plain form)
     margin_type: str = "arc"    # arc: cos(arccos(c) + m) (ArcFace, UNICOM's code) | cos: c - m
     num_labels: int = 8         # l: the top-l labels of each image are its positives (unicom: 1)
 
     def __post_init__(self):
-        check(self.mode in ("mlcd", "unicom"), "mode", self.mode, "must be mlcd or unicom")
+        check(self.mode in LOSS_MODES, "mode", self.mode, f"must be one of {', '.join(LOSS_MODES)}")
         check(self.margin_type in ("arc", "cos"), "margin_type", self.margin_type, "must be arc or cos")
         check(self.scale > 0, "scale", self.scale, "must be > 0")
         check(0 <= self.margin < math.pi / 2, "margin", self.margin, "must be in [0, pi/2)")
@@ -110,22 +121,26 @@ def reduce_max(x: torch.Tensor, ctx) -> torch.Tensor:
     return x.detach() if _single(ctx) else _AllReduceMax.apply(x.detach(), ctx)
 
 
-def local_terms(cos: torch.Tensor, pos_mask: torch.Tensor, cfg: LossConfig) -> torch.Tensor:
-    """Per-row local pieces of the loss over this rank's columns, (2, B).
-    mlcd: pos_mask (B, S) bool -> [lse of -s phi(c) over positives, lse of s c over negatives].
-    unicom: pos_mask (B, S) bool with at most one True per row (the sample's class if it lives
-    here) -> [lse over all columns with the margin on the target, target logit or 0]."""
+def local_terms(cos: torch.Tensor, pos_mask: torch.Tensor, cfg: LossConfig,
+                neg_mask: torch.Tensor | None = None) -> torch.Tensor:
+    """Per-row local pieces of the loss over this rank's columns, (2, B). neg_mask (B, S): the
+    row's negatives (None: every column that is not its positive); other columns are ignored.
+    mlcd / mlc: [lse of -s phi(c) over positives, lse of s c over negatives].
+    unicom: pos_mask with at most one True per row (the sample's class if it lives here) ->
+    [lse over target and negatives with the margin on the target, target logit or 0]."""
     neg_inf = torch.finfo(cos.dtype).min
+    if neg_mask is None:
+        neg_mask = ~pos_mask
     if cfg.mode == "unicom":
         has = pos_mask.any(1)
         phi = cfg.scale * apply_margin(cos, cfg.margin, cfg.margin_type)
-        logits = torch.where(pos_mask, phi, cfg.scale * cos)
+        logits = torch.where(pos_mask, phi, cfg.scale * cos).masked_fill(~(pos_mask | neg_mask), neg_inf)
         # logsumexp over zero columns is -inf; clamp keeps it finite (and its gradient zero)
         lse = torch.logsumexp(logits, dim=1).clamp_min(neg_inf)
         pos = torch.where(pos_mask, phi, torch.zeros_like(phi)).sum(1)
         return torch.stack([lse, torch.where(has, pos, torch.zeros_like(pos))])
     z_pos = (-cfg.scale * apply_margin(cos, cfg.margin, cfg.margin_type)).masked_fill(~pos_mask, neg_inf)
-    z_neg = (cfg.scale * cos).masked_fill(pos_mask, neg_inf)
+    z_neg = (cfg.scale * cos).masked_fill(~neg_mask, neg_inf)
     return torch.stack([torch.logsumexp(z_pos, dim=1), torch.logsumexp(z_neg, dim=1)]).clamp_min(neg_inf)
 
 
@@ -137,18 +152,27 @@ def combine(local: torch.Tensor, cfg: LossConfig, ctx=None) -> tuple[torch.Tenso
         pos = reduce_sum(local[1], ctx)
         loss = (lse - pos).mean()
         return loss, {"loss_pos": -pos.detach().mean(), "loss_neg": lse.detach().mean()}  # sum = loss
+    if cfg.mode == "mlc":
+        m = reduce_max(local, ctx)
+        l_pos, l_neg = m + torch.log(reduce_sum(torch.exp(local - m), ctx))
+        # no positive or no negative: no pair, loss 0 (an empty lse is ~finfo.min; their sum
+        # would overflow to -inf, the clamp keeps it finite with a zero gradient)
+        pair = (l_pos + l_neg).clamp_min(torch.finfo(local.dtype).min)
+        loss = F.softplus(pair).mean()
+        # the two log-sum-exps: loss = softplus(loss_pos + loss_neg) per row, not their sum
+        return loss, {"loss_pos": l_pos.detach().mean(), "loss_neg": l_neg.detach().mean()}
     m = reduce_max(local, ctx).clamp_min(0.0)  # the "1" is exp(0)
     l_pos, l_neg = m + torch.log(reduce_sum(torch.exp(local - m), ctx) + torch.exp(-m))
     loss = (l_pos + l_neg).mean()
     return loss, {"loss_pos": l_pos.detach().mean(), "loss_neg": l_neg.detach().mean()}
 
 
-def mlcd_loss(cos: torch.Tensor, pos_mask: torch.Tensor, cfg: LossConfig, ctx=None
-              ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+def mlcd_loss(cos: torch.Tensor, pos_mask: torch.Tensor, cfg: LossConfig, ctx=None,
+              neg_mask: torch.Tensor | None = None) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """cos: (B, S) cosines of the global batch to this rank's sampled centers; pos_mask: (B, S)
-    True where that center is one of the sample's positives (everything else in the rank's
-    sample is a negative for that sample). Returns the mean over the global batch."""
-    return combine(local_terms(cos, pos_mask, cfg), cfg, ctx)
+    True where that center is one of the sample's positives; neg_mask: its negatives (None:
+    every other column). mlcd or mlc, as cfg.mode says. Returns the mean over the global batch."""
+    return combine(local_terms(cos, pos_mask, cfg, neg_mask), cfg, ctx)
 
 
 def unicom_loss(cos: torch.Tensor, target: torch.Tensor, cfg: LossConfig, ctx=None
@@ -170,8 +194,8 @@ def target_mask(cols: torch.Tensor, num_cols: int) -> torch.Tensor:
 
 def dense_mlcd_loss(emb: torch.Tensor, centers: torch.Tensor, labels: torch.Tensor, cfg: LossConfig,
                     ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-    """Single-process MLCD loss over all K centers (rho = 1): emb (B, D), centers (K, D),
-    labels (B, l) with -1 padding."""
+    """Single-process multi-label loss (mlcd or mlc, as cfg.mode says) over all K centers
+    (rho = 1): emb (B, D), centers (K, D), labels (B, l) with -1 padding."""
     cos = F.normalize(emb, dim=1) @ F.normalize(centers, dim=1).T
     return mlcd_loss(cos, target_mask(labels, centers.shape[0]), cfg, None)
 

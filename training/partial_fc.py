@@ -1,5 +1,5 @@
 """PartialFC: the K x D class centers split into contiguous blocks across ranks (model parallel,
-insightface/UNICOM style), with per-step class sampling (the RICE rule).
+insightface/UNICOM style), with per-step negative sampling.
 
 Memory per rank: K/W x D fp32 centers (+ their gradient and optimizer state, x3-4 with AdamW)
 plus the sampled rows and a B_global x S logit matrix; a data-parallel classifier would need the
@@ -8,8 +8,22 @@ whole K x D on every rank (1M x 512 fp32 = 2 GiB, 8 GiB with Adam).
 Per step, a rank:
 1. all-gathers the normalized embeddings and labels of the global batch (`all_gather_grad`:
    backward sums each rank's slice, i.e. a reduce-scatter, times `grad_scale`);
-2. samples its columns: every positive of the global batch inside its block plus exactly
-   floor(rho * K_local) negatives drawn uniformly from the non-positives (rho = 1: the block);
+2. samples its columns and, per row, which of them are the row's negatives (`negatives`):
+   - sampled (MLCD/RICE, docs/LOSS.md): a uniformly random order of the block; a row's negatives
+     are the first floor(rho * K_local) classes in that order that are not its own positives, so
+     each image gets exactly that many negatives per rank, a uniform draw from outside its
+     positives. The columns are the first floor(rho * K_local) + l classes of the order plus the
+     batch's other positives; another image's positive that is not among a row's negatives is
+     masked for that row (neither positive nor negative). The per-row rule is one threshold:
+     row b's negatives are its non-positive columns with index < limit[b]. Cost: l more
+     columns than `batch` (the same GEMM), limits in O(B x l), two (rows, S) bool masks per
+     chunk; the batch's positives are still scored for every row, though each row uses only
+     its own (and those drawn for it), as in `batch`.
+   - batch (PartialFC/UNICOM): every positive of the global batch in the block plus
+     floor(rho * K_local) random non-positives; every column that is not the row's own
+     positive is its negative. Other images' positives add to the negatives: with a large batch
+     far more than rho * K (global batch 32,000 x 8 labels, K = 1M: ~0.33 K per image).
+   rho = 1: both rules give every non-positive class of the block;
 3. computes cosines to those centers and its share of the loss (training/loss.py), reduced
    across ranks. With `chunk_rows` the global batch goes through in row chunks whose cosines are
    recomputed in backward (activation checkpointing per chunk): peak loss memory is
@@ -25,6 +39,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 from fractions import Fraction
+from typing import NamedTuple
 
 import torch
 import torch.distributed as dist
@@ -42,12 +57,16 @@ AUTO_CHUNK_LOGITS = 1 << 26  # chunk_rows = 0: rows per chunk so a chunk holds <
 #                              time: on an H200 at B = 32,768, S = 41,500 the loss took 243 ms
 #                              unchunked (44.5 GiB), 344 ms at 4,096 rows (5.8 GiB), 409 ms at 404
 #                              rows (0.83 GiB)
+NEGATIVE_RULES = ("sampled", "batch")
 
 
 @dataclass
 class PartialFCConfig:
     num_classes: int = 0          # K; 0 = rows of the k-means centroids file (train.centroids)
-    sample_rate: float = 0.1      # rho: negatives per step = floor(rho * K_local)
+    sample_rate: float = 0.1      # rho: negatives per image per rank = floor(rho * K_local)
+    negatives: str = "sampled"    # sampled: each image's own floor(rho * K_local) negatives from
+    #                               outside its positives (MLCD/RICE) | batch: also every other
+    #                               image's positives (PartialFC/UNICOM); see the module docstring
     init_std: float = 0.01        # centers ~ normal(0, init_std) (normalized in the loss)
     optimizer: str = "adamw"      # adamw | sgd (momentum 0.9)
     lr_mult: float = 1.0          # center LR = backbone LR (schedule included) x lr_mult
@@ -58,6 +77,8 @@ class PartialFCConfig:
     def __post_init__(self):
         check(self.num_classes >= 0, "num_classes", self.num_classes, "must be >= 0 (0 = from centroids)")
         check(0 < self.sample_rate <= 1, "sample_rate", self.sample_rate, "must be in (0, 1]")
+        check(self.negatives in NEGATIVE_RULES, "negatives", self.negatives,
+              f"must be one of {', '.join(NEGATIVE_RULES)}")
         check(self.init_std > 0, "init_std", self.init_std, "must be > 0")
         check(self.optimizer in ("adamw", "sgd"), "optimizer", self.optimizer, "must be adamw or sgd")
         check(self.lr_mult > 0, "lr_mult", self.lr_mult, "must be > 0")
@@ -154,34 +175,54 @@ class PartialFC(nn.Module):
     def num_negatives(self) -> int:
         return floor_fraction(self.cfg.sample_rate, self.num_local)
 
-    def sample_columns(self, labels: torch.Tensor, step: int) -> tuple[torch.Tensor, torch.Tensor, int]:
+    def _generator(self, step: int, device) -> torch.Generator:
+        return torch.Generator(device=device).manual_seed((self.seed * 1_000_003 + step) * 4099 + self.rank)
+
+    def sample_columns(self, labels: torch.Tensor, step: int) -> Draw:
         """labels: (B, l) global class ids of the global batch (-1 = none). Returns the sampled
-        local rows (S,) (positives first), each label's column in them ((B, l), -1 where the
-        class is not in this block) and the number of positives. The draw depends only on
-        (seed, rank, step): a resumed run samples what the uninterrupted one did. S may be 0
-        (no positive here and floor(rho * K_local) = 0): the block then adds nothing."""
+        local rows (S,), each label's column in them ((B, l), -1 where the class is not in this
+        block) and each row's negative limit (B,): row b's negatives are its non-positive columns
+        with index < limit[b]. The draw depends only on (seed, rank, step): a resumed run
+        samples what the uninterrupted one did. S may be 0 (batch rule, no positive here and
+        floor(rho * K_local) = 0): the block then adds nothing."""
         dev = labels.device
         local = labels - self.start
         valid = (labels >= 0) & (local >= 0) & (local < self.num_local)
         pos = torch.unique(local[valid])
-        if self.cfg.sample_rate >= 1.0:
+        n_neg = self.num_negatives
+        if self.cfg.negatives == "sampled":
+            # a random order of the block; its first n_neg + l classes hold every row's n_neg
+            # negatives (a row skips at most its l positives); other positives are appended
+            if self.cfg.sample_rate >= 1.0:
+                cand = torch.arange(self.num_local, device=dev)
+            else:
+                score = torch.rand(self.num_local, generator=self._generator(step, dev), device=dev)
+                cand = torch.topk(score, min(self.num_local, n_neg + labels.shape[1])).indices
+            seen = torch.zeros(self.num_local, dtype=torch.bool, device=dev)
+            seen[cand] = True
+            sampled = torch.cat([cand, pos[~seen[pos]]])
+        elif self.cfg.sample_rate >= 1.0:
             sampled = torch.arange(self.num_local, device=dev)
         else:
-            g = torch.Generator(device=dev).manual_seed((self.seed * 1_000_003 + step) * 4099 + self.rank)
-            score = torch.rand(self.num_local, generator=g, device=dev)
+            score = torch.rand(self.num_local, generator=self._generator(step, dev), device=dev)
             score[pos] = -1.0  # never drawn as a negative
-            k = min(self.num_negatives, self.num_local - pos.numel())
-            neg = torch.topk(score, k, sorted=False).indices
-            sampled = torch.cat([pos, neg])
+            k = min(n_neg, self.num_local - pos.numel())
+            sampled = torch.cat([pos, torch.topk(score, k, sorted=False).indices])
         col = torch.full((self.num_local + 1,), -1, dtype=torch.long, device=dev)
         col[sampled] = torch.arange(sampled.numel(), device=dev)
         cols = col[torch.where(valid, local, self.num_local)]  # index num_local -> -1
-        return sampled, cols, pos.numel()
+        if self.cfg.negatives == "batch":
+            limit = torch.full((labels.shape[0],), sampled.numel(), dtype=torch.long, device=dev)
+        else:
+            limit = negative_limit(cols, n_neg, cand.numel())
+        return Draw(sampled, cols, limit)
 
-    def sample(self, labels: torch.Tensor, step: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """The sampled local rows (S,) and the (B, S) positive mask (see sample_columns)."""
-        sampled, cols, _ = self.sample_columns(labels, step)
-        return sampled, target_mask(cols, sampled.numel())
+    def sample(self, labels: torch.Tensor, step: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """The sampled local rows (S,) and the (B, S) positive and negative masks (small
+        batches only: the trainer never builds the whole masks)."""
+        d = self.sample_columns(labels, step)
+        pos = target_mask(d.cols, d.sampled.numel())
+        return d.sampled, pos, row_negatives(pos, d.limit)
 
     def chunk_rows(self, batch: int, num_cols: int) -> int:
         if self.cfg.chunk_rows > 0:
@@ -198,27 +239,70 @@ class PartialFC(nn.Module):
         emb = F.normalize(emb.float(), dim=1)
         emb_g = all_gather_grad(emb, self.ctx, self.grad_scale)
         labels_g = all_gather_nograd(labels, self.ctx)
-        sampled, cols, n_pos = self.sample_columns(labels_g, step)
+        sampled, cols, limit = self.sample_columns(labels_g, step)
         w = F.normalize(self.weight[sampled], dim=1)  # gradient flows into the sampled rows only
         rows = self.chunk_rows(emb_g.shape[0], sampled.numel())
         if rows >= emb_g.shape[0]:
-            local = _chunk_terms(emb_g, w, cols, self.loss_cfg)
+            local = _chunk_terms(emb_g, w, cols, limit, self.loss_cfg)
         else:  # each chunk's cosines are recomputed in backward instead of being kept
-            local = torch.cat([checkpoint(_chunk_terms, e, w, c, self.loss_cfg, use_reentrant=False,
+            local = torch.cat([checkpoint(_chunk_terms, e, w, c, n, self.loss_cfg, use_reentrant=False,
                                           preserve_rng_state=False)
-                               for e, c in zip(emb_g.split(rows), cols.split(rows))], dim=1)
+                               for e, c, n in zip(emb_g.split(rows), cols.split(rows), limit.split(rows))],
+                              dim=1)
         loss, terms = combine(local, self.loss_cfg, self.ctx)
-        counts = torch.tensor([float(sampled.numel()), float(n_pos)], device=emb.device)
+        n_pos = torch.unique(cols[cols >= 0]).numel()
+        negs = (limit - positives_below(cols, limit)).float().mean()  # per image, this rank
+        counts = torch.cat([torch.tensor([float(sampled.numel()), float(n_pos)], device=negs.device),
+                            negs.view(1)])
         if self.ctx is not None and self.ctx.distributed:
             counts = all_reduce_stats(counts, self.ctx)
-        terms.update(sampled_classes=counts[0], positives=counts[1])
+        terms.update(sampled_classes=counts[0], positives=counts[1], negatives=counts[2])
         return loss, terms
 
 
-def _chunk_terms(emb: torch.Tensor, w: torch.Tensor, cols: torch.Tensor, cfg: LossConfig) -> torch.Tensor:
+class Draw(NamedTuple):
+    sampled: torch.Tensor  # (S,) local class rows, in column order
+    cols: torch.Tensor     # (B, l) each label's column, -1 = not in this block
+    limit: torch.Tensor    # (B,) row b's negatives: its non-positive columns < limit[b]
+
+
+def _distinct_sorted(cols: torch.Tensor) -> torch.Tensor:
+    """(B, l) -> each row's distinct columns >= 0, ascending, the rest -1 (at the ends)."""
+    c = torch.sort(cols, dim=1).values
+    dup = torch.zeros_like(c, dtype=torch.bool)
+    dup[:, 1:] = c[:, 1:] == c[:, :-1]
+    return c.masked_fill(dup, -1)
+
+
+def negative_limit(cols: torch.Tensor, n_neg: int, n_cand: int) -> torch.Tensor:
+    """(B,) per-row limit so that columns [0, limit) hold exactly n_neg non-positives of the row
+    (fewer when the first n_cand columns have no more): start at n_neg and extend by one for
+    each own positive that falls below the current limit, in ascending order. O(B x l)."""
+    limit = torch.full((cols.shape[0],), n_neg, dtype=torch.long, device=cols.device)
+    for p in _distinct_sorted(cols).unbind(1):
+        limit += ((p >= 0) & (p < limit)).long()
+    return limit.clamp_max(n_cand)
+
+
+def positives_below(cols: torch.Tensor, limit: torch.Tensor) -> torch.Tensor:
+    """(B,) number of a row's distinct positive columns < limit."""
+    c = _distinct_sorted(cols)
+    return ((c >= 0) & (c < limit[:, None])).sum(1)
+
+
+def row_negatives(pos_mask: torch.Tensor, limit: torch.Tensor) -> torch.Tensor:
+    """(B, S) negatives: non-positive columns below each row's limit."""
+    idx = torch.arange(pos_mask.shape[1], device=pos_mask.device)
+    return (idx < limit[:, None]) & ~pos_mask
+
+
+def _chunk_terms(emb: torch.Tensor, w: torch.Tensor, cols: torch.Tensor, limit: torch.Tensor,
+                 cfg: LossConfig) -> torch.Tensor:
     """(2, rows) local loss pieces of a row chunk: cosines to the sampled centers, positives
-    from the labels' columns (the (rows, S) mask only lives inside the chunk)."""
-    return local_terms(emb @ w.T, target_mask(cols, w.shape[0]), cfg)
+    from the labels' columns, negatives below each row's limit (the (rows, S) masks only live
+    inside the chunk)."""
+    pos = target_mask(cols, w.shape[0])
+    return local_terms(emb @ w.T, pos, cfg, row_negatives(pos, limit))
 
 
 def all_reduce_stats(x: torch.Tensor, ctx) -> torch.Tensor:
