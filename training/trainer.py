@@ -371,9 +371,9 @@ class _Metrics:
                 with open(self.path, "a") as f:
                     f.write(json.dumps({"step": t.step, **last}) + "\n")
             log.info("step %d/%d loss %.4f (pos %.4f neg %.4f) lr %.2e gnorm %.3g %.1f samples/s "
-                     "sampled %d pos %d", t.step, t.cfg.steps, last["loss"], last["loss_pos"],
+                     "sampled %d pos %d neg/image %.0f", t.step, t.cfg.steps, last["loss"], last["loss_pos"],
                      last["loss_neg"], last["lr"], last["grad_norm"], last["samples_per_s"],
-                     last["sampled_classes"], last["positives"])
+                     last["sampled_classes"], last["positives"], last.get("negatives", float("nan")))
 
     def finish(self) -> None:
         self.tracker.finish()
