@@ -28,7 +28,7 @@ from pipeline.config import RunConfig, check, load_config, prepare_out_dir
 from pipeline.dist import DistContext
 from pipeline.entry import cli_main, run_distributed
 from pipeline.io import atomic_write_json, clean_stale_tmp, load_npy, read_json
-from pipeline.store import KINDS, labels_path, part_name, sims_path, write_labels
+from pipeline.store import KINDS, labels_path, part_name, settle_label_state, sims_path, write_labels
 from pipeline.topl import file_sha256, label_rows, load_centroids
 from pipeline.tracking import Timer, Tracker, progress
 
@@ -160,13 +160,7 @@ def settle_engine(run: RunConfig, cfg: AssignConfig, rows: int, c, out: Path,
     engine = ctx.broadcast_object(engine)
     state["engine"] = engine
     if ctx.is_main:
-        if run.overwrite or (old is not None and old != state):
-            if old is not None and old != state and not run.overwrite:
-                log.warning("centroids, l or engine changed since %s was written; relabeling every part", out)
-            for p in list(out.glob("labels_*.npy")) + list(out.glob("sims_*.npy")):
-                p.unlink()
-            (out / "manifest.json").unlink(missing_ok=True)
-        atomic_write_json(st_path, state)
+        settle_label_state(out, state, old, run.overwrite)
     ctx.barrier()
     return topk, engine, state
 

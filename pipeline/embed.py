@@ -52,7 +52,15 @@ from pipeline.entry import StageError, cli_main, run_distributed
 from pipeline.images import IMAGE_EXTS, MAX_PIXELS, image_bytes, load_rgb
 from pipeline.io import atomic_write_json, clean_stale_tmp, load_npy, read_json
 from pipeline.shards import ShardSpecError, expand_shards, is_url, shard_stem
-from pipeline.store import KINDS, labels_path, meta_path, part_complete, write_labels, write_part
+from pipeline.store import (
+    KINDS,
+    labels_path,
+    meta_path,
+    part_complete,
+    settle_label_state,
+    write_labels,
+    write_part,
+)
 from pipeline.topl import ExactTopL, file_sha256, label_rows, load_centroids
 from pipeline.tracking import Tracker, progress
 
@@ -333,13 +341,7 @@ def _label_state(run: RunConfig, cfg: EmbedConfig) -> dict:
              "engine": "torch"}
     st_path = lab / "state.json"
     old = read_json(st_path) if st_path.is_file() else None
-    if run.overwrite or (old is not None and old != state):
-        if old is not None and old != state and not run.overwrite:
-            log.warning("centroids, l or kind changed since %s was written; relabeling every part", lab)
-        for p in list(lab.glob("labels_*.npy")) + list(lab.glob("sims_*.npy")):
-            p.unlink()
-        (lab / "manifest.json").unlink(missing_ok=True)
-    atomic_write_json(st_path, state)
+    settle_label_state(lab, state, old, run.overwrite)
     return state
 
 

@@ -25,6 +25,7 @@ file exists is complete. Readers never need the manifest.
 """
 from __future__ import annotations
 
+import logging
 import os
 import re
 from pathlib import Path
@@ -35,7 +36,9 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from pipeline.errors import InputError
-from pipeline.io import atomic_path, atomic_save_npy, load_npy
+from pipeline.io import atomic_path, atomic_save_npy, atomic_write_json, load_npy
+
+log = logging.getLogger("mlcd.store")
 
 KINDS = ("img", "text", "joint")
 _PART_RE = re.compile(r"^(?:img|text|joint)_emb_(\d+)\.npy$")
@@ -212,3 +215,17 @@ class LabelStore:
         if not lp.is_file():
             raise StoreError(f"missing labels {lp}")
         return load_npy(lp, mmap=mmap), load_npy(sims_path(self.root, part), mmap=mmap)
+
+
+def settle_label_state(root: str | os.PathLike, state: dict, old: dict | None, overwrite: bool) -> None:
+    """Labels on disk are reused only if they came from this exact ``state`` (centroids' hash, k,
+    l, kind, engine): otherwise (or on overwrite) every part is dropped, then ``state.json`` is
+    written. Stage 2b and fused stage 1 both label through this."""
+    root = Path(root)
+    if overwrite or (old is not None and old != state):
+        if old is not None and old != state and not overwrite:
+            log.warning("centroids, l, kind or engine changed since %s was written; relabeling every part", root)
+        for p in list(root.glob("labels_*.npy")) + list(root.glob("sims_*.npy")):
+            p.unlink()
+        (root / "manifest.json").unlink(missing_ok=True)
+    atomic_write_json(root / "state.json", state)
