@@ -29,7 +29,7 @@ from pipeline.dist import DistContext
 from pipeline.entry import cli_main, run_distributed
 from pipeline.io import atomic_write_json, clean_stale_tmp, load_npy, read_json
 from pipeline.store import KINDS, labels_path, part_name, settle_label_state, sims_path, write_labels
-from pipeline.topl import file_sha256, label_rows, load_centroids
+from pipeline.topl import agreed_centroids, file_sha256, label_rows
 from pipeline.tracking import Timer, Tracker, progress
 
 log = logging.getLogger("mlcd.assign")
@@ -82,7 +82,7 @@ def run_assign(run: RunConfig, cfg: AssignConfig, ctx: DistContext) -> dict:
     # all input checks before anything is written
     info = ctx.agree(lambda: open_store(cfg.store, cfg.kind, need_metadata=True,
                                         skip_incomplete=cfg.skip_incomplete))
-    c = ctx.agree(lambda: load_centroids(cfg.centroids, info.dim, cfg.l))
+    c = agreed_centroids(ctx, cfg.centroids, info.dim, cfg.l)
     out = ctx.agree(lambda: prepare_out_dir(
         cfg.out_dir, run, {"run": run, "assign": cfg}, "assign",
         ignore=("assign.report", "assign.report_dir", "assign.report_clusters", "assign.report_members")))

@@ -61,7 +61,7 @@ from pipeline.store import (
     write_labels,
     write_part,
 )
-from pipeline.topl import ExactTopL, file_sha256, label_rows, load_centroids
+from pipeline.topl import ExactTopL, agreed_centroids, file_sha256, label_rows
 from pipeline.tracking import Tracker, progress
 
 log = logging.getLogger("mlcd.embed")
@@ -441,8 +441,7 @@ def embed(run: RunConfig, cfg: EmbedConfig, ctx: DistContext) -> dict:
     topl = None
     if cfg.assign_centroids:  # checked on rank 0 (one line), then loaded by every rank
         dim = {"img": enc.img_dim, "text": enc.text_dim, "joint": enc.joint_dim}[cfg.assign_kind]
-        ctx.agree(lambda: load_centroids(cfg.assign_centroids, dim, cfg.assign_l, "embed.assign_l").shape)
-        topl = ExactTopL(load_centroids(cfg.assign_centroids, dim, cfg.assign_l, "embed.assign_l"),
+        topl = ExactTopL(agreed_centroids(ctx, cfg.assign_centroids, dim, cfg.assign_l, "embed.assign_l"),
                          cfg.assign_l, ctx.device, cfg.assign_block_rows)
     tracker = Tracker(run.wandb, ctx, str(out), "embed", {"run": _plain(run), "embed": _plain(cfg)})
     t0 = time.perf_counter()

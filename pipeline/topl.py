@@ -62,6 +62,15 @@ def load_centroids(path: str, dim: int, l: int, key: str = "assign") -> np.ndarr
     return c / np.maximum(np.linalg.norm(c, axis=1, keepdims=True), 1e-12)
 
 
+def agreed_centroids(ctx, path: str, dim: int, l: int, key: str = "assign") -> np.ndarray:
+    """``load_centroids`` on every rank, rank 0 first: a bad file is one line on every rank
+    (``DistContext.agree``), and the K x D array is read from disk, never broadcast (3 GB at
+    K = 1M, D = 768) nor read twice on rank 0."""
+    kept: dict = {}
+    ctx.agree(lambda: kept.setdefault("c", load_centroids(path, dim, l, key)).shape)
+    return kept["c"] if "c" in kept else load_centroids(path, dim, l, key)
+
+
 class ExactTopL:
     """Exact top-l search against fixed unit-norm centers ``c`` (K x D float32), torch only."""
 
