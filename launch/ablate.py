@@ -210,31 +210,40 @@ class Ablation:
                                                         for r in res if r["model"] == "trained"}})
 
     def reference(self) -> None:
-        """The same architecture at random init (one eval; needs any cell's export for its shape)."""
+        """The same architecture at random init, and the stage-1 encoder whose features were
+        clustered (one eval; random init needs any cell's export for its shape)."""
         d = self.root / "cells" / "random_init"
         if (d / "cell.json").exists():
             return
         export = self.cell_dir(self.cells[0], self.seeds[0]) / "export"
         self.mlcd("eval", "--config", self.config, *self.overrides, f"eval.out_dir={d}/eval",
-                  f"eval.models=[{{name: random_init, kind: random, path: '{export}', seed: 0}}]")
+                  f"eval.models=[{{name: random_init, kind: random, path: '{export}', seed: 0}},"
+                   " {name: stage1_encoder, kind: encoder, model: '${embed.encoder}'}]")
         if not self.dry_run:
             res = read_json(d / "eval" / "results.json")["results"]
-            atomic_write_json(d / "cell.json", {"results": {r["dataset"]: {"linear": r["linear"]["top1"],
-                                                                           "knn": r["knn"]["top1"]} for r in res}})
+            atomic_write_json(d / "cell.json", {m: {r["dataset"]: {"linear": r["linear"]["top1"], "knn": r["knn"]["top1"]}
+                                                    for r in res if r["model"] == m}
+                                                for m in ("random_init", "stage1_encoder")})
 
     def all(self) -> str:
         self.root.mkdir(parents=True, exist_ok=True)
         log.info("%d cells x %d seeds: %s", len(self.cells), len(self.seeds), [c.name for c in self.cells])
         self.shared()
-        for cell in self.cells:
-            for seed in self.seeds:
+        # seed-major: after the first pass every cell has one seed, so a grid stopped early (or
+        # read while running: the report is rewritten after each pass) still covers every knob
+        for seed in self.seeds:
+            for cell in self.cells:
                 self.run_cell(cell, seed)
-        self.reference()
-        if self.dry_run:
-            return ""
+            if seed == self.seeds[0]:
+                self.reference()
+            if not self.dry_run:
+                self.write_report()
+        return "" if self.dry_run else (self.root / "report.md").read_text()
+
+    def write_report(self) -> None:
         text = report(self.root, self.cells, self.seeds, self.quick)
         atomic_write_text(self.root / "report.md", text)
-        return text
+        plot(self.root, self.cells, self.seeds)
 
 
 def _has_cuda() -> bool:
@@ -278,7 +287,7 @@ def report(root: Path, cells: list[Cell], seeds: list[int], quick: bool) -> str:
             datasets += [d for d in p["results"] if d not in datasets]
         rows.append((cell, per))
     ref_path = root / "cells" / "random_init" / "cell.json"
-    ref = read_json(ref_path)["results"] if ref_path.exists() else {}
+    refs = read_json(ref_path) if ref_path.exists() else {}
     head = "| factor | cell | seeds | " + " | ".join(f"{d} linear | {d} k-NN" for d in datasets) + " | paper (IN linear) |"
     lines = [f"# Ablation{' (quick)' if quick else ''}: {root}", "",
              "Top-1 (%) on held-out probe sets, mean +- std over seeds (run.seed also redraws the "
@@ -292,10 +301,46 @@ def report(root: Path, cells: list[Cell], seeds: list[int], quick: bool) -> str:
                 vals.append(_mean_std([p["results"][d][probe] for p in per if d in p["results"]]))
         lines.append(f"| {cell.factor} | {cell.name} | {len(per)} | " + " | ".join(vals)
                      + f" | {paper_value(cell, cells[0])} |")
-    if ref:
+    for name, ref in refs.items():
         vals = [f"{100 * ref[d][probe]:.1f}" if d in ref else "-" for d in datasets for probe in ("linear", "knn")]
-        lines.append("| reference | random init | 1 | " + " | ".join(vals) + " | - |")
+        lines.append(f"| reference | {name.replace('_', ' ')} | 1 | " + " | ".join(vals) + " | - |")
     return "\n".join(lines) + "\n"
+
+
+def plot(root: Path, cells: list[Cell], seeds: list[int]) -> None:
+    """report.png: per probe set and probe, mean +- std per cell (bars), references as lines."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    per = {c.name: [read_json(p)["results"] for s in seeds
+                    if (p := root / "cells" / c.name / f"s{s}" / "cell.json").exists()] for c in cells}
+    datasets = sorted({d for rs in per.values() for r in rs for d in r})
+    if not datasets:
+        return
+    ref_path = root / "cells" / "random_init" / "cell.json"
+    refs = read_json(ref_path) if ref_path.exists() else {}
+    fig, axes = plt.subplots(len(datasets), 2, figsize=(12, 3.2 * len(datasets)), squeeze=False)
+    labels = [f"{c.factor}: {c.name}" for c in cells]
+    for i, d in enumerate(datasets):
+        for j, probe in enumerate(("linear", "knn")):
+            ax = axes[i][j]
+            vals = [[100 * r[d][probe] for r in per[c.name] if d in r] for c in cells]
+            means = [statistics.fmean(v) if v else 0.0 for v in vals]
+            sds = [statistics.stdev(v) if len(v) > 1 else 0.0 for v in vals]
+            ax.barh(range(len(cells)), means, xerr=sds, color="tab:blue", alpha=0.7)
+            for k, (name, ref) in enumerate(refs.items()):
+                if d in ref:
+                    ax.axvline(100 * ref[d][probe], color=("tab:red", "tab:green")[k % 2], ls="--", label=name)
+            ax.set_yticks(range(len(cells)), labels if j == 0 else [""] * len(cells), fontsize=7)
+            ax.set_title(f"{d} {probe} top-1 (%)", fontsize=9)
+            ax.invert_yaxis()
+            if refs:
+                ax.legend(fontsize=7, loc="lower right")
+    fig.tight_layout()
+    tmp = root / "report.png.tmp"
+    fig.savefig(tmp, format="png", dpi=90)
+    plt.close(fig)
+    os.replace(tmp, root / "report.png")
 
 
 def main(argv=None) -> int:

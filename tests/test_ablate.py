@@ -49,7 +49,7 @@ def test_rerun_skips_finished_cells(tmp_path, caplog):
 
 
 def test_report_mean_std_and_paper_column(tmp_path):
-    from launch.ablate import AblateConfig, grid, paper_value, report
+    from launch.ablate import AblateConfig, grid, paper_value, plot, report
     cells = grid(AblateConfig(), 1000)
     lin = {0: 0.50, 1: 0.54, 2: 0.58}  # mean 54.0, sample std 4.0
     for s, v in lin.items():
@@ -67,6 +67,15 @@ def test_report_mean_std_and_paper_column(tmp_path):
     paper = {c.name: line.split(" | ")[-1].rstrip(" |") for c in cells for line in [rows[c.name]]}
     assert [paper[c.name] for c in cells] == ["75.2", "71.4", "68.7", "73.4", "63.2", "66.9", "74.7",
                                               "76.9 (mlcd 78.1)", "-", "-"]
+    ref = tmp_path / "cells" / "random_init"
+    ref.mkdir(parents=True)
+    (ref / "cell.json").write_text(json.dumps({"random_init": {"fmnist": {"linear": 0.3, "knn": 0.1}},
+                                               "stage1_encoder": {"fmnist": {"linear": 0.7, "knn": 0.6}}}))
+    text = report(tmp_path, cells, [0, 1, 2], quick=False)
+    assert "| reference | random init | 1 | 30.0 | 10.0 | - |" in text
+    assert "| reference | stage1 encoder | 1 | 70.0 | 60.0 | - |" in text
+    plot(tmp_path, cells, [0, 1, 2])
+    assert (tmp_path / "report.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     quick = grid(AblateConfig(), 256, quick=True)
     assert [paper_value(c, quick[0]) for c in quick] == ["75.2", "71.4", "-", "63.2"]  # l1 rho1: two knobs
 
