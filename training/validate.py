@@ -9,13 +9,18 @@ Checked on rank 0, the verdict broadcast (every rank raises the same ``TrainInpu
   another store fails here), has >= ``loss.num_labels`` columns and a sims file;
 - every label is in [-1, K): K = ``partial_fc.num_classes`` or the centroids' row count;
 - K equals the centroids' K unless ``partial_fc.num_classes`` is set to something else on purpose
-  (then a warning; labels must still fit).
+  (then a warning; labels must still fit);
+- with ``regions.enabled`` (RICE): the region store, the region labels and their
+  ``label_space.json`` exist; every region label part is row-aligned with its region metadata
+  part (which has the box columns), has >= ``regions.num_labels`` columns and labels in
+  [-1, num_classes); some shard has a region part.
 
 Cost: one pass over the label files, memory-mapped in blocks (4 bytes x l per image: 12.8 GB for
 400M images and l = 8, read once at start-up), headers for everything else.
 """
 from __future__ import annotations
 
+import json
 import logging
 import os
 
@@ -100,9 +105,66 @@ def _check(cfg) -> None:
     if not found:
         raise TrainInputError(f"no shard of {d.shards} has labels: expected {labels_path(d.labels, 0)} and "
                               f"{meta_path(d.store, 0)} (run stages 1 and 2 first)")
+    if cfg.regions.enabled:
+        _check_regions(cfg.regions, len(shards))
+
+
+REGION_COLUMNS = ("key", "image_key", "x0", "y0", "x1", "y1")
+
+
+def region_num_classes(rcfg) -> int:
+    """The region classes (clusters K + tokens V): ``regions.partial_fc.num_classes`` if set, else
+    ``num_classes`` of ``{regions.labels}/label_space.json`` (one line naming the file if unfit)."""
+    if rcfg.partial_fc.num_classes:
+        return rcfg.partial_fc.num_classes
+    path = os.path.join(rcfg.labels, "label_space.json")
+    if not os.path.isdir(rcfg.labels):
+        raise TrainInputError(f"{rcfg.labels}: region label folder not found (train.regions.labels; "
+                              f"run mlcd region-labels)")
+    try:
+        with open(path) as f:
+            n = json.load(f)["num_classes"]
+    except FileNotFoundError:
+        raise TrainInputError(f"{path}: missing (written by mlcd region-labels; train.regions.labels)") from None
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise TrainInputError(f"{path}: unreadable label space, needs an integer num_classes ({e!r})") from None
+    if not isinstance(n, int) or n < 1:
+        raise TrainInputError(f"{path}: num_classes={n!r} must be an integer >= 1")
+    return n
+
+
+def _check_regions(rcfg, num_shards: int) -> None:
+    if not os.path.isdir(rcfg.store):
+        raise TrainInputError(f"{rcfg.store}: region store not found (train.regions.store; run mlcd regions)")
+    k = region_num_classes(rcfg)
+    found = 0
+    for i in range(num_shards):
+        m, lab = meta_path(rcfg.store, i), labels_path(rcfg.labels, i)
+        if not (m.is_file() and lab.is_file()):
+            continue  # images of that shard train with the image loss only
+        found += 1
+        try:
+            names = pq.ParquetFile(m).schema_arrow.names
+        except Exception as e:  # noqa: BLE001 (pyarrow raises several types for a bad file)
+            raise TrainInputError(f"{m}: unreadable region metadata ({str(e).splitlines()[0]})") from None
+        lacking = [c for c in REGION_COLUMNS if c not in names]
+        if lacking:
+            raise TrainInputError(f"{m}: region metadata lacks columns {lacking} (not a region store?)")
+        _check_labels(m, lab, rcfg.num_labels, k, "train.regions.num_labels",
+                      "K + V = train.regions.partial_fc.num_classes or label_space.json's num_classes")
+    if not found:
+        raise TrainInputError(f"no shard has region labels: expected {labels_path(rcfg.labels, 0)} and "
+                              f"{meta_path(rcfg.store, 0)} (train.regions.store / train.regions.labels)")
 
 
 def _check_part(meta, lab, sims, need: int, k: int) -> None:
+    _check_labels(meta, lab, need, k)
+    if not sims.is_file():
+        raise TrainInputError(f"{sims}: missing (written with {lab} by stage 2)")
+
+
+def _check_labels(meta, lab, need: int, k: int, width_key: str = "train.loss.num_labels",
+                  k_is: str = "K = train.partial_fc.num_classes or the centroids' count") -> None:
     try:
         rows = pq.ParquetFile(meta).metadata.num_rows
     except Exception as e:  # noqa: BLE001 (pyarrow raises several types for a bad file)
@@ -112,15 +174,12 @@ def _check_part(meta, lab, sims, need: int, k: int) -> None:
         raise TrainInputError(f"{lab}: {a.shape[0] if a.ndim else 0} label rows but {meta} has {rows}: "
                               f"not row-aligned (labels made from another store?)")
     if a.shape[1] < need:
-        raise TrainInputError(f"{lab}: {a.shape[1]} labels per row, train.loss.num_labels needs {need}")
+        raise TrainInputError(f"{lab}: {a.shape[1]} labels per row, {width_key} needs {need}")
     if a.dtype.kind not in "iu":
         raise TrainInputError(f"{lab}: dtype {a.dtype}, expected integers")
-    if not sims.is_file():
-        raise TrainInputError(f"{sims}: missing (written with {lab} by stage 2)")
     for s in range(0, rows, BLOCK_ROWS):
         b = np.asarray(a[s:s + BLOCK_ROWS, :need])
         if b.size and (b.max() >= k or b.min() < -1):
             bad = int(b.max()) if b.max() >= k else int(b.min())
             row = s + int(np.argwhere((b >= k) | (b < -1))[0][0])
-            raise TrainInputError(f"{lab}: label {bad} at row {row} is outside [-1, {k}) "
-                                  f"(K = train.partial_fc.num_classes or the centroids' count)")
+            raise TrainInputError(f"{lab}: label {bad} at row {row} is outside [-1, {k}) ({k_is})")
