@@ -127,10 +127,12 @@ def fake_stream(trainer, rank: int):
         step += 1
 
 
-def region_trainer(ctx, root: Path, zero: int, steps: int):
+def region_trainer(ctx, root: Path, zero: int, steps: int, **changes):
+    import dataclasses
+
     from pipeline.config import RunConfig
     from training.trainer import CheckpointManager, Trainer
-    cfg = region_train_cfg(zero, steps)
+    cfg = dataclasses.replace(region_train_cfg(zero, steps), **changes)
     manager = CheckpointManager(root / "checkpoints", cfg.checkpoint, ctx, zero)
     return Trainer(RunConfig(seed=0, log_every=1), cfg, ctx, K_IMAGE, checkpoints=manager, out_dir=root,
                    region_classes=N_REGION)
@@ -169,6 +171,22 @@ def one(ctx, root: Path) -> None:
     assert all(torch.equal(mine[k].float(), v) for k, v in sd.items())
     out = t.fit(fake_stream(t, ctx.rank))
     assert out["step"] == 5 and np.isfinite(out["last"]["region_loss"])
+    # init_from a RICE checkpoint: the backbone is taken, the region head starts fresh (seeded);
+    # a plain (regions off) run takes the backbone too (region_head.* left out)
+    from training.config import RegionTrainConfig
+    from training.regions import MLCDRegionEncoder, RegionHeadConfig
+    torch.manual_seed(0)
+    fresh = MLCDRegionEncoder(region_train_cfg(2, 1).model, RegionHeadConfig(layers=1)).state_dict()
+    for name, regions in (("init", None), ("init_plain", RegionTrainConfig())):
+        extra = {"regions": regions} if regions is not None else {}
+        t = region_trainer(ctx, root / name, 2, 1, init_from=str(step4), **extra)
+        got = t.engine.module.state_dict()
+        assert t.step == 0 and all(torch.equal(got[k].float(), v) for k, v in sd.items()
+                                   if not k.startswith("region_head."))
+        heads = [k for k in got if k.startswith("region_head.")]
+        assert bool(heads) == (regions is None)
+        assert heads and all(torch.equal(got[k], fresh[k]) for k in heads) or regions is not None
+        assert not heads or any(not torch.equal(got[k].float(), sd[k]) for k in heads)
 
 
 @pytest.fixture(scope="module")

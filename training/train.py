@@ -31,13 +31,14 @@ from training.config import (  # noqa: F401 -- the `train` section's schema live
     OptimConfig,
     TrainConfig,
 )
-from training.data import find_parts, num_classes_from_centroids
+from training.data import num_classes_from_centroids
 from training.trainer import (  # noqa: F401 -- re-exported: the stage's public names
     CheckpointManager,
     Trainer,
     TrainingDiverged,
     checked_input,
     deepspeed_config,
+    find_train_parts,
     lr_at,
     make_backbone_optimizer,
     train_step,
@@ -71,8 +72,8 @@ def train(run: RunConfig, cfg: TrainConfig, ctx: DistContext) -> dict:
     ctx.agree(prepare)
     num_classes = cfg.partial_fc.num_classes or ctx.agree(
         lambda: checked_input(lambda: num_classes_from_centroids(cfg.centroids)))
-    parts = ctx.agree(lambda: checked_input(lambda: find_parts(cfg.data, cfg.loss.labels_used)))
     region_classes = ctx.agree(lambda: region_num_classes(cfg.regions)) if cfg.regions.enabled else 0
+    parts = ctx.agree(lambda: checked_input(lambda: find_train_parts(cfg, region_classes)))
     manager = CheckpointManager(root, cfg.checkpoint, ctx, cfg.deepspeed.zero_stage)
     trainer = Trainer(run, cfg, ctx, num_classes, checkpoints=manager, out_dir=out, region_classes=region_classes)
     if ctx.is_main:

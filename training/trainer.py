@@ -38,7 +38,7 @@ from pipeline.io import atomic_write_text
 from pipeline.tracking import Tracker, progress
 from training import checkpoint as ckpt
 from training.config import CheckpointConfig, OptimConfig, TrainConfig
-from training.data import make_loader
+from training.data import find_parts, make_loader
 from training.init_weights import FinetuneConfig, load_initial_centers, load_initial_weights, param_groups
 from training.model import build_model
 from training.partial_fc import PartialFC, make_optimizer
@@ -218,6 +218,22 @@ def micro_batches(cfg: TrainConfig, parts, image_size: int, num_classes: int, se
                 group = []
 
 
+def region_spec(cfg: TrainConfig, region_classes: int):
+    """What the region loader (training/region_data.py) needs from train.regions."""
+    from training.region_data import RegionSpec
+    r = cfg.regions
+    return RegionSpec(r.store, r.labels, r.per_image, r.num_labels, region_classes)
+
+
+def find_train_parts(cfg: TrainConfig, region_classes: int = 0) -> list:
+    """The shards to train on: images with labels (training/data.py), plus, with train.regions,
+    each one's region part (training/region_data.py)."""
+    if not cfg.regions.enabled:
+        return find_parts(cfg.data, cfg.loss.labels_used)
+    from training.region_data import find_region_parts
+    return find_region_parts(cfg.data, region_spec(cfg, region_classes), cfg.loss.labels_used)
+
+
 # ---------------------------------------------------------------- checkpoints
 
 class CheckpointManager:
@@ -381,8 +397,18 @@ class Trainer:
                    if self.region is not None else {})}
 
     def stream(self, parts) -> Iterator[list]:
-        return micro_batches(self.cfg, parts, self.model_cfg.resolved().image_size, self.num_classes,
-                             self.run.seed, self.ctx.rank, self.step)
+        """parts: training/data.py's find_parts, or with train.regions region_data's find_region_parts."""
+        size = self.model_cfg.resolved().image_size
+        loader = None
+        if self.region is not None:
+            from training.region_data import make_region_loader
+            cfg, spec = self.cfg, region_spec(self.cfg, self.region_classes)
+
+            def loader(epoch: int, n: int, start: int):
+                return make_region_loader(parts, cfg.data, size, cfg.loss.labels_used, self.num_classes, spec,
+                                          self.run.seed, self.ctx.rank, epoch, n, start=start)
+        return micro_batches(self.cfg, parts, size, self.num_classes, self.run.seed, self.ctx.rank, self.step,
+                             loader)
 
     def fit(self, stream: Iterator[list]) -> dict:
         cfg, ctx = self.cfg, self.ctx
