@@ -65,7 +65,9 @@ def train(run: RunConfig, cfg: TrainConfig, ctx: DistContext) -> dict:
     root = out / "checkpoints"
 
     def prepare() -> None:
-        prepare_out_dir(out, run, {"run": run, "train": cfg}, "train", ignore=RESUMABLE_KEYS)
+        # regions off: nothing of train.regions is used (nor in folders made before it existed)
+        ignore = RESUMABLE_KEYS + (() if cfg.regions.enabled else ("train.regions",))
+        prepare_out_dir(out, run, {"run": run, "train": cfg}, "train", ignore=ignore)
         if run.overwrite:  # a fresh start must not auto-resume, nor keep the old metrics
             CheckpointManager.clear(root)
             (out / "metrics.jsonl").unlink(missing_ok=True)
