@@ -12,7 +12,13 @@ from pipeline.shards import ShardWriter
 from pipeline.store import labels_path, write_labels, write_part
 from training.data import TrainDataConfig
 from training.model import CLIP_MEAN, CLIP_STD
-from training.region_data import RegionSpec, find_region_parts, load_part_regions, make_region_loader
+from training.region_data import (
+    RegionSpec,
+    find_region_parts,
+    load_part_regions,
+    make_region_loader,
+    region_num_classes,
+)
 
 W, H, S, K, V = 48, 32, 32, 5, 7  # stored scene size, model input, colour classes, extra "token" ids
 PALETTE = np.array([[255, 0, 0], [0, 255, 0], [0, 0, 255], [255, 255, 0], [0, 255, 255]])
@@ -158,12 +164,16 @@ def test_bad_region_inputs(tmp_path):
     _, cfg, spec, parts = _setup(tmp_path)
     # a region label file from another store: row counts differ
     bad = tmp_path / "region_labels" / "labels_0.npy"
+    orig = np.load(bad)
     atomic_save_npy(bad, np.zeros((3, 2), np.int64))
     with pytest.raises(ValueError, match=r"labels_0.npy: shape \(3, 2\) is not row-aligned"):
         load_part_regions(parts[0], spec)
     # labels beyond the label space
     with pytest.raises(ValueError, match="region num_classes"):
         load_part_regions(parts[1], RegionSpec(spec.store, spec.labels, 3, 2, K))
+    with pytest.raises(ValueError, match=r"labels_0.npy: shape \(3, 2\) is not row-aligned"):
+        find_region_parts(cfg, spec)  # found at start-up, from the headers
+    atomic_save_npy(bad, orig)
     # too narrow for num_labels: found at start-up from the header
     with pytest.raises(ValueError, match="train.regions.num_labels needs 3"):
         find_region_parts(cfg, RegionSpec(spec.store, spec.labels, 3, 3, K + V))
@@ -171,3 +181,13 @@ def test_bad_region_inputs(tmp_path):
         find_region_parts(cfg, RegionSpec(str(tmp_path / "none"), spec.labels, 3, 2, K + V))
     with pytest.raises(Exception, match="per_image"):
         RegionSpec(spec.store, spec.labels, 0, 2, K + V)
+
+
+def test_region_num_classes(tmp_path):
+    with pytest.raises(FileNotFoundError, match="label_space.json"):
+        region_num_classes(tmp_path)
+    (tmp_path / "label_space.json").write_text('{"clusters": 5, "tokens": 7, "num_classes": 12}')
+    assert region_num_classes(tmp_path) == 12
+    (tmp_path / "label_space.json").write_text('{"num_classes": "12"}')
+    with pytest.raises(ValueError, match="num_classes"):
+        region_num_classes(tmp_path)

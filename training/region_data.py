@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 import pyarrow.parquet as pq
@@ -29,7 +30,7 @@ from torch.utils.data import DataLoader
 
 from pipeline.config import check
 from pipeline.images import decode_rgb
-from pipeline.io import load_npy
+from pipeline.io import load_npy, read_json
 from pipeline.shards import expand_shards
 from pipeline.store import labels_path, meta_path
 from training.data import LabeledStream, ShardPart, TrainDataConfig, find_parts, loader, to_tensor
@@ -82,28 +83,44 @@ def find_region_parts(cfg: TrainDataConfig, regions: RegionSpec, num_labels: int
     if missing:
         log.warning("%d of %d shards have no region part; their images train the image loss only, e.g. %s",
                     len(missing), len(out), missing[0])
-    shape = load_npy(have[0].region_labels, mmap=True).shape
-    if len(shape) != 2 or shape[1] < regions.num_labels:
-        raise ValueError(f"{have[0].region_labels}: shape {shape}, but train.regions.num_labels needs "
-                         f"{regions.num_labels} labels per row")
+    for p in have:  # headers only: a wrong folder fails here, not in a DataLoader worker later
+        _check_region_part(p, regions)
     return out
+
+
+def _check_region_part(part: RegionPart, regions: RegionSpec) -> None:
+    names = pq.read_schema(part.region_meta).names
+    lacking = [c for c in BOX_COLUMNS if c not in names]
+    if lacking:
+        raise ValueError(f"{part.region_meta}: region metadata lacks column(s) {', '.join(lacking)}")
+    rows = pq.ParquetFile(part.region_meta).metadata.num_rows
+    shape = load_npy(part.region_labels, mmap=True).shape
+    if len(shape) != 2 or shape[0] != rows:
+        raise ValueError(f"{part.region_labels}: shape {shape} is not row-aligned with "
+                         f"{part.region_meta} ({rows} rows)")
+    if shape[1] < regions.num_labels:
+        raise ValueError(f"{part.region_labels}: has {shape[1]} labels per row, "
+                         f"train.regions.num_labels needs {regions.num_labels}")
+
+
+def region_num_classes(labels: str | Path) -> int:
+    """num_classes (clusters + tokens) from the region label store's label_space.json."""
+    p = Path(labels) / "label_space.json"
+    if not p.is_file():
+        raise FileNotFoundError(f"{p}: region label space not found; run mlcd region-labels or set "
+                                f"train.regions.labels")
+    n = read_json(p).get("num_classes")
+    if not isinstance(n, int) or isinstance(n, bool) or n < 1:
+        raise ValueError(f"{p}: num_classes={n!r} must be an int >= 1")
+    return n
 
 
 def load_part_regions(part: RegionPart, regions: RegionSpec) -> dict[str, tuple[np.ndarray, np.ndarray]]:
     """image key -> (boxes (n, 4) float32 relative to the stored image, in [0, 1]; labels (n, L)
     int64) of its labeled regions, in store order."""
-    names = pq.read_schema(part.region_meta).names
-    lacking = [c for c in BOX_COLUMNS if c not in names]
-    if lacking:
-        raise ValueError(f"{part.region_meta}: region metadata lacks column(s) {', '.join(lacking)}")
+    _check_region_part(part, regions)  # files may have changed since start-up
     t = pq.read_table(part.region_meta, columns=list(BOX_COLUMNS))
     labels = load_npy(part.region_labels)
-    if labels.ndim != 2 or labels.shape[0] != t.num_rows:
-        raise ValueError(f"{part.region_labels}: shape {labels.shape} is not row-aligned with "
-                         f"{part.region_meta} ({t.num_rows} rows)")
-    if labels.shape[1] < regions.num_labels:
-        raise ValueError(f"{part.region_labels}: has {labels.shape[1]} labels per row, "
-                         f"train.regions.num_labels needs {regions.num_labels}")
     labels = labels[:, :regions.num_labels].astype(np.int64)
     if labels.size and labels.max() >= regions.num_classes:
         raise ValueError(f"{part.region_labels}: label {labels.max()} >= region num_classes "
