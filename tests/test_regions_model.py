@@ -1,6 +1,9 @@
 """training/regions.py: the Region Transformer sees only its box, one embedding per region."""
+import sys
+
 import pytest
 import torch
+from conftest import torchrun
 
 from pipeline.config import ConfigError
 from training.model import ModelConfig, build_model
@@ -177,16 +180,16 @@ def test_grad_checkpointing_same_gradients(name):
 
 @pytest.mark.parametrize("name", TINY)
 def test_bf16(name):
-    m = _model(name).to(torch.bfloat16)
+    m = _model(name)
     boxes, valid = _boxes()
+    x = torch.randn(2, 3, 48, 48)
     with torch.no_grad():
-        img, reg = m(torch.randn(2, 3, 48, 48), boxes, valid)
-    assert img.dtype == reg.dtype == torch.bfloat16
-    assert torch.isfinite(reg).all()
-    ref = _model(name)
-    with torch.no_grad():
-        _, r32 = ref(torch.randn(2, 3, 48, 48), boxes, valid)
-    assert r32.dtype == torch.float32
+        _, r32 = m(x, boxes, valid)
+        img, r16 = m.to(torch.bfloat16)(x, boxes, valid)  # fp32 pixels, as the loader gives them
+    assert img.dtype == r16.dtype == torch.bfloat16 and r32.dtype == torch.float32
+    assert torch.isfinite(r16).all()
+    cos = torch.nn.functional.cosine_similarity(r16.float(), r32, dim=-1)
+    assert cos[valid.flatten()].min() > 0.99, cos
 
 
 def test_config_validation():
@@ -199,3 +202,60 @@ def test_config_validation():
         m(torch.randn(2, 3, 48, 48), torch.zeros(2, 3), torch.ones(2, 3, dtype=torch.bool))
     with pytest.raises(ConfigError, match="valid"):
         m(torch.randn(2, 3, 48, 48), torch.zeros(2, 3, 4), torch.ones(2, 2, dtype=torch.bool))
+
+
+def check_zero3_step(ctx) -> None:
+    """2 ranks x 2 images through DeepSpeed ZeRO-3 (+ activation checkpointing) == one plain SGD
+    step on the 4 images: the region head's parameters and the class token's RoPE angles (read
+    again outside vision_model's forward) get their exact gradients, set up as the trainer does."""
+    import deepspeed
+
+    from training.trainer import zero3_register_direct_params
+    name = "vit_tiny_rope2d"
+
+    def build():
+        torch.manual_seed(0)
+        return MLCDRegionEncoder(ModelConfig(name=name, grad_checkpointing=True), RegionHeadConfig(layers=2))
+
+    torch.manual_seed(1)
+    x = torch.randn(4, 3, 48, 48)
+    boxes = torch.tensor([[[0, 0, 16, 16], [8, 8, 40, 40]]] * 4, dtype=torch.float32)
+    valid = torch.tensor([[True, True], [True, False], [False, False], [True, True]])
+
+    def loss_of(model, i):
+        img, reg = model(x[i], boxes[i], valid[i])
+        return reg.view(len(i), 2, -1)[valid[i]].pow(2).mean() + img.pow(2).mean()
+
+    ref = build()
+    opt = torch.optim.SGD(ref.parameters(), lr=0.5)
+    for i in (torch.arange(0, 2), torch.arange(2, 4)):  # ZeRO averages the ranks' gradients
+        (loss_of(ref, i) / 2).backward()
+    opt.step()
+    model = build()
+    cfg = {"train_micro_batch_size_per_gpu": 2, "zero_optimization": {"stage": 3},
+           "zero_allow_untested_optimizer": True, "gradient_clipping": 0.0, "steps_per_print": 10**9}
+    eng, *_ = deepspeed.initialize(model=model, optimizer=torch.optim.SGD(model.parameters(), lr=0.5),
+                                   config=cfg, dist_init_required=False)
+    zero3_register_direct_params(eng.module)
+    eng.backward(loss_of(eng, torch.arange(2 * ctx.rank, 2 * ctx.rank + 2)))
+    eng.step()
+    want = dict(ref.named_parameters())
+    for n, p in eng.module.named_parameters():
+        with deepspeed.zero.GatheredParameters([p]):
+            torch.testing.assert_close(p.detach(), want[n].detach(), rtol=1e-4, atol=1e-6, msg=n)
+    start = dict(build().named_parameters())
+    for n in ("vision_model.class_pos_emb", "region_head.region_embedding", "region_head.layers.1.mlp.fc2.weight"):
+        assert (want[n] - start[n]).abs().max() > 1e-4, n  # the step moved them
+
+
+@pytest.mark.slow
+def test_zero3_step_exact():
+    p = torchrun(["tests/test_regions_model.py"], 2, timeout=240)
+    assert all(f"REGIONS_ZERO3_OK {r}" in p.stdout for r in range(2)), p.stdout[-2000:]
+
+
+if __name__ == "__main__":
+    sys.path.insert(0, str(__import__("pathlib").Path(__file__).resolve().parents[1]))
+    from pipeline.dist import init_distributed
+    check_zero3_step(init_distributed())
+    print(f"REGIONS_ZERO3_OK {__import__('os').environ['RANK']}", flush=True)

@@ -170,7 +170,7 @@ class MLCDRegionEncoder(MLCDEncoder):
         gh, gw = pixel_values.shape[-2] // p, pixel_values.shape[-1] // p
         mask = box_mask(boxes, valid, gh, gw, p)
         x = out.last_hidden_state
-        # class_pos_emb is read here, outside vision_model's forward: ZeRO-3 needs it registered
-        # on the root (training/trainer.py: zero3_register_direct_params does that).
+        # class_pos_emb is read again here, outside vision_model's forward; under ZeRO-3 the
+        # trainer registers it on the root (zero3_register_direct_params; tested exact).
         region = self.region_head(x[:, 0], x[:, 1:], mask, self.vision_model.rope(gh, gw, x.device))
         return image_emb, region.reshape(-1, region.shape[-1])
