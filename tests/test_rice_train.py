@@ -329,7 +329,7 @@ def test_region_config_and_input_checks(tmp_path):
         load_config(None, over + ["train.regions.partial_fc.sample_rate=0"], "train", TrainConfig)
     # each missing / unfit input: one line naming it
     _, bad = load_config(None, over[:-1] + ["train.regions.num_labels=5"], "train", TrainConfig)
-    with pytest.raises(TrainInputError, match="labels_0.npy: 4 labels per row, train.regions.num_labels needs 5"):
+    with pytest.raises(TrainInputError, match="labels_0.npy: has 4 labels per row, train.regions.num_labels needs 5"):
         check_inputs(bad, DistContext())
     _, bad = load_config(None, over + [f"train.regions.store={tmp_path}/nowhere"], "train", TrainConfig)
     with pytest.raises(TrainInputError, match="nowhere: region store not found"):
@@ -339,10 +339,34 @@ def test_region_config_and_input_checks(tmp_path):
     with pytest.raises(TrainInputError, match=r"label .* is outside \[-1, 10\)"):
         check_inputs(cfg, DistContext())
     space.unlink()
-    with pytest.raises(TrainInputError, match="label_space.json: missing"):
+    with pytest.raises(TrainInputError, match="label_space.json: region label space not found"):
         check_inputs(cfg, DistContext())
     _, off = load_config(None, over[:-4], "train", TrainConfig)  # regions off: nothing of theirs is read
     check_inputs(off, DistContext())
+
+
+@pytest.mark.slow
+def test_region_training_stage(tmp_path):
+    """The stage end to end on files (2 ranks, ZeRO-2): inputs checked, the region loader feeds
+    the Trainer, both center sets checkpointed; a rerun with more steps resumes."""
+    from test_train import TINY, build_synthetic, synthetic_overrides
+    syn = tmp_path / "syn"
+    build_synthetic(syn)
+    build_region_store(tmp_path / "regions", syn / "store")
+    over = ["-m", "training.train", f"run.out_dir={tmp_path / 'run'}", *TINY, *synthetic_overrides(syn),
+            "train.deepspeed.zero_stage=2", "train.steps=4", "train.regions.enabled=true",
+            f"train.regions.store={tmp_path}/regions/store", f"train.regions.labels={tmp_path}/regions/labels",
+            "train.regions.per_image=2", "train.regions.num_labels=2", "train.regions.partial_fc.sample_rate=0.3"]
+    p = torchrun(over, 2, timeout=300)
+    assert "13 region classes (7 per rank)" in p.stdout + p.stderr
+    m = metrics(tmp_path / "run" / "train")
+    assert sorted(m) == [1, 2, 3, 4]
+    assert all(np.isfinite(m[s]["region_loss"]) and 0 < m[s]["regions_valid"] <= 2 * 8 * 2 for s in m)
+    step4 = tmp_path / "run" / "train" / "checkpoints" / "step_00000004"
+    assert sorted(p.name for p in (step4 / "region_fc").iterdir()) == ["rank0_of2.safetensors", "rank1_of2.safetensors"]
+    p = torchrun([x if x != "train.steps=4" else "train.steps=6" for x in over], 2, timeout=300)
+    assert f"resumed from {step4}" in p.stdout + p.stderr
+    assert sorted(metrics(tmp_path / "run" / "train")) == [1, 2, 3, 4, 5, 6]
 
 
 @pytest.mark.slow

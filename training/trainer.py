@@ -42,7 +42,7 @@ from training.data import find_parts, make_loader
 from training.init_weights import FinetuneConfig, load_initial_centers, load_initial_weights, param_groups
 from training.model import build_model
 from training.partial_fc import PartialFC, make_optimizer
-from training.validate import TrainInputError
+from training.validate import TrainInputError, region_spec
 
 log = logging.getLogger("mlcd.train")
 REGION_SEED = 1 << 20  # the region centers' init and sampling: seed + REGION_SEED (another stream)
@@ -216,13 +216,6 @@ def micro_batches(cfg: TrainConfig, parts, image_size: int, num_classes: int, se
             if len(group) == gas:
                 yield group
                 group = []
-
-
-def region_spec(cfg: TrainConfig, region_classes: int):
-    """What the region loader (training/region_data.py) needs from train.regions."""
-    from training.region_data import RegionSpec
-    r = cfg.regions
-    return RegionSpec(r.store, r.labels, r.per_image, r.num_labels, region_classes)
 
 
 def find_train_parts(cfg: TrainConfig, region_classes: int = 0) -> list:

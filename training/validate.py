@@ -20,7 +20,6 @@ Cost: one pass over the label files, memory-mapped in blocks (4 bytes x l per im
 """
 from __future__ import annotations
 
-import json
 import logging
 import os
 
@@ -106,10 +105,7 @@ def _check(cfg) -> None:
         raise TrainInputError(f"no shard of {d.shards} has labels: expected {labels_path(d.labels, 0)} and "
                               f"{meta_path(d.store, 0)} (run stages 1 and 2 first)")
     if cfg.regions.enabled:
-        _check_regions(cfg.regions, len(shards))
-
-
-REGION_COLUMNS = ("key", "image_key", "x0", "y0", "x1", "y1")
+        _check_regions(cfg)
 
 
 def region_num_classes(rcfg) -> int:
@@ -117,44 +113,36 @@ def region_num_classes(rcfg) -> int:
     ``num_classes`` of ``{regions.labels}/label_space.json`` (one line naming the file if unfit)."""
     if rcfg.partial_fc.num_classes:
         return rcfg.partial_fc.num_classes
-    path = os.path.join(rcfg.labels, "label_space.json")
-    if not os.path.isdir(rcfg.labels):
-        raise TrainInputError(f"{rcfg.labels}: region label folder not found (train.regions.labels; "
-                              f"run mlcd region-labels)")
+    from training.region_data import region_num_classes as from_label_space
     try:
-        with open(path) as f:
-            n = json.load(f)["num_classes"]
-    except FileNotFoundError:
-        raise TrainInputError(f"{path}: missing (written by mlcd region-labels; train.regions.labels)") from None
-    except (OSError, ValueError, KeyError, TypeError) as e:
-        raise TrainInputError(f"{path}: unreadable label space, needs an integer num_classes ({e!r})") from None
-    if not isinstance(n, int) or n < 1:
-        raise TrainInputError(f"{path}: num_classes={n!r} must be an integer >= 1")
-    return n
+        return from_label_space(rcfg.labels)
+    except (OSError, ValueError) as e:
+        raise TrainInputError(str(e)) from None
 
 
-def _check_regions(rcfg, num_shards: int) -> None:
-    if not os.path.isdir(rcfg.store):
-        raise TrainInputError(f"{rcfg.store}: region store not found (train.regions.store; run mlcd regions)")
-    k = region_num_classes(rcfg)
-    found = 0
-    for i in range(num_shards):
-        m, lab = meta_path(rcfg.store, i), labels_path(rcfg.labels, i)
-        if not (m.is_file() and lab.is_file()):
-            continue  # images of that shard train with the image loss only
-        found += 1
-        try:
-            names = pq.ParquetFile(m).schema_arrow.names
-        except Exception as e:  # noqa: BLE001 (pyarrow raises several types for a bad file)
-            raise TrainInputError(f"{m}: unreadable region metadata ({str(e).splitlines()[0]})") from None
-        lacking = [c for c in REGION_COLUMNS if c not in names]
-        if lacking:
-            raise TrainInputError(f"{m}: region metadata lacks columns {lacking} (not a region store?)")
-        _check_labels(m, lab, rcfg.num_labels, k, "train.regions.num_labels",
-                      "K + V = train.regions.partial_fc.num_classes or label_space.json's num_classes")
-    if not found:
-        raise TrainInputError(f"no shard has region labels: expected {labels_path(rcfg.labels, 0)} and "
-                              f"{meta_path(rcfg.store, 0)} (train.regions.store / train.regions.labels)")
+def region_spec(cfg, region_classes: int):
+    """What the region loader (training/region_data.py) needs from train.regions."""
+    from training.region_data import RegionSpec
+    r = cfg.regions
+    return RegionSpec(r.store, r.labels, r.per_image, r.num_labels, region_classes)
+
+
+def _check_regions(cfg) -> None:
+    """Region parts as the loader finds them (headers: training/region_data.py), then every
+    region label in range."""
+    from training.region_data import find_region_parts
+    r = cfg.regions
+    if not os.path.isdir(r.store):
+        raise TrainInputError(f"{r.store}: region store not found (train.regions.store; run mlcd regions)")
+    k = region_num_classes(r)
+    try:
+        parts = find_region_parts(cfg.data, region_spec(cfg, k), cfg.loss.labels_used)
+    except (OSError, ValueError) as e:
+        raise TrainInputError(str(e)) from None
+    for p in parts:
+        if p.region_labels:
+            _check_labels(p.region_meta, p.region_labels, r.num_labels, k, "train.regions.num_labels",
+                          "K + V = train.regions.partial_fc.num_classes or label_space.json's num_classes")
 
 
 def _check_part(meta, lab, sims, need: int, k: int) -> None:
