@@ -253,7 +253,11 @@ def test_region_export(region_runs, tmp_path):
     from training.export import export, load_training_checkpoint
     from training.regions import MLCDRegionEncoder, RegionHead, RegionHeadConfig
     out = export(region_runs / "a", tmp_path / "hf")
-    sd, cfg, state = load_training_checkpoint(region_runs / "a")
+    plain, _, _ = load_training_checkpoint(region_runs / "a")  # eval / init_from: no region head
+    sd, cfg, state = load_training_checkpoint(region_runs / "a", region_head=True)
+    assert set(sd) - set(plain) == {k for k in sd if k.startswith("region_head.")} != set()
+    from training.model import build_model
+    build_model(cfg).load_state_dict(plain)  # strict: what eval's checkpoint kind builds
     ours = MLCDRegionEncoder(cfg, RegionHeadConfig(layers=1)).eval()
     ours.load_state_dict(sd)
     hf = AutoModel.from_pretrained(out, local_files_only=True).eval()

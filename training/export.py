@@ -101,8 +101,10 @@ def _zero_tag_dir(step: Path) -> Path:
     raise ExportError(f"{step}: no DeepSpeed model states (*model_states.pt) found")
 
 
-def load_training_checkpoint(path: Path) -> tuple[dict, ModelConfig, dict]:
-    """(our state dict in fp32, ModelConfig, trainer_state) of a complete training checkpoint."""
+def load_training_checkpoint(path: Path, region_head: bool = False) -> tuple[dict, ModelConfig, dict]:
+    """(our state dict in fp32, ModelConfig, trainer_state) of a complete training checkpoint.
+    A RICE checkpoint's `region_head.*` keys are dropped unless region_head=True: callers that
+    build an MLCDEncoder (eval, init_from) get the backbone + head only."""
     step = resolve_step_dir(path)
     state = read_json(step / "trainer_state.json")
     if not state.get("complete"):
@@ -112,8 +114,10 @@ def load_training_checkpoint(path: Path) -> tuple[dict, ModelConfig, dict]:
         raise ExportError(f"{step}/trainer_state.json: no model_config")
     cfg = _config(state["model_config"], f"{step}/trainer_state.json")
     # One reader for every ZeRO stage (0 stores the module whole; 1-3 go through zero_to_fp32).
-    sd = load_backbone_state_dict(_zero_tag_dir(step))
-    return _strip_module(dict(sd)), cfg, state
+    sd = _strip_module(dict(load_backbone_state_dict(_zero_tag_dir(step))))
+    if not region_head:
+        sd = {k: v for k, v in sd.items() if not k.startswith(REGION_PREFIX)}
+    return sd, cfg, state
 
 
 def _strip_module(sd: dict) -> dict:
@@ -138,7 +142,7 @@ def export(checkpoint: str | Path, out_dir: str | Path, model: str | None = None
         head = sd.get("head.weight")
         cfg = dataclasses.replace(cfg, embed_dim=int(head.shape[0]) if head is not None else 0)
     elif src.is_dir():
-        sd, cfg, state = load_training_checkpoint(src)
+        sd, cfg, state = load_training_checkpoint(src, region_head=True)
         if model is not None:
             log.warning("--model ignored: the checkpoint's trainer_state.json names the model")
         info.update(step=state.get("step"), samples_seen=state.get("samples_seen"))
