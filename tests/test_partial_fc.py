@@ -25,10 +25,10 @@ from conftest import torchrun
 
 
 def reference_loss(emb: torch.Tensor, centers: torch.Tensor, pos: list[list[int]], neg: list[list[int]],
-                   cfg) -> torch.Tensor:
+                   cfg, valid: list[bool] | None = None) -> torch.Tensor:
     """The losses written out row by row from explicit positive / negative class sets (float64):
     mlcd eq. 5, mlc eq. 4 as a literal double sum over pairs, unicom's softmax over the target
-    and the negatives."""
+    and the negatives; the mean over the rows marked valid (all by default; none: 0)."""
     from training.loss import apply_margin
     cos = torch.nn.functional.normalize(emb, dim=1) @ torch.nn.functional.normalize(centers, dim=1).T
     phi = apply_margin(cos, cfg.margin, cfg.margin_type)
@@ -44,6 +44,9 @@ def reference_loss(emb: torch.Tensor, centers: torch.Tensor, pos: list[list[int]
         else:
             assert len(p) <= 1 and len(p) + len(n) > 0
             out.append(torch.logsumexp(torch.cat([-zp, zn]), 0) + zp.sum())
+    if valid is not None:
+        kept = [o for o, v in zip(out, valid) if v]
+        return torch.stack(kept).sum() / len(kept) if kept else 0 * emb.sum() + 0 * centers.sum()
     return torch.stack(out).mean()
 
 
@@ -66,28 +69,37 @@ def reference_sets(ctx, pfc, labels: torch.Tensor, step: int) -> tuple[list[list
 
 
 def compare_dense(ctx, K: int, emb: torch.Tensor, labels: torch.Tensor, cfg, pfc_cfg, seed: int = 3,
-                  step: int = 0) -> None:
+                  step: int = 0, valid: torch.Tensor | None = None) -> dict:
     """Sharded loss, d loss/d emb and d loss/d centers on every rank == the loss written out
-    row by row in float64 from the rule's positive and negative sets over the global batch."""
+    row by row in float64 from the rule's positive and negative sets over the global batch.
+    valid (global (B,) bool, optional): the reference drops the invalid rows' labels and averages
+    over the valid rows only (their gradients must be exactly zero). Returns the sharded stats."""
     from training.partial_fc import PartialFC, init_centers
     B = emb.shape[0] // ctx.world_size
     pfc = PartialFC(K, emb.shape[1], pfc_cfg, cfg, ctx.rank, ctx.world_size, ctx, seed=seed)
     mine = slice(ctx.rank * B, (ctx.rank + 1) * B)
     x = emb[mine].clone().requires_grad_()
-    loss, terms = pfc(x, labels[mine], step=step)
+    loss, terms = pfc(x, labels[mine], step=step, valid=None if valid is None else valid[mine])
     loss.backward()
     lab = labels[:, :cfg.labels_used]
+    if valid is not None:
+        lab = lab.masked_fill(~valid[:, None], -1)
     pos, neg = reference_sets(ctx, pfc, lab, step)
     xd = emb.double().requires_grad_()
     wd = init_centers(K, emb.shape[1], 0, K, 0.01, seed=seed).double().requires_grad_()
-    ld = reference_loss(xd, wd, pos, neg, cfg)
+    ld = reference_loss(xd, wd, pos, neg, cfg, None if valid is None else valid.tolist())
     ld.backward()
     torch.testing.assert_close(loss.double(), ld, rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(x.grad.double(), xd.grad[mine], rtol=1e-4, atol=1e-6)
     torch.testing.assert_close(pfc.weight.grad.double(), wd.grad[pfc.start:pfc.start + pfc.num_local],
                                rtol=1e-4, atol=1e-6)
     assert float(xd.grad.abs().sum()) == 0 or float(x.grad.abs().sum()) > 0
-    assert abs(float(terms["negatives"]) - sum(map(len, neg)) / len(neg)) < 1e-4
+    kept = [n for i, n in enumerate(neg) if valid is None or valid[i]]
+    assert abs(float(terms["negatives"]) - sum(map(len, kept)) / max(len(kept), 1)) < 1e-4
+    if valid is not None:
+        assert float(x.grad[~valid[mine]].abs().sum()) == 0  # padding rows: exactly no gradient
+        assert torch.isfinite(loss) and float(terms["valid_rows"]) == int(valid.sum())
+    return terms
 
 
 def check_loss_and_grads(ctx) -> None:

@@ -4,6 +4,8 @@
         <DeepSpeed's checkpoint of the MLCDEncoder engine: keys vision_model.*, head.*>
         partial_fc/rank{r}_of{W}.safetensors   class-center block [start, end) + its optimizer
                                                state + the rank's torch RNG
+        region_fc/rank{r}_of{W}.safetensors    train.regions only: the region classes' centers,
+                                               same format (re-sharded the same way)
         trainer_state.json                     step, samples_seen, seeds, model_config, config, ...
     {train.out_dir}/checkpoints/latest         names the newest complete step folder
 
@@ -31,6 +33,7 @@ from training.safe_load import weights_only_loads
 
 log = logging.getLogger("mlcd.train.ckpt")
 STEP_RE = re.compile(r"^step_(\d{8})$")
+REGION_FC = "region_fc"  # the region classes' center shards (train.regions), beside partial_fc/
 
 
 def tag_for(step: int) -> str:
@@ -71,20 +74,21 @@ def _opt_tensors(opt: torch.optim.Optimizer, param: torch.Tensor) -> dict[str, t
             for k, v in st.items()}
 
 
-def save_centers(step_dir: Path, pfc, opt: torch.optim.Optimizer) -> None:
+def save_centers(step_dir: Path, pfc, opt: torch.optim.Optimizer, folder: str = "partial_fc") -> None:
     tensors = {"weight": pfc.weight.detach().cpu().contiguous(), **_opt_tensors(opt, pfc.weight),
                "rng.torch": torch.get_rng_state()}
     meta = {"start": str(pfc.start), "end": str(pfc.start + pfc.num_local),
             "num_classes": str(pfc.num_classes), "rank": str(pfc.rank), "world_size": str(pfc.world_size)}
-    path = step_dir / "partial_fc" / f"rank{pfc.rank}_of{pfc.world_size}.safetensors"
+    path = step_dir / folder / f"rank{pfc.rank}_of{pfc.world_size}.safetensors"
     atomic_write_bytes(path, st_save(tensors, metadata=meta))
 
 
-def load_centers(step_dir: Path, pfc, opt: torch.optim.Optimizer, world_size: int) -> None:
+def load_centers(step_dir: Path, pfc, opt: torch.optim.Optimizer, world_size: int,
+                 folder: str = "partial_fc") -> None:
     """Fills this rank's block (and its optimizer state) from the saved blocks that overlap it."""
-    files = sorted((step_dir / "partial_fc").glob(f"rank*_of{world_size}.safetensors"))
+    files = sorted((step_dir / folder).glob(f"rank*_of{world_size}.safetensors"))
     if len(files) != world_size:
-        raise FileNotFoundError(f"{step_dir / 'partial_fc'}: expected {world_size} center shards "
+        raise FileNotFoundError(f"{step_dir / folder}: expected {world_size} center shards "
                                 f"rank*_of{world_size}.safetensors, found {len(files)}")
     lo, hi = pfc.start, pfc.start + pfc.num_local
     state: dict[str, torch.Tensor] = {}
@@ -121,8 +125,9 @@ def load_centers(step_dir: Path, pfc, opt: torch.optim.Optimizer, world_size: in
 
 # ---------------------------------------------------------------- the whole checkpoint
 
-def save(root: Path, step: int, engine, pfc, pfc_opt, trainer_state: dict, ctx, keep: int = 2) -> Path:
-    """Collective: every rank calls it."""
+def save(root: Path, step: int, engine, pfc, pfc_opt, trainer_state: dict, ctx, keep: int = 2,
+         region=None) -> Path:
+    """Collective: every rank calls it. region: (PartialFC, optimizer) of the region classes."""
     tag = tag_for(step)
     step_dir = root / tag
     if ctx.is_main and step_dir.exists():  # a leftover incomplete save of the same step
@@ -130,6 +135,8 @@ def save(root: Path, step: int, engine, pfc, pfc_opt, trainer_state: dict, ctx, 
     ctx.barrier()
     engine.save_checkpoint(str(root), tag=tag, save_latest=False)
     save_centers(step_dir, pfc, pfc_opt)
+    if region is not None:
+        save_centers(step_dir, *region, folder=REGION_FC)
     ctx.barrier()
     if ctx.is_main:
         atomic_write_json(step_dir / "trainer_state.json", {**trainer_state, "complete": True})

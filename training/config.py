@@ -60,6 +60,33 @@ class CheckpointConfig:
 
 
 @dataclass
+class RegionTrainConfig:
+    """RICE (train.regions): region cluster discrimination beside the image loss. Every region of
+    a step's images gets its own embedding from the Region Transformer head (training/regions.py)
+    and its own classes (region clusters K + OCR tokens V, `{labels}/label_space.json`), through a
+    second PartialFC. Cost: the head (~1/L of the backbone per layer) and a B x R row loss."""
+    enabled: bool = False
+    store: str = "${run.out_dir}/regions/store"     # region store (stage 1b): boxes per image
+    labels: str = "${run.out_dir}/regions/labels"   # region labels + label_space.json
+    per_image: int = 8            # R: regions per image per step (random subset / padding), so
+    #                               every rank's region batch is B x R rows
+    layers: int = 1               # Region Transformer layers
+    weight: float = 1.0           # total loss = image loss + weight x region loss
+    image_loss: bool = True       # false: the region loss alone trains the backbone
+    num_labels: int = 8           # label width used per region (top-l clusters / OCR tokens)
+    partial_fc: PartialFCConfig = field(default_factory=PartialFCConfig)  # the region classes' own
+    #                               centers (num_classes 0 = label_space.json's num_classes)
+
+    def __post_init__(self):
+        check(self.per_image >= 1, "per_image", self.per_image, "must be >= 1")
+        check(self.layers >= 1, "layers", self.layers, "must be >= 1")
+        check(self.weight >= 0, "weight", self.weight, "must be >= 0")
+        check(self.num_labels >= 1, "num_labels", self.num_labels, "must be >= 1")
+        check(self.image_loss or self.weight > 0, "weight", self.weight,
+              "must be > 0 when image_loss is false (nothing would be trained)")
+
+
+@dataclass
 class TrainConfig:
     out_dir: str = "${run.out_dir}/train"
     centroids: str = "${run.out_dir}/clusters/centroids.npy"  # K when partial_fc.num_classes = 0
@@ -76,6 +103,7 @@ class TrainConfig:
     init_from: str = ""           # run/step folder of ours, HF folder, or state file; "" = random init
     init_centers_from: str = ""   # run/step folder of ours with the same K; "" = fresh centers
     finetune: FinetuneConfig = field(default_factory=FinetuneConfig)
+    regions: RegionTrainConfig = field(default_factory=RegionTrainConfig)  # RICE, off by default
 
     def __post_init__(self):
         check(self.steps >= 1, "steps", self.steps, "must be >= 1")

@@ -127,6 +127,11 @@ def decode_image(data: bytes, size: int, cfg: TrainDataConfig, rng: np.random.Ge
     img = img.resize((size, size), Image.BICUBIC, box=crop_box(*img.size, cfg.crop_scale_min, rng))
     if rng.random() < cfg.hflip:
         img = img.transpose(Image.FLIP_LEFT_RIGHT)
+    return to_tensor(img)
+
+
+def to_tensor(img: Image.Image) -> torch.Tensor:
+    """RGB PIL image -> (3, H, W) float32, CLIP-normalized."""
     x = torch.from_numpy(np.asarray(img, dtype=np.float32) / 255.0).permute(2, 0, 1)
     return (x - torch.tensor(CLIP_MEAN)[:, None, None]) / torch.tensor(CLIP_STD)[:, None, None]
 
@@ -142,6 +147,16 @@ class LabeledStream(IterableDataset):
         self.num_batches, self.start = num_batches, start
         self.slots = max(cfg.workers, 1)
 
+    def _load_part(self, part: ShardPart) -> dict:
+        """key -> what a batch needs of that sample (training/region_data.py adds its regions)."""
+        return load_part_labels(part, self.num_labels, self.num_classes)
+
+    def _batch(self, raw: list[tuple], rng: np.random.Generator) -> tuple:
+        """raw: batch_size (image bytes, _load_part's value, skipped) -> the batch."""
+        images = torch.stack([decode_image(b, self.size, self.cfg, rng) for b, _, _ in raw])
+        labels = torch.from_numpy(np.stack([lab for _, lab, _ in raw]))
+        return images, labels, sum(s for _, _, s in raw)
+
     def _samples(self, rng: np.random.Generator):
         """Endless (key, image bytes, labels) of labeled samples, shards drawn with replacement,
         through a shuffle buffer. Each yielded tuple carries how many unlabeled ones it skipped."""
@@ -156,7 +171,7 @@ class LabeledStream(IterableDataset):
             if part.url not in cache:  # a few shards per worker: small
                 if len(cache) >= 8:
                     cache.pop(next(iter(cache)))
-                cache[part.url] = load_part_labels(part, self.num_labels, self.num_classes)
+                cache[part.url] = self._load_part(part)
             table = cache[part.url]
             dry += 1
             for s in wds.tarfile_samples([{"url": part.url}]):
@@ -183,17 +198,19 @@ class LabeledStream(IterableDataset):
             raw = [next(samples) for _ in range(self.cfg.batch_size)]
             if j < self.start:
                 continue  # fast-forward: bytes read, nothing decoded
-            rng = np.random.default_rng([self.seed, self.rank, self.epoch, j, 1])
-            images = torch.stack([decode_image(b, self.size, self.cfg, rng) for b, _, _ in raw])
-            labels = torch.from_numpy(np.stack([lab for _, lab, _ in raw]))
-            yield images, labels, sum(s for _, _, s in raw)
+            yield self._batch(raw, np.random.default_rng([self.seed, self.rank, self.epoch, j, 1]))
 
 
 def make_loader(parts: list[ShardPart], cfg: TrainDataConfig, image_size: int, num_labels: int,
                 num_classes: int, seed: int, rank: int, epoch: int, num_batches: int, start: int = 0
                 ) -> DataLoader:
     """Batches start..num_batches-1 of `epoch` for this rank, in order."""
-    ds = LabeledStream(parts, cfg, image_size, num_labels, num_classes, seed, rank, epoch, num_batches, start)
+    return loader(LabeledStream(parts, cfg, image_size, num_labels, num_classes, seed, rank, epoch,
+                                num_batches, start), cfg)
+
+
+def loader(ds: IterableDataset, cfg: TrainDataConfig) -> DataLoader:
+    """The DataLoader around a stream that batches itself (one place for workers/pinning)."""
     return DataLoader(ds, batch_size=None, num_workers=cfg.workers,
                       pin_memory=cfg.pin_memory and torch.cuda.is_available(),
                       persistent_workers=False, prefetch_factor=2 if cfg.workers else None)

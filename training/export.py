@@ -16,6 +16,17 @@ OUT_DIR gets config.json, model.safetensors (`vision_model.`-prefixed keys: tran
 5.x both load it) and preprocessor_config.json (CLIPImageProcessor), so
 `AutoModel.from_pretrained(OUT_DIR)` / `AutoProcessor.from_pretrained(OUT_DIR)` work offline.
 The training head is left out unless --with-head (CLIP family: CLIPVisionModelWithProjection).
+
+RICE checkpoints (train.regions) also hold the Region Transformer head (`region_head.*` keys,
+training/regions.py). The backbone exports exactly as above (those keys never reach the HF
+files), and two more files are written beside them:
+- region_head.safetensors: the RegionHead state dict (keys without the `region_head.` prefix:
+  region_embedding, layers.{i}.*, norm.*, proj.weight);
+- region_head.json: its config, `RegionHead(**{k: cfg[k] for k in ("width", "heads", "mlp_dim",
+  "layers", "embed_dim", "act", "eps")})` rebuilds it, plus what its input needs (patch_size,
+  image_size, rope2d, rope_theta: it reads the backbone's final class and patch tokens and
+  boxes in input pixels; see MLCDRegionEncoder.forward).
+Transformers ignores both; the region centers (region_fc/) are not exported.
 """
 from __future__ import annotations
 
@@ -29,13 +40,14 @@ from pathlib import Path
 import torch
 
 from pipeline.entry import StageError, report
-from pipeline.io import atomic_write_json, read_json
+from pipeline.io import atomic_path, atomic_write_json, read_json
 from training.checkpoint import STEP_RE, find_latest, load_backbone_state_dict
 from training.hf import from_hf_state_dict, load_state_file, save_hf_folder
 from training.model import PRESETS, ModelConfig
 
 log = logging.getLogger(__name__)
 STATE_SUFFIXES = (".safetensors", ".pt", ".pth", ".bin")
+REGION_PREFIX = "region_head."  # RICE's Region Transformer head (training/regions.py)
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
@@ -89,8 +101,10 @@ def _zero_tag_dir(step: Path) -> Path:
     raise ExportError(f"{step}: no DeepSpeed model states (*model_states.pt) found")
 
 
-def load_training_checkpoint(path: Path) -> tuple[dict, ModelConfig, dict]:
-    """(our state dict in fp32, ModelConfig, trainer_state) of a complete training checkpoint."""
+def load_training_checkpoint(path: Path, region_head: bool = False) -> tuple[dict, ModelConfig, dict]:
+    """(our state dict in fp32, ModelConfig, trainer_state) of a complete training checkpoint.
+    A RICE checkpoint's `region_head.*` keys are dropped unless region_head=True: callers that
+    build an MLCDEncoder (eval, init_from) get the backbone + head only."""
     step = resolve_step_dir(path)
     state = read_json(step / "trainer_state.json")
     if not state.get("complete"):
@@ -100,8 +114,10 @@ def load_training_checkpoint(path: Path) -> tuple[dict, ModelConfig, dict]:
         raise ExportError(f"{step}/trainer_state.json: no model_config")
     cfg = _config(state["model_config"], f"{step}/trainer_state.json")
     # One reader for every ZeRO stage (0 stores the module whole; 1-3 go through zero_to_fp32).
-    sd = load_backbone_state_dict(_zero_tag_dir(step))
-    return _strip_module(dict(sd)), cfg, state
+    sd = _strip_module(dict(load_backbone_state_dict(_zero_tag_dir(step))))
+    if not region_head:
+        sd = {k: v for k, v in sd.items() if not k.startswith(REGION_PREFIX)}
+    return sd, cfg, state
 
 
 def _strip_module(sd: dict) -> dict:
@@ -120,23 +136,53 @@ def export(checkpoint: str | Path, out_dir: str | Path, model: str | None = None
         if model is None:
             raise ExportError(f"{src}: a bare state file needs --model (preset name or JSON)")
         sd = from_hf_state_dict(_strip_module(load_state_file(src)))
+        state = {}
         cfg = model_config_from(model)
         # The file decides whether a head exists; --model only fixes the backbone.
         head = sd.get("head.weight")
         cfg = dataclasses.replace(cfg, embed_dim=int(head.shape[0]) if head is not None else 0)
     elif src.is_dir():
-        sd, cfg, state = load_training_checkpoint(src)
+        sd, cfg, state = load_training_checkpoint(src, region_head=True)
         if model is not None:
             log.warning("--model ignored: the checkpoint's trainer_state.json names the model")
         info.update(step=state.get("step"), samples_seen=state.get("samples_seen"))
     else:
         raise ExportError(f"{src}: no such file or folder")
     cfg = cfg.resolved()
+    region = {k[len(REGION_PREFIX):]: v for k, v in sd.items() if k.startswith(REGION_PREFIX)}
+    sd = {k: v for k, v in sd.items() if not k.startswith(REGION_PREFIX)}
     _check_shapes(sd, cfg, src)
     out = save_hf_folder(sd, cfg, out_dir, with_head=with_head, dtype=DTYPES[dtype])
+    if region:
+        info["region_head"] = save_region_head(region, cfg, state, out, DTYPES[dtype], src)
     info.update(model_config=dataclasses.asdict(cfg), with_head=with_head, dtype=dtype)
     atomic_write_json(Path(out) / "mlcd_export.json", info)  # provenance; HF ignores it
     return out
+
+
+def save_region_head(sd: dict, cfg: ModelConfig, state: dict, out: Path, dtype: torch.dtype, src: Path) -> dict:
+    """region_head.safetensors + region_head.json beside the HF files (checked by loading them
+    into a RegionHead of that config first). Returns the config written."""
+    from safetensors.torch import save_file
+
+    from training.regions import RegionHead
+    layers = (state.get("region_head") or {}).get("layers") or len(
+        {k.split(".")[1] for k in sd if k.startswith("layers.")})
+    spec = {"width": cfg.width, "heads": cfg.heads, "mlp_dim": cfg.mlp_dim, "layers": layers,
+            "embed_dim": cfg.embed_dim, "act": cfg.act, "eps": cfg.layer_norm_eps}
+    with torch.device("meta"):
+        ref = RegionHead(**spec).state_dict()
+    bad = sorted(set(ref) ^ set(sd)) + sorted(k for k in set(ref) & set(sd) if ref[k].shape != sd[k].shape)
+    if bad:
+        raise ExportError(f"{src}: region_head weights do not match a {layers}-layer RegionHead of "
+                          f"{cfg.name} (first mismatch: {bad[0]})")
+    conf = {**spec, "patch_size": cfg.patch_size, "image_size": cfg.image_size, "rope2d": cfg.rope2d,
+            "rope_theta": cfg.rope_theta, "region_classes": state.get("region_classes"),
+            "module": "training.regions.RegionHead"}
+    with atomic_path(Path(out) / "region_head.safetensors") as tmp:
+        save_file({k: v.to(dtype).contiguous() for k, v in sd.items()}, str(tmp), metadata={"format": "pt"})
+    atomic_write_json(Path(out) / "region_head.json", conf)
+    return conf
 
 
 def _check_shapes(sd: dict, cfg: ModelConfig, src: Path) -> None:

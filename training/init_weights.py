@@ -130,7 +130,8 @@ def adapt_state_dict(sd: dict[str, torch.Tensor], model: torch.nn.Module, path) 
     ref = model.state_dict()
     cfg = model.config
     notes: list[str] = []
-    sd = dict(sd)
+    # a RICE region head is never taken from init_from: it starts fresh (only a resume keeps it)
+    sd = {k: v for k, v in sd.items() if not k.startswith("region_head.")}
     pos = "vision_model.embeddings.position_embedding.weight"
     if cfg.rope2d:
         # 2D RoPE computes positions from the grid of each input: nothing to resize.
@@ -149,7 +150,7 @@ def adapt_state_dict(sd: dict[str, torch.Tensor], model: torch.nn.Module, path) 
     unexpected = sorted(set(sd) - set(ref))
     if unexpected:
         _fail(path, f"key {unexpected[0]} is not in model {cfg.name} ({len(unexpected)} unexpected keys)")
-    missing = sorted(set(ref) - set(sd))
+    missing = sorted(k for k in set(ref) - set(sd) if not k.startswith("region_head."))
     if any(not k.startswith("head.") for k in missing):
         k = next(k for k in missing if not k.startswith("head."))
         _fail(path, f"key {k} missing from the source ({len(missing)} missing keys)")

@@ -144,27 +144,38 @@ def local_terms(cos: torch.Tensor, pos_mask: torch.Tensor, cfg: LossConfig,
     return torch.stack([torch.logsumexp(z_pos, dim=1), torch.logsumexp(z_neg, dim=1)]).clamp_min(neg_inf)
 
 
-def combine(local: torch.Tensor, cfg: LossConfig, ctx=None) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-    """Merges the ranks' (2, B) `local_terms` into the global-batch mean loss (same on every rank)."""
+def combine(local: torch.Tensor, cfg: LossConfig, ctx=None, valid: torch.Tensor | None = None
+            ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """Merges the ranks' (2, B) `local_terms` into the global-batch mean loss (same on every rank).
+    valid: optional (B,) bool over the global batch (padding rows False): invalid rows add nothing
+    to the loss, its gradient or the stats; the mean is over the valid rows (0 when none)."""
     if cfg.mode == "unicom":
         m = reduce_max(local[0], ctx)
         lse = m + torch.log(reduce_sum(torch.exp(local[0] - m), ctx))
         pos = reduce_sum(local[1], ctx)
-        loss = (lse - pos).mean()
-        return loss, {"loss_pos": -pos.detach().mean(), "loss_neg": lse.detach().mean()}  # sum = loss
+        loss = _mean(lse - pos, valid)
+        return loss, {"loss_pos": -_mean(pos.detach(), valid), "loss_neg": _mean(lse.detach(), valid)}  # sum = loss
     if cfg.mode == "mlc":
         m = reduce_max(local, ctx)
         l_pos, l_neg = m + torch.log(reduce_sum(torch.exp(local - m), ctx))
         # no positive or no negative: no pair, loss 0 (an empty lse is ~finfo.min; their sum
         # would overflow to -inf, the clamp keeps it finite with a zero gradient)
         pair = (l_pos + l_neg).clamp_min(torch.finfo(local.dtype).min)
-        loss = F.softplus(pair).mean()
+        loss = _mean(F.softplus(pair), valid)
         # the two log-sum-exps: loss = softplus(loss_pos + loss_neg) per row, not their sum
-        return loss, {"loss_pos": l_pos.detach().mean(), "loss_neg": l_neg.detach().mean()}
+        return loss, {"loss_pos": _mean(l_pos.detach(), valid), "loss_neg": _mean(l_neg.detach(), valid)}
     m = reduce_max(local, ctx).clamp_min(0.0)  # the "1" is exp(0)
     l_pos, l_neg = m + torch.log(reduce_sum(torch.exp(local - m), ctx) + torch.exp(-m))
-    loss = (l_pos + l_neg).mean()
-    return loss, {"loss_pos": l_pos.detach().mean(), "loss_neg": l_neg.detach().mean()}
+    loss = _mean(l_pos + l_neg, valid)
+    return loss, {"loss_pos": _mean(l_pos.detach(), valid), "loss_neg": _mean(l_neg.detach(), valid)}
+
+
+def _mean(x: torch.Tensor, valid: torch.Tensor | None) -> torch.Tensor:
+    """Mean over the rows (valid None: plain .mean(), the image path unchanged) or over the valid
+    rows only: `where` gives invalid rows an exact zero gradient; no valid row -> 0, not NaN."""
+    if valid is None:
+        return x.mean()
+    return torch.where(valid, x, torch.zeros_like(x)).sum() / valid.sum().clamp_min(1)
 
 
 def mlcd_loss(cos: torch.Tensor, pos_mask: torch.Tensor, cfg: LossConfig, ctx=None,

@@ -204,7 +204,9 @@ class Attention(nn.Module):
         self.q_proj = nn.Linear(cfg.width, cfg.width)
         self.out_proj = nn.Linear(cfg.width, cfg.width)
 
-    def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor] | None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor] | None,
+                mask: torch.Tensor | None = None) -> torch.Tensor:
+        """mask: optional bool (B or 1, 1, N, N), True = may attend (training/regions.py)."""
         B, N, C = x.shape
         # Three GEMMs, not one on concatenated weights: under ZeRO-3 a child Linear's weight is
         # only gathered when that child's forward runs, so q/k/v must be called as modules.
@@ -213,7 +215,7 @@ class Attention(nn.Module):
         if rope is not None:
             q, k = apply_rope(q, *rope), apply_rope(k, *rope)
         q, k, v = (t.transpose(1, 2) for t in (q, k, v))  # (B, H, N, D)
-        o = F.scaled_dot_product_attention(q, k, v)
+        o = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
         return self.out_proj(o.transpose(1, 2).reshape(B, N, C))
 
 
@@ -237,9 +239,23 @@ class EncoderLayer(nn.Module):
         self.layer_norm2 = nn.LayerNorm(cfg.width, eps=cfg.layer_norm_eps)
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor | None = None,
-                sin: torch.Tensor | None = None) -> torch.Tensor:
-        x = x + self.self_attn(self.layer_norm1(x), None if cos is None else (cos, sin))
+                sin: torch.Tensor | None = None, mask: torch.Tensor | None = None) -> torch.Tensor:
+        x = x + self.self_attn(self.layer_norm1(x), None if cos is None else (cos, sin), mask)
         return x + self.mlp(self.layer_norm2(x))
+
+
+@torch.no_grad()
+def init_block(layer: EncoderLayer, width: int, depth: int) -> None:
+    """HF's CLIP/MLCD init of one block's linears (depth: blocks in its stack); LayerNorms are
+    reset by the caller."""
+    a, m = layer.self_attn, layer.mlp
+    for lin in (a.q_proj, a.k_proj, a.v_proj):
+        nn.init.normal_(lin.weight, std=width ** -0.5 * (2 * depth) ** -0.5)
+    nn.init.normal_(a.out_proj.weight, std=width ** -0.5)
+    nn.init.normal_(m.fc1.weight, std=(2 * width) ** -0.5)
+    nn.init.normal_(m.fc2.weight, std=width ** -0.5 * (2 * depth) ** -0.5)
+    for lin in (a.q_proj, a.k_proj, a.v_proj, a.out_proj, m.fc1, m.fc2):
+        nn.init.zeros_(lin.bias)
 
 
 class Encoder(nn.Module):
@@ -276,14 +292,7 @@ class VisionTransformer(nn.Module):
         else:
             nn.init.normal_(self.class_pos_emb, std=(cfg.head_dim // 2) ** -0.5)
         for layer in self.encoder.layers:
-            a, m = layer.self_attn, layer.mlp
-            for lin in (a.q_proj, a.k_proj, a.v_proj):
-                nn.init.normal_(lin.weight, std=w ** -0.5 * (2 * L) ** -0.5)
-            nn.init.normal_(a.out_proj.weight, std=w ** -0.5)
-            nn.init.normal_(m.fc1.weight, std=(2 * w) ** -0.5)
-            nn.init.normal_(m.fc2.weight, std=w ** -0.5 * (2 * L) ** -0.5)
-            for lin in (a.q_proj, a.k_proj, a.v_proj, a.out_proj, m.fc1, m.fc2):
-                nn.init.zeros_(lin.bias)
+            init_block(layer, w, L)
         for mod in self.modules():
             if isinstance(mod, nn.LayerNorm):
                 nn.init.ones_(mod.weight)

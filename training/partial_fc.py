@@ -231,13 +231,22 @@ class PartialFC(nn.Module):
             return batch
         return max(1, AUTO_CHUNK_LOGITS // max(num_cols, 1))
 
-    def forward(self, emb: torch.Tensor, labels: torch.Tensor, step: int
+    def forward(self, emb: torch.Tensor, labels: torch.Tensor, step: int, valid: torch.Tensor | None = None
                 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         """emb: (B_local, D) unnormalized embeddings of this rank's samples; labels (B_local, l).
+        valid: optional (B_local,) bool (regions: False = a padding row; every rank passes one
+        or none). Invalid rows' labels are dropped before sampling (no positive of theirs is
+        drawn, under either rule), and they add nothing to the loss, its gradient or the stats;
+        the loss is the mean over the global batch's valid rows (0 when there is none).
         Returns the global-batch loss (same value on every rank) and detached stats."""
         labels = labels[:, :self.loss_cfg.labels_used].to(emb.device, torch.long)
         emb = F.normalize(emb.float(), dim=1)
         emb_g = all_gather_grad(emb, self.ctx, self.grad_scale)
+        valid_g = None
+        if valid is not None:
+            valid = valid.to(emb.device, torch.bool).reshape(-1)
+            labels = labels.masked_fill(~valid[:, None], -1)
+            valid_g = all_gather_nograd(valid.to(torch.uint8), self.ctx).bool()  # gloo: no bool
         labels_g = all_gather_nograd(labels, self.ctx)
         sampled, cols, limit = self.sample_columns(labels_g, step)
         w = F.normalize(self.weight[sampled], dim=1)  # gradient flows into the sampled rows only
@@ -249,14 +258,20 @@ class PartialFC(nn.Module):
                                           preserve_rng_state=False)
                                for e, c, n in zip(emb_g.split(rows), cols.split(rows), limit.split(rows))],
                               dim=1)
-        loss, terms = combine(local, self.loss_cfg, self.ctx)
+        loss, terms = combine(local, self.loss_cfg, self.ctx, valid_g)
         n_pos = torch.unique(cols[cols >= 0]).numel()
-        negs = (limit - positives_below(cols, limit)).float().mean()  # per image, this rank
+        per_row = (limit - positives_below(cols, limit)).float()  # negatives per row, this rank
+        if valid_g is None:
+            negs = per_row.mean()
+        else:
+            negs = per_row.masked_fill(~valid_g, 0).sum() / valid_g.sum().clamp_min(1)
         counts = torch.cat([torch.tensor([float(sampled.numel()), float(n_pos)], device=negs.device),
                             negs.view(1)])
         if self.ctx is not None and self.ctx.distributed:
             counts = all_reduce_stats(counts, self.ctx)
         terms.update(sampled_classes=counts[0], positives=counts[1], negatives=counts[2])
+        if valid_g is not None:
+            terms["valid_rows"] = valid_g.sum().float()  # of the global batch
         return loss, terms
 
 

@@ -31,18 +31,19 @@ from training.config import (  # noqa: F401 -- the `train` section's schema live
     OptimConfig,
     TrainConfig,
 )
-from training.data import find_parts, num_classes_from_centroids
+from training.data import num_classes_from_centroids
 from training.trainer import (  # noqa: F401 -- re-exported: the stage's public names
     CheckpointManager,
     Trainer,
     TrainingDiverged,
     checked_input,
     deepspeed_config,
+    find_train_parts,
     lr_at,
     make_backbone_optimizer,
     train_step,
 )
-from training.validate import check_inputs
+from training.validate import check_inputs, region_num_classes
 
 log = logging.getLogger("mlcd.train")
 
@@ -64,20 +65,28 @@ def train(run: RunConfig, cfg: TrainConfig, ctx: DistContext) -> dict:
     root = out / "checkpoints"
 
     def prepare() -> None:
-        prepare_out_dir(out, run, {"run": run, "train": cfg}, "train", ignore=RESUMABLE_KEYS)
+        # regions off: nothing of train.regions is used (nor in folders made before it existed)
+        ignore = RESUMABLE_KEYS + (() if cfg.regions.enabled else ("train.regions",))
+        prepare_out_dir(out, run, {"run": run, "train": cfg}, "train", ignore=ignore)
         if run.overwrite:  # a fresh start must not auto-resume, nor keep the old metrics
             CheckpointManager.clear(root)
             (out / "metrics.jsonl").unlink(missing_ok=True)
     ctx.agree(prepare)
     num_classes = cfg.partial_fc.num_classes or ctx.agree(
         lambda: checked_input(lambda: num_classes_from_centroids(cfg.centroids)))
-    parts = ctx.agree(lambda: checked_input(lambda: find_parts(cfg.data, cfg.loss.labels_used)))
+    region_classes = ctx.agree(lambda: region_num_classes(cfg.regions)) if cfg.regions.enabled else 0
+    parts = ctx.agree(lambda: checked_input(lambda: find_train_parts(cfg, region_classes)))
     manager = CheckpointManager(root, cfg.checkpoint, ctx, cfg.deepspeed.zero_stage)
-    trainer = Trainer(run, cfg, ctx, num_classes, checkpoints=manager, out_dir=out)
+    trainer = Trainer(run, cfg, ctx, num_classes, checkpoints=manager, out_dir=out, region_classes=region_classes)
     if ctx.is_main:
         log.info("training %s (%.1fM params) on %d ranks, K=%d classes (%d per rank), global batch %d, "
                  "ZeRO-%d %s", trainer.model_cfg.name, trainer.n_params / 1e6, ctx.world_size, num_classes,
                  trainer.pfc.num_local, trainer.global_batch, cfg.deepspeed.zero_stage, cfg.deepspeed.precision)
+        if trainer.region is not None:
+            r = cfg.regions
+            log.info("regions: %d region classes (%d per rank), %d regions per image, %d head layer(s), "
+                     "loss = %s%g x region loss", region_classes, trainer.region.pfc.num_local, r.per_image,
+                     r.layers, "image loss + " if r.image_loss else "", r.weight)
     return trainer.fit(trainer.stream(parts))
 
 

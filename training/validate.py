@@ -9,7 +9,11 @@ Checked on rank 0, the verdict broadcast (every rank raises the same ``TrainInpu
   another store fails here), has >= ``loss.num_labels`` columns and a sims file;
 - every label is in [-1, K): K = ``partial_fc.num_classes`` or the centroids' row count;
 - K equals the centroids' K unless ``partial_fc.num_classes`` is set to something else on purpose
-  (then a warning; labels must still fit).
+  (then a warning; labels must still fit);
+- with ``regions.enabled`` (RICE): the region store, the region labels and their
+  ``label_space.json`` exist; every region label part is row-aligned with its region metadata
+  part (which has the box columns), has >= ``regions.num_labels`` columns and labels in
+  [-1, num_classes); some shard has a region part.
 
 Cost: one pass over the label files, memory-mapped in blocks (4 bytes x l per image: 12.8 GB for
 400M images and l = 8, read once at start-up), headers for everything else.
@@ -100,9 +104,55 @@ def _check(cfg) -> None:
     if not found:
         raise TrainInputError(f"no shard of {d.shards} has labels: expected {labels_path(d.labels, 0)} and "
                               f"{meta_path(d.store, 0)} (run stages 1 and 2 first)")
+    if cfg.regions.enabled:
+        _check_regions(cfg)
+
+
+def region_num_classes(rcfg) -> int:
+    """The region classes (clusters K + tokens V): ``regions.partial_fc.num_classes`` if set, else
+    ``num_classes`` of ``{regions.labels}/label_space.json`` (one line naming the file if unfit)."""
+    if rcfg.partial_fc.num_classes:
+        return rcfg.partial_fc.num_classes
+    from training.region_data import region_num_classes as from_label_space
+    try:
+        return from_label_space(rcfg.labels)
+    except (OSError, ValueError) as e:
+        raise TrainInputError(str(e)) from None
+
+
+def region_spec(cfg, region_classes: int):
+    """What the region loader (training/region_data.py) needs from train.regions."""
+    from training.region_data import RegionSpec
+    r = cfg.regions
+    return RegionSpec(r.store, r.labels, r.per_image, r.num_labels, region_classes)
+
+
+def _check_regions(cfg) -> None:
+    """Region parts as the loader finds them (headers: training/region_data.py), then every
+    region label in range."""
+    from training.region_data import find_region_parts
+    r = cfg.regions
+    if not os.path.isdir(r.store):
+        raise TrainInputError(f"{r.store}: region store not found (train.regions.store; run mlcd regions)")
+    k = region_num_classes(r)
+    try:
+        parts = find_region_parts(cfg.data, region_spec(cfg, k), cfg.loss.labels_used)
+    except (OSError, ValueError) as e:
+        raise TrainInputError(str(e)) from None
+    for p in parts:
+        if p.region_labels:
+            _check_labels(p.region_meta, p.region_labels, r.num_labels, k, "train.regions.num_labels",
+                          "K + V = train.regions.partial_fc.num_classes or label_space.json's num_classes")
 
 
 def _check_part(meta, lab, sims, need: int, k: int) -> None:
+    _check_labels(meta, lab, need, k)
+    if not sims.is_file():
+        raise TrainInputError(f"{sims}: missing (written with {lab} by stage 2)")
+
+
+def _check_labels(meta, lab, need: int, k: int, width_key: str = "train.loss.num_labels",
+                  k_is: str = "K = train.partial_fc.num_classes or the centroids' count") -> None:
     try:
         rows = pq.ParquetFile(meta).metadata.num_rows
     except Exception as e:  # noqa: BLE001 (pyarrow raises several types for a bad file)
@@ -112,15 +162,12 @@ def _check_part(meta, lab, sims, need: int, k: int) -> None:
         raise TrainInputError(f"{lab}: {a.shape[0] if a.ndim else 0} label rows but {meta} has {rows}: "
                               f"not row-aligned (labels made from another store?)")
     if a.shape[1] < need:
-        raise TrainInputError(f"{lab}: {a.shape[1]} labels per row, train.loss.num_labels needs {need}")
+        raise TrainInputError(f"{lab}: {a.shape[1]} labels per row, {width_key} needs {need}")
     if a.dtype.kind not in "iu":
         raise TrainInputError(f"{lab}: dtype {a.dtype}, expected integers")
-    if not sims.is_file():
-        raise TrainInputError(f"{sims}: missing (written with {lab} by stage 2)")
     for s in range(0, rows, BLOCK_ROWS):
         b = np.asarray(a[s:s + BLOCK_ROWS, :need])
         if b.size and (b.max() >= k or b.min() < -1):
             bad = int(b.max()) if b.max() >= k else int(b.min())
             row = s + int(np.argwhere((b >= k) | (b < -1))[0][0])
-            raise TrainInputError(f"{lab}: label {bad} at row {row} is outside [-1, {k}) "
-                                  f"(K = train.partial_fc.num_classes or the centroids' count)")
+            raise TrainInputError(f"{lab}: label {bad} at row {row} is outside [-1, {k}) ({k_is})")
