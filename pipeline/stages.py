@@ -25,6 +25,8 @@ STAGES: dict[str, Stage] = {s.name: s for s in (
     Stage("embed", "pipeline.embed", "embed", "pipeline.embed:EmbedConfig", torchrun=True),
     Stage("cluster", "clustering.kmeans", "cluster", "clustering.kmeans:KMeansConfig", torchrun=True),
     Stage("assign", "clustering.assign", "assign", "clustering.assign:AssignConfig", torchrun=True),
+    Stage("region-labels", "clustering.region_labels", "region_labels",
+          "clustering.region_labels:RegionLabelsConfig", torchrun=True),
     Stage("train", "training.train", "train", "training.train:TrainConfig", torchrun=True),
     Stage("export", "training.export"),
     Stage("eval", "training.evaluation.evaluate", "eval", "training.evaluation.evaluate:EvalConfig",
