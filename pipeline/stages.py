@@ -31,6 +31,8 @@ STAGES: dict[str, Stage] = {s.name: s for s in (
     Stage("export", "training.export"),
     Stage("eval", "training.evaluation.evaluate", "eval", "training.evaluation.evaluate:EvalConfig",
           torchrun=True),
+    Stage("eval-regions", "training.evaluation.regions", "eval_regions",
+          "training.evaluation.regions:RegionEvalConfig", torchrun=True),
     Stage("envcheck", "launch.envcheck", torchrun=True),
     Stage("demo", "launch.demo"),
     Stage("ablate", "launch.ablate", "ablate", "launch.ablate:AblateConfig"),
