@@ -203,3 +203,57 @@ def test_bad_ground_truth_is_one_line_naming_the_file(tmp_path):
     from pipeline.config import ConfigError
     with pytest.raises(ConfigError, match="models.0.kind"):
         R.RegionEvalConfig(models=[{"name": "c", "kind": "open_clip", "arch": "ViT-B-32"}])
+
+
+@pytest.mark.parametrize("name", ["vit_tiny_clip", "vit_tiny_rope2d"])
+def test_hf_export_gives_our_patch_tokens(tmp_path, name):
+    """CLIPVisionModel / MLCDVisionModel read back with transformers: the same patch grid (class
+    token dropped, raster order) as our model with the same weights."""
+    from training.hf import save_hf_folder
+    from training.model import ModelConfig, build_model
+    cfg = {**TINY, "name": name}
+    torch.manual_seed(0)
+    save_hf_folder(build_model(ModelConfig(**cfg)), ModelConfig(**cfg), tmp_path)
+    ours = build_extractor(R.ModelSpec(name="r", kind="random", model=cfg, seed=0), torch.device("cpu"))
+    hf = build_extractor(R.ModelSpec(name="h", kind="hf", path=str(tmp_path)), torch.device("cpu"))
+    x = torch.randn(2, 3, 32, 32)
+    a, b = ours.patch_tokens(x), hf.patch_tokens(x)
+    assert a.shape == (2, 4, 4, 32) and torch.allclose(a, b, atol=1e-5)
+    # raster order: token (r, c) is the patch at rows 8r.., cols 8c.. (a change there moves it most)
+    x2 = x.clone()
+    x2[:, :, 8:16, 16:24] += 3.0
+    diff = (ours.patch_tokens(x2) - a).norm(dim=-1)[0]
+    assert diff.argmax().item() == 1 * 4 + 2
+
+
+def test_probe_split_with_many_small_classes():
+    """Words: many classes with 2-3 regions each. A stratified validation split smaller than the
+    class count is refused by scikit-learn; the probe falls back to a plain split."""
+    from training.evaluation import probe
+    rng = np.random.default_rng(0)
+    y = np.repeat(np.arange(40), 2)
+    x = rng.normal(size=(40, 8))[y] * 5 + rng.normal(size=(80, 8))
+    tr, va = probe.val_split(y, 0.2, 0)
+    assert len(va) == 16 and len(set(tr) | set(va)) == 80
+    lin = probe.linear_probe(x, y, x, y, c_grid=(1.0,), val_fraction=0.2)
+    assert lin["top1"] > 0.9
+
+
+@pytest.mark.slow
+def test_two_rank_extraction_equals_one_rank(tmp_path):
+    """5 scenes over 2 ranks (3 + 2 images, unequal region counts): the gathered region features
+    equal a 1-rank run's."""
+    from conftest import torchrun
+    _probe_scenes(tmp_path / "probe/train", 5, 1)
+    _probe_scenes(tmp_path / "probe/test", 3, 2)
+    models = json.dumps([{"name": "r", "kind": "random", "model": TINY}])
+    over = [f"eval_regions.train={tmp_path}/probe/train", f"eval_regions.test={tmp_path}/probe/test",
+            f"eval_regions.models={models}", "eval_regions.workers=0", "eval_regions.knn.ks=[1,3]",
+            "eval_regions.linear.c_grid=[1.0]", "eval_regions.device=cpu"]
+    torchrun(["-m", "training.evaluation.regions", f"run.out_dir={tmp_path}/two", *over], 2, timeout=300)
+    R.main(None, [f"run.out_dir={tmp_path}/one", *over])
+    for split, n in (("train", 15), ("test", 9)):
+        a = np.load(tmp_path / f"one/eval_regions/features/r/regions_{split}.npy")
+        b = np.load(tmp_path / f"two/eval_regions/features/r/regions_{split}.npy")
+        assert a.shape == (n, 32) and np.allclose(a, b, atol=1e-5)
+    assert (tmp_path / "two/eval_regions/results.md").is_file()

@@ -152,3 +152,16 @@ def test_cli_prints_one_line_and_exits_1(run_dir):
                        env={"PYTHONPATH": str(ROOT), "PATH": "/usr/bin:/bin", "DS_ACCELERATOR": "cpu"})
     lines = p.stderr.strip().splitlines()
     assert p.returncode == 1 and len(lines) == 1 and "labels_1.npy" in lines[0], p.stderr
+
+
+@pytest.mark.slow
+def test_two_ranks_write_what_one_rank_writes(run_dir):
+    """Ranks split the parts; the files and label_space.json equal a 1-rank run's."""
+    from conftest import torchrun
+    torchrun(["-m", "clustering.region_labels", f"run.out_dir={run_dir}",
+              "region_labels.out_dir=${run.out_dir}/two"], 2, timeout=300)
+    _run(run_dir, "region_labels.out_dir=${run.out_dir}/one")
+    for p in range(len(REGIONS)):
+        assert np.array_equal(load_npy(run_dir / f"one/labels_{p}.npy"), load_npy(run_dir / f"two/labels_{p}.npy"))
+    one, two = (json.loads((run_dir / f"{d}/label_space.json").read_text()) for d in ("one", "two"))
+    assert {k: v for k, v in one.items() if k != "wall_s"} == {k: v for k, v in two.items() if k != "wall_s"}
