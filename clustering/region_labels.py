@@ -20,7 +20,8 @@ The tokenizer is open_clip's CLIP BPE (``SimpleTokenizer``, 49,408 ids), whose v
 ships inside the package: no network. Inputs are checked before any work (one line naming the
 file); each part is written atomically and a part already written with the same inputs and
 settings (``state.json``, ``pipeline.store.settle_label_state``) is skipped on a rerun.
-Cost: one pass over the metadata and the assign labels; tokenizing is the bulk (~50k texts/s).
+Cost: one pass over the metadata and the assign labels; tokenizing is the bulk (measured ~13k
+texts of 1-3 words per second on one core of a loaded 2-core machine, docs/REGIONS_EVAL.md).
 """
 from __future__ import annotations
 

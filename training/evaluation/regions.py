@@ -367,13 +367,13 @@ def _features(spec: ModelSpec, data: dict[str, RegionSet], cache: FeatureCache, 
 def _open_data(cfg: RegionEvalConfig, ctx: DistContext) -> dict[str, RegionSet]:
     """Both splits, checked on rank 0 first (a bad file is one line, every rank stops), then read
     by the other ranks (nothing large is broadcast)."""
-    kept: dict = {}
+    sets: dict = {}
 
     def read():
         for split, spec in (("train", cfg.train), ("test", cfg.test)):
-            kept[split] = open_regions(spec)
+            sets[split] = open_regions(spec)
     ctx.agree(read)
-    return kept if kept else {s: open_regions(p) for s, p in (("train", cfg.train), ("test", cfg.test))}
+    return sets if sets else {s: open_regions(p) for s, p in (("train", cfg.train), ("test", cfg.test))}
 
 
 def _summary(data: dict[str, RegionSet]) -> dict:
