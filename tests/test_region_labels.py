@@ -110,6 +110,8 @@ def test_resume_skips_finished_parts_and_settings_change_relabels(run_dir):
     assert lab.shape == (5, 2) and (out / "labels_0.npy").stat().st_mtime_ns != m0
     assert lab[1].tolist() == [K + HELLO, -1]
     assert json.loads((out / "label_space.json").read_text())["width"] == 2
+    _run(run_dir, "region_labels.width=1", "run.resume=true")  # max_tokens 8 > width: width wins
+    assert load_npy(out / "labels_0.npy")[1].tolist() == [K + HELLO]
     # OCR labels off: OCR rows unlabeled, the label space is the clusters alone
     _run(run_dir, "region_labels.ocr=false", "run.overwrite=true")
     js = json.loads((out / "label_space.json").read_text())
