@@ -200,6 +200,10 @@ def test_bad_ground_truth_is_one_line_naming_the_file(tmp_path):
     with pytest.raises(EvalInputError, match="gt_00000.parquet: key 'nope'") as e:
         R.open_regions(str(tmp_path / "p"))
     assert "\n" not in str(e.value)
+    t[1]["key"], t[1]["boxes"][0] = "00001", [30.0, 5.0, 10.0, 9.0]  # key restored; x1 < x0
+    pq.write_table(pa.Table.from_pylist(t), gt)
+    with pytest.raises(EvalInputError, match="gt_00000.parquet: key '00001': bad region"):
+        R.open_regions(str(tmp_path / "p"))
     from pipeline.config import ConfigError
     with pytest.raises(ConfigError, match="models.0.kind"):
         R.RegionEvalConfig(models=[{"name": "c", "kind": "open_clip", "arch": "ViT-B-32"}])

@@ -172,7 +172,8 @@ def open_regions(spec: str) -> RegionSet:
             if not (len(b) == len(k) == len(lab)):
                 raise EvalInputError(f"{gt}: key {key!r} has {len(b)} boxes, {len(k)} kinds, {len(lab)} labels")
             for box, kd in zip(b, k):
-                if kd not in TASKS.values() or len(box) != 4 or not np.all(np.isfinite(box)):
+                if (kd not in TASKS.values() or len(box) != 4 or not np.all(np.isfinite(box))
+                        or box[2] < box[0] or box[3] < box[1]):
                     raise EvalInputError(f"{gt}: key {key!r}: bad region kind={kd!r} box={box}")
             image += [len(items)] * len(b)
             boxes += [list(map(float, box)) for box in b]
