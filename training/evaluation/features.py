@@ -180,10 +180,28 @@ class Extractor:
     transform: Callable[[Image.Image], torch.Tensor]
     module: torch.nn.Module | None  # moved to the device by build_extractor (None: already there)
     info: dict = field(default_factory=dict)
+    # ViT kinds (checkpoint, hf, random): pixel_values -> (B, H/p, W/p, width) patch tokens of
+    # last_hidden_state (region features, training/evaluation/regions.py), and the image
+    # processor behind `transform` (its resize/crop geometry maps boxes into the input)
+    tokens: Callable[[torch.Tensor], torch.Tensor] | None = None
+    processor: Any = None
 
     @torch.no_grad()
     def __call__(self, pixel_values: torch.Tensor) -> torch.Tensor:
         return self.forward(pixel_values).float()
+
+    @torch.no_grad()
+    def patch_tokens(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        if self.tokens is None:
+            raise EvalInputError(f"model kind {self.info.get('kind')!r} gives no patch tokens")
+        return self.tokens(pixel_values).float()
+
+
+def patch_grid(hidden: torch.Tensor, pixel_values: torch.Tensor, patch: int) -> torch.Tensor:
+    """(B, T, C) last_hidden_state -> (B, H/p, W/p, C): the patch tokens in raster order (CLIP
+    and MLCD put the class token first; whatever precedes the H/p * W/p patches is dropped)."""
+    gh, gw = pixel_values.shape[-2] // patch, pixel_values.shape[-1] // patch
+    return hidden[:, hidden.shape[1] - gh * gw:].reshape(hidden.shape[0], gh, gw, hidden.shape[2])
 
 
 def processor_transform(proc) -> Callable:
@@ -224,8 +242,12 @@ def _our_model(cfg, state: dict | None, seed: int, feature: str, info: dict) -> 
             return model.vision_model(x).pooler_output
     proc = CLIPImageProcessor(**{k: v for k, v in processor_config(cfg).items()
                                  if k != "image_processor_type"})
+
+    def tokens(x):
+        return patch_grid(model.vision_model(x).last_hidden_state, x, cfg.resolved().patch_size)
     return Extractor(fwd, processor_transform(proc), model,
-                     {**info, "model_config": dict(vars(cfg.resolved())), "feature": feature})
+                     {**info, "model_config": dict(vars(cfg.resolved())), "feature": feature},
+                     tokens, proc)
 
 
 def resolve_checkpoint(path: str) -> Path:
@@ -327,9 +349,14 @@ def _hf(path: str) -> Extractor:
 
     def fwd(x):
         return tower(pixel_values=x).pooler_output
+
+    patch = getattr(model.config, "vision_config", model.config).patch_size
+
+    def tokens(x):
+        return patch_grid(tower(pixel_values=x).last_hidden_state, x, patch)
     return Extractor(fwd, processor_transform(proc), model,
                      {"kind": "hf", "weights": path, "model_type": model.config.model_type,
-                      "class": type(model).__name__})
+                      "class": type(model).__name__}, tokens, proc)
 
 
 def _open_clip(spec) -> Extractor:

@@ -12,6 +12,7 @@ neighbours, votes weighted by exp(sim / T) with T = 0.07. k is reported for each
 """
 from __future__ import annotations
 
+import math
 import warnings
 from collections.abc import Sequence
 
@@ -21,11 +22,14 @@ from threadpoolctl import threadpool_limits
 
 
 def val_split(y: np.ndarray, fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
-    """(train_idx, val_idx): stratified when every class has >= 2 samples."""
+    """(train_idx, val_idx): stratified when every class has >= 2 samples and both sides can
+    hold one of each class (many classes with few rows each, e.g. words: scikit-learn refuses a
+    stratified split smaller than the class count)."""
     from sklearn.model_selection import train_test_split
     idx = np.arange(len(y))
     counts = np.bincount(y)
-    strat = y if counts[counts > 0].min() >= 2 else None
+    n_cls, n_val = int((counts > 0).sum()), math.ceil(fraction * len(y))
+    strat = y if counts[counts > 0].min() >= 2 and min(n_val, len(y) - n_val) >= n_cls else None
     tr, va = train_test_split(idx, test_size=fraction, random_state=seed, stratify=strat)
     return np.sort(tr), np.sort(va)
 

@@ -1,0 +1,273 @@
+"""Region labels (RICE): every region of the region store gets its positive classes.
+
+    python -m clustering.region_labels --config configs/rice_demo.yaml [region_labels.key=value ...]
+    torchrun --nproc_per_node N -m clustering.region_labels ...          (ranks split the parts)
+
+RICE (Xie et al., ICCV 2025, arXiv 2507.20025) trains one region cluster-discrimination loss
+over a single label space: object regions are positives of their top-l k-means clusters (stage 2
+run on the region store, unchanged), OCR regions are positives of the tokens of their text,
+placed after the K cluster ids. Here, per part ``i`` of the region store::
+
+    {out_dir}/labels_{i}.npy   int64 N_i x L (L = width), row-aligned with metadata_{i}.parquet
+        object rows: their assign labels (top-l cluster ids, nearest first), -1 padded
+        ocr rows:    K + CLIP BPE token ids of their text (no start/end token, distinct, first
+                     max_tokens), -1 padded
+        rows without a usable label (empty text, an object row assign marked invalid): all -1
+    {out_dir}/label_space.json  {"clusters": K, "tokens": V, "num_classes": K + V, "tokenizer",
+                                 "width": L, counts}; written last, so its presence = complete
+
+The tokenizer is open_clip's CLIP BPE (``SimpleTokenizer``, 49,408 ids), whose vocabulary file
+ships inside the package: no network. Inputs are checked before any work (one line naming the
+file); each part is written atomically and a part already written with the same inputs and
+settings (``state.json``, ``pipeline.store.settle_label_state``) is skipped on a rerun.
+Cost: one pass over the metadata and the assign labels; tokenizing is the bulk (measured ~13k
+texts of 1-3 words per second on one core of a loaded 2-core machine, docs/REGIONS_EVAL.md).
+"""
+from __future__ import annotations
+
+import logging
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pyarrow.parquet as pq
+
+from pipeline.config import RunConfig, check, load_config, prepare_out_dir
+from pipeline.dist import DistContext
+from pipeline.entry import cli_main, run_distributed
+from pipeline.io import atomic_save_npy, atomic_write_json, clean_stale_tmp, load_npy, read_json
+from pipeline.store import StoreError, labels_path, meta_path, part_name, settle_label_state
+from pipeline.topl import file_sha256
+from pipeline.tracking import Timer, progress
+
+log = logging.getLogger("mlcd.region_labels")
+
+KINDS = ("object", "ocr")            # the region store's `kind` values (RICE_SPEC section 2)
+COLUMNS = ("key", "kind", "text")    # the metadata columns this stage reads
+TOKENIZER = "open_clip.tokenizer.SimpleTokenizer (CLIP BPE)"
+
+
+@dataclass
+class RegionLabelsConfig:
+    store: str = "${run.out_dir}/regions/store"                        # region store (stage 1b)
+    labels: str = "${run.out_dir}/regions/clusters/labels"             # assign's output on it
+    centroids: str = "${run.out_dir}/regions/clusters/centroids.npy"   # K = its rows
+    out_dir: str = "${run.out_dir}/regions/labels"
+    width: int = 8           # L: label slots per region (object rows use min(l, L) of them)
+    max_tokens: int = 8      # tokens kept per OCR text (the first distinct ones; at most width)
+    ocr: bool = True         # false: OCR rows get no labels (cluster-only ablation)
+
+    def __post_init__(self):
+        check(self.width >= 1, "width", self.width, "must be >= 1")
+        check(self.max_tokens >= 1, "max_tokens", self.max_tokens, "must be >= 1")
+
+
+# ------------------------------------------------------------------------------------ labels
+
+class Tokens:
+    """CLIP BPE ids of a text: no start/end tokens, distinct in first-seen order, first ``n``."""
+
+    def __init__(self, n: int):
+        from open_clip.tokenizer import SimpleTokenizer  # vocab file ships in the package
+        self.tok, self.n = SimpleTokenizer(), n
+        self.vocab = len(self.tok.encoder)
+
+    def __call__(self, text: str) -> list[int]:
+        ids = self.tok.encode(text or "")
+        return list(dict.fromkeys(ids))[: self.n]
+
+
+def label_part(kinds: list[str], texts: list[str], assigned: np.ndarray, k: int, width: int,
+               tokens: Tokens | None) -> np.ndarray:
+    """int64 (N, width) label rows for one part (module docstring); ``tokens=None``: no OCR labels."""
+    out = np.full((len(kinds), width), -1, dtype=np.int64)
+    kinds_a = np.asarray(kinds, dtype=object)
+    obj = kinds_a == "object"
+    take = min(assigned.shape[1], width)
+    out[obj, :take] = assigned[obj, :take]
+    if tokens is not None:
+        for r in np.flatnonzero(kinds_a == "ocr"):
+            ids = tokens(texts[r])
+            out[r, :len(ids)] = k + np.asarray(ids, dtype=np.int64)
+    return out
+
+
+# ------------------------------------------------------------------------------------ inputs
+
+@dataclass
+class Inputs:
+    parts: list[int]
+    names: dict[int, str]   # part -> the store's digits (labels follow them)
+    rows: dict[int, int]
+    k: int
+    state: dict             # what the labels depend on; a change relabels every part
+
+
+def _metadata_parts(store: Path) -> list[int]:
+    folder = store / "metadata"
+    if not folder.is_dir():
+        raise StoreError(f"region store {store}: no metadata/ folder (run `mlcd regions` first)")
+    parts = sorted(int(m.group(1)) for p in folder.iterdir()
+                   if (m := re.match(r"^metadata_(\d+)\.parquet$", p.name)))
+    if not parts:
+        raise StoreError(f"region store {store}: no metadata parts in {folder}")
+    return parts
+
+
+def _centroid_rows(path: Path) -> int:
+    if not path.is_file():
+        raise StoreError(f"centroids file {path} does not exist (run `mlcd cluster` on the region store)")
+    try:
+        c = load_npy(path, mmap=True)  # reads the header only
+    except (OSError, ValueError) as e:
+        raise StoreError(f"{path}: unreadable ({e})") from None
+    if c.ndim != 2 or c.shape[0] < 1:
+        raise StoreError(f"{path}: expected K x D centroids, got shape {c.shape}")
+    return int(c.shape[0])
+
+
+def _file_id(p: Path) -> str:
+    s = p.stat()
+    return f"{p.name}:{s.st_size}:{s.st_mtime_ns}"
+
+
+def check_part(store: Path, labels: Path, part: int, k: int, values: bool) -> tuple[str, int]:
+    """(part digits, rows): metadata columns, labels present and row-aligned, ids in [-1, K)
+    (``values``: scan the ids too). One line naming the file otherwise."""
+    mp = meta_path(store, part)
+    names = pq.read_schema(mp).names
+    missing = [c for c in COLUMNS if c not in names]
+    if missing:
+        raise StoreError(f"{mp}: missing column(s) {missing} (has: {', '.join(names[:10])})")
+    rows = pq.ParquetFile(mp).metadata.num_rows
+    digits = part_name(store, part)
+    lp = labels_path(labels, digits)
+    if not lp.is_file():
+        raise StoreError(f"missing labels {lp} for {mp} (run `mlcd assign` on the region store)")
+    try:
+        lab = load_npy(lp, mmap=True)
+    except (OSError, ValueError) as e:
+        raise StoreError(f"{lp}: unreadable ({e})") from None
+    if lab.ndim != 2 or lab.shape[0] != rows:
+        raise StoreError(f"{lp}: shape {lab.shape} is not row-aligned with {mp} ({rows} rows)")
+    if values and lab.size and (int(lab.max()) >= k or int(lab.min()) < -1):
+        raise StoreError(f"{lp}: label ids in [{int(lab.min())}, {int(lab.max())}] outside [-1, K={k}) "
+                         f"(K = rows of the centroids file)")
+    return digits, rows
+
+
+def check_inputs(cfg: RegionLabelsConfig) -> Inputs:
+    """Everything this stage reads, checked before any work (rank 0, through ``ctx.agree``)."""
+    store, labels, cpath = Path(cfg.store), Path(cfg.labels), Path(cfg.centroids)
+    parts = _metadata_parts(store)
+    k = _centroid_rows(cpath)
+    if not labels.is_dir():
+        raise StoreError(f"label store {labels} does not exist (run `mlcd assign` on the region store)")
+    st_path = labels / "state.json"
+    assign_state = read_json(st_path) if st_path.is_file() else {}
+    if assign_state.get("k") not in (None, k):
+        raise StoreError(f"{st_path}: labels were assigned with k={assign_state['k']} centers, "
+                         f"{cpath} has {k}")
+    names, rows, ids = {}, {}, []
+    for p in parts:
+        names[p], rows[p] = check_part(store, labels, p, k, values=True)
+        ids += [_file_id(meta_path(store, p)), _file_id(labels_path(labels, names[p]))]
+    sha = assign_state.get("centroids_sha256") or file_sha256(cpath)
+    state = {"k": k, "centroids_sha256": sha, "width": cfg.width, "max_tokens": cfg.max_tokens,
+             "ocr": cfg.ocr, "tokenizer": TOKENIZER, "inputs": ids}
+    return Inputs(parts, names, rows, k, state)
+
+
+# ------------------------------------------------------------------------------------ stage
+
+def part_done(out: Path, digits: str, rows: int, width: int) -> bool:
+    lp = labels_path(out, digits)
+    if not lp.is_file():
+        return False
+    try:
+        a = load_npy(lp, mmap=True)
+        return a.dtype == np.int64 and tuple(a.shape) == (rows, width)
+    except (OSError, ValueError):  # unreadable (truncated by a crash mid-copy): redo it
+        return False
+
+
+def settle(out: Path, inp: Inputs, overwrite: bool) -> None:
+    """Rank 0: parts on disk are kept only if they came from these exact inputs and settings;
+    label_space.json (the completion marker) is dropped until every part is written again."""
+    clean_stale_tmp(out)
+    st = out / "state.json"
+    old = read_json(st) if st.is_file() else None
+    settle_label_state(out, inp.state, old, overwrite)
+    if not all(part_done(out, inp.names[p], inp.rows[p], inp.state["width"]) for p in inp.parts):
+        (out / "label_space.json").unlink(missing_ok=True)
+
+
+def run_region_labels(run: RunConfig, cfg: RegionLabelsConfig, ctx: DistContext) -> dict:
+    timer = Timer()
+    inp = ctx.agree(lambda: check_inputs(cfg))
+    out = ctx.agree(lambda: prepare_out_dir(cfg.out_dir, run, {"run": run, "region_labels": cfg},
+                                            "region_labels"))
+    ctx.agree(lambda: settle(out, inp, run.overwrite))
+    mine = ctx.shard(inp.parts)
+    todo = [p for p in mine if not part_done(out, inp.names[p], inp.rows[p], cfg.width)]
+    if len(todo) < len(mine):
+        log.info("resuming: %d of this rank's %d parts already labeled", len(mine) - len(todo), len(mine))
+    tokens = Tokens(min(cfg.max_tokens, cfg.width)) if (todo and cfg.ocr) else None
+    bar = progress(sum(inp.rows[p] for p in mine), "region-labels", ctx, unit="region",
+                   initial=sum(inp.rows[p] for p in mine if p not in todo))
+    for p in todo:
+        meta = pq.read_table(meta_path(cfg.store, p), columns=["kind", "text"])
+        kinds, texts = meta.column("kind").to_pylist(), meta.column("text").to_pylist()
+        bad = sorted({str(x) for x in kinds} - set(KINDS))
+        if bad:
+            raise StoreError(f"{meta_path(cfg.store, p)}: unknown region kind(s) {bad[:3]} (known: {KINDS})")
+        assigned = load_npy(labels_path(cfg.labels, inp.names[p]))
+        atomic_save_npy(labels_path(out, inp.names[p]),
+                        label_part(kinds, texts, assigned, inp.k, cfg.width, tokens))
+        bar.update(len(kinds))
+    bar.close()
+    ctx.barrier()
+    space = ctx.agree(lambda: write_label_space(out, cfg, inp, timer.elapsed()))
+    return space
+
+
+def write_label_space(out: Path, cfg: RegionLabelsConfig, inp: Inputs, wall_s: float) -> dict:
+    """Counted from the written files (right after any number of resumes); written last."""
+    counts = {"regions": 0, "object": 0, "ocr": 0, "object_labeled": 0, "ocr_labeled": 0,
+              "unlabeled": 0, "token_labels": 0}
+    for p in inp.parts:
+        lab = load_npy(labels_path(out, inp.names[p]), mmap=True)
+        kinds = np.asarray(pq.read_table(meta_path(cfg.store, p), columns=["kind"]).column("kind")
+                           .to_pylist(), dtype=object)
+        has = lab[:, 0] >= 0
+        for kind in KINDS:
+            counts[kind] += int((kinds == kind).sum())
+            counts[f"{kind}_labeled"] += int((has & (kinds == kind)).sum())
+        counts["regions"] += len(kinds)
+        counts["unlabeled"] += int((~has).sum())
+        counts["token_labels"] += int((lab >= inp.k).sum())
+    vocab = Tokens(1).vocab if cfg.ocr else 0  # no OCR labels: the space is the clusters alone
+    space = {"clusters": inp.k, "tokens": vocab, "num_classes": inp.k + vocab, "tokenizer": TOKENIZER,
+             "width": cfg.width, "max_tokens": cfg.max_tokens, "ocr": cfg.ocr, "counts": counts,
+             "parts": len(inp.parts), "store": str(cfg.store), "labels": str(cfg.labels),
+             "centroids": str(cfg.centroids), "wall_s": round(wall_s, 2)}
+    atomic_write_json(out / "label_space.json", space)
+    log.info("region labels for %d regions (%d object, %d ocr, %d unlabeled) -> %s; %d classes",
+             counts["regions"], counts["object"], counts["ocr"], counts["unlabeled"], out,
+             space["num_classes"])
+    return space
+
+
+def main(config: str | None = None, overrides=()) -> dict:
+    run, cfg = load_config(config, list(overrides), "region_labels", RegionLabelsConfig)
+    return run_distributed(run_region_labels, run, cfg, lock_dir=cfg.out_dir)
+
+
+def cli(argv=None) -> int:
+    return cli_main(main, argv)
+
+
+if __name__ == "__main__":
+    cli()
+
