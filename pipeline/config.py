@@ -25,7 +25,8 @@ from omegaconf.errors import OmegaConfBaseException
 
 from pipeline.io import atomic_write_text
 
-SECTIONS = ("run", "data", "embed", "cluster", "assign", "train", "eval", "bench", "ablate")
+SECTIONS = ("run", "data", "embed", "cluster", "assign", "train", "eval", "bench", "ablate",
+            "regions")
 T = TypeVar("T")
 
 
