@@ -31,7 +31,7 @@ Output (part i = shard i, pipeline/store.py's writers, so stage 2 reads it uncha
 
     {out_dir}/img_emb/img_emb_{i}.npy          N_i x D, L2-normalized
     {out_dir}/metadata/metadata_{i}.parquet    key (f"{image_key}.r{j}"), image_key, x0, y0, x1, y1,
-                                               img_w, img_h, kind, text, source, conf
+                                               img_w, img_h, kind, text, source, conf, shard
     {out_dir}/stats.json                       regions kept by kind, skipped by reason, per part
 
 Ranks take unfinished parts round-robin (as stage 1); each part is written atomically with its
@@ -363,7 +363,8 @@ COLUMNS = {"key": pa.string(), "image_key": pa.string(), "x0": pa.int32(), "y0":
 
 def _write(out: Path, part: int, url: str, feats: list, rows: list, stats: dict, dim: int, cfg) -> dict:
     emb = torch.cat(feats).cpu().numpy() if feats else np.zeros((0, dim), np.float32)
-    table = pa.table({c: pa.array([r[c] for r in rows], t) for c, t in COLUMNS.items()})
+    table = pa.table({**{c: pa.array([r[c] for r in rows], t) for c, t in COLUMNS.items()},
+                      "shard": pa.array([url] * len(rows), pa.string())})
     info = {"part": part, "shard": url, "rows": len(rows), **split_stats(stats)}
     table = table.replace_schema_metadata({PART_META_KEY: json.dumps(info).encode()})
     write_part(out, part, {"img": emb}, table, dtype=np.dtype(cfg.dtype))
@@ -407,6 +408,10 @@ def _region_parts(mine, shards, out: Path, cfg: RegionsConfig, run: RunConfig, e
             info = _write(out, part, shards[part], *bufs.pop(part), b["stats"], enc.img_dim, cfg)
             written.append(info)
             images += info["images"]
+            secs = max(time.perf_counter() - t0, 1e-9)
+            log.info("part %d: %d images -> %d regions %s; %d/%d parts, %.1f images/s, %.1f regions/s",
+                     part, info["images"], info["rows"], info["kept"], len(written), len(mine),
+                     images / secs, regions / secs)
         bar.update(b["images"])
         if step % max(run.log_every, 1) == 0 or b["end"]:
             secs = max(time.perf_counter() - t0, 1e-9)

@@ -26,6 +26,7 @@ import hashlib
 import json
 import logging
 import sys
+import warnings
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -70,6 +71,8 @@ class RiceConfig:
     categories: list[str] = field(default_factory=list)  # [] = every folder with >= min_per_category
     min_per_category: int = 40
     probe_fraction: float = 0.3      # of each category's drawings, held out for the probe splits
+    max_drawing_pixels: int = 4_000_000  # larger files (a few posters of 100M+ px) are left out:
+    #                                      decoding one costs seconds, for a 64 px drawing
 
     def __post_init__(self):
         for k in ("objects", "words", "object_px", "font_px"):
@@ -84,6 +87,7 @@ class RiceConfig:
         for k in ("pool_scenes", "probe_train", "probe_test"):
             check(getattr(self, k) >= 0, k, getattr(self, k), "must be >= 0")
         check(0.0 < self.probe_fraction < 1.0, "probe_fraction", self.probe_fraction, "must be in (0, 1)")
+        check(self.max_drawing_pixels > 0, "max_drawing_pixels", self.max_drawing_pixels, "must be > 0")
         check(bool(self.vocabulary) and all(w.isalpha() for w in self.vocabulary), "vocabulary",
               self.vocabulary[:3], "must be a non-empty list of alphabetic words")
         check(bool(self.fonts), "fonts", self.fonts, "must name at least one font file")
@@ -101,7 +105,8 @@ def clipart_pools(cfg: RiceConfig, clip_dir: str) -> tuple[list[str], dict[str, 
         raise FileNotFoundError(f"data.rice.fonts: {missing[0]} missing: apt-get install fonts-noto-core")
     by_cat: dict[str, list[Path]] = {}
     for f in sorted(root.rglob("*.png")):
-        by_cat.setdefault(f.relative_to(root).parts[0], []).append(f)
+        if _pixels(f) <= cfg.max_drawing_pixels:
+            by_cat.setdefault(f.relative_to(root).parts[0], []).append(f)
     cats = cfg.categories or sorted(c for c, fs in by_cat.items() if len(fs) >= cfg.min_per_category
                                     and c not in ("unsorted", "special"))
     unknown = [c for c in cats if c not in by_cat]
@@ -120,6 +125,18 @@ def clipart_pools(cfg: RiceConfig, clip_dir: str) -> tuple[list[str], dict[str, 
         if empty:
             raise FileNotFoundError(f"data.rice: category {empty[0]!r} has no drawing left for {s}")
     return cats, pools
+
+
+def _pixels(path: Path) -> int:
+    """Width x height from the header alone (no pixel decoded); unreadable files count as too big."""
+    from PIL import Image
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            with Image.open(path) as im:
+                return im.width * im.height
+    except Exception:  # noqa: BLE001 -- any unreadable file is simply not used
+        return 1 << 62
 
 
 # ---------------------------------------------------------------- one scene (in worker processes)
