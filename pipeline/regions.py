@@ -18,13 +18,14 @@ Regions of an image come from two sources, both optional:
   (Tesseract wants ~20 px letters) and a DataLoader worker sends a whole batch of images to one
   Tesseract process (a list file: ~5x faster than a process per image). Words below
   ``ocr_min_conf``, without a letter/digit or shorter than ``ocr_min_chars`` are dropped, counted
-  by reason.
+  by reason. A box file that already holds OCR rows wants ``ocr: none`` (else words come twice).
 
 A box is kept if finite, non-empty, inside the image (clipped to it) and its shorter side is at
-least ``min_edge`` px (``ocr_min_edge`` for words: text lines are thin; RICE keeps regions of at
-least 128 px at full resolution). Each kept region is cropped (``crop: square``: the square on
-the box's centre with the box's longer side, so a wide word is not cut by the encoder's centre
-crop, area outside the image white; ``box``: the box itself), preprocessed and embedded with the
+least ``min_edge`` px (``ocr_min_edge`` for words: text lines are thin; full-size web images
+call for a far larger ``min_edge``, e.g. 128 px, than the demo's 128 px scenes allow). Each kept
+region is cropped (``crop: square``: the square on the box's centre with the box's longer side,
+so a wide word is not cut by the encoder's centre crop, area outside the image white; ``box``: the
+box itself), decoded by pipeline/images.py as in stage 1, preprocessed and embedded with the
 stage-1 encoder (``regions.encoder``, the same ``EncoderConfig`` as ``embed.encoder``), batched.
 
 Output (part i = shard i, pipeline/store.py's writers, so stage 2 reads it unchanged)::
@@ -254,7 +255,7 @@ def crop(img, box, mode: str):
     return out
 
 
-def candidates(img, key: str, file_rows, words, cfg: RegionsConfig):
+def candidates(img, file_rows, words, cfg: RegionsConfig):
     """Every candidate of one image: (box, kind, text, source, conf)."""
     out = []
     if cfg.boxes == "file" and file_rows is not None:
@@ -330,7 +331,7 @@ class ShardRegions(IterableDataset):
     def _regions(self, key: str, img, file_rows: dict, words, stats: collections.Counter):
         if self.cfg.boxes == "file" and key not in file_rows:
             stats["images_without_boxes"] += 1
-        cands = candidates(img, key, file_rows.get(key), words, self.cfg)
+        cands = candidates(img, file_rows.get(key), words, self.cfg)
         if cands is None:
             stats["image_skipped/bad_row"] += 1
             return

@@ -25,6 +25,7 @@ import functools
 import hashlib
 import json
 import logging
+import shutil
 import sys
 import warnings
 from concurrent.futures import ProcessPoolExecutor
@@ -36,7 +37,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 from tqdm import tqdm
 
-from pipeline.config import check, load_config, prepare_out_dir
+from pipeline.config import check, load_config, prepare_out_dir, to_dict
 from pipeline.entry import cli_main
 from pipeline.errors import InputError
 from pipeline.io import atomic_path, atomic_write_json
@@ -312,7 +313,13 @@ def main(config: str | None, overrides: list[str]) -> dict:
     from pipeline.stages import schema  # the `data` section's class (owned by the data stage)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
     run, data = load_config(config, overrides, "data", schema("data"))
-    prepare_out_dir(Path(data.out_dir) / "rice", run, {"run": run, "rice": data.rice}, "data_rice")
+    # what the scenes depend on (not data.workers, nor the `mlcd data demo` fields)
+    used = {"samples_per_shard": data.samples_per_shard, "openclipart_dir": data.openclipart_dir,
+            "rice": to_dict(data.rice)}
+    out = prepare_out_dir(Path(data.out_dir) / "rice", run, {"run": run, "data": used}, "data_rice")
+    if run.overwrite:  # start over: finished shards of another config must not be kept
+        for sub in ("train", "boxes", "probe"):
+            shutil.rmtree(out / sub, ignore_errors=True)
     try:
         summary = build(run, data)
     except FileNotFoundError as e:

@@ -202,3 +202,23 @@ def test_bad_settings_fail_in_one_line(rice, tmp_path):
              env={"PATH": str(Path(sys.executable).parent)})
     assert p.returncode == 2 and "regions.ocr='tesseract'" in p.stderr, p.stderr
     assert len(p.stderr.strip().splitlines()) == 1
+
+
+@pytest.mark.slow
+def test_two_ranks_equal_one_rank(rice, tmp_path):
+    """Ranks split the parts (as stage 1): 2 ranks under torchrun write the 1-rank store (here
+    with the components source through the whole stage)."""
+    from tests.conftest import torchrun
+    _, root, _ = rice
+    args = [f"regions.input={root / 'train'}", "regions.boxes=components", "regions.ocr=none"]
+    run_regions(tmp_path, *args, f"regions.out_dir={tmp_path / 'one'}")
+    torchrun(["-m", "pipeline.regions", f"run.out_dir={tmp_path / 'run2'}", *tiny_encoder(tmp_path), *args,
+              f"regions.out_dir={tmp_path / 'two'}"], nproc=2)
+    one, two = EmbeddingStore(tmp_path / "one"), EmbeddingStore(tmp_path / "two")
+    assert one.parts("img") == two.parts("img") == [0, 1]
+    for p in (0, 1):
+        assert one.metadata(p).equals(two.metadata(p))
+        np.testing.assert_array_equal(np.asarray(one.load("img", p)), np.asarray(two.load("img", p)))
+    s1, s2 = (json.loads((s.root / "stats.json").read_text()) for s in (one, two))
+    assert s1["kept"] == s2["kept"] and s1["skipped"] == s2["skipped"] and s2["complete"]
+    assert s1["kept"]["object"] >= 12 and set(one.metadata(0).column("source").to_pylist()) == {"components"}
