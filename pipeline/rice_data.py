@@ -191,32 +191,28 @@ def _place(rng, size: int, w: int, h: int, taken: list, margin: int = 6, tries: 
 
 
 def compose(cfg: RiceConfig, cats: list[str], pool: dict[str, list[str]], seed: int, split: str, idx: int):
-    """Scene ``idx`` of ``split``: (PNG bytes, caption, meta, items); items = [(box, kind, label, text)]."""
+    """Scene ``idx`` of ``split``: (PNG bytes, caption, meta, items); items = [(box, kind, label, text)].
+    The minimum numbers of drawings and words are placed first (one that finds no room is retried
+    up to 3 times, smaller each time, with another drawing or word), the optional ones after, if
+    there is room left."""
     from PIL import Image
     rng = np.random.default_rng([seed, SPLITS[split], idx])
     size = cfg.scene_size
     bg = tuple(int(v) for v in rng.integers(215, 256, 3))
     scene = Image.new("RGBA", (size, size), (*bg, 255))
+    n_obj = int(rng.integers(cfg.objects[0], cfg.objects[1] + 1))
+    n_word = int(rng.integers(cfg.words[0], cfg.words[1] + 1))
+    plan = ([("object", 4)] * cfg.objects[0] + [("ocr", 4)] * cfg.words[0]  # (kind, tries)
+            + [("ocr", 1)] * (n_word - cfg.words[0]) + [("object", 1)] * (n_obj - cfg.objects[0]))
     items, taken = [], []
-    for _ in range(int(rng.integers(cfg.words[0], cfg.words[1] + 1))):  # words first: the widest
-        word = cfg.vocabulary[int(rng.integers(len(cfg.vocabulary)))]
-        color = tuple(int(v) for v in rng.integers(0, 90, 3))
-        im = _word(word, cfg.fonts[int(rng.integers(len(cfg.fonts)))],
-                   int(rng.integers(cfg.font_px[0], cfg.font_px[1] + 1)), color)
-        if (xy := _place(rng, size, im.width, im.height, taken)) is not None:
-            scene.alpha_composite(im, xy)
-            taken.append((xy[0], xy[1], xy[0] + im.width, xy[1] + im.height))
-            items.append((taken[-1], "ocr", word, word))
-    for _ in range(int(rng.integers(cfg.objects[0], cfg.objects[1] + 1))):
-        cat = cats[int(rng.integers(len(cats)))]
-        files = pool[cat]
-        path = files[int(rng.integers(len(files)))]
-        im = _drawing(path, int(rng.integers(cfg.object_px[0], cfg.object_px[1] + 1)))
-        if im is None or (xy := _place(rng, size, im.width, im.height, taken)) is None:
-            continue
-        scene.alpha_composite(im, xy)
-        taken.append((xy[0], xy[1], xy[0] + im.width, xy[1] + im.height))
-        items.append((taken[-1], "object", cat, ""))
+    for kind, tries in plan:
+        for t in range(tries):
+            im, label = _item(cfg, cats, pool, rng, kind, shrink=0.8 ** t)
+            if im is not None and (xy := _place(rng, size, im.width, im.height, taken)) is not None:
+                scene.alpha_composite(im, xy)
+                taken.append((xy[0], xy[1], xy[0] + im.width, xy[1] + im.height))
+                items.append((taken[-1], kind, label, label if kind == "ocr" else ""))
+                break
     data, ext = encode_image(scene.convert("RGB"), "png")
     objs = [lab for _, k, lab, _ in items if k == "object"]
     words = [lab for _, k, lab, _ in items if k == "ocr"]
@@ -225,6 +221,19 @@ def compose(cfg: RiceConfig, cats: list[str], pool: dict[str, list[str]], seed: 
     meta = {"url": f"rice:{split}:{idx}", "source": "rice", "categories": objs, "words": words,
             "width": size, "height": size}
     return data, ext, caption, meta, items
+
+
+def _item(cfg: RiceConfig, cats, pool, rng, kind: str, shrink: float):
+    """(RGBA image, label) of a random drawing or word, ``shrink`` times its drawn size."""
+    if kind == "ocr":
+        word = cfg.vocabulary[int(rng.integers(len(cfg.vocabulary)))]
+        color = tuple(int(v) for v in rng.integers(0, 90, 3))
+        px = max(cfg.font_px[0] * 3 // 4, round(int(rng.integers(cfg.font_px[0], cfg.font_px[1] + 1)) * shrink))
+        return _word(word, cfg.fonts[int(rng.integers(len(cfg.fonts)))], px, color), word
+    cat = cats[int(rng.integers(len(cats)))]
+    files = pool[cat]
+    px = max(8, round(int(rng.integers(cfg.object_px[0], cfg.object_px[1] + 1)) * shrink))
+    return _drawing(files[int(rng.integers(len(files)))], px), cat
 
 
 def _compose_star(args):
