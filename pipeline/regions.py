@@ -389,8 +389,10 @@ def _region_parts(mine, shards, out: Path, cfg: RegionsConfig, run: RunConfig, e
     if not mine:
         return failures, written, images, regions
     workers = min(cfg.workers, len(mine))
+    # pinned host memory on CUDA: the crops' host->GPU copy overlaps compute (as in stage 1)
     loader = DataLoader(ShardRegions(mine, cfg, enc.preprocess, enc.image_size), batch_size=None,
-                        num_workers=workers, prefetch_factor=cfg.prefetch_factor if workers else None)
+                        num_workers=workers, prefetch_factor=cfg.prefetch_factor if workers else None,
+                        pin_memory=ctx.device.type == "cuda")
     bar = progress(_expected_rows([u for _, u in mine]), "regions", ctx)
     bufs: dict[int, tuple[list, list]] = {}
     for step, b in enumerate(loader):
