@@ -24,8 +24,8 @@ A box is kept if finite, non-empty, inside the image (clipped to it) and its sho
 least ``min_edge`` px (``ocr_min_edge`` for words: text lines are thin; full-size web images
 call for a far larger ``min_edge``, e.g. 128 px, than the demo's 128 px scenes allow). Each kept
 region is cropped (``crop: square``: the square on the box's centre with the box's longer side,
-so a wide word is not cut by the encoder's centre crop, area outside the image white; ``box``: the
-box itself), decoded by pipeline/images.py as in stage 1, preprocessed and embedded with the
+so a wide word is not cut by the encoder's centre crop, with some context, neighbours included;
+area outside the image white; ``box``: the box itself, which the encoder's centre crop trims), decoded by pipeline/images.py as in stage 1, preprocessed and embedded with the
 stage-1 encoder (``regions.encoder``, the same ``EncoderConfig`` as ``embed.encoder``), batched.
 
 Output (part i = shard i, pipeline/store.py's writers, so stage 2 reads it unchanged)::
