@@ -16,7 +16,7 @@ export HF_HUB_OFFLINE := 1
 export TRANSFORMERS_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: setup apt demo demo-data ablation test test-fast bench gpu-check gpu-bundle envcheck lint embed cluster assign train export eval clean
+.PHONY: setup apt demo demo-data rice-demo ablation test test-fast bench gpu-check gpu-bundle envcheck lint embed cluster assign train export eval clean
 
 setup: $(STAMP)
 
@@ -33,6 +33,10 @@ demo-data: setup apt
 
 demo: setup apt
 	$(VENV)/bin/mlcd demo $(ARGS)
+
+# RICE end to end on offline scenes (regions -> cluster -> region labels -> train -> eval-regions).
+rice-demo: setup apt
+	$(VENV)/bin/mlcd rice-demo $(ARGS)
 
 # MLCD's ablation grid (configs/ablation.yaml; ARGS=--quick for the small l x rho grid).
 ablation: setup apt

@@ -1,6 +1,7 @@
 """`mlcd`: one command for humans over the stage programs (each also runs as `python -m ...`).
 
     mlcd data demo [--config F] [k=v ...]     build the offline demo shards
+    mlcd data rice [--config F] [k=v ...]     build the RICE demo scenes (objects + words, boxes)
     mlcd embed|cluster|assign|train|eval [--nproc N] [--nnodes N] [--config F] [k=v ...]
     mlcd export CHECKPOINT OUT_DIR [...]
     mlcd demo [k=v ...]                         the whole pipeline on the demo data
@@ -21,8 +22,8 @@ from pipeline.stages import STAGES as REGISTRY
 
 # `mlcd <command>` -> module, from the one stage table (pipeline/stages.py); `mlcd data demo`
 # builds the demo shards (the registry's `data` stage).
-STAGES = {name: s.module for name, s in REGISTRY.items() if name not in ("data", "envcheck")}
-DATA = {"demo": REGISTRY["data"].module}
+STAGES = {name: s.module for name, s in REGISTRY.items() if name not in ("data", "data-rice", "envcheck")}
+DATA = {"demo": REGISTRY["data"].module, "rice": REGISTRY["data-rice"].module}
 
 
 def torchrun_cmd(module: str, args: list[str], nproc: int, nnodes: int = 1,

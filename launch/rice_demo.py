@@ -2,7 +2,7 @@
 a region-level evaluation against image-level MLCD and random init at equal steps.
 
 scenes (openclipart objects at known boxes + words rendered with Noto fonts) -> stage 1 on whole
-images (image store) -> k-means + top-l (image labels) -> stage 1b regions (object boxes from the
+scenes (image store) -> k-means + top-l (image labels, K = --image-k) -> stage 1b regions (object boxes from the
 boxes file, OCR words from Tesseract, crops embedded with the stage-1 encoder) -> stage 2
 unchanged on the region store (region clusters, top-l) -> region labels (cluster ids + OCR token
 ids) -> train RICE (image + region loss, Region Transformer layers) and, at the same steps, plain
@@ -26,25 +26,24 @@ from pipeline.io import atomic_write_text, read_json
 log = logging.getLogger("mlcd.rice_demo")
 ROOT = Path(__file__).resolve().parents[1]
 
-# stage 2 on the region store: the same stage, pointed at other folders
-REGION_CLUSTER = ["cluster.store=${run.out_dir}/regions/store", "cluster.out_dir=${run.out_dir}/regions/clusters"]
-REGION_ASSIGN = ["assign.store=${run.out_dir}/regions/store",
-                 "assign.centroids=${run.out_dir}/regions/clusters/centroids.npy",
-                 "assign.out_dir=${run.out_dir}/regions/clusters/labels",
-                 "assign.report_dir=${run.out_dir}/regions/clusters/report"]
+# configs/rice_demo.yaml's cluster/assign sections are the region level (`mlcd cluster` on the
+# region store); the image-level labels (the image loss) are the same stages on the scene store
+IMAGE_CLUSTER = ["cluster.store=${run.out_dir}/store", "cluster.out_dir=${run.out_dir}/clusters"]
+IMAGE_ASSIGN = ["assign.store=${run.out_dir}/store", "assign.centroids=${run.out_dir}/clusters/centroids.npy",
+                "assign.out_dir=${run.out_dir}/clusters/labels"]
 # the two trainings differ only in these (equal steps, data, seed and backbone)
 TRAININGS = {
     "rice": ["train.regions.enabled=true", "train.out_dir=${run.out_dir}/train_rice"],
     "mlcd": ["train.regions.enabled=false", "train.out_dir=${run.out_dir}/train_mlcd"],
 }
-ORDER = ("data", "embed", "cluster", "assign", "regions", "region_cluster", "region_assign",
+ORDER = ("data", "embed", "image_cluster", "image_assign", "regions", "region_cluster", "region_assign",
          "region_labels", "train_rice", "export_rice", "train_mlcd", "export_mlcd", "eval_regions")
 
 
 class RiceDemo(Demo):
-    def __init__(self, config: str, overrides: list[str], nproc: int, region_k: int):
+    def __init__(self, config: str, overrides: list[str], nproc: int, image_k: int):
         super().__init__(config, overrides, nproc)
-        self.region_k = region_k
+        self.image_k = image_k
         self.state_path = self.out / "rice_demo_state.json"
         self.state = read_json(self.state_path) if self.state_path.exists() else {"stages": {}}
 
@@ -63,14 +62,23 @@ class RiceDemo(Demo):
     def data(self):
         self.mlcd("data", "rice", *self._cfg())
 
+    def embed(self):
+        self.mlcd("embed", *self._cfg())
+
+    def image_cluster(self):
+        self.mlcd("cluster", *self._cfg(*IMAGE_CLUSTER, f"cluster.k={self.image_k}"))
+
+    def image_assign(self):
+        self.mlcd("assign", *self._cfg(*IMAGE_ASSIGN))
+
     def regions(self):
         self.mlcd("regions", *self._cfg())
 
     def region_cluster(self):
-        self.mlcd("cluster", *self._cfg(*REGION_CLUSTER, f"cluster.k={self.region_k}"))
+        self.mlcd("cluster", *self._cfg())
 
     def region_assign(self):
-        self.mlcd("assign", *self._cfg(*REGION_ASSIGN))
+        self.mlcd("assign", *self._cfg())
 
     def region_labels(self):
         self.mlcd("region-labels", *self._cfg())
@@ -106,12 +114,12 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(prog="mlcd rice-demo")
     ap.add_argument("--config", default=str(ROOT / "configs" / "rice_demo.yaml"))
     ap.add_argument("--nproc", type=int, default=2, help="training ranks (torchrun)")
-    ap.add_argument("--region-k", type=int, default=128, help="clusters of the region store")
+    ap.add_argument("--image-k", type=int, default=64, help="clusters of the whole-scene store (image loss)")
     ap.add_argument("overrides", nargs="*")
     args = ap.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
     try:
-        RiceDemo(args.config, args.overrides, args.nproc, args.region_k).all()
+        RiceDemo(args.config, args.overrides, args.nproc, args.image_k).all()
     except ConfigError as e:
         print(f"config error: {e}", file=sys.stderr)
         return 2

@@ -26,7 +26,7 @@ from omegaconf.errors import OmegaConfBaseException
 from pipeline.io import atomic_write_text
 
 SECTIONS = ("run", "data", "embed", "cluster", "assign", "train", "eval", "bench", "ablate",
-            "region_labels", "eval_regions")
+            "regions", "region_labels", "eval_regions")
 T = TypeVar("T")
 
 

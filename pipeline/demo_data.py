@@ -20,7 +20,7 @@ import re
 import struct
 import sys
 from concurrent.futures import ProcessPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -30,6 +30,7 @@ from pipeline.config import RunConfig, check, load_config, prepare_out_dir
 from pipeline.entry import cli_main
 from pipeline.images import load_rgb
 from pipeline.io import atomic_write_json
+from pipeline.rice_data import RiceConfig
 from pipeline.shards import ShardWriter, encode_image
 
 log = logging.getLogger("mlcd.data")
@@ -58,6 +59,7 @@ class DataConfig:
     fmnist_test: int = 1000
     fmnist_pool: int = 0           # Fashion-MNIST training images added (unlabeled) to the pool,
     #                                disjoint from the probe's train images; test images never
+    rice: RiceConfig = field(default_factory=RiceConfig)  # `mlcd data rice` (pipeline/rice_data.py)
 
     def __post_init__(self):
         check(16 <= self.image_size <= 1024, "image_size", self.image_size, "must be in [16, 1024]")

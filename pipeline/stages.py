@@ -22,6 +22,8 @@ class Stage:
 
 STAGES: dict[str, Stage] = {s.name: s for s in (
     Stage("data", "pipeline.demo_data", "data", "pipeline.demo_data:DataConfig"),
+    Stage("data-rice", "pipeline.rice_data"),  # `mlcd data rice`; its config is `data.rice`
+    Stage("regions", "pipeline.regions", "regions", "pipeline.regions:RegionsConfig", torchrun=True),
     Stage("embed", "pipeline.embed", "embed", "pipeline.embed:EmbedConfig", torchrun=True),
     Stage("cluster", "clustering.kmeans", "cluster", "clustering.kmeans:KMeansConfig", torchrun=True),
     Stage("assign", "clustering.assign", "assign", "clustering.assign:AssignConfig", torchrun=True),
@@ -35,6 +37,7 @@ STAGES: dict[str, Stage] = {s.name: s for s in (
           "training.evaluation.regions:RegionEvalConfig", torchrun=True),
     Stage("envcheck", "launch.envcheck", torchrun=True),
     Stage("demo", "launch.demo"),
+    Stage("rice-demo", "launch.rice_demo"),
     Stage("ablate", "launch.ablate", "ablate", "launch.ablate:AblateConfig"),
     Stage("check", "launch.check"),
 )}
