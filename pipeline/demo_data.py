@@ -31,7 +31,7 @@ from pipeline.entry import cli_main
 from pipeline.images import load_rgb
 from pipeline.io import atomic_write_json
 from pipeline.rice_data import RiceConfig
-from pipeline.shards import ShardWriter, encode_image
+from pipeline.shards import InlinePool, ShardWriter, encode_image
 
 log = logging.getLogger("mlcd.data")
 
@@ -214,7 +214,7 @@ def write_shards(items: list[dict], folder: Path, cfg: DataConfig, desc: str) ->
     n_shards = (len(items) + cfg.samples_per_shard - 1) // cfg.samples_per_shard
     totals = {"samples": 0, "skipped": {}, "shards": n_shards}
     todo = [s for s in range(n_shards) if not ShardWriter.is_complete(folder, s)]
-    with ProcessPoolExecutor(cfg.workers) if cfg.workers > 1 else _Inline() as ex:
+    with ProcessPoolExecutor(cfg.workers) if cfg.workers > 1 else InlinePool() as ex:
         bar = tqdm(total=len(items), desc=desc, unit="img", file=sys.stderr, disable=None)
         bar.update((n_shards - len(todo)) * cfg.samples_per_shard)
         for s in todo:
@@ -237,17 +237,6 @@ def write_shards(items: list[dict], folder: Path, cfg: DataConfig, desc: str) ->
             if reason != "success":
                 totals["skipped"][reason] = totals["skipped"].get(reason, 0) + c
     return totals
-
-
-class _Inline:
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *a):
-        return False
-
-    def map(self, fn, it, chunksize=1):
-        return map(fn, it)
 
 
 def build(run: RunConfig, cfg: DataConfig) -> dict:

@@ -41,7 +41,7 @@ from pipeline.config import check, load_config, prepare_out_dir, to_dict
 from pipeline.entry import cli_main
 from pipeline.errors import InputError
 from pipeline.io import atomic_path, atomic_write_json
-from pipeline.shards import ShardWriter, encode_image
+from pipeline.shards import InlinePool, ShardWriter, encode_image
 
 log = logging.getLogger("mlcd.data.rice")
 
@@ -263,7 +263,7 @@ def write_split(split: str, n: int, folder: Path, box_path, cats, pool, seed: in
     n_shards = (n + per_shard - 1) // per_shard
     todo = [s for s in range(n_shards) if not ShardWriter.is_complete(folder, s)]
     counts = {"scenes": n, "shards": n_shards, "objects": 0, "words": 0}
-    with ProcessPoolExecutor(workers) if workers > 1 else _Inline() as ex:
+    with ProcessPoolExecutor(workers) if workers > 1 else InlinePool() as ex:
         bar = tqdm(total=n, desc=f"rice {split}", unit="scene", file=sys.stderr, disable=None)
         bar.update(min(n, (n_shards - len(todo)) * per_shard))
         for s in todo:
@@ -286,17 +286,6 @@ def write_split(split: str, n: int, folder: Path, box_path, cats, pool, seed: in
         counts["objects"] += st["objects"]
         counts["words"] += st["words"]
     return counts
-
-
-class _Inline:
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *a):
-        return False
-
-    def map(self, fn, it, chunksize=1):
-        return map(fn, it)
 
 
 def build(run, data) -> dict:

@@ -126,3 +126,16 @@ def encode_image(img, fmt: str = "jpg", quality: int = 90) -> tuple[bytes, str]:
     else:
         img.convert("RGB").save(buf, format="JPEG", quality=quality)
     return buf.getvalue(), fmt
+
+
+class InlinePool:
+    """``ProcessPoolExecutor``'s ``map`` in this process (workers = 1: no pickling, no fork)."""
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *a):
+        return False
+
+    def map(self, fn, it, chunksize=1):
+        return map(fn, it)
