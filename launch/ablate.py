@@ -151,12 +151,11 @@ class Ablation:
 
     # ------------------------------------------------------------ running stages
     def mlcd(self, *args: str, nproc: int = 1) -> None:
-        cmd = [sys.executable, "-m", "launch.cli", *args] + ([f"--nproc={nproc}"] if nproc > 1 else [])
+        from launch.cli import mlcd_child
+        cmd, env = mlcd_child(list(args), nproc)
         log.info("+ %s", " ".join(cmd))
         if self.dry_run:
             return
-        env = {"HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT), **os.environ}
-        env.setdefault("DS_ACCELERATOR", "cuda" if _has_cuda() else "cpu")
         if subprocess.call(cmd, env=env, cwd=ROOT) != 0:
             raise SystemExit(f"ablate: `{' '.join(args[:1])}` failed (see above); rerun to resume")
 
@@ -244,11 +243,6 @@ class Ablation:
         text = report(self.root, self.cells, self.seeds, self.quick)
         atomic_write_text(self.root / "report.md", text)
         plot(self.root, self.cells, self.seeds)
-
-
-def _has_cuda() -> bool:
-    import torch
-    return torch.cuda.is_available()
 
 
 def _mean_std(xs: list[float]) -> str:

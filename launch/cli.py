@@ -44,6 +44,20 @@ def torchrun_env(**defaults: str) -> dict:
     return {"TORCH_DISABLE_SHARE_RDZV_TCP_STORE": "1", **defaults, **os.environ}
 
 
+def mlcd_child(args: list[str], nproc: int = 1) -> tuple[list[str], dict]:
+    """(command, environment) of one `mlcd` command as a child process, as the demo and ablation
+    runners chain stages: training under torchrun with `nproc` ranks, one OMP thread per process
+    (ranks share the cores), hub offline, DeepSpeed's CPU accelerator without a GPU; the caller's
+    environment wins."""
+    cmd = [sys.executable, "-m", "launch.cli", *args] + ([f"--nproc={nproc}"] if nproc > 1 else [])
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env = {"HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1", "PYTHONPATH": root, **os.environ}
+    if "DS_ACCELERATOR" not in env:
+        import torch
+        env["DS_ACCELERATOR"] = "cuda" if torch.cuda.is_available() else "cpu"
+    return cmd, env
+
+
 def run_torchrun(torchrun_args: list[str]) -> int:
     """torchrun in this process, so a stage's user error stays one line: the ranks print it and
     exit 1/2 (pipeline/entry.py); the agent's failure report and traceback are replaced by the

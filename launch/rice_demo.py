@@ -49,11 +49,10 @@ class RiceDemo(Demo):
 
     def mlcd(self, *args: str, nproc: int = 1) -> None:
         """One stage as its own `mlcd` process (training under torchrun with `nproc` ranks)."""
-        cmd = [sys.executable, "-m", "launch.cli", *args] + ([f"--nproc={nproc}"] if nproc > 1 else [])
+        from launch.cli import mlcd_child
+        cmd, env = mlcd_child(list(args), nproc)
         log.info("+ %s", " ".join(cmd))
-        env = {"OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "DS_ACCELERATOR": "cpu", "PYTHONPATH": str(ROOT)}
-        import os
-        if subprocess.call(cmd, env={**os.environ, **env}, cwd=ROOT) != 0:
+        if subprocess.call(cmd, env=env, cwd=ROOT) != 0:
             raise SystemExit(f"rice-demo: `{args[0]}` failed (see above); rerun `make rice-demo` to resume")
 
     def _cfg(self, *extra: str) -> list[str]:
