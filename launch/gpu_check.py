@@ -12,12 +12,17 @@ imports) and with the torch method, assign on GPU, train 4 steps with ZeRO-2 and
 bf16 with activation checkpointing and PartialFC, export + reload with transformers, eval.
 Part 2, per-GPU rates at production shapes on synthetic data (1 rank): embed img/s (ViT-L/14),
 assign rows/s and k-means s/iteration at K = 1M, D = 768, train samples/s and MFU (ViT-B/32 and
-ViT-L/14 with PartialFC at K = 1M). Peak GPU memory for every item.
+ViT-L/14 with PartialFC at K = 1M), the train loader (CPU decode per core, GPU decode) and the
+PartialFC loss alone (chunked without recompute vs unchunked). Rate items report samples/s, MFU
+against the measured matmul of their precision and peak memory; the end-to-end train items the
+share of step time spent waiting for data. Per-item seconds for every item.
 
 Every item runs in its own process group with its own time limit (a hang costs its limit, not
 the run), prints PASS / FAIL / SKIP and never stops the others; an item whose inputs failed is
-skipped. A global budget (--budget-s, 450 s by default) bounds the whole run: an item gets at
-most what is left, and one that cannot get its minimum is skipped. Results: DIR/gpu_check.json,
+skipped. A global budget (--budget-s, 540 s by default; the item limits sum to it) bounds the
+whole run: an item gets at most what is left, and one that cannot get its minimum is skipped.
+When a previous run in the same --out folder passed every correctness item on the same commit,
+the rate items run first (ONLY=a,b runs a subset). Results: DIR/gpu_check.json,
 DIR/gpu_check.md (one table) and DIR/gpu_check.log (every item's output).
 
 On an offline box with only python3 + torch, the wheels in .gpu_bundle/wheels (deepspeed built
@@ -55,41 +60,54 @@ class Item:
     min_s: int = 20            # skipped when less than this is left of the budget
 
 
+# Limits are the GPU ones (x3 for the CPU rehearsal) and sum to <= 540 s: one H200 runs every
+# item, bundle install included, inside 9 minutes (the 2026-11-28 run took 10-32 s per item).
 ITEMS = [
-    Item("bundle", "install .gpu_bundle/wheels into /tmp/site when deepspeed/open_clip are missing", 150,
+    Item("bundle", "install .gpu_bundle/wheels into /tmp/site when deepspeed/open_clip are missing", 50,
          "python", min_s=5),
-    Item("env", "versions, GPUs, which faiss imports (GPUs it sees), bf16 matmul TFLOP/s", 60, "python"),
-    Item("collectives", "every DistContext collective with CPU and device tensors", 60),
-    Item("data", "demo shards + probe sets (from make gpu-bundle)", 30, "python", min_s=5),
-    Item("embed", "embed: open_clip ViT-B-32 random init, fp16 -> store", 90, needs=["data"]),
-    Item("kmeans_faiss", "k-means method=faiss on GPU", 60, needs=["embed"]),
-    Item("kmeans_torch", "k-means method=torch on the device", 60, needs=["embed"]),
-    Item("assign", "top-8 assign on the device", 60, needs=["kmeans_torch"]),
-    Item("train_zero2", "train 4 steps ZeRO-2 bf16 + activation ckpt + PartialFC", 120, needs=["assign"]),
-    Item("train_zero3", "train 4 steps ZeRO-3 bf16 + activation ckpt + PartialFC", 120, needs=["assign"]),
-    Item("export", "export to HF, reload with transformers on the device", 60, "python"),
-    Item("eval", "linear probe + k-NN of the export and random init", 90, needs=["export"]),
-    Item("rate_embed", "embed img/s, open_clip ViT-L-14 at 224, fp16, random init", 75, "python"),
-    Item("rate_assign", "assign rows/s, exact top-8 of K=1M, D=768", 75, "python"),
-    Item("rate_train_b32", "train samples/s + MFU, ViT-B/32 bf16 ZeRO-2 + PartialFC K=1M", 90, "torchrun1"),
-    Item("rate_train_l14", "train samples/s + MFU, ViT-L/14-224 bf16 ZeRO-2 + PartialFC K=1M", 100,
+    Item("env", "versions, GPUs, which faiss imports (GPUs it sees), bf16 and fp32 matmul TFLOP/s", 25, "python"),
+    Item("collectives", "every DistContext collective with CPU and device tensors", 20, min_s=10),
+    Item("data", "demo shards + probe sets (from make gpu-bundle)", 10, "python", min_s=5),
+    Item("embed", "embed: open_clip ViT-B-32 random init, fp16 -> store", 35, needs=["data"]),
+    Item("kmeans_faiss", "k-means method=faiss on GPU", 20, needs=["embed"], min_s=10),
+    Item("kmeans_torch", "k-means method=torch on the device", 20, needs=["embed"], min_s=10),
+    Item("assign", "top-8 assign on the device", 20, needs=["kmeans_torch"], min_s=10),
+    Item("train_zero2", "train 4 steps ZeRO-2 bf16 + activation ckpt + PartialFC (+ data-wait share)", 40,
+         needs=["assign"]),
+    Item("train_zero3", "train 4 steps ZeRO-3 bf16 + activation ckpt + PartialFC (+ data-wait share)", 40,
+         needs=["assign"]),
+    Item("export", "export to HF, reload with transformers on the device", 25, "python"),
+    Item("eval", "linear probe + k-NN of the export and random init", 40, needs=["export"]),
+    Item("rate_embed", "embed img/s, open_clip ViT-L-14 at 224, fp16, random init", 30, "python"),
+    Item("rate_assign", "assign rows/s, exact top-8 of K=1M, D=768", 25, "python"),
+    Item("rate_train_b32", "train samples/s + MFU, ViT-B/32 bf16 ZeRO-2 + PartialFC K=1M", 30, "torchrun1"),
+    Item("rate_train_l14", "train samples/s + MFU, ViT-L/14-224 bf16 ZeRO-2 + PartialFC K=1M", 40,
          "torchrun1"),
-    Item("rate_kmeans", "k-means s/iteration, torch method, K=1M, D=768, 1,048,576 points", 120,
-         "torchrun1", min_s=45),
+    Item("rate_kmeans", "k-means s/iteration, torch method, K=1M, D=768, 262,144 points", 30,
+         "torchrun1", min_s=25),
+    Item("rate_loader", "train loader img/s: CPU decode per core, GPU decode (decode_jpeg on the device), "
+         "pixel difference GPU vs CPU", 20, "python", needs=["data"]),
+    Item("rate_fused_loss", "PartialFC loss fwd+bwd at K=1M share, chunked (no recompute) vs unchunked: "
+         "samples/s, TFLOP/s, peak memory", 20, "python"),
 ]
+CORRECTNESS = ("collectives", "embed", "kmeans_torch", "assign", "train_zero2", "train_zero3", "export", "eval")
 BY_NAME = {it.name: it for it in ITEMS}
 
 # Rate sizes: (GPU, CPU rehearsal). The CPU ones only exercise the code.
 SIZES = {
     "rate_embed": ({"model": "ViT-L-14", "batch": 256, "iters": 10}, {"model": "ViT-B-32", "batch": 2, "iters": 1}),
-    "rate_assign": ({"k": 1_000_000, "d": 768, "rows": 131_072, "l": 8, "block_rows": 4096},
+    "rate_assign": ({"k": 1_000_000, "d": 768, "rows": 65_536, "l": 8, "block_rows": 4096},
                     {"k": 512, "d": 32, "rows": 1024, "l": 8, "block_rows": 256}),
-    "rate_kmeans": ({"k": 1_000_000, "d": 768, "rows": 1_048_576, "block_rows": 4096, "niter": 1},
+    "rate_kmeans": ({"k": 1_000_000, "d": 768, "rows": 262_144, "block_rows": 4096, "niter": 1},
                     {"k": 256, "d": 32, "rows": 2048, "block_rows": 512, "niter": 1}),
     "rate_train_b32": ({"model": "vit_b32_224", "image_size": 224, "batch": 256, "k": 1_000_000, "iters": 5},
                        {"model": "vit_tiny_rope2d", "image_size": 48, "batch": 4, "k": 512, "iters": 1}),
-    "rate_train_l14": ({"model": "vit_l14_336", "image_size": 224, "batch": 128, "k": 1_000_000, "iters": 5},
+    "rate_train_l14": ({"model": "vit_l14_336", "image_size": 224, "batch": 128, "k": 1_000_000, "iters": 4},
                        {"model": "vit_tiny_clip", "image_size": 48, "batch": 4, "k": 512, "iters": 1}),
+    "rate_loader": ({"images": 512, "batch": 64}, {"images": 64, "batch": 16}),
+    # one rank's share of the paper's shape: K = 1M over 8 GPUs, global batch 32,768, D = 512
+    "rate_fused_loss": ({"k": 125_000, "batch": 32_768, "d": 512, "chunk_rows": 4096, "iters": 3},
+                        {"k": 4096, "batch": 1024, "d": 64, "chunk_rows": 256, "iters": 1}),
 }
 # The end-to-end items on CPU: tiny models, fp32 (the stages' CPU precision), no worker processes.
 CPU_OVERRIDES = [
@@ -187,6 +205,9 @@ def item_env(work: Path) -> dict:
     a = torch.randn(n, n, device=dev, dtype=dtype)
     dt = _timed(lambda: a @ a, 10, 3)
     res["matmul_tflops"] = float(f"{2 * n ** 3 / dt / 1e12:.4g}")
+    a = a.float()  # the fp32 GEMM k-means and assign run (their MFU is measured against it)
+    dt = _timed(lambda: a @ a, 5, 2)
+    res["matmul_tflops_fp32"] = float(f"{2 * n ** 3 / dt / 1e12:.4g}")
     res["device_name"] = torch.cuda.get_device_name(dev) if dev.type == "cuda" else "cpu"
     res["value"], res["unit"] = res["matmul_tflops"], f"TFLOP/s ({n}^3 {str(dtype)[6:]} matmul)"
     missing = [m for m in ("deepspeed", "open_clip", "webdataset") if str(res[m]).startswith("not")]
@@ -290,7 +311,11 @@ def _train(work: Path, zero: int) -> dict:
     last = r.get("last", {})
     if r.get("step") != 4 or not math.isfinite(last.get("loss", float("nan"))):
         raise RuntimeError(f"training ended at step {r.get('step')} with loss {last.get('loss')}")
-    return {"loss": last.get("loss"), "value": last.get("samples_per_s"), "unit": "samples/s (tiny run)"}
+    res = {"loss": last.get("loss"), "value": last.get("samples_per_s"), "unit": "samples/s (tiny run)"}
+    for key in ("data/wait_share", "data_wait_share"):  # the share of step time spent waiting for data
+        if key in last:
+            res["data_wait_share"] = round(float(last[key]), 3)
+    return res
 
 
 def item_train_zero2(work: Path) -> dict:
@@ -361,7 +386,8 @@ def item_rate_assign(work: Path, p: dict) -> dict:
     dt = _timed(lambda: top.search(x), 1, 1)
     rate = p["rows"] / dt
     return {"value": round(rate), "unit": "rows/s/GPU", "setting": f"top-{p['l']} of K={p['k']} D={p['d']} fp32",
-            "laion400m_gpu_hours": round(400e6 / rate / 3600, 1)}
+            "laion400m_gpu_hours": round(400e6 / rate / 3600, 1),
+            "mfu": _mfu(work, rate * 2.0 * p["k"] * p["d"], fp32=True)}
 
 
 def item_rate_kmeans(work: Path, p: dict) -> dict:
@@ -385,19 +411,23 @@ def item_rate_kmeans(work: Path, p: dict) -> dict:
         destroy(ctx)
     flops = 2.0 * p["rows"] * p["k"] * p["d"]
     return {"value": float(f"{per_it:.4g}"), "unit": "s/iteration", "tflops_fp32": round(flops / per_it / 1e12, 1),
+            "rows_per_s": round(p["rows"] / per_it), "mfu": _mfu(work, flops / per_it, fp32=True),
             "setting": f"K={p['k']} D={p['d']} N={p['rows']} fp32, block_rows {p['block_rows']}",
             "s_per_iter_100M_sample_on_32_gpus": round(per_it * 100e6 / p["rows"] / 32, 1)}
 
 
-def _mfu(work: Path, flops_per_s: float) -> dict:
+def _mfu(work: Path, flops_per_s: float, fp32: bool = False) -> dict:
+    """Achieved FLOP/s against the datasheet peak and against the `env` item's measured matmul of
+    the same precision (bf16 for the models, fp32 for the k-means/assign GEMMs)."""
     env = _read(work, "env")
     name = env.get("device_name", "")
-    sheet = next((v for k, v in DATASHEET_BF16.items() if k in name), None)
+    sheet = None if fp32 else next((v for k, v in DATASHEET_BF16.items() if k in name), None)
     out = {}
     if sheet:
         out["vs_datasheet_bf16"] = round(flops_per_s / sheet, 3)
-    if env.get("matmul_tflops"):
-        out["vs_measured_matmul"] = round(flops_per_s / (env["matmul_tflops"] * 1e12), 3)
+    measured = env.get("matmul_tflops_fp32" if fp32 else "matmul_tflops")
+    if measured:
+        out["vs_measured_matmul"] = round(flops_per_s / (measured * 1e12), 3)
     return out
 
 
@@ -449,6 +479,65 @@ def item_rate_train_b32(work: Path, p: dict) -> dict:
 
 def item_rate_train_l14(work: Path, p: dict) -> dict:
     return _rate_train(work, p)
+
+
+def item_rate_loader(work: Path, p: dict) -> dict:
+    """The train loader on the demo shards: CPU decode (one worker = one core) and, on a GPU,
+    batched decode_jpeg on the device; the GPU path's pixel difference from the CPU path."""
+    from training.bench_data import loader_rate
+    shards = str(work / "run" / "data" / "train")
+    cpu = loader_rate("cpu", "cpu", p["images"], shards=shards, batch=p["batch"])
+    res = {"value": round(cpu["images_per_s"], 1), "unit": "img/s per core (CPU decode)", "cpu": cpu}
+    dev = _device()
+    if dev.type == "cuda":
+        gpu = loader_rate("gpu", str(dev), p["images"], shards=shards, batch=p["batch"])
+        res.update(gpu=gpu, gpu_images_per_s=round(gpu["images_per_s"], 1),
+                   setting=f"GPU decode {gpu['images_per_s']:.0f} img/s, max |pixel diff| vs CPU "
+                           f"{gpu.get('pixel_max_abs_diff_vs_cpu', '?')}")
+    else:
+        res["setting"] = "GPU decode: no CUDA device (CPU rehearsal)"
+    return res
+
+
+def item_rate_fused_loss(work: Path, p: dict) -> dict:
+    """The PartialFC loss alone at one rank's share of K = 1M: chunked without recompute vs
+    unchunked, samples/s, TFLOP/s and peak memory of each."""
+    from training.bench_train import fused_loss_rate
+    dev = _device()
+    r = fused_loss_rate(dev, p)
+    out = {"value": round(r["samples_per_s"]), "unit": "samples/s (loss fwd+bwd)", **r,
+           "setting": f"K={p['k']} B={p['batch']} D={p['d']} chunk {p['chunk_rows']}"}
+    if "flops_per_s" in r:
+        out["mfu"] = _mfu(work, r["flops_per_s"], fp32=True)
+    return out
+
+
+def previous_correctness(out: Path, commit: str | None) -> bool:
+    """Did a run on this commit already pass every correctness item (then rate items go first)?"""
+    try:
+        prev = json.loads((out / "gpu_check.json").read_text())
+    except (OSError, ValueError):
+        return False
+    done = {r["name"]: r["status"] for r in prev.get("items", [])}
+    return bool(commit) and prev.get("commit") == commit and all(done.get(n) == "PASS" for n in CORRECTNESS)
+
+
+def git_commit() -> str | None:
+    try:
+        return subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True, text=True,
+                              timeout=10).stdout.strip() or None
+    except (OSError, subprocess.SubprocessError):
+        return None
+
+
+def ordered(items: list[Item], rates_first: bool) -> list[Item]:
+    """Plan order; with rates_first the rate items run right after env (correctness already
+    passed on this commit), then the rest."""
+    if not rates_first:
+        return items
+    head = [it for it in items if it.name in ("bundle", "env", "data")]
+    rates = [it for it in items if it.name.startswith("rate_")]
+    return head + rates + [it for it in items if it not in head and it not in rates]
 
 
 def run_item(name: str, work: Path) -> int:
@@ -548,7 +637,11 @@ def run_all(out: Path, work: Path, budget_s: float, only: list[str] | None) -> l
     deadline = t_start + budget_s
     results = []
     status: dict[str, str] = {}
-    for it in ITEMS:
+    commit = git_commit()
+    rates_first = previous_correctness(out, commit)
+    if rates_first:
+        log(f"gpu-check: correctness passed on {commit[:12]} before: rate items first")
+    for it in ordered(ITEMS, rates_first):
         if only and it.name not in only:
             continue
         left = deadline - time.perf_counter()
@@ -575,12 +668,12 @@ def run_all(out: Path, work: Path, budget_s: float, only: list[str] | None) -> l
         results.append(res)
         log(f"gpu-check: {res['status']:4s} {it.name} ({res['proc_s']} s)"
             f"{': ' + res['reason'] if res.get('reason') else ''}")
-        write_outputs(out, results, time.perf_counter() - t_start, final=False)  # partial, if killed
+        write_outputs(out, results, time.perf_counter() - t_start, final=False, commit=commit)  # partial
     total = time.perf_counter() - t_start
     log(f"gpu-check: {sum(r['status'] == 'PASS' for r in results)} PASS, "
         f"{sum(r['status'] == 'FAIL' for r in results)} FAIL, {sum(r['status'] == 'SKIP' for r in results)} SKIP "
         f"in {total:.0f} s")
-    write_outputs(out, results, total)
+    write_outputs(out, results, total, commit=commit)
     logf.close()
     return results
 
@@ -638,7 +731,8 @@ def _fmt_mfu(r: dict) -> str:
     return " ".join(parts)
 
 
-def write_outputs(out: Path, results: list[dict], total: float, final: bool = True) -> None:
+def write_outputs(out: Path, results: list[dict], total: float, final: bool = True,
+                  commit: str | None = None) -> None:
     env = next((r for r in results if r["name"] == "env"), {})
     head = (f"gpu-check on {env.get('device_name', '?')} x{env.get('gpus', '?')}, torch {env.get('torch', '?')}, "
             f"{'CPU REHEARSAL (tiny sizes, gloo: not a measurement)' if on_cpu() else 'CUDA/NCCL'}; "
@@ -652,6 +746,8 @@ def write_outputs(out: Path, results: list[dict], total: float, final: bool = Tr
         val = f"{val} {r.get('unit', '')}" if val else ""
         mem = r.get("peak_mem_gb", r.get("peak_rss_gb", ""))
         detail = r.get("reason") or r.get("setting") or r.get("what", "")
+        if "data_wait_share" in r:
+            detail = f"{detail}; data wait {100 * r['data_wait_share']:.0f}% of step time"
         lines.append(f"| {r['name']} | {r['status']} | {val} | {_fmt_mfu(r)} | {mem} | {r.get('wall_s', '')} | {r.get('proc_s', '')} | "
                      f"{str(detail).replace('|', '/')} |")
     text = "\n".join(lines) + "\n"
@@ -659,7 +755,7 @@ def write_outputs(out: Path, results: list[dict], total: float, final: bool = Tr
     tmp.write_text(text)
     os.replace(tmp, out / "gpu_check.md")
     tmp = out / ".gpu_check.json.tmp"
-    tmp.write_text(json.dumps({"header": head, "cpu_rehearsal": on_cpu(), "total_s": round(total, 1),
+    tmp.write_text(json.dumps({"header": head, "commit": commit, "cpu_rehearsal": on_cpu(), "total_s": round(total, 1),
                                "items": results}, indent=1, default=str))
     os.replace(tmp, out / "gpu_check.json")
     if final:
@@ -690,7 +786,7 @@ def cli(argv=None) -> int:
     ap.add_argument("--out", default=os.environ.get("OUT") or "runs/gpu_check_out", help="results folder")
     ap.add_argument("--work", default=None, help="scratch folder (default: a fresh temp dir)")
     ap.add_argument("--budget-s", type=float, default=None,
-                    help="whole-run bound (default 450 s on a GPU, 1500 s for the CPU rehearsal)")
+                    help="whole-run bound (default 540 s on a GPU, 1620 s for the CPU rehearsal)")
     ap.add_argument("--only", default=os.environ.get("ONLY"), help="comma-separated item names")
     ap.add_argument("--dry-run", action="store_true", default=os.environ.get("DRY_RUN") == "1")
     ap.add_argument("--cpu", action="store_true", help="CPU rehearsal (= GPU_CHECK_ON_CPU=1)")
@@ -701,7 +797,7 @@ def cli(argv=None) -> int:
     if args.item:
         return run_item(args.item, Path(args.work))
     if args.budget_s is None:
-        args.budget_s = float(os.environ.get("GPU_CHECK_BUDGET_S") or (1500 if on_cpu() else 450))
+        args.budget_s = float(os.environ.get("GPU_CHECK_BUDGET_S") or (1620 if on_cpu() else 540))
     only = [s for s in (args.only or "").split(",") if s] or None
     unknown = [s for s in only or [] if s not in BY_NAME]
     if unknown:
