@@ -104,7 +104,7 @@ def run_assign(run: RunConfig, cfg: AssignConfig, ctx: DistContext) -> dict:
     if resumed:
         log.info("resuming: %d of this rank's %d parts already labeled", resumed, len(mine))
     bar = progress(sum(n_rows[p] for p in mine), "assign", ctx, unit="row",
-                   initial=sum(n_rows[p] for p in mine if p not in todo))
+                   initial=sum(n_rows[p] for p in mine if p not in todo), share_dir=out)
     work_s, work_rows = 0.0, 0
     for p in todo:
         arr = info.store.load(cfg.kind, p, mmap=True)
@@ -113,6 +113,7 @@ def run_assign(run: RunConfig, cfg: AssignConfig, ctx: DistContext) -> dict:
         work_s += time.perf_counter() - t
         work_rows += len(arr)
         write_labels(out, part_name(info.store.root, p), labels, sims)  # the store's digits
+        bar.set(parts=f"{todo.index(p) + 1 + resumed}/{len(mine)}")
         bar.update(len(arr))
         tracker.log({"assign/rows_per_s": work_rows / max(work_s, 1e-9), "assign/part": p})
     bar.close()

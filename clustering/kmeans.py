@@ -313,6 +313,7 @@ def train_torch(x: torch.Tensor, init: torch.Tensor, niter: int, ckpt: Checkpoin
     c_np, start, obj, nsplit = ckpt.resume(niter)
     c = init if c_np is None else torch.from_numpy(c_np).to(x.device)
     k, d = c.shape
+    bar = progress(niter, "k-means", ctx, unit="it", initial=start, share_dir=ckpt.folder)
     for it in range(start, niter):
         ct = c.T.contiguous()
         sums = torch.zeros(k, d, dtype=torch.float32, device=x.device)
@@ -333,12 +334,15 @@ def train_torch(x: torch.Tensor, init: torch.Tensor, niter: int, ckpt: Checkpoin
         nsplit.append(n_split)
         if tracker is not None:
             tracker.log({"kmeans/objective": obj[-1], "kmeans/nsplit": n_split, "kmeans/iteration": it + 1})
+        bar.set(objective=obj[-1], empty_split=n_split)
+        bar.update(1)
         if (it + 1) % every == 0 or it + 1 == niter:
             if ctx.is_main:
                 ckpt.save(c.cpu().numpy(), {"iteration": it + 1, "obj": obj, "nsplit": nsplit},
                           tag=f"{it + 1:06d}")
             ctx.barrier()  # no rank runs ahead of a checkpoint it might have to resume from
             log.info("iteration %d/%d objective %.6g", it + 1, niter, obj[-1])
+    bar.close()
     return c.cpu().numpy().astype(np.float32), {"obj": obj, "nsplit": nsplit}
 
 

@@ -63,7 +63,8 @@ class RunConfig:
     # unless told: resume=True keeps going with the new config, overwrite=True starts afresh.
     resume: bool = False
     overwrite: bool = False
-    log_every: int = 10
+    log_every: int = 10         # steps/batches between metric records (wandb, metrics.jsonl)
+    log_every_s: float = 60.0   # seconds between progress lines in non-interactive logs (batch jobs)
     wandb: WandbConfig = field(default_factory=WandbConfig)
     # Off unless set (pipeline/netpolicy.py): model downloads (HF hub, open_clip tags), shard
     # specs that run a shell command (`pipe:...`), and remote shard URLs (http://, s3://, ...).
@@ -208,7 +209,8 @@ def prepare_out_dir(out_dir: str | os.PathLike, run: RunConfig, sections: dict[s
         old = yaml.safe_load(target.read_text()) or {}
         new = yaml.safe_load(text)
         diff = _diff(old, new, ignore=tuple(ignore) + ("run.resume", "run.overwrite", "run.wandb",
-                                                         "run.log_every", "run.allow_download",
+                                                         "run.log_every", "run.log_every_s",
+                                                         "run.allow_download",
                                                          "run.allow_pipe", "run.allow_remote"))
         if diff:
             raise ConfigError(

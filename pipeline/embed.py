@@ -379,7 +379,7 @@ def _embed_parts(mine: list, shards: list[str], out: Path, cfg: EmbedConfig, run
     if not mine:
         return failures, written, rows_done, skipped
     loader = make_loader(mine, cfg, enc.preprocess, enc.image_size, ctx.device.type == "cuda")
-    bar = progress(_expected_rows([u for _, u in mine]), "embed", ctx)
+    bar = progress(_expected_rows([u for _, u in mine]), "embed", ctx, share_dir=out)
     bufs: dict[int, _Part] = {}
     for step, b in enumerate(loader):
         part = b["part"]
@@ -406,6 +406,7 @@ def _embed_parts(mine: list, shards: list[str], out: Path, cfg: EmbedConfig, run
             info = _write(out, part, shards[part], bufs.pop(part), b["stats"], enc, cfg, topl)
             written.append(info)
             skipped.update(info["skipped"])
+            bar.set(parts=f"{len(written)}/{len(mine)}", skipped=sum(skipped.values()))
         if step % max(run.log_every, 1) == 0 or b["end"]:
             rate = rows_done / max(time.perf_counter() - t0, 1e-9)
             tracker.log({"embed/images_per_s": rate, "embed/images": rows_done,

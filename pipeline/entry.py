@@ -25,7 +25,7 @@ from pipeline.config import ConfigError
 from pipeline.dist import DistContext, destroy, init_distributed
 from pipeline.errors import InputError, StageError  # noqa: F401 -- re-exported: the stages' error base
 from pipeline.guard import stage_guard
-from pipeline.tracking import setup_logging
+from pipeline.tracking import StageStatus, setup_logging
 
 
 def exit_code(e: BaseException) -> int | None:
@@ -68,12 +68,12 @@ def run_distributed(fn: Callable[..., Any], run, cfg, *, lock_dir=None, **kwargs
     the run's network/shell policy always (``run.allow_*``), and the lock on ``lock_dir`` (the
     stage's output folder) when given, so two runs never write into one folder."""
     ctx: DistContext = init_distributed()
-    setup_logging(ctx)
+    setup_logging(ctx, getattr(run, "log_every_s", None))
     try:
         if run is None:  # a tool without a run config (envcheck): no policy, no folder
             out = fn(run, cfg, ctx, **kwargs)
         else:
-            with stage_guard(run, lock_dir, ctx, fn.__module__):
+            with stage_guard(run, lock_dir, ctx, fn.__module__), StageStatus(lock_dir, fn.__module__, ctx):
                 out = fn(run, cfg, ctx, **kwargs)
         # no rank tears its group down while a peer still talks to it (gloo aborts the process
         # on exit when it does); on an error there is no barrier: a peer may never reach it

@@ -60,6 +60,11 @@ def module_of(name: str) -> str:
     return STAGES[name].module
 
 
+def name_of_module(module: str) -> str:
+    """The stage a module runs (``training.train`` -> ``train``); the module's last part otherwise."""
+    return next((n for n, s in STAGES.items() if s.module == module), module.rsplit(".", 1)[-1])
+
+
 def schemas() -> dict[str, str]:
     """Config section -> "module:Class", ``run`` first (launch/check.py imports them)."""
     return {"run": RUN_SCHEMA, **{s.section: s.schema for s in STAGES.values() if s.section}}
