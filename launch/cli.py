@@ -7,6 +7,7 @@
     mlcd demo [k=v ...]                         the whole pipeline on the demo data
     mlcd ablate [--quick] [--config F] [k=v ...]  MLCD's ablation grid (launch/ablate.py)
     mlcd check --config F [k=v ...]             validate every section of a run config
+    mlcd status RUN_DIR [--json]                where a run stands (every stage), from its files
 
 With --nproc/--nnodes > 1 the stage is started under torchrun (c10d rendezvous); otherwise it
 runs in this process.

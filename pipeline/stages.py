@@ -40,6 +40,7 @@ STAGES: dict[str, Stage] = {s.name: s for s in (
     Stage("rice-demo", "launch.rice_demo"),
     Stage("ablate", "launch.ablate", "ablate", "launch.ablate:AblateConfig"),
     Stage("check", "launch.check"),
+    Stage("status", "launch.status"),  # `mlcd status RUN_DIR`: where a run stands, from its files
 )}
 
 # The shared section every stage reads, and who owns it.
