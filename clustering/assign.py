@@ -93,7 +93,7 @@ def run_assign(run: RunConfig, cfg: AssignConfig, ctx: DistContext) -> dict:
     track_dir = Path(cfg.report_dir)
     if ctx.is_main:
         track_dir.mkdir(parents=True, exist_ok=True)
-    tracker = Tracker(run.wandb, ctx, str(track_dir), "assign", {"run": asdict(run), "assign": asdict(cfg)})
+    tracker = Tracker(run, ctx, str(track_dir), "assign", {"run": asdict(run), "assign": asdict(cfg)})
     t0 = Timer()
     topk = topk or TopK(c, cfg.l, engine, device, cfg.block_rows, cfg.hnsw_m, cfg.hnsw_ef_search)
     build_s = t0.elapsed()

@@ -446,7 +446,7 @@ def run_kmeans(run: RunConfig, cfg: KMeansConfig, ctx: DistContext) -> dict:
 
     use_gpu = cfg.gpu and torch.cuda.is_available()
     gpus = faiss_gpus() if cfg.gpu else 0
-    tracker = Tracker(run.wandb, ctx, str(out), "cluster", {"run": asdict(run), "cluster": asdict(cfg)})
+    tracker = Tracker(run, ctx, str(out), "cluster", {"run": asdict(run), "cluster": asdict(cfg)})
     ckpt = Checkpoint(out / "ckpt", key, enabled=True)
     my_parts = ctx.shard(info.parts)
     t_sample = Timer()

@@ -156,7 +156,7 @@ def main(config: str | None = None, overrides=()) -> Path:
     # the report's settings are the assign section's (through the registry: assign imports us)
     run, cfg = load_config(config, list(overrides), "assign", schema("assign"))
     setup_logging()
-    tracker = Tracker(run.wandb, DistContext(), cfg.report_dir, "cluster-report", {})
+    tracker = Tracker(run, DistContext(), cfg.report_dir, "cluster-report", {})
     try:
         return make_report(cfg.store, cfg.out_dir, cfg.report_dir, cfg.report_clusters,
                            cfg.report_members, run.seed, tracker)

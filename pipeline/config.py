@@ -42,22 +42,25 @@ def check(cond: bool, key: str, value: Any, why: str) -> None:
 
 @dataclass
 class WandbConfig:
-    mode: str = "disabled"  # disabled | offline | online
-    project: str = "openmlcd"
-    entity: str | None = None
-    name: str | None = None
-    group: str | None = None  # e.g. one experiment's stages, or a 224 run and its 336 continuation
+    """Unset (null) keys fall back to wandb's own environment variables (WANDB_MODE,
+    WANDB_PROJECT, WANDB_ENTITY), then to the defaults in brackets: a value set here wins."""
+    mode: str | None = None     # disabled | offline | online [env WANDB_MODE, else disabled]
+    project: str | None = None  # [env WANDB_PROJECT, else openmlcd]
+    entity: str | None = None   # [env WANDB_ENTITY]
+    name: str | None = None     # run names are <name>-<stage> [run.name]
+    group: str | None = None    # one group per pipeline run [run.name]
     tags: list[str] = field(default_factory=list)
 
     def __post_init__(self):
-        check(self.mode in ("disabled", "offline", "online"), "mode", self.mode,
-              "must be disabled, offline or online")
+        check(self.mode in (None, "disabled", "offline", "online"), "mode", self.mode,
+              "must be disabled, offline or online (or null: WANDB_MODE, else disabled)")
 
 
 @dataclass
 class RunConfig:
     """Shared by every stage: where outputs go and how a rerun treats an existing output."""
     out_dir: str = "runs/default"
+    name: str | None = None     # the pipeline run's name (wandb group, run names); null: out_dir's folder name
     seed: int = 0
     # A stage that finds its output dir written with a different config refuses to continue
     # unless told: resume=True keeps going with the new config, overwrite=True starts afresh.

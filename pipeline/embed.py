@@ -444,7 +444,7 @@ def embed(run: RunConfig, cfg: EmbedConfig, ctx: DistContext) -> dict:
         dim = {"img": enc.img_dim, "text": enc.text_dim, "joint": enc.joint_dim}[cfg.assign_kind]
         topl = ExactTopL(agreed_centroids(ctx, cfg.assign_centroids, dim, cfg.assign_l, "embed.assign_l"),
                          cfg.assign_l, ctx.device, cfg.assign_block_rows)
-    tracker = Tracker(run.wandb, ctx, str(out), "embed", {"run": _plain(run), "embed": _plain(cfg)})
+    tracker = Tracker(run, ctx, str(out), "embed", {"run": _plain(run), "embed": _plain(cfg)})
     t0 = time.perf_counter()
     failures, written, rows_done, skipped = _embed_parts(mine, shards, out, cfg, run, enc, topl, ctx, tracker)
     secs = time.perf_counter() - t0

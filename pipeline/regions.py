@@ -447,7 +447,7 @@ def regions(run: RunConfig, cfg: RegionsConfig, ctx: DistContext) -> dict:
              len(shards), len(shards) - len(todo), len(todo), len(mine), out)
     torch.manual_seed(run.seed)  # a random-init encoder is the same on every rank/rerun
     enc = build_encoder(cfg.encoder, ctx.device)
-    tracker = Tracker(run.wandb, ctx, str(out), "regions", {"run": to_dict(run), "regions": to_dict(cfg)})
+    tracker = Tracker(run, ctx, str(out), "regions", {"run": to_dict(run), "regions": to_dict(cfg)})
     t0 = time.perf_counter()
     failures, written, images, n = _region_parts(mine, shards, out, cfg, run, enc, ctx, tracker)
     secs = time.perf_counter() - t0

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import secrets
 import sys
 import time
@@ -13,7 +14,7 @@ from typing import Any
 
 from tqdm import tqdm
 
-from pipeline.config import WandbConfig
+from pipeline.config import RunConfig, WandbConfig
 from pipeline.dist import DistContext
 from pipeline.io import atomic_write_json, atomic_write_text
 
@@ -22,17 +23,18 @@ log = logging.getLogger("mlcd")
 
 class Tracker:
     """``log(dict, step)`` goes to wandb (rank 0, if enabled); nothing is kept in memory (stages
-    write their own metrics files)."""
+    write their own metrics files). One wandb group per pipeline run (``run.name``), the stage as
+    job_type, run names ``<run.name>-<stage>``; see ``wandb_settings`` for the environment."""
 
-    def __init__(self, cfg: WandbConfig, ctx: DistContext, out_dir: str, job: str, config: dict):
+    def __init__(self, run: RunConfig | WandbConfig, ctx: DistContext, out_dir: str, job: str, config: dict):
         self.run = None
-        if ctx.is_main and cfg.mode != "disabled":
+        cfg = run.wandb if isinstance(run, RunConfig) else run
+        s = wandb_settings(cfg, run_name(run) if isinstance(run, RunConfig) else None, job, out_dir)
+        if ctx.is_main and s["mode"] != "disabled":
             import wandb
             # pass mode= explicitly: flipping WANDB_MODE after a first init has no effect
             # one wandb run per job folder, across requeues: its id lives in the folder
-            self.run = wandb.init(mode=cfg.mode, project=cfg.project, entity=cfg.entity,
-                                  name=cfg.name or job, job_type=job, dir=out_dir, config=config,
-                                  group=cfg.group, tags=list(cfg.tags) or None,
+            self.run = wandb.init(**s, job_type=job, config=config, tags=list(cfg.tags) or None,
                                   id=wandb_run_id(out_dir, job), resume="allow", reinit="finish_previous")
 
     def log(self, metrics: dict[str, Any], step: int | None = None) -> None:
@@ -53,6 +55,23 @@ class Tracker:
         if self.run is not None:
             self.run.finish()
             self.run = None
+
+
+def run_name(run: RunConfig) -> str:
+    """``run.name``, else the run folder's name (``runs/demo`` -> ``demo``)."""
+    return run.name or Path(run.out_dir).resolve().name
+
+
+def wandb_settings(cfg: WandbConfig, name: str | None, job: str, out_dir: str) -> dict:
+    """wandb.init's mode/project/entity/name/group/dir: the config's value when set, else wandb's
+    standard variable (WANDB_MODE/PROJECT/ENTITY/DIR, as its users expect), else our default."""
+    env = os.environ
+    mode = cfg.mode or env.get("WANDB_MODE") or "disabled"
+    mode = {"dryrun": "offline", "run": "online"}.get(mode, mode)  # wandb's older spellings
+    base = cfg.name or name
+    return {"mode": mode, "project": cfg.project or env.get("WANDB_PROJECT") or "openmlcd",
+            "entity": cfg.entity or env.get("WANDB_ENTITY"), "name": f"{base}-{job}" if base else job,
+            "group": cfg.group or name, "dir": env.get("WANDB_DIR") or out_dir}
 
 
 def wandb_run_id(out_dir: str, job: str) -> str:

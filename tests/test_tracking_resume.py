@@ -29,3 +29,28 @@ def test_wandb_id_is_kept_and_reused(tmp_path, monkeypatch):
     other.finish()
     assert Tracker(WandbConfig(), DistContext(), str(tmp_path / "off"), "train", {}).run is None
     assert not (tmp_path / "off").exists()  # disabled (the default) writes nothing
+
+
+def test_wandb_follows_its_environment_unless_the_config_says(tmp_path, monkeypatch):
+    """WANDB_MODE/PROJECT/ENTITY/DIR apply when the config leaves a key unset; a set key wins.
+    One group per pipeline run (run.name, else the run folder's name), run names <name>-<stage>."""
+    from pipeline.config import RunConfig
+    from pipeline.tracking import wandb_settings
+    monkeypatch.setenv("WANDB_SILENT", "true")
+    for k in ("WANDB_MODE", "WANDB_PROJECT", "WANDB_ENTITY", "WANDB_DIR"):
+        monkeypatch.delenv(k, raising=False)
+    s = wandb_settings(WandbConfig(), "demo", "embed", "out")
+    assert (s["mode"], s["project"], s["name"], s["group"], s["dir"]) == ("disabled", "openmlcd", "demo-embed",
+                                                                          "demo", "out")
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    monkeypatch.setenv("WANDB_PROJECT", "theirs")
+    monkeypatch.setenv("WANDB_DIR", str(tmp_path / "wb"))
+    s = wandb_settings(WandbConfig(), "demo", "embed", "out")
+    assert (s["mode"], s["project"], s["dir"]) == ("offline", "theirs", str(tmp_path / "wb"))
+    s = wandb_settings(WandbConfig(mode="disabled", project="ours", group="g"), "demo", "embed", "out")
+    assert (s["mode"], s["project"], s["group"]) == ("disabled", "ours", "g")
+    run = RunConfig(out_dir=str(tmp_path / "runs" / "exp7"))  # no name: the folder's
+    t = Tracker(run, DistContext(), str(tmp_path / "train"), "train", {"run": {"seed": 0}, "train": {"steps": 3}})
+    assert t.run is not None and t.run.group == "exp7" and t.run.name == "exp7-train"
+    assert t.run.config["train"]["steps"] == 3 and t.run.project == "theirs"
+    t.finish()

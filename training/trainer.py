@@ -451,8 +451,8 @@ class _Metrics:
         if ctx.is_main and path is not None:
             old = path.read_text().splitlines() if path.exists() else []
             atomic_write_text(path, "".join(ln + "\n" for ln in old if json.loads(ln)["step"] <= trainer.step))
-        self.tracker = Tracker(trainer.run.wandb, ctx, str(path.parent if path else "."), "train",
-                               {"train": to_dict(trainer.cfg)})
+        self.tracker = Tracker(trainer.run, ctx, str(path.parent if path else "."), "train",
+                               {"run": to_dict(trainer.run), "train": to_dict(trainer.cfg)})
         self.t_start = self.t_log = time.perf_counter()
         self.n, self.skipped = 0, 0
 

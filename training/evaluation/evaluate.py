@@ -328,7 +328,7 @@ def run_eval(run: RunConfig, cfg: EvalConfig, ctx: DistContext) -> dict:
     ctx.agree(lambda: prepare_out_dir(cfg.out_dir, run, {"run": run, "eval": cfg}, "eval",
                                       ignore=("eval.models", "eval.datasets", "eval.batch_size",
                                               "eval.workers", "eval.device")))
-    tracker = Tracker(run.wandb, ctx, cfg.out_dir, "eval", {"eval": asdict(cfg)})
+    tracker = Tracker(run, ctx, cfg.out_dir, "eval", {"run": asdict(run), "eval": asdict(cfg)})
     try:
         report = evaluate(run, cfg, ctx, tracker)
         tracker.log_table("eval/results", ["model", "dataset", "linear_top1", "knn_top1", "dim"],

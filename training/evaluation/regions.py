@@ -477,7 +477,7 @@ def run_eval_regions(run: RunConfig, cfg: RegionEvalConfig, ctx: DistContext) ->
     ctx.agree(lambda: prepare_out_dir(cfg.out_dir, run, {"run": run, "eval_regions": cfg}, "eval_regions",
                                       ignore=("eval_regions.models", "eval_regions.batch_size",
                                               "eval_regions.workers", "eval_regions.device")))
-    tracker = Tracker(run.wandb, ctx, cfg.out_dir, "eval_regions", {"eval_regions": asdict(cfg)})
+    tracker = Tracker(run, ctx, cfg.out_dir, "eval_regions", {"run": asdict(run), "eval_regions": asdict(cfg)})
     try:
         report = evaluate_regions(run, cfg, ctx, tracker)
     finally:
