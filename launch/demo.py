@@ -21,6 +21,7 @@ from pipeline.config import ConfigError, load_config, load_run
 from pipeline.io import atomic_write_json, read_json
 
 log = logging.getLogger("mlcd.demo")
+AFTER_TRAIN = ("export", "eval")  # redone when training has moved on since they ran
 ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -34,16 +35,22 @@ class Demo:
         self.state = read_json(self.state_path) if self.state_path.exists() else {"stages": {}}
 
     def stage(self, name: str, fn) -> None:
-        if self.state["stages"].get(name, {}).get("done"):
-            log.info("stage %-8s already done (%.0f s), skipping", name, self.state["stages"][name]["seconds"])
+        """Runs a stage unless recorded done. A stage after training records the step it saw, so a
+        training run continued later (it had stopped at its time budget) redoes export and eval."""
+        st, train_step = self.state["stages"].get(name, {}), self.state["stages"].get("train", {}).get("steps_done")
+        if st.get("done") and (name not in AFTER_TRAIN or st.get("train_step") == train_step):
+            log.info("stage %-8s already done (%.0f s), skipping", name, st["seconds"])
             return
         log.info("stage %-8s starting", name)
         t0 = time.perf_counter()
-        fn()
+        res = dict(fn() or {})
         dt = time.perf_counter() - t0
-        self.state["stages"][name] = {"done": True, "seconds": round(dt, 1)}
+        done = res.pop("done", True)
+        self.state["stages"][name] = {"done": done, "seconds": round(dt, 1), **res}
+        if name in AFTER_TRAIN:
+            self.state["stages"][name]["train_step"] = self.state["stages"].get("train", {}).get("steps_done")
         atomic_write_json(self.state_path, self.state)
-        log.info("stage %-8s done in %.0f s", name, dt)
+        log.info("stage %-8s %s in %.0f s", name, "done" if done else "stopped early", dt)
 
     # ------------------------------------------------------------ stages
     def data(self):
@@ -70,6 +77,21 @@ class Demo:
         log.info("+ %s", " ".join(cmd))
         if subprocess.call(cmd, env=env, cwd=ROOT) != 0:
             raise SystemExit("demo: training failed (see the log above); rerun `make demo` to resume")
+        return self.train_progress()
+
+    def train_progress(self) -> dict:
+        """Steps done (the newest checkpoint) against train.steps: training stopped by its time
+        budget is not done, so a rerun of the demo continues it."""
+        from training import checkpoint as ckpt
+        from training.train import TrainConfig
+        _, tcfg = load_config(self.config, self.overrides, "train", TrainConfig)
+        latest = ckpt.find_latest(Path(tcfg.out_dir) / "checkpoints")
+        step = int(ckpt.read_state(latest)["step"]) if latest else 0
+        if step < tcfg.steps:
+            log.warning("training stopped at step %d of %d (train.time_budget_s=%s): the report says so; "
+                        "rerun the demo to continue", step, tcfg.steps, tcfg.time_budget_s)
+        return {"done": step >= tcfg.steps, "steps_done": step, "steps_planned": tcfg.steps,
+                "time_budget_s": tcfg.time_budget_s}
 
     def export(self):
         from training import export

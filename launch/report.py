@@ -125,8 +125,15 @@ def write_report(out: Path, state: dict, config: str, overrides: list[str]) -> s
         k = max(1, len(metrics) // 10)
         head = sum(m["loss"] for m in metrics[:k]) / k
         tail = sum(m["loss"] for m in metrics[-k:]) / k
-        lines += ["## Training", "",
-                  f"{last.get('step')} steps, {last.get('samples_seen', '?')} samples seen; mean loss of the "
+        tr = state.get("stages", {}).get("train", {})
+        if tr.get("steps_planned") and not tr.get("done"):
+            lines += ["## Training", "", f"**Stopped early: {tr.get('steps_done')} of {tr['steps_planned']} planned "
+                      f"steps** (train.time_budget_s = {tr.get('time_budget_s')} s ran out). The numbers below "
+                      "are from that checkpoint; rerun the demo to continue training.", ""]
+        else:
+            lines += ["## Training", "", f"Finished all {tr['steps_planned']} planned steps." if tr.get(
+                "steps_planned") else "", ""]
+        lines += [f"{last.get('step')} steps, {last.get('samples_seen', '?')} samples seen; mean loss of the "
                   f"first / last {k} logged steps: {head:.2f} -> {tail:.2f}.", "",
                   "![loss curve](loss_curve.png)", ""]
     # probes
