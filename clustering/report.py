@@ -24,16 +24,26 @@ from pipeline.store import EmbeddingStore, LabelStore
 log = logging.getLogger("mlcd.report")
 
 
-def cluster_sizes(labels: LabelStore) -> np.ndarray:
-    """Rows per cluster by top-1 label over the whole store (part by part)."""
-    sizes = np.zeros(0, np.int64)
+SIM_BINS = np.linspace(-1.0, 1.0, 201)  # top-1 cosine similarity histogram (fixed bins: streamed)
+
+
+def cluster_sizes(labels: LabelStore) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Rows per cluster by top-1 label over the whole store (part by part), the sum of their top-1
+    similarities per cluster, and the histogram of every row's top-1 similarity (SIM_BINS)."""
+    sizes, sims = np.zeros(0, np.int64), np.zeros(0, np.float64)
+    hist = np.zeros(len(SIM_BINS) - 1, np.int64)
     for p in labels.parts():
-        top1 = labels.load(p, mmap=True)[0][:, 0]
-        b = np.bincount(top1[top1 >= 0])
+        lab, sim = labels.load(p, mmap=True)
+        top1, s1 = np.asarray(lab[:, 0]), np.asarray(sim[:, 0], dtype=np.float64)
+        ok = top1 >= 0
+        b = np.bincount(top1[ok])
+        w = np.bincount(top1[ok], weights=s1[ok], minlength=len(b))
         if len(b) > len(sizes):
-            sizes = np.pad(sizes, (0, len(b) - len(sizes)))
+            sizes, sims = np.pad(sizes, (0, len(b) - len(sizes))), np.pad(sims, (0, len(b) - len(sims)))
         sizes[:len(b)] += b
-    return sizes
+        sims[:len(w)] += w
+        hist += np.histogram(np.clip(s1[ok], -1, 1), SIM_BINS)[0]
+    return sizes, sims, hist
 
 
 def plot_histogram(sizes: np.ndarray, k: int, path: Path) -> None:
@@ -43,9 +53,30 @@ def plot_histogram(sizes: np.ndarray, k: int, path: Path) -> None:
     sizes = np.pad(sizes, (0, max(0, k - len(sizes))))
     fig, ax = plt.subplots(figsize=(6, 3.5), dpi=100)
     ax.hist(sizes, bins=min(60, max(10, int(sizes.max()) + 1)), color="#3b6ea5")
+    ax.set_yscale("log")  # a few huge clusters and a long tail: counts span decades
     ax.set_xlabel("images per cluster (top-1 label)")
-    ax.set_ylabel("clusters")
+    ax.set_ylabel("clusters (log scale)")
     ax.set_title(f"K={k}: {int((sizes == 0).sum())} empty, median {np.median(sizes):.0f}, max {sizes.max()}")
+    fig.tight_layout()
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, format="png")
+    plt.close(fig)
+
+
+def plot_similarity(hist: np.ndarray, path: Path) -> None:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    fig, ax = plt.subplots(figsize=(6, 3.5), dpi=100)
+    ax.stairs(np.maximum(hist, 0.5), SIM_BINS, fill=True, color="#a56e3b")  # 0.5: empty bins on a log axis
+    ax.set_yscale("log")
+    nz = np.nonzero(hist)[0]
+    if len(nz):
+        ax.set_xlim(SIM_BINS[nz[0]], SIM_BINS[nz[-1] + 1])
+    ax.set_xlabel("cosine similarity to the top-1 center")
+    ax.set_ylabel("images (log scale)")
+    mean = float((hist * (SIM_BINS[:-1] + SIM_BINS[1:]) / 2).sum() / max(hist.sum(), 1))
+    ax.set_title(f"{int(hist.sum())} images, mean top-1 similarity {mean:.3f}")
     fig.tight_layout()
     with atomic_path(path) as tmp:
         fig.savefig(tmp, format="png")
@@ -105,9 +136,10 @@ def make_report(store_root: str, labels_dir: str | Path, report_dir: str | Path,
     store, labels = EmbeddingStore(store_root), LabelStore(labels_dir)
     k = int(np.load(Path(labels_dir).parent / "centroids.npy", mmap_mode="r", allow_pickle=False).shape[0]) \
         if (Path(labels_dir).parent / "centroids.npy").is_file() else 0
-    sizes = cluster_sizes(labels)
+    sizes, sim_sums, sim_hist = cluster_sizes(labels)
     k = max(k, len(sizes))
     plot_histogram(sizes, k, report / "cluster_sizes.png")
+    plot_similarity(sim_hist, report / "top1_similarity.png")
     nonempty = np.nonzero(sizes)[0]
     rng = np.random.default_rng([seed, 0xC0])
     chosen = np.sort(rng.choice(nonempty, size=min(n_clusters, len(nonempty)), replace=False))
@@ -134,7 +166,9 @@ def make_report(store_root: str, labels_dir: str | Path, report_dir: str | Path,
         rows_html.append(f"<tr><td>{int(c)}</td><td>{int(sizes[c])}</td>"
                          f"<td><img src='{name}'></td><td>{caps}</td></tr>")
         if tracker is not None:
-            tracker.log_image(f"clusters/sheet_{int(c)}", str(report / name))
+            tracker.log_image(f"clusters/sheet_{int(c)}", str(report / name),
+                              caption=f"cluster {int(c)}: {int(sizes[c])} images, mean top-1 similarity "
+                                      f"{sim_sums[c] / max(sizes[c], 1):.3f}; best {len(ms)} shown")
     page = ("<html><head><meta charset='utf-8'><title>clusters</title></head><body>"
             f"<h2>{len(sizes)} clusters, {int(sizes.sum())} labeled images</h2>"
             "<img src='cluster_sizes.png'><table border=1 cellpadding=4>"
@@ -142,7 +176,12 @@ def make_report(store_root: str, labels_dir: str | Path, report_dir: str | Path,
             + "\n".join(rows_html) + "</table></body></html>\n")
     atomic_write_text(report / "index.html", page)
     if tracker is not None:
-        tracker.log_image("clusters/size_histogram", str(report / "cluster_sizes.png"))
+        tracker.log_image("clusters/size_histogram", str(report / "cluster_sizes.png"),
+                          caption=f"images per cluster (top-1), K = {k}, log scale")
+        tracker.log_image("clusters/top1_similarity", str(report / "top1_similarity.png"),
+                          caption="cosine similarity of each image to its top-1 center, log scale")
+        tracker.log_histogram("clusters/sizes", np.pad(sizes, (0, max(0, k - len(sizes)))))
+        tracker.log_histogram("clusters/top1_similarity_hist", sim_hist, SIM_BINS)
     log.info("report: %d contact sheets, %d/%d images found -> %s", len(chosen), len(images),
              len(meta), report / "index.html")
     return report / "index.html"

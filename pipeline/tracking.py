@@ -46,10 +46,18 @@ class Tracker:
             import wandb
             self.run.log({key: wandb.Table(columns=columns, data=rows)})
 
-    def log_image(self, key: str, path: str) -> None:
+    def log_image(self, key: str, path: str, caption: str | None = None) -> None:
         if self.run is not None:
             import wandb
-            self.run.log({key: wandb.Image(path)})
+            self.run.log({key: wandb.Image(path, caption=caption)})
+
+    def log_histogram(self, key: str, values_or_counts, edges=None) -> None:
+        """A wandb histogram of raw values, or of precomputed (counts, edges) when edges are given."""
+        if self.run is not None:
+            import wandb
+            h = (wandb.Histogram(np_histogram=(values_or_counts, edges)) if edges is not None
+                 else wandb.Histogram(values_or_counts, num_bins=64))
+            self.run.log({key: h})
 
     def finish(self) -> None:
         if self.run is not None:

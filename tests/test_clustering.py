@@ -187,7 +187,11 @@ def test_report_contact_sheets(tmp_path):
     rep = tmp_path / "clusters/report"
     page = (rep / "index.html").read_text()
     sheets = sorted(rep.glob("sheet_*.png"))
-    assert len(sheets) == 3 and (rep / "cluster_sizes.png").is_file()
+    assert len(sheets) == 3 and (rep / "cluster_sizes.png").is_file() and (rep / "top1_similarity.png").is_file()
+    from clustering.report import cluster_sizes
+    from pipeline.store import LabelStore
+    sizes, sim_sums, hist = cluster_sizes(LabelStore(tmp_path / "clusters/labels"))
+    assert sizes.sum() == hist.sum() == 80 and np.all(sim_sums <= sizes + 1e-6)  # every row once; sims <= 1
     assert all(s.name in page for s in sheets) and "img " in page
     sheet = np.asarray(Image.open(sheets[0]))
     assert sheet.shape == (96, 96 * 5, 3) and sheet.std() > 5  # real pixels, not blank cells

@@ -54,3 +54,20 @@ def test_wandb_follows_its_environment_unless_the_config_says(tmp_path, monkeypa
     assert t.run is not None and t.run.group == "exp7" and t.run.name == "exp7-train"
     assert t.run.config["train"]["steps"] == 3 and t.run.project == "theirs"
     t.finish()
+
+
+def test_cluster_report_logs_captioned_sheets_and_histograms(tmp_path, monkeypatch):
+    """Images carry captions; histograms go up from raw values and from streamed (counts, edges)."""
+    import numpy as np
+    from PIL import Image
+    monkeypatch.setenv("WANDB_SILENT", "true")
+    png = tmp_path / "x.png"
+    Image.new("RGB", (8, 8), "red").save(png)
+    t = Tracker(WandbConfig(mode="offline"), DistContext(), str(tmp_path), "assign", {})
+    t.log_image("clusters/sheet_3", str(png), caption="cluster 3: 12 images, mean top-1 similarity 0.812")
+    t.log_histogram("clusters/sizes", np.array([0, 3, 12, 5]))
+    t.log_histogram("clusters/top1_similarity_hist", np.array([1, 4, 2]), np.array([0.0, 0.5, 0.8, 1.0]))
+    summary = dict(t.run.summary)
+    t.finish()
+    assert summary["clusters/sheet_3"]["caption"] == "cluster 3: 12 images, mean top-1 similarity 0.812"
+    assert summary["clusters/top1_similarity_hist"]["_type"] == "histogram"
