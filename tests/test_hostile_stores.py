@@ -21,6 +21,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from tests.conftest import ROOT
+from tests.test_region_labels import run_dir  # noqa: F401 -- the fixture: a region store labelled by assign
 
 CFG = str(ROOT / "configs/debug.yaml")
 TINY_CLIP = {"embed_dim": 16,
@@ -303,10 +304,10 @@ def test_keys_digest_is_the_same_from_any_column_layout(tmp_path):
     assert keys_digest(tmp_path / "i.parquet") == keys_digest_of(read_keys(tmp_path / "i.parquet"))
 
 
-def test_region_labels_refuse_assign_labels_of_reordered_regions(region_run, capsys):
+def test_region_labels_refuse_assign_labels_of_reordered_regions(run_dir, capsys):  # noqa: F811
     """Region metadata rows reordered after assign labelled them: stage 2c refuses in one line
     (assign's record holds the keys in their old order), before writing anything."""
-    root = region_run
+    root = run_dir
     mp = root / "regions/store/metadata/metadata_0.parquet"
     t = pq.read_table(mp)
     pq.write_table(t.take(pa.array(np.arange(t.num_rows)[::-1].copy())), mp)
@@ -317,9 +318,3 @@ def test_region_labels_refuse_assign_labels_of_reordered_regions(region_run, cap
                      r"\S+\): keys differ", lines[0]), lines[0]
     assert snapshot(root / "regions/store", root / "regions/clusters") == before
     assert not (root / "regions/labels/labels_0.npy").exists()
-
-
-@pytest.fixture()
-def region_run(tmp_path):
-    from tests.test_region_labels import run_dir
-    return run_dir.__wrapped__(tmp_path)
