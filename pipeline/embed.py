@@ -392,9 +392,9 @@ def check_parts(out: Path, shards: list[str], cfg: EmbedConfig) -> list[int]:
         if not has_source(rec):
             unrecorded += 1
             continue
-        for key, what in (("encoder_sha256", "embed.encoder"), ("reader_sha256", "decode (embed.dtype, max_pixels, ...)")):
+        for key, what in (("encoder_sha256", "embed.encoder"), ("reader_sha256", "embed.dtype/max_pixels/...")):
             if rec.get(key) != want[key]:
-                raise ConfigError(f"{mp}: part {i} was embedded with a different {what} config (sha256 "
+                raise ConfigError(f"{mp}: part {i} was embedded with a different config ({what}: sha256 "
                                   f"{str(rec.get(key))[:12]} recorded, {want[key][:12]} now); pass "
                                   f"run.overwrite=true to start over")
         if bad:  # this shard, rewritten: its part is embedded again (metadata first: incomplete)

@@ -7,7 +7,8 @@ local file; a ``pipe:``/URL shard is known by its string alone), ``encoder_sha25
 config) and ``reader_sha256`` (the decode settings that change a part's rows). Size + mtime, not a
 digest of the shard: checking a digest on every resume would read every finished shard again
 (terabytes at LAION scale), while a rewritten shard (img2dataset rerun, another copy) changes its
-mtime. A copy that keeps size and mtime (``cp -p``, ``rsync -a``) counts as the same shard.
+mtime. Shards moved to another folder match by file name and size; a copy that lost its mtime
+(``cp`` without ``-p``) is embedded again by stage 1 and warned about by training.
 
 Label part ``i`` (stage 2b, fused stage 1, region labels): ``labels_{i}.json`` beside
 ``labels_{i}.npy``, written after it (``pipeline.store.write_labels``; a part is done only when its
@@ -126,17 +127,16 @@ def has_source(rec: dict) -> bool:
 
 def shard_mismatch(rec: dict, url: str) -> tuple[str, str] | None:
     """(kind, why) part ``rec`` was not made from shard ``url`` as it is now, None if it was.
-    kind "other": another shard (the list changed); "size" / "mtime": this shard, rewritten since. Local
-    paths match by real path, or by file name + size + mtime (a store moved with its shards)."""
+    kind "other": another shard (the list changed); "size" / "mtime": this shard, rewritten since
+    (or copied without its mtime). Local paths match by real path, or by file name + size (a store
+    moved with its shards)."""
     was = rec.get("shard")
     if was is None:
         return None
     now = shard_source(url)
     if was != url and not (os.path.isfile(url) and os.path.isfile(was)
                            and os.path.realpath(was) == os.path.realpath(url)):
-        moved = (Path(was).name == Path(url).name and "shard_size" in rec
-                 and (rec.get("shard_size"), rec.get("shard_mtime_ns"))
-                 == (now.get("shard_size"), now.get("shard_mtime_ns")))
+        moved = Path(was).name == Path(url).name and rec.get("shard_size", -1) == now.get("shard_size")
         if not moved:
             return "other", f"was made from {was}, not {url}"
     if "shard_size" in rec and "shard_size" in now:

@@ -179,7 +179,7 @@ def case_duplicate_emb_part(b, tmp):
 def case_encoder_changed_resume(b, tmp):
     return ("pipeline.embed", embed_args(tmp, b["shards"], b["store"], "run.resume=true",
                                          "embed.encoder.precision=fp32"), 2,
-            r"metadata_0.parquet: part 0 was embedded with a different embed.encoder config .*run.overwrite=true")
+            r"metadata_0.parquet: part 0 was embedded with a different config \(embed.encoder: .*run.overwrite=true")
 
 
 def case_shard_inserted(b, tmp):
