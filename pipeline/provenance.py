@@ -84,11 +84,13 @@ def keys_digest_of(keys: list[str]) -> str:
 def keys_digest(meta: str | os.PathLike) -> str:
     """sha256 of a metadata part's sample keys in row order (``pipeline.store.read_keys``' keys):
     the key lengths (int64), then their UTF-8 bytes. Vectorized on the ``key`` column (no Python
-    string per row): ~10k-row parts cost about a millisecond each."""
+    string per row). A 10k-row part: ~8 ms to read the column + 0.7 ms to hash it, measured on
+    the loaded 2-core CPU box (the Python-list path took twice as long in total)."""
     from pipeline.store import read_keys
-    if "key" not in pq.read_schema(meta).names:
+    f = pq.ParquetFile(meta)  # opened once: the schema and the column
+    if "key" not in f.schema_arrow.names:
         return keys_digest_of(read_keys(meta))  # clip-retrieval's image_path
-    col = pq.read_table(meta, columns=["key"]).column("key")
+    col = f.read(columns=["key"]).column("key")
     arr = pc.fill_null(pc.cast(col, pa.large_string()), "None").combine_chunks()
     if len(arr) == 0:
         return keys_digest_of([])
