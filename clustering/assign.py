@@ -7,8 +7,10 @@ Exact by default (``engine=auto``: torch's blocked GEMM + partial top-l or faiss
 whichever a quick probe at start measures faster on this machine, see clustering/topk.py). ``engine=hnsw`` is approximate (for
 K ~ 1M); its recall@l against exact search is measured on ``recall_rows`` rows and reported.
 Rows with NaN/inf/zero norm get labels -1 and sims 0 (counted). Output, per part, through
-pipeline.store.write_labels (sims then labels, each atomic: a part whose labels file exists is
-done, so a killed run redoes only unfinished parts); ``manifest.json`` is written last.
+pipeline.store.write_labels (sims, labels, then ``labels_{i}.json``, the part's record: the
+digest of its metadata part's keys and the centers' fingerprint, pipeline/provenance.py; each
+atomic: a part whose record exists and matches is done, so a killed run redoes only unfinished
+parts, and a part whose store part changed is labelled again); ``manifest.json`` is written last.
 Memory: one part's rows of one block at a time (memory-mapped) + K x D centers + the part's
 N x l outputs.
 """
@@ -28,7 +30,17 @@ from pipeline.config import RunConfig, check, load_config, prepare_out_dir
 from pipeline.dist import DistContext
 from pipeline.entry import cli_main, run_distributed
 from pipeline.io import atomic_write_json, clean_stale_tmp, load_npy, read_json
-from pipeline.store import KINDS, labels_path, part_name, settle_label_state, sims_path, write_labels
+from pipeline.provenance import centroids_fingerprint, keys_digest, label_mismatch, label_record
+from pipeline.store import (
+    KINDS,
+    labels_path,
+    meta_path,
+    part_name,
+    read_label_record,
+    settle_label_state,
+    sims_path,
+    write_labels,
+)
 from pipeline.topl import agreed_centroids, file_sha256, label_rows
 from pipeline.tracking import Timer, Tracker, progress
 
@@ -67,14 +79,27 @@ class AssignConfig:
 AUTO_PROBE_MIN_ROWS = 1_000_000  # engine=auto measures torch vs faiss only on stores this large
 
 
-def part_done(out: Path, part: int, rows: int, l: int) -> bool:
+def part_done(out: Path, part: int | str, rows: int, l: int, record: dict | None = None) -> bool:
+    """Labels and sims present with the right shape and, given the ``record`` this run would
+    write, a ``labels_{i}.json`` with the same keys digest and centers (no record: not done, so a
+    rerun also refreshes folders written before records were kept)."""
     lp = labels_path(out, part)
     if not (lp.is_file() and sims_path(out, part).is_file()):
         return False
     try:
-        return tuple(load_npy(lp, mmap=True).shape) == (rows, l)
+        if tuple(load_npy(lp, mmap=True).shape) != (rows, l):
+            return False
     except (OSError, ValueError):  # unreadable (e.g. truncated by a crash mid-copy): redo it
         return False
+    if record is None:
+        return True
+    rec = read_label_record(out, part)
+    return rec is not None and label_mismatch(rec, record["keys_sha256"], record["centroids_fp"]) is None
+
+
+def part_record(store: Path, part: int, rows: int, centroids_fp: str) -> dict:
+    """What label part ``part`` is made from (pipeline/provenance.py): its metadata's keys, the centers."""
+    return label_record(keys_digest(meta_path(store, part)), rows, centroids_fp)
 
 
 def run_assign(run: RunConfig, cfg: AssignConfig, ctx: DistContext) -> dict:
@@ -99,7 +124,10 @@ def run_assign(run: RunConfig, cfg: AssignConfig, ctx: DistContext) -> dict:
     build_s = t0.elapsed()
     n_rows = dict(zip(info.parts, info.counts))
     mine = ctx.shard(info.parts)
-    todo = [p for p in mine if not part_done(out, p, n_rows[p], cfg.l)]
+    cfp = centroids_fingerprint(cfg.centroids)
+    recs = {p: part_record(info.store.root, p, n_rows[p], cfp) for p in mine}
+    names = {p: part_name(info.store.root, p) for p in mine}  # labels follow the store's digits
+    todo = [p for p in mine if not part_done(out, names[p], n_rows[p], cfg.l, recs[p])]
     resumed = len(mine) - len(todo)
     if resumed:
         log.info("resuming: %d of this rank's %d parts already labeled", resumed, len(mine))
@@ -112,7 +140,7 @@ def run_assign(run: RunConfig, cfg: AssignConfig, ctx: DistContext) -> dict:
         labels, sims, _ = label_rows(arr, topk, cfg.block_rows)
         work_s += time.perf_counter() - t
         work_rows += len(arr)
-        write_labels(out, part_name(info.store.root, p), labels, sims)  # the store's digits
+        write_labels(out, names[p], labels, sims, recs[p])  # the record last: done = recorded
         bar.set(parts=f"{todo.index(p) + 1 + resumed}/{len(mine)}")
         bar.update(len(arr))
         tracker.log({"assign/rows_per_s": work_rows / max(work_s, 1e-9), "assign/part": p})

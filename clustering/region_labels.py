@@ -19,15 +19,17 @@ placed after the K cluster ids. Here, per part ``i`` of the region store::
 The tokenizer is open_clip's CLIP BPE (``SimpleTokenizer``, 49,408 ids), whose vocabulary file
 ships inside the package: no network. Inputs are checked before any work (one line naming the
 file); each part is written atomically and a part already written with the same inputs and
-settings (``state.json``, ``pipeline.store.settle_label_state``) is skipped on a rerun.
+settings (``state.json``, ``pipeline.store.settle_label_state``) is skipped on a rerun. Each part
+records what it was made from (``labels_{i}.json``: its metadata's keys digest and the centers'
+fingerprint, pipeline/provenance.py), written after it; assign's parts whose record names other
+keys or centers are refused before any work.
 Cost: one pass over the metadata and the assign labels; tokenizing is the bulk (measured ~13k
 texts of 1-3 words per second on one core of a loaded 2-core machine, docs/REGIONS_EVAL.md).
 """
 from __future__ import annotations
 
 import logging
-import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -37,7 +39,17 @@ from pipeline.config import RunConfig, check, load_config, prepare_out_dir
 from pipeline.dist import DistContext
 from pipeline.entry import cli_main, run_distributed
 from pipeline.io import atomic_save_npy, atomic_write_json, clean_stale_tmp, load_npy, read_json
-from pipeline.store import StoreError, labels_path, meta_path, part_name, settle_label_state
+from pipeline.provenance import centroids_fingerprint, keys_digest, label_mismatch, label_record
+from pipeline.store import (
+    StoreError,
+    labels_path,
+    meta_path,
+    part_name,
+    part_numbers,
+    read_label_record,
+    record_path,
+    settle_label_state,
+)
 from pipeline.topl import file_sha256
 from pipeline.tracking import Timer, progress
 
@@ -102,14 +114,15 @@ class Inputs:
     rows: dict[int, int]
     k: int
     state: dict             # what the labels depend on; a change relabels every part
+    keys: dict[int, str] = field(default_factory=dict)  # part -> keys digest of its metadata
+    centroids_fp: str = ""  # pipeline/provenance.py: recorded per written part
 
 
 def _metadata_parts(store: Path) -> list[int]:
     folder = store / "metadata"
     if not folder.is_dir():
         raise StoreError(f"region store {store}: no metadata/ folder (run `mlcd regions` first)")
-    parts = sorted(int(m.group(1)) for p in folder.iterdir()
-                   if (m := re.match(r"^metadata_(\d+)\.parquet$", p.name)))
+    parts = part_numbers(folder, "metadata_", ".parquet")  # two files of one part: refused by name
     if not parts:
         raise StoreError(f"region store {store}: no metadata parts in {folder}")
     return parts
@@ -173,23 +186,52 @@ def check_inputs(cfg: RegionLabelsConfig) -> Inputs:
     for p in parts:
         names[p], rows[p] = check_part(store, labels, p, k, values=True)
         ids += [_file_id(meta_path(store, p)), _file_id(labels_path(labels, names[p]))]
+    keys, cfp = check_records(store, labels, names, cpath)
     sha = assign_state.get("centroids_sha256") or file_sha256(cpath)
     state = {"k": k, "centroids_sha256": sha, "width": cfg.width, "max_tokens": cfg.max_tokens,
              "ocr": cfg.ocr, "tokenizer": TOKENIZER, "inputs": ids}
-    return Inputs(parts, names, rows, k, state)
+    return Inputs(parts, names, rows, k, state, keys, cfp)
+
+
+def check_records(store: Path, labels: Path, names: dict[int, str], cpath: Path) -> tuple[dict, str]:
+    """(keys digest per part, the centers' fingerprint); assign's label parts whose record says
+    they were made from other metadata keys or other centers are refused in one line naming both
+    files. Parts without a record (assigned before records were kept) are warned about once."""
+    cfp, keys, unrecorded = centroids_fingerprint(cpath), {}, 0
+    for p, digits in names.items():
+        mp = meta_path(store, p)
+        keys[p] = keys_digest(mp)
+        rec = read_label_record(labels, digits)
+        unrecorded += rec is None
+        why = label_mismatch(rec, keys[p], cfp)
+        if why:
+            raise StoreError(f"{labels_path(labels, digits)} does not label {mp} (region_labels.centroids="
+                             f"{cpath}): {why}")
+    if unrecorded:
+        log.warning("%d label part(s) in %s have no record of what they were made from (assigned before "
+                    "records were kept): rerun `mlcd assign` on the region store to refresh them",
+                    unrecorded, labels)
+    return keys, cfp
 
 
 # ------------------------------------------------------------------------------------ stage
 
-def part_done(out: Path, digits: str, rows: int, width: int) -> bool:
+def part_done(out: Path, digits: str, rows: int, width: int, keys: str | None = None) -> bool:
+    """Written with this shape and (given ``keys``, the digest of its metadata's keys) recorded as
+    made from those keys: the record is written last, so without it the part is redone."""
     lp = labels_path(out, digits)
     if not lp.is_file():
         return False
     try:
         a = load_npy(lp, mmap=True)
-        return a.dtype == np.int64 and tuple(a.shape) == (rows, width)
+        if not (a.dtype == np.int64 and tuple(a.shape) == (rows, width)):
+            return False
     except (OSError, ValueError):  # unreadable (truncated by a crash mid-copy): redo it
         return False
+    if keys is None:
+        return True
+    rec = read_label_record(out, digits)
+    return rec is not None and label_mismatch(rec, keys, None) is None
 
 
 def settle(out: Path, inp: Inputs, overwrite: bool) -> None:
@@ -199,7 +241,7 @@ def settle(out: Path, inp: Inputs, overwrite: bool) -> None:
     st = out / "state.json"
     old = read_json(st) if st.is_file() else None
     settle_label_state(out, inp.state, old, overwrite)
-    if not all(part_done(out, inp.names[p], inp.rows[p], inp.state["width"]) for p in inp.parts):
+    if not all(part_done(out, inp.names[p], inp.rows[p], inp.state["width"], inp.keys.get(p)) for p in inp.parts):
         (out / "label_space.json").unlink(missing_ok=True)
 
 
@@ -210,7 +252,7 @@ def run_region_labels(run: RunConfig, cfg: RegionLabelsConfig, ctx: DistContext)
                                             "region_labels"))
     ctx.agree(lambda: settle(out, inp, run.overwrite))
     mine = ctx.shard(inp.parts)
-    todo = [p for p in mine if not part_done(out, inp.names[p], inp.rows[p], cfg.width)]
+    todo = [p for p in mine if not part_done(out, inp.names[p], inp.rows[p], cfg.width, inp.keys[p])]
     if len(todo) < len(mine):
         log.info("resuming: %d of this rank's %d parts already labeled", len(mine) - len(todo), len(mine))
     tokens = Tokens(min(cfg.max_tokens, cfg.width)) if (todo and cfg.ocr) else None
@@ -223,8 +265,11 @@ def run_region_labels(run: RunConfig, cfg: RegionLabelsConfig, ctx: DistContext)
         if bad:
             raise StoreError(f"{meta_path(cfg.store, p)}: unknown region kind(s) {bad[:3]} (known: {KINDS})")
         assigned = load_npy(labels_path(cfg.labels, inp.names[p]))
+        record_path(out, inp.names[p]).unlink(missing_ok=True)
         atomic_save_npy(labels_path(out, inp.names[p]),
                         label_part(kinds, texts, assigned, inp.k, cfg.width, tokens))
+        atomic_write_json(record_path(out, inp.names[p]),  # last: the part is done with its record
+                          label_record(inp.keys[p], len(kinds), inp.centroids_fp))
         bar.update(len(kinds))
     bar.close()
     ctx.barrier()

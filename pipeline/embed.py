@@ -24,6 +24,13 @@ part is complete only with its labels. ``kinds`` may then be empty: only metadat
 written (the sample-then-label recipe, docs/SCALING.md). Stage 2b on the same centers and
 ``l`` (``assign.engine=torch``) finds these labels done.
 
+Each part records what it was made from (pipeline/provenance.py): its shard as given with size
+and mtime, and digests of the encoder and decode settings, in the metadata's ``mlcd_part`` JSON
+(the completion marker, so a part exists only with its record; fused labels get
+``labels_{i}.json``). A rerun checks every finished part first (``check_parts``): another shard
+at a part's index or another config is refused in one line, a rewritten shard is embedded again;
+``run.overwrite=true`` removes every old part before embedding (``start_over``).
+
 Bad samples never stop a run: each is skipped or repaired and counted by reason (``manifest.json``
 ``skipped`` / ``fixed``). A shard that cannot be read is logged by name; the other shards finish,
 then the run exits 1 listing every failed shard (a rerun retries only those).
@@ -51,12 +58,28 @@ from pipeline.encoders import EncoderConfig, build_encoder
 from pipeline.entry import StageError, cli_main, run_distributed
 from pipeline.images import IMAGE_EXTS, MAX_PIXELS, image_bytes, load_rgb
 from pipeline.io import atomic_write_json, clean_stale_tmp, load_npy, read_json
+from pipeline.provenance import (
+    PART_META_KEY,
+    centroids_fingerprint,
+    digest,
+    has_source,
+    keys_digest,
+    keys_digest_of,
+    label_mismatch,
+    label_record,
+    part_record,
+    shard_mismatch,
+    shard_source,
+)
 from pipeline.shards import ShardSpecError, expand_shards, is_url, shard_stem
 from pipeline.store import (
     KINDS,
+    StoreError,
     labels_path,
     meta_path,
     part_complete,
+    part_numbers,
+    read_label_record,
     settle_label_state,
     write_labels,
     write_part,
@@ -65,7 +88,8 @@ from pipeline.topl import ExactTopL, agreed_centroids, file_sha256, label_rows
 from pipeline.tracking import Tracker, progress
 
 log = logging.getLogger("mlcd.embed")
-PART_META_KEY = b"mlcd_part"  # parquet schema metadata: this part's counts (JSON)
+# decode settings that change a part's rows (recorded per part as reader_sha256, with the encoder's)
+READER_FIELDS = ("dtype", "max_pixels", "image_exts", "caption_ext", "skip_missing_caption", "extra_fields")
 
 
 @dataclass
@@ -299,10 +323,12 @@ def _write(out: Path, part: int, url: str, buf: _Part, stats: dict, enc, cfg: Em
             cols[f] = pa.array(vals)
         except (pa.ArrowInvalid, pa.ArrowTypeError):  # mixed types across samples: keep as JSON text
             cols[f] = pa.array([None if v is None else json.dumps(v) for v in vals], pa.string())
-    info = {"part": part, "shard": url, "rows": len(c["key"]), **stats}
+    # the part's record (pipeline/provenance.py), in the completion marker itself
+    info = {"part": part, **shard_source(url), **source_digests(cfg), "rows": len(c["key"]), **stats}
     if topl is not None:  # labelled from the features as stage 2b reads them: rounded to the store dtype
         labels, sims, bad = label_rows(emb[cfg.assign_kind].astype(cfg.dtype), topl, cfg.assign_block_rows)
-        write_labels(cfg.labels_dir, part, labels, sims)  # before the metadata: complete = labelled
+        rec = label_record(keys_digest_of(c["key"]), len(c["key"]), centroids_fingerprint(cfg.assign_centroids))
+        write_labels(cfg.labels_dir, part, labels, sims, rec)  # before the metadata: complete = labelled
         info["invalid_labels"] = bad
     table = pa.table(cols).replace_schema_metadata({PART_META_KEY: json.dumps(info).encode()})
     write_part(out, part, {k: emb[k] for k in cfg.kinds}, table, dtype=np.dtype(cfg.dtype))
@@ -315,16 +341,98 @@ def _needed(cfg: EmbedConfig) -> list[str]:
 
 
 def _labelled(cfg: EmbedConfig, out: Path, part: int) -> bool:
+    """The part's labels exist, fit its metadata, and (where recorded) were made from its keys
+    and these centers. Labels without a record predate records: kept (their part is complete)."""
     if not cfg.assign_centroids:
         return True
     lp = labels_path(cfg.labels_dir, part)
     if not lp.is_file():  # written after its sims: present means both are
         return False
+    mp = meta_path(out, part)
     try:
-        return tuple(load_npy(lp, mmap=True).shape) == (pq.read_metadata(meta_path(out, part)).num_rows,
-                                                       cfg.assign_l)
+        if tuple(load_npy(lp, mmap=True).shape) != (pq.read_metadata(mp).num_rows, cfg.assign_l):
+            return False
+        return label_mismatch(read_label_record(cfg.labels_dir, part), keys_digest(mp),
+                              centroids_fingerprint(cfg.assign_centroids)) is None
     except (OSError, ValueError):  # unreadable (e.g. cut off by a crash mid-copy): redo it
         return False
+
+
+def source_digests(cfg: EmbedConfig) -> dict:
+    """What a part's rows depend on besides its shard: the encoder config (with the bytes of its
+    model_config file; text_batch_size only groups captions) and the decode settings."""
+    enc = {k: v for k, v in _plain(cfg.encoder).items() if k != "text_batch_size"}
+    if cfg.encoder.model_config:
+        enc["model_config"] = Path(cfg.encoder.model_config).read_text()
+    return {"encoder_sha256": digest(enc), "reader_sha256": digest({k: getattr(cfg, k) for k in READER_FIELDS})}
+
+
+def check_parts(out: Path, shards: list[str], cfg: EmbedConfig) -> list[int]:
+    """Rank 0, under the folder's lock, before any work: every finished part against its record.
+    Another shard at its index (shards inserted, removed or reordered: part numbers would shift
+    under clip-retrieval's numbering) or another encoder/decode config is refused in one line
+    naming the part and both sources (``run.overwrite=true`` starts over); a part whose own shard
+    was rewritten since (size/mtime) is dropped here and embedded again. Returns the dropped parts."""
+    _refuse_duplicate_shards(shards, cfg.input)
+    folder = out / "metadata"
+    done = part_numbers(folder, "metadata_", ".parquet") if folder.is_dir() else []
+    for k in cfg.kinds:
+        if (out / f"{k}_emb").is_dir():
+            part_numbers(out / f"{k}_emb", f"{k}_emb_", ".npy")  # duplicates refused by name
+    want, unrecorded, redo = source_digests(cfg), 0, []
+    for i in done:
+        mp, rec = meta_path(out, i), part_record(meta_path(out, i))
+        if i >= len(shards):
+            raise StoreError(f"{mp}: part {i} was made from {rec.get('shard', 'a shard')}, but embed.input="
+                             f"{cfg.input!r} lists {len(shards)} shards now; pass run.overwrite=true to start over")
+        bad = shard_mismatch(rec, shards[i])
+        if bad and bad[0] == "other":
+            raise StoreError(f"{mp}: part {i} {bad[1]} (embed.input={cfg.input!r} lists another shard at "
+                             f"position {i}: the shard list changed); pass run.overwrite=true to start over")
+        if not has_source(rec):
+            unrecorded += 1
+            continue
+        for key, what in (("encoder_sha256", "embed.encoder"), ("reader_sha256", "embed.dtype/max_pixels/...")):
+            if rec.get(key) != want[key]:
+                raise ConfigError(f"{mp}: part {i} was embedded with a different config ({what}: sha256 "
+                                  f"{str(rec.get(key))[:12]} recorded, {want[key][:12]} now); pass "
+                                  f"run.overwrite=true to start over")
+        if bad:  # this shard, rewritten: its part is embedded again (metadata first: incomplete)
+            log.warning("%s: part %d %s; embedding it again", mp, i, bad[1])
+            mp.unlink()
+            redo.append(i)
+    if unrecorded:
+        log.warning("%d finished part(s) of %s were written before per-part records (shard size/mtime, "
+                    "encoder digest) were kept and are not checked; rerun with run.overwrite=true to "
+                    "re-embed them with records", unrecorded, out)
+    return redo
+
+
+def _refuse_duplicate_shards(shards: list[str], spec: str) -> None:
+    seen: dict[str, int] = {}
+    for i, url in enumerate(shards):
+        key = os.path.realpath(url) if os.path.isfile(url) else url
+        if key in seen:
+            raise ConfigError(f"embed.input={spec!r} lists {url} twice (positions {seen[key]} and {i}): "
+                              f"one shard would be stored as two parts")
+        seen[key] = i
+
+
+def start_over(out: Path) -> None:
+    """``run.overwrite=true``: removes every part (metadata, the completion markers, first: a
+    kill midway leaves incomplete parts, which are redone) and the manifest, under the lock."""
+    n = 0
+    if (out / "metadata").is_dir():
+        for p in (out / "metadata").glob("metadata_*.parquet"):
+            p.unlink()
+            n += 1
+    for k in KINDS:
+        if (out / f"{k}_emb").is_dir():
+            for p in (out / f"{k}_emb").glob(f"{k}_emb_*.npy"):
+                p.unlink()
+    (out / "manifest.json").unlink(missing_ok=True)
+    if n:
+        log.warning("run.overwrite=true: removed the %d parts in %s; embedding every shard again", n, out)
 
 
 def _label_state(run: RunConfig, cfg: EmbedConfig) -> dict:
@@ -423,6 +531,10 @@ def embed(run: RunConfig, cfg: EmbedConfig, ctx: DistContext) -> dict:
     except ShardSpecError as e:
         raise ConfigError(f"embed.input={cfg.input!r}: {e}") from None
     def unfinished() -> list[int]:  # one rank checks the folder and lists the work
+        if run.overwrite:  # parts are removed once the centers are checked too (start_over below)
+            _refuse_duplicate_shards(shards, cfg.input)
+        else:  # before the new config is written: a refused run leaves the folder as it was
+            check_parts(out, shards, cfg)
         prepare_out_dir(out, run, {"run": run, "embed": cfg}, "embed",
                         ignore=("embed.workers", "embed.prefetch_factor"))
         for k in [*KINDS, "metadata"]:
@@ -430,7 +542,7 @@ def embed(run: RunConfig, cfg: EmbedConfig, ctx: DistContext) -> dict:
         if cfg.assign_centroids:
             _label_state(run, cfg)
         return [i for i in range(len(shards))
-                if not (part_complete(out, i, cfg.kinds) and _labelled(cfg, out, i))]
+                if run.overwrite or not (part_complete(out, i, cfg.kinds) and _labelled(cfg, out, i))]
 
     todo = ctx.agree(unfinished)
     mine = [(i, shards[i]) for i in ctx.shard(todo)]
@@ -444,6 +556,8 @@ def embed(run: RunConfig, cfg: EmbedConfig, ctx: DistContext) -> dict:
         dim = {"img": enc.img_dim, "text": enc.text_dim, "joint": enc.joint_dim}[cfg.assign_kind]
         topl = ExactTopL(agreed_centroids(ctx, cfg.assign_centroids, dim, cfg.assign_l, "embed.assign_l"),
                          cfg.assign_l, ctx.device, cfg.assign_block_rows)
+    if run.overwrite:  # every input checked: now the old parts go, under the folder's lock
+        ctx.agree(lambda: start_over(out))
     tracker = Tracker(run, ctx, str(out), "embed", {"run": _plain(run), "embed": _plain(cfg)})
     t0 = time.perf_counter()
     failures, written, rows_done, skipped = _embed_parts(mine, shards, out, cfg, run, enc, topl, ctx, tracker)

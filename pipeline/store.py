@@ -12,16 +12,19 @@ Label store (stage 2 -> stage 3), row-aligned with ``metadata_{i}.parquet``::
 
     labels/labels_{i}.npy   int32 N_i x l, nearest center first (-1: row had no valid embedding)
     labels/sims_{i}.npy     float16 N_i x l cosine similarities
+    labels/labels_{i}.json  what the part was made from (keys digest, centers; pipeline/provenance.py)
     labels/manifest.json
 
 ``{i}`` is the part number, zero-padded or not: clip-retrieval's writer pads it to
 ``int(log10(partition_count)) + 1`` digits (``img_emb_00.npy`` once there are 10 or more parts, as
-in LAION's released stores); we write it unpadded. Readers accept any padding (``part_file``), and
-label files take the digits of the store part they label (``part_name``), so both stay aligned.
+in LAION's released stores); we write it unpadded. Readers accept any padding (``part_file``) but
+refuse two files with one number (``part_numbers``), and label files take the digits of the store
+part they label (``part_name``), so both stay aligned.
 Metadata needs a ``key`` column (ours, img2dataset's) or clip-retrieval's ``image_path``.
 
 Parts are written file by file atomically; ``metadata`` is written last, so a part whose metadata
-file exists is complete. Readers never need the manifest.
+file exists is complete (its schema carries the part's record: pipeline/provenance.py). Readers
+never need the manifest.
 """
 from __future__ import annotations
 
@@ -36,16 +39,32 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from pipeline.errors import InputError
-from pipeline.io import atomic_path, atomic_save_npy, atomic_write_json, load_npy
+from pipeline.io import atomic_path, atomic_save_npy, atomic_write_json, load_npy, read_json
 
 log = logging.getLogger("mlcd.store")
 
 KINDS = ("img", "text", "joint")
-_PART_RE = re.compile(r"^(?:img|text|joint)_emb_(\d+)\.npy$")
 
 
 class StoreError(InputError):
     pass
+
+
+def part_numbers(folder: str | os.PathLike, prefix: str, suffix: str) -> list[int]:
+    """Sorted part numbers of ``folder/{prefix}{digits}{suffix}``. Two files with one number
+    (``img_emb_1.npy`` beside ``img_emb_01.npy``) are refused by name: a reader would take one
+    of them and count the part twice or pick the wrong one."""
+    pat = re.compile(rf"^{re.escape(prefix)}(\d+){re.escape(suffix)}$")
+    seen: dict[int, str] = {}
+    for p in Path(folder).iterdir():
+        if m := pat.match(p.name):
+            n = int(m.group(1))
+            if n in seen:
+                a, b = sorted((seen[n], p.name))
+                raise StoreError(f"{folder}: {a} and {b} both hold part {n} (one part number, two "
+                                 f"files); remove the one that does not belong")
+            seen[n] = p.name
+    return sorted(seen)
 
 
 _MAX_DIGITS = 9
@@ -107,12 +126,7 @@ class EmbeddingStore:
 
     def parts(self, kind: str) -> list[int]:
         self._check_kind(kind)
-        ids = []
-        for p in (self.root / f"{kind}_emb").iterdir():
-            m = _PART_RE.match(p.name)
-            if m and p.name.startswith(kind + "_"):
-                ids.append(int(m.group(1)))
-        return sorted(ids)
+        return part_numbers(self.root / f"{kind}_emb", f"{kind}_emb_", ".npy")
 
     def _check_kind(self, kind: str) -> None:
         if kind not in self.kinds:
@@ -135,6 +149,8 @@ class EmbeddingStore:
         parts = self.parts(kind)
         if not parts:
             raise StoreError(f"{self.root / (kind + '_emb')}: no parts")
+        if (self.root / "metadata").is_dir():
+            part_numbers(self.root / "metadata", "metadata_", ".parquet")  # refuses duplicates
         dim, dtype, counts = None, None, []
         for p in parts:
             a = self.load(kind, p)
@@ -189,13 +205,35 @@ def sims_path(root: str | os.PathLike, part: int | str) -> Path:
     return part_file(root, "sims_", part, ".npy")
 
 
-def write_labels(root: str | os.PathLike, part: int | str, labels: np.ndarray, sims: np.ndarray) -> None:
-    """sims first, labels last: a part whose labels file exists is complete. Pass
+def record_path(root: str | os.PathLike, part: int | str) -> Path:
+    """``labels_{i}.json``: what label part ``i`` was made from (pipeline/provenance.py)."""
+    return part_file(root, "labels_", part, ".json")
+
+
+def read_label_record(root: str | os.PathLike, part: int | str) -> dict | None:
+    """The part's record, or None (written before records were kept, or not finished)."""
+    p = record_path(root, part)
+    if not p.is_file():
+        return None
+    try:
+        rec = read_json(p)
+    except (OSError, ValueError) as e:
+        raise StoreError(f"{p}: unreadable label record ({e})") from None
+    return rec if isinstance(rec, dict) else None
+
+
+def write_labels(root: str | os.PathLike, part: int | str, labels: np.ndarray, sims: np.ndarray,
+                 record: dict | None = None) -> None:
+    """sims, labels, then the record (``labels_{i}.json``), each atomic: a part whose record
+    exists is complete (without ``record``: whose labels file exists, the old rule). Pass
     ``part_name(store, p)`` as ``part`` to follow the store's zero-padding."""
     if labels.shape != sims.shape or labels.ndim != 2:
         raise StoreError(f"labels {labels.shape} and sims {sims.shape} must be equal 2-D shapes")
+    record_path(root, part).unlink(missing_ok=True)  # a stale record must not outlive its labels
     atomic_save_npy(sims_path(root, part), sims.astype(np.float16))
     atomic_save_npy(labels_path(root, part), labels.astype(np.int32))
+    if record is not None:
+        atomic_write_json(record_path(root, part), record)
 
 
 class LabelStore:
@@ -207,8 +245,7 @@ class LabelStore:
             raise StoreError(f"label store {self.root} does not exist")
 
     def parts(self) -> list[int]:
-        return sorted(int(m.group(1)) for p in self.root.iterdir()
-                      if (m := re.match(r"^labels_(\d+)\.npy$", p.name)))
+        return part_numbers(self.root, "labels_", ".npy")
 
     def load(self, part: int, mmap: bool = False) -> tuple[np.ndarray, np.ndarray]:
         lp = labels_path(self.root, part)
@@ -225,7 +262,7 @@ def settle_label_state(root: str | os.PathLike, state: dict, old: dict | None, o
     if overwrite or (old is not None and old != state):
         if old is not None and old != state and not overwrite:
             log.warning("centroids, l, kind or engine changed since %s was written; relabeling every part", root)
-        for p in list(root.glob("labels_*.npy")) + list(root.glob("sims_*.npy")):
+        for p in [*root.glob("labels_*.npy"), *root.glob("labels_*.json"), *root.glob("sims_*.npy")]:
             p.unlink()
         (root / "manifest.json").unlink(missing_ok=True)
     atomic_write_json(root / "state.json", state)

@@ -270,7 +270,7 @@ def test_assign_kill_and_resume(tmp_path):
     (tmp_path / "clusters").mkdir()
     np.save(tmp_path / "clusters/centroids.npy", c / np.linalg.norm(c, axis=1, keepdims=True))
     cmd = [sys.executable, "-m", "clustering.assign", f"run.out_dir={tmp_path}", "assign.report=false"]
-    _kill_when(cmd, "clusters/labels/labels_*.npy", tmp_path)
+    _kill_when(cmd, "clusters/labels/labels_*.json", tmp_path)  # a part is done with its record
     assert not (tmp_path / "clusters/labels/manifest.json").exists()
     p = subprocess.run(cmd, check=False, cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=300)
     assert p.returncode == 0, p.stderr[-3000:]

@@ -97,9 +97,10 @@ def demo_labels(data: Path, root: Path) -> list[str]:
                          "shard_row": list(range(n))})
         write_part(root / "store", i, {"img": np.zeros((n, 4), np.float32)}, meta)
         write_labels(root / "labels", i, lab, np.ones_like(lab, dtype=np.float16))
+    atomic_save_npy(root / "centroids.npy", np.zeros((116, 4), np.float32))  # K; required (README)
     return [f"train.data.shards={data / 'train'}", f"train.data.store={root / 'store'}",
-            f"train.data.labels={root / 'labels'}", "train.partial_fc.num_classes=116",
-            "train.loss.num_labels=2"]
+            f"train.data.labels={root / 'labels'}", f"train.centroids={root / 'centroids.npy'}",
+            "train.partial_fc.num_classes=116", "train.loss.num_labels=2"]
 
 
 def synthetic_overrides(syn: Path) -> list[str]:

@@ -8,28 +8,45 @@ Checked on rank 0, the verdict broadcast (every rank raises the same ``TrainInpu
 - every label part is row-aligned with its metadata part (same rows: a labels folder made from
   another store fails here), has >= ``loss.num_labels`` columns and a sims file;
 - every label is in [-1, K): K = ``partial_fc.num_classes`` or the centroids' row count;
-- K equals the centroids' K unless ``partial_fc.num_classes`` is set to something else on purpose
-  (then a warning; labels must still fit);
+- the centroids file exists (also with ``partial_fc.num_classes`` set: the labels are checked
+  against the centers they were assigned with); K equals its K unless ``partial_fc.num_classes``
+  is set to something else on purpose (then a warning; labels must still fit);
+- every part is what its records say it was made from (``check_sources``, pipeline/provenance.py):
+  metadata part i was embedded from the i-th listed shard (same path, or same name, size and
+  mtime; another size is refused, another mtime warned about), label part i from metadata part
+  i's keys (order-sensitive digest: another store's labels or reordered rows are refused) and
+  from ``train.centroids`` (fingerprint); no part number held by two files. Parts written before
+  records were kept get one warning saying how to refresh them;
 - with ``regions.enabled`` (RICE): the region store, the region labels and their
   ``label_space.json`` exist; every region label part is row-aligned with its region metadata
   part (which has the box columns), has >= ``regions.num_labels`` columns and labels in
   [-1, num_classes); some shard has a region part.
 
 Cost: one pass over the label files, memory-mapped in blocks (4 bytes x l per image: 12.8 GB for
-400M images and l = 8, read once at start-up), headers for everything else.
+400M images and l = 8, read once at start-up), one over the metadata's ``key`` columns (the keys
+digests: ~9 ms per 10k-row part on one loaded CPU core, on up to 16 threads), ~4 MiB of the
+centroids file, headers for everything else.
 """
 from __future__ import annotations
 
 import logging
 import os
+from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 import pyarrow.parquet as pq
 
 from pipeline.errors import InputError, StageError
 from pipeline.io import load_npy
+from pipeline.provenance import (
+    centroids_fingerprint,
+    keys_digest,
+    label_mismatch,
+    part_record,
+    shard_mismatch,
+)
 from pipeline.shards import ShardSpecError, expand_shards, is_url
-from pipeline.store import labels_path, meta_path, sims_path
+from pipeline.store import labels_path, meta_path, part_numbers, read_label_record, sims_path
 
 log = logging.getLogger("mlcd.train.validate")
 BLOCK_ROWS = 1 << 22
@@ -73,10 +90,10 @@ def _check(cfg) -> None:
     d, need = cfg.data, cfg.loss.labels_used
     k_cent = _centroids_k(cfg.centroids)
     k = cfg.partial_fc.num_classes or k_cent
-    if k is None:
-        raise TrainInputError(f"{cfg.centroids}: k-means centroids not found (run stage 2, or set "
-                              f"train.partial_fc.num_classes)")
-    if k_cent is not None and k != k_cent:
+    if k_cent is None:  # README: refused also with num_classes set (the labels are checked against it)
+        raise TrainInputError(f"{cfg.centroids}: k-means centroids not found (train.centroids; run stage 2: "
+                              f"needed also with train.partial_fc.num_classes set, to check the labels)")
+    if k != k_cent:
         log.warning("train.partial_fc.num_classes=%d differs from the %d centroids in %s (kept: set on "
                     "purpose)", k, k_cent, cfg.centroids)
     try:
@@ -104,8 +121,67 @@ def _check(cfg) -> None:
     if not found:
         raise TrainInputError(f"no shard of {d.shards} has labels: expected {labels_path(d.labels, 0)} and "
                               f"{meta_path(d.store, 0)} (run stages 1 and 2 first)")
+    check_sources(cfg, shards)
     if cfg.regions.enabled:
         _check_regions(cfg)
+
+
+def check_sources(cfg, shards: list[str]) -> None:
+    """Each part training joins (shard i, metadata part i, label part i) against the records of
+    what it was made from (module docstring); one line naming the part and both sources."""
+    d = cfg.data
+    for folder, prefix, suffix in ((os.path.join(d.store, "metadata"), "metadata_", ".parquet"),
+                                   (d.labels, "labels_", ".npy")):
+        if os.path.isdir(folder):
+            part_numbers(folder, prefix, suffix)  # two files of one part: refused by name
+    cfp, unrecorded = centroids_fingerprint(cfg.centroids), {"shard": 0, "labels": 0}
+    joined = [(i, url, meta_path(d.store, i), labels_path(d.labels, i)) for i, url in enumerate(shards)]
+    joined = [j for j in joined if j[2].is_file() and j[3].is_file()]
+    with ThreadPoolExecutor(min(16, os.cpu_count() or 1)) as pool:  # parquet reads release the GIL
+        keys = list(pool.map(_keys_digest, [m for _, _, m, _ in joined]))
+    for (i, url, m, lab), key_sha in zip(joined, keys):
+        rec = part_record(m)
+        unrecorded["shard"] += "shard" not in rec
+        bad = shard_mismatch(rec, url)
+        if bad and bad[0] != "mtime":
+            raise TrainInputError(f"{m}: part {i} {bad[1]} (train.data.shards={d.shards!r} lists {url} at "
+                                  f"position {i}; shards listed in another order or changed since stage 1?)")
+        if bad:
+            log.warning("%s: part %d %s; its keys are trusted to be unchanged", m, i, bad[1])
+        lrec = read_label_record(d.labels, i)
+        unrecorded["labels"] += lrec is None
+        why = label_mismatch(lrec, key_sha, cfp)
+        if why:
+            raise TrainInputError(f"{lab} does not label {m} (train.centroids={cfg.centroids}): {why}")
+    _warn_unrecorded(unrecorded, d)
+
+
+def _keys_digest(meta) -> str:
+    try:
+        return keys_digest(meta)
+    except Exception as e:  # noqa: BLE001 (pyarrow raises several types for a bad file)
+        raise TrainInputError(f"{meta}: unreadable keys ({str(e).splitlines()[0] if str(e) else type(e).__name__})") from None
+
+
+def check_region_record(meta, lab) -> None:
+    """A region label part against its record (clustering/region_labels.py writes it): made from
+    this region metadata part's keys. No record (older folders): not checked."""
+    rec = read_label_record(os.path.dirname(lab), os.path.basename(lab)[len("labels_"):-len(".npy")])
+    why = label_mismatch(rec, _keys_digest(meta), None) if rec is not None else None
+    if why:
+        raise TrainInputError(f"{lab} does not label {meta} (train.regions): {why}")
+
+
+def _warn_unrecorded(unrecorded: dict, d) -> None:
+    if unrecorded["shard"]:
+        log.warning("%d metadata part(s) in %s do not record the shard they were embedded from (a "
+                    "clip-retrieval store or one written before records were kept): shard order is not "
+                    "checked for them; rerun `mlcd embed` with run.overwrite=true to refresh",
+                    unrecorded["shard"], d.store)
+    if unrecorded["labels"]:
+        log.warning("%d label part(s) in %s do not record the keys and centers they were made from "
+                    "(written before records were kept): not checked; rerun `mlcd assign` to refresh "
+                    "them", unrecorded["labels"], d.labels)
 
 
 def region_num_classes(rcfg) -> int:
@@ -143,6 +219,7 @@ def _check_regions(cfg) -> None:
         if p.region_labels:
             _check_labels(p.region_meta, p.region_labels, r.num_labels, k, "train.regions.num_labels",
                           "K + V = train.regions.partial_fc.num_classes or label_space.json's num_classes")
+            check_region_record(p.region_meta, p.region_labels)
 
 
 def _check_part(meta, lab, sims, need: int, k: int) -> None:
