@@ -23,7 +23,7 @@ from typing import Any
 
 from pipeline.config import ConfigError
 from pipeline.dist import DistContext, destroy, init_distributed
-from pipeline.errors import InputError, StageError  # noqa: F401 -- re-exported: the stages' error base
+from pipeline.errors import InputError, StageError, disk_full  # noqa: F401 -- re-exported: the stages' error base
 from pipeline.guard import stage_guard
 from pipeline.tracking import setup_logging
 
@@ -60,6 +60,11 @@ def cli_main(main: Callable[[str | None, list[str]], Any], argv: Sequence[str] |
         return main(args.config, args.overrides)
     except (ConfigError, StageError) as e:
         sys.exit(report(e))
+    except Exception as e:  # a full disk is one line too (exit 1); anything else a bug: traceback
+        full = disk_full(e)
+        if full is None:
+            raise
+        sys.exit(report(full))
 
 
 def run_distributed(fn: Callable[..., Any], run, cfg, *, lock_dir=None, **kwargs) -> Any:
