@@ -332,3 +332,35 @@ def test_disk_full_stage_is_one_line(tmp_path, small_disk):
                        capture_output=True, text=True, timeout=300)
     _one_line(p, 1, "no space left on device")
     assert not list((small_disk / "clusters").glob(".*.tmp"))
+
+
+# ---------------------------------------------------------------- 2 ranks: a resume is agreed
+
+@pytest.mark.slow
+def test_two_rank_resume_with_one_bad_rank_file(tmp_path):
+    """`mlcd train --nproc 2` resuming a ZeRO-1 checkpoint whose rank-1 optimizer file is a
+    pickle payload (only rank 1 reads it): both ranks stop with the same one line (printed once,
+    by rank 0), exit 1, no traceback on either rank or the agent, no marker. With the genuine file
+    back and a torn last metrics line, the same command resumes and finishes."""
+    import shutil
+
+    from test_reliability import _train_inputs
+    over = _train_inputs(tmp_path) + ["train.deepspeed.zero_stage=1", "train.checkpoint.every=1"]
+    mlcd = [sys.executable, "-m", "launch.cli", "train", "--nproc", "2", *over]
+    p = subprocess.run(mlcd, cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=400)
+    assert p.returncode == 0, p.stderr[-3000:]
+    step = tmp_path / "run/train/checkpoints/step_00000001"
+    bad = next(step.glob("*zero_pp_rank_1_mp_rank_00_optim_states.pt"))
+    shutil.copy(bad, tmp_path / "genuine.pt")
+    marker = tmp_path / "pwned"
+    torch.save({"optimizer_state_dict": Payload(marker)}, bad)
+    p = subprocess.run([*mlcd, "train.steps=2"], cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=400)
+    _one_line(p, 1, f"{bad}: refused to load the pickled global")
+    assert not marker.exists() and not (step.parent / "step_00000002").exists()
+    shutil.copy(tmp_path / "genuine.pt", bad)
+    metrics = tmp_path / "run/train/metrics.jsonl"
+    metrics.write_text(metrics.read_text() + '{"step": 2, "loss": 1.')  # a write torn by a kill
+    p = subprocess.run([*mlcd, "train.steps=2"], cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=400)
+    assert p.returncode == 0, p.stderr[-3000:]
+    assert "not a metrics record (a torn last write?)" in p.stderr + p.stdout
+    assert [json.loads(ln)["step"] for ln in metrics.read_text().splitlines()] == [1, 2]
