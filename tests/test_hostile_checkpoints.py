@@ -302,7 +302,7 @@ def small_disk(tmp_path):
     subprocess.run(["umount", str(mnt)], check=False)
 
 
-def test_disk_full_export_is_one_line(tmp_path, small_disk):
+def test_disk_full_export_is_one_line(tmp_path, small_disk, capsys):
     """A 1.1 MB export into a 64 KiB filesystem: one line naming the file, exit 1; a file written
     before is intact and no temp file is left behind."""
     step = step_folder(tmp_path)
@@ -313,24 +313,26 @@ def test_disk_full_export_is_one_line(tmp_path, small_disk):
     state = json.loads((step / "trainer_state.json").read_text())
     (step / "trainer_state.json").write_text(json.dumps({**state, "model_config": dataclasses.asdict(big.resolved())}))
     torch.save({"module": build_model(big).state_dict()}, step / "mp_rank_00_model_states.pt")
-    p = subprocess.run([sys.executable, "-m", "training.export", str(step), str(out)], cwd=ROOT, env=ENV,
-                       capture_output=True, text=True, timeout=300)
+    from training.export import cli
+    code = cli([str(step), str(out)])  # in-process: a traceback would fail the test
+    p = subprocess.CompletedProcess([], code, "", capsys.readouterr().err)
     _one_line(p, 1, "no space left on device")
     assert "model.safetensors" in p.stderr
     assert (out / "keep.txt").read_text() == "earlier output\n"
     assert not list(out.glob(".*.tmp")) and not (out / "model.safetensors").exists()
 
 
-def test_disk_full_stage_is_one_line(tmp_path, small_disk):
+def test_disk_full_stage_is_one_line(tmp_path, small_disk, capsys):
     """A stage through the shared entry path (k-means: centroids of 512 x 64 floats = 128 KiB)
     whose output folder is a 64 KiB filesystem: one line, exit 1, no traceback, no temp file."""
     from test_reliability import clip_retrieval_store
     clip_retrieval_store(tmp_path / "store", n_parts=2, rows=600, d=64, k=8)
-    p = subprocess.run([sys.executable, "-m", "clustering.kmeans", f"run.out_dir={small_disk}",
-                        f"cluster.store={tmp_path / 'store'}", "cluster.kind=img", "cluster.k=512",
-                        "cluster.niter=1", "cluster.points_per_centroid=1"], cwd=ROOT, env=ENV,
-                       capture_output=True, text=True, timeout=300)
-    _one_line(p, 1, "no space left on device")
+    from clustering.kmeans import cli
+    with pytest.raises(SystemExit) as e:  # in-process: a traceback would fail the test
+        cli([f"run.out_dir={small_disk}", f"cluster.store={tmp_path / 'store'}", "cluster.kind=img",
+             "cluster.k=512", "cluster.niter=1", "cluster.points_per_centroid=1"])
+    _one_line(subprocess.CompletedProcess([], e.value.code, "", capsys.readouterr().err), 1,
+              ".npy: no space left on device")  # the first array that does not fit
     assert not list((small_disk / "clusters").glob(".*.tmp"))
 
 
