@@ -3,7 +3,8 @@ overrides)`` -> ``run_distributed(fn, run, cfg)`` -> ``fn(run, cfg, ctx)``.
 
 - ``cli_main`` parses ``--config FILE key=value ...`` and turns user errors into one line on
   stderr and an exit code: 2 for a bad config (``ConfigError``, or a ``StageError`` whose
-  ``exit_code`` is 2), 1 for bad input (a ``StageError``: an unreadable store, failed shards, ...).
+  ``exit_code`` is 2), 1 for bad input (a ``StageError``: an unreadable store, failed shards, a
+  refused weights file, ...; and a full disk, however the writer reports it: ``DiskFull``).
   Every rank prints and exits the same way, so under torchrun no rank is left waiting and the
   launcher only sees non-zero exits (``launch/cli.py`` reports those without a traceback).
 - ``run_distributed`` builds the ``DistContext`` once, sets up per-rank logging, runs the stage

@@ -1,4 +1,4 @@
-"""User-facing error classes of every stage (no imports: every layer may raise them).
+"""User-facing error classes of every stage (stdlib imports only: every layer may raise them).
 
 ``StageError``: ``str(e)`` is the one line printed, ``exit_code`` 1 (bad input) or 2 (bad
 config/arguments). ``pipeline/entry.py:cli_main`` turns them into that line and exit code;
