@@ -366,3 +366,22 @@ def test_two_rank_resume_with_one_bad_rank_file(tmp_path):
     assert p.returncode == 0, p.stderr[-3000:]
     assert "not a metrics record (a torn last write?)" in p.stderr + p.stdout
     assert [json.loads(ln)["step"] for ln in metrics.read_text().splitlines()] == [1, 2]
+
+
+@pytest.mark.slow
+def test_two_rank_eval_of_pickled_hf_folder(tmp_path):
+    """`mlcd eval --nproc 2` of a HF folder whose only weights are a pickled pytorch_model.bin:
+    every rank builds the model, the file is refused on both, one line (rank 0's), exit 1."""
+    from test_eval import _eval_config, _write_probe_shards
+    for split, n in (("train", 12), ("test", 6)):
+        _write_probe_shards(tmp_path / "colours" / split, n, ["red", "green", "blue"], 0)
+    marker = tmp_path / "pwned"
+    hf = hf_pickled_bin(tmp_path, marker)
+    cfg = _eval_config(tmp_path, tmp_path / "colours", "")
+    cfg.write_text(cfg.read_text().replace("{name: tiny, kind: random, model: {name: vit_tiny_clip, image_size: 32}, "
+                                           "seed: 1}", f"{{name: evil, kind: hf, path: {hf}}}"))
+    assert str(hf) in cfg.read_text()
+    p = subprocess.run([sys.executable, "-m", "launch.cli", "eval", "--nproc", "2", "--config", str(cfg)],
+                       cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=400)
+    _one_line(p, 1, "pytorch_model.bin: refused to load the pickled global")
+    assert not marker.exists()

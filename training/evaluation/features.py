@@ -298,8 +298,12 @@ def _weights_id(path: Path) -> str:
     return h.hexdigest()[:16]
 
 
-def build_extractor(spec, device: torch.device) -> Extractor:
-    """``spec``: a training.evaluation.evaluate.ModelSpec (kind, path, arch, pretrained, model, seed, feature)."""
+def build_extractor(spec, device: torch.device, ctx: DistContext | None = None) -> Extractor:
+    """``spec``: a training.evaluation.evaluate.ModelSpec (kind, path, arch, pretrained, model, seed, feature).
+    ctx: every rank builds; a bad model file stops all of them with one line, printed once."""
+    if ctx is not None:
+        from training.safe_load import every_rank_reads
+        return every_rank_reads(ctx, lambda: build_extractor(spec, device))
     builders = {"checkpoint": _checkpoint, "hf": lambda s: _hf(s.path), "random": _random,
                 "open_clip": _open_clip, "encoder": lambda s: _encoder(s, device)}
     if spec.kind not in builders:
