@@ -191,7 +191,7 @@ def every_rank_reads(ctx, fn: Callable[[], T]) -> T:
     (a WeightsError, ...), every rank raises the error of the lowest failing rank, marked
     ``agreed`` so rank 0 alone prints it (pipeline/entry.py:report). No rank goes on to a
     collective a failed peer never reaches. Costs one all_gather_object per call."""
-    if not ctx.distributed:
+    if ctx is None or not ctx.distributed:  # one process (ctx None: a PartialFC built bare)
         return fn()
     out, err = None, None
     try:
