@@ -3,7 +3,8 @@ overrides)`` -> ``run_distributed(fn, run, cfg)`` -> ``fn(run, cfg, ctx)``.
 
 - ``cli_main`` parses ``--config FILE key=value ...`` and turns user errors into one line on
   stderr and an exit code: 2 for a bad config (``ConfigError``, or a ``StageError`` whose
-  ``exit_code`` is 2), 1 for bad input (a ``StageError``: an unreadable store, failed shards, ...).
+  ``exit_code`` is 2), 1 for bad input (a ``StageError``: an unreadable store, failed shards, a
+  refused weights file, ...; and a full disk, however the writer reports it: ``DiskFull``).
   Every rank prints and exits the same way, so under torchrun no rank is left waiting and the
   launcher only sees non-zero exits (``launch/cli.py`` reports those without a traceback).
 - ``run_distributed`` builds the ``DistContext`` once, sets up per-rank logging, runs the stage
@@ -23,7 +24,7 @@ from typing import Any
 
 from pipeline.config import ConfigError
 from pipeline.dist import DistContext, destroy, init_distributed
-from pipeline.errors import InputError, StageError  # noqa: F401 -- re-exported: the stages' error base
+from pipeline.errors import InputError, StageError, disk_full  # noqa: F401 -- re-exported: the stages' error base
 from pipeline.guard import stage_guard
 from pipeline.tracking import StageStatus, setup_logging
 
@@ -60,6 +61,11 @@ def cli_main(main: Callable[[str | None, list[str]], Any], argv: Sequence[str] |
         return main(args.config, args.overrides)
     except (ConfigError, StageError) as e:
         sys.exit(report(e))
+    except Exception as e:  # a full disk is one line too (exit 1); anything else a bug: traceback
+        full = disk_full(e)
+        if full is None:
+            raise
+        sys.exit(report(full))
 
 
 def run_distributed(fn: Callable[..., Any], run, cfg, *, lock_dir=None, **kwargs) -> Any:

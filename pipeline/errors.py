@@ -1,10 +1,14 @@
-"""User-facing error classes of every stage (no imports: every layer may raise them).
+"""User-facing error classes of every stage (stdlib imports only: every layer may raise them).
 
 ``StageError``: ``str(e)`` is the one line printed, ``exit_code`` 1 (bad input) or 2 (bad
 config/arguments). ``pipeline/entry.py:cli_main`` turns them into that line and exit code;
 ``pipeline.config.ConfigError`` is always 2. Modules subclass these for their own errors.
+A full disk (ENOSPC/EDQUOT, however a writer reports it) becomes ``DiskFull`` (exit 1).
 """
 from __future__ import annotations
+
+import errno
+import shutil
 
 
 class StageError(Exception):
@@ -30,3 +34,44 @@ def _rebuild(cls, message, code):
 class InputError(StageError, ValueError):
     """Bad input data or a refused run folder (exit 1)."""
     exit_code = 1
+
+
+class DiskFull(InputError):
+    """A write ran out of space: one line naming the path, exit 1. What was written before is
+    intact (every output is written atomically: a temp file renamed onto its name)."""
+
+
+_FULL = {errno.ENOSPC, getattr(errno, "EDQUOT", errno.ENOSPC)}
+_FULL_TEXT = ("No space left on device", "Disk quota exceeded", "os error 28", "os error 122")
+# torch.save reports a failed write without its errno ("unexpected pos", "file write failed",
+# "iostream error"): taken as a full disk only when the folder it wrote has under 1 MiB free.
+_TORCH_WRITE = ("PytorchStreamWriter", "inline_container.cc", "iostream error", "file write failed")
+
+
+def disk_full(e: BaseException, path=None) -> DiskFull | None:
+    """The one-line DiskFull for an out-of-space error (``e`` or anything in its cause chain:
+    an OSError with ENOSPC/EDQUOT, a library's message saying so, a torch write failure on a
+    folder with < 1 MiB free), else None. ``path``: the file being written, when known."""
+    seen: set[int] = set()
+    while e is not None and id(e) not in seen:
+        seen.add(id(e))
+        if isinstance(e, DiskFull):
+            return e
+        text = str(e)
+        full = (isinstance(e, OSError) and e.errno in _FULL) or any(t in text for t in _FULL_TEXT)
+        if not full and path is not None and any(t in text for t in _TORCH_WRITE):
+            full = _free_bytes(path) < 2**20
+        if full:
+            where = path or getattr(e, "filename", None) or "an output file"
+            return DiskFull(f"{where}: no space left on device (files written before are intact: "
+                            "outputs are written atomically); free space and rerun")
+        e = e.__cause__ or e.__context__
+    return None
+
+
+def _free_bytes(path) -> int:
+    from pathlib import Path
+    for p in (Path(path), *Path(path).parents):
+        if p.exists():
+            return shutil.disk_usage(p).free
+    return 1 << 62

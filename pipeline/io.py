@@ -12,6 +12,8 @@ from typing import Any, Iterator
 
 import numpy as np
 
+from pipeline.errors import disk_full
+
 
 def _umask() -> int:
     mask = os.umask(0)
@@ -32,6 +34,11 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
         with open(tmp, "rb+") as f:
             os.fsync(f.fileno())
         os.replace(tmp, path)
+    except Exception as e:  # a full disk: one line naming the file (pipeline/errors.py)
+        full = disk_full(e, path)
+        if full is None:
+            raise
+        raise full from None
     finally:
         if os.path.exists(tmp):
             os.unlink(tmp)

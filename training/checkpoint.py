@@ -29,7 +29,7 @@ from safetensors import safe_open
 from safetensors.torch import save as st_save
 
 from pipeline.io import atomic_write_bytes, atomic_write_json, atomic_write_text, read_json
-from training.safe_load import weights_only_loads
+from training.safe_load import WeightsError, check_torch_files, weights_only_loads
 
 log = logging.getLogger("mlcd.train.ckpt")
 STEP_RE = re.compile(r"^step_(\d{8})$")
@@ -83,42 +83,73 @@ def save_centers(step_dir: Path, pfc, opt: torch.optim.Optimizer, folder: str = 
     atomic_write_bytes(path, st_save(tensors, metadata=meta))
 
 
+def center_files(step_dir: Path, world_size: int, num_classes: int, dim: int | None = None,
+                 folder: str = "partial_fc") -> list[tuple[Path, int, int]]:
+    """(file, start, end) of a checkpoint's center shards, after checking what every shard says
+    before any tensor is read: a safetensors header, its metadata (this K, its own rank and
+    world size), a weight of (end - start, dim) rows, and ranges that tile [0, K) in rank order
+    (a shifted or overlapping block would put centers on the wrong classes). WeightsError
+    naming the file otherwise. Reads headers only."""
+    where = step_dir / folder
+    files = sorted(where.glob(f"rank*_of{world_size}.safetensors"),
+                   key=lambda f: int(re.sub(r"\D", "", f.name.split("_of")[0]) or -1))
+    if len(files) != world_size:
+        raise WeightsError(f"{where}: expected {world_size} center shards rank*_of{world_size}.safetensors, "
+                           f"found {len(files)}")
+    out, end = [], 0
+    for r, f in enumerate(files):
+        with weights_only_loads(f, deepspeed=False), safe_open(str(f), framework="pt") as sf:
+            meta = sf.metadata() or {}
+            shape = sf.get_slice("weight").get_shape() if "weight" in sf.keys() else None  # noqa: SIM118
+        try:
+            s, e, k, rank, w = (int(meta[x]) for x in ("start", "end", "num_classes", "rank", "world_size"))
+        except (KeyError, ValueError):
+            raise WeightsError(f"{f}: no center-shard metadata (start, end, num_classes, rank, "
+                               "world_size as integers)") from None
+        if k != num_classes:
+            raise WeightsError(f"{f}: checkpoint has {k} classes, this run {num_classes}")
+        if (rank, w) != (r, world_size) or f.name != f"rank{r}_of{world_size}.safetensors":
+            raise WeightsError(f"{f}: says rank {rank} of {w}; expected rank{r}_of{world_size}")
+        if s != end or e < s or (r == world_size - 1 and e != k):
+            raise WeightsError(f"{f}: holds classes [{s}, {e}); the shards must tile [0, {k}) in rank "
+                               f"order, this one must start at {end}")
+        if shape is None or len(shape) != 2 or shape[0] != e - s or (dim is not None and shape[1] != dim):
+            raise WeightsError(f"{f}: weight has shape {shape}, expected ({e - s}, {dim or 'D'}) "
+                               f"for classes [{s}, {e})")
+        out.append((f, s, e))
+        end = e
+    return out
+
+
 def load_centers(step_dir: Path, pfc, opt: torch.optim.Optimizer, world_size: int,
                  folder: str = "partial_fc") -> None:
-    """Fills this rank's block (and its optimizer state) from the saved blocks that overlap it."""
-    files = sorted((step_dir / folder).glob(f"rank*_of{world_size}.safetensors"))
-    if len(files) != world_size:
-        raise FileNotFoundError(f"{step_dir / folder}: expected {world_size} center shards "
-                                f"rank*_of{world_size}.safetensors, found {len(files)}")
+    """Fills this rank's block (and its optimizer state) from the saved blocks that overlap it
+    (checked first by center_files); a bad shard is a WeightsError naming it."""
     lo, hi = pfc.start, pfc.start + pfc.num_local
     state: dict[str, torch.Tensor] = {}
-    covered = 0
-    for f in files:
-        with safe_open(str(f), framework="pt") as sf:
-            meta = sf.metadata()
-            if int(meta["num_classes"]) != pfc.num_classes:
-                raise ValueError(f"{f}: checkpoint has {meta['num_classes']} classes, this run "
-                                 f"{pfc.num_classes}")
-            s, e = int(meta["start"]), int(meta["end"])
-            a, b = max(s, lo), min(e, hi)
+    for f, s, e in center_files(step_dir, world_size, pfc.num_classes, pfc.weight.shape[1], folder):
+        a, b = max(s, lo), min(e, hi)
+        with weights_only_loads(f, deepspeed=False), safe_open(str(f), framework="pt") as sf:
             for key in sf.keys():  # noqa: SIM118 (safe_open is not a mapping)
+                shape = sf.get_slice(key).get_shape()
                 if key == "rng.torch":
-                    if world_size == pfc.world_size and int(meta["rank"]) == pfc.rank:
+                    if world_size == pfc.world_size and f.name == f"rank{pfc.rank}_of{world_size}.safetensors":
                         torch.set_rng_state(sf.get_tensor(key))
                     continue
-                if sf.get_slice(key).get_shape() == [] or key == "opt.step":  # per-rank scalar
+                if shape == [] or key == "opt.step":  # per-rank scalar
                     state.setdefault(key, sf.get_tensor(key))
                     continue
+                if shape[0] != e - s:
+                    raise WeightsError(f"{f}: {key} has {shape[0]} rows, the block [{s}, {e}) {e - s}")
                 if a >= b:
                     continue
                 if key not in state:
-                    state[key] = torch.empty(pfc.num_local, *sf.get_slice(key).get_shape()[1:])
+                    state[key] = torch.empty(pfc.num_local, *shape[1:])
                 state[key][a - lo:b - lo] = sf.get_slice(key)[a - s:b - s]
-            covered += max(0, b - a) if "weight" in sf.keys() else 0  # noqa: SIM118
-    if covered != pfc.num_local:
-        raise ValueError(f"{step_dir}: center shards cover {covered} of this rank's {pfc.num_local} classes")
-    with torch.no_grad():
-        pfc.weight.copy_(state.pop("weight"))
+    if pfc.num_local:
+        with torch.no_grad():
+            pfc.weight.copy_(state.pop("weight"))
+    state.pop("weight", None)
     if state:
         opt.state[pfc.weight] = {k[4:]: v for k, v in state.items() if k.startswith("opt.")}
 
@@ -166,8 +197,11 @@ def load_backbone_state_dict(step_dir: Path) -> dict[str, torch.Tensor]:
         else:
             path = step_dir / "mp_rank_00_model_states.pt"
             if not path.is_file():
-                raise FileNotFoundError(f"{step_dir}: no DeepSpeed model states (mp_rank_00_model_states.pt)")
-            sd = torch.load(path, map_location="cpu", weights_only=True)["module"]
+                raise WeightsError(f"{step_dir}: no DeepSpeed model states (mp_rank_00_model_states.pt)")
+            with weights_only_loads(path):  # names the file itself
+                sd = torch.load(path, map_location="cpu", weights_only=True)["module"]
+    if not isinstance(sd, dict) or not all(torch.is_tensor(v) for v in sd.values()):
+        raise WeightsError(f"{step_dir}: the model states are not a state dict of tensors")
     return {k: v.float() for k, v in sd.items()}
 
 
@@ -177,3 +211,23 @@ def load_engine(engine, step_dir: Path) -> None:
         engine.load_checkpoint(str(step_dir.parent), tag=step_dir.name, load_optimizer_states=True,
                                load_lr_scheduler_states=False)
 
+
+def rank_files(step_dir: Path, rank: int) -> list[Path]:
+    """The DeepSpeed files `rank` reads on an exact resume (ZeRO 0-2: the shared model states;
+    ZeRO-3: its own; ZeRO 1-3: its optimizer partition, fp32 or bf16)."""
+    pat = re.compile(rf"^(mp_rank_00_model_states|(bf16_)?zero_pp_rank_{rank}_mp_rank_00_(model|optim)_states)\.pt$")
+    return sorted(p for p in step_dir.iterdir() if pat.match(p.name)) if step_dir.is_dir() else []
+
+
+def check_resume(step_dir: Path, rank: int, exact: bool, centers: list[tuple[int, int, int, str]]) -> None:
+    """What this rank will read on a resume, checked before any loader that talks to other ranks
+    runs: its DeepSpeed files' pickled structure (exact resumes; mmap, no tensor bytes) and every
+    center shard's header (centers: (world size saved, K, dim, folder) per PartialFC)."""
+    if exact:
+        files = rank_files(step_dir, rank)
+        if not any(f.name.endswith("model_states.pt") for f in files):
+            raise WeightsError(f"{step_dir}: no DeepSpeed model states for rank {rank} "
+                               "(mp_rank_00_model_states.pt or zero_pp_rank_*_model_states.pt)")
+        check_torch_files(files)
+    for world, k, dim, folder in centers:
+        center_files(step_dir, world, k, dim, folder)

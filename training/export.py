@@ -39,20 +39,22 @@ from pathlib import Path
 
 import torch
 
-from pipeline.entry import StageError, report
+from pipeline.config import ConfigError
+from pipeline.entry import StageError, disk_full, report
 from pipeline.io import atomic_path, atomic_write_json, read_json
 from training.checkpoint import STEP_RE, find_latest, load_backbone_state_dict
 from training.hf import from_hf_state_dict, load_state_file, save_hf_folder
 from training.model import PRESETS, ModelConfig
+from training.safe_load import STATE_SUFFIXES, WeightsError
 
 log = logging.getLogger(__name__)
-STATE_SUFFIXES = (".safetensors", ".pt", ".pth", ".bin")
 REGION_PREFIX = "region_head."  # RICE's Region Transformer head (training/regions.py)
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
 class ExportError(StageError, ValueError):
-    """A bad checkpoint or argument: one line for the user, exit code 2."""
+    """A bad argument (a path that is no checkpoint, --model): one line, exit code 2. A damaged
+    or refused checkpoint file is a WeightsError (training/safe_load.py): exit code 1."""
     exit_code = 2
     label = "export error"
 
@@ -98,7 +100,7 @@ def _zero_tag_dir(step: Path) -> Path:
     for cand in (step, *sorted(p for p in step.iterdir() if p.is_dir())):
         if any(cand.glob("*model_states.pt")):
             return cand
-    raise ExportError(f"{step}: no DeepSpeed model states (*model_states.pt) found")
+    raise WeightsError(f"{step}: no DeepSpeed model states (*model_states.pt) found")
 
 
 def load_training_checkpoint(path: Path, region_head: bool = False) -> tuple[dict, ModelConfig, dict]:
@@ -106,13 +108,22 @@ def load_training_checkpoint(path: Path, region_head: bool = False) -> tuple[dic
     A RICE checkpoint's `region_head.*` keys are dropped unless region_head=True: callers that
     build an MLCDEncoder (eval, init_from) get the backbone + head only."""
     step = resolve_step_dir(path)
-    state = read_json(step / "trainer_state.json")
+    try:
+        state = read_json(step / "trainer_state.json")
+        if not isinstance(state, dict):
+            raise ValueError("not a JSON object")
+    except (OSError, ValueError) as e:
+        raise WeightsError(f"{step}/trainer_state.json: unreadable ({e})") from None
     if not state.get("complete"):
-        raise ExportError(f"{step}/trainer_state.json: checkpoint is not complete (killed while "
-                          "saving?); export an earlier step")
-    if "model_config" not in state:
-        raise ExportError(f"{step}/trainer_state.json: no model_config")
-    cfg = _config(state["model_config"], f"{step}/trainer_state.json")
+        raise WeightsError(f"{step}/trainer_state.json: checkpoint is not complete (killed while "
+                           "saving?); use an earlier step")
+    if not isinstance(state.get("model_config"), dict):
+        raise WeightsError(f"{step}/trainer_state.json: no model_config")
+    try:
+        cfg = _config(state["model_config"], f"{step}/trainer_state.json")
+    except (ExportError, TypeError, ValueError) as e:
+        raise WeightsError(str(e) if isinstance(e, ExportError) else f"{step}/trainer_state.json: "
+                           f"bad model_config ({e})") from None
     # One reader for every ZeRO stage (0 stores the module whole; 1-3 go through zero_to_fp32).
     sd = _strip_module(dict(load_backbone_state_dict(_zero_tag_dir(step))))
     if not region_head:
@@ -151,7 +162,7 @@ def export(checkpoint: str | Path, out_dir: str | Path, model: str | None = None
     cfg = cfg.resolved()
     region = {k[len(REGION_PREFIX):]: v for k, v in sd.items() if k.startswith(REGION_PREFIX)}
     sd = {k: v for k, v in sd.items() if not k.startswith(REGION_PREFIX)}
-    _check_shapes(sd, cfg, src)
+    _check_shapes(sd, cfg, src, ExportError if src.is_file() else WeightsError)
     out = save_hf_folder(sd, cfg, out_dir, with_head=with_head, dtype=DTYPES[dtype])
     if region:
         info["region_head"] = save_region_head(region, cfg, state, out, DTYPES[dtype], src)
@@ -185,9 +196,10 @@ def save_region_head(sd: dict, cfg: ModelConfig, state: dict, out: Path, dtype: 
     return conf
 
 
-def _check_shapes(sd: dict, cfg: ModelConfig, src: Path) -> None:
+def _check_shapes(sd: dict, cfg: ModelConfig, src: Path, error: type = WeightsError) -> None:
     """Loads into a meta-device model (no memory) so a config/weights mismatch is one clear
-    error here, not a shape error inside transformers later."""
+    error here, not a shape error inside transformers later. error: WeightsError when the
+    checkpoint's own config disagrees with its weights, ExportError when --model does."""
     from training.model import build_model
     with torch.device("meta"):
         ref = build_model(cfg).state_dict()
@@ -195,8 +207,8 @@ def _check_shapes(sd: dict, cfg: ModelConfig, src: Path) -> None:
     unexpected = sorted(set(sd) - set(ref))
     bad = [k for k in set(ref) & set(sd) if tuple(ref[k].shape) != tuple(sd[k].shape)]
     if missing or unexpected or bad:
-        raise ExportError(f"{src}: weights do not match model {cfg.name} (missing {missing[:3]}, "
-                          f"unexpected {unexpected[:3]}, wrong shape {sorted(bad)[:3]})")
+        raise error(f"{src}: weights do not match model {cfg.name} (missing {missing[:3]}, "
+                    f"unexpected {unexpected[:3]}, wrong shape {sorted(bad)[:3]})")
 
 
 def cli(argv=None) -> int:
@@ -212,8 +224,15 @@ def cli(argv=None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     try:
         out = export(args.checkpoint, args.out_dir, args.model, args.with_head, args.dtype)
-    except (ExportError, FileNotFoundError, ValueError, KeyError) as e:
-        return report(e if isinstance(e, StageError) else ExportError(str(e)))
+    except (StageError, ConfigError) as e:  # a bad file (exit 1) or argument (exit 2): one line
+        return report(e)
+    except (FileNotFoundError, ValueError, KeyError) as e:
+        return report(ExportError(str(e)))
+    except Exception as e:  # a full disk: one line, exit 1; anything else keeps its traceback
+        full = disk_full(e, args.out_dir)
+        if full is None:
+            raise
+        return report(full)
     print(json.dumps({"out_dir": str(out)}))
     return 0
 

@@ -18,10 +18,11 @@ import logging
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 
 from pipeline.io import atomic_path, atomic_write_json
 from training.model import CLIP_MEAN, CLIP_STD, PRESETS, MLCDEncoder, ModelConfig, build_model
+from training.safe_load import read_hf_weights, read_state_file
 
 log = logging.getLogger(__name__)
 PREFIX = "vision_model."
@@ -126,37 +127,9 @@ def from_hf_state_dict(sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     return out
 
 
-def load_state_file(path: str | Path) -> dict[str, torch.Tensor]:
-    """A bare state file: .safetensors or a torch .pt/.bin (weights_only: no pickle code runs).
-    A {"module": ..} / {"state_dict": ..} / {"model": ..} wrapper is unwrapped."""
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"{path}: no such state file")
-    if path.suffix == ".safetensors":
-        return load_file(str(path))
-    sd = torch.load(path, map_location="cpu", weights_only=True)
-    for key in ("module", "state_dict", "model"):
-        if isinstance(sd, dict) and isinstance(sd.get(key), dict):
-            sd = sd[key]
-    if not isinstance(sd, dict) or not all(isinstance(v, torch.Tensor) for v in sd.values()):
-        raise ValueError(f"{path}: not a flat state dict of tensors")
-    return sd
-
-
-def _hf_weights(folder: Path) -> dict[str, torch.Tensor]:
-    index = folder / "model.safetensors.index.json"
-    if (folder / "model.safetensors").is_file():
-        return load_file(str(folder / "model.safetensors"))
-    if index.is_file():
-        files = sorted(set(json.loads(index.read_text())["weight_map"].values()))
-        sd = {}
-        for f in files:
-            sd.update(load_file(str(folder / f)))
-        return sd
-    if (folder / "pytorch_model.bin").is_file():
-        return load_state_file(folder / "pytorch_model.bin")
-    raise FileNotFoundError(f"{folder}: no model.safetensors, model.safetensors.index.json or "
-                            "pytorch_model.bin")
+# The one weights reader (weights-only, one line per bad file): training/safe_load.py.
+load_state_file = read_state_file
+_hf_weights = read_hf_weights
 
 
 def load_hf_folder(folder: str | Path, embed_dim: int | None = None,

@@ -37,7 +37,8 @@ import torch
 from safetensors import safe_open
 
 from pipeline.config import ConfigError, check
-from pipeline.io import atomic_write_json
+from pipeline.io import atomic_write_json, read_json
+from training.safe_load import WeightsError, every_rank_reads, weights_only_loads
 
 log = logging.getLogger("mlcd.train.init")
 # Fields that fix the weights' shapes and meaning; image_size alone may differ.
@@ -118,7 +119,7 @@ def read_source(path: str | Path) -> tuple[dict[str, torch.Tensor], dict | None,
         arch = dataclasses.asdict(cfg.resolved())
         arch["step"] = state.get("step")
         return sd, arch, "checkpoint"
-    except ConfigError:
+    except (ConfigError, WeightsError):  # a bad file: one line naming it, exit 1
         raise
     except (OSError, ValueError, KeyError) as e:  # ExportError is a ValueError
         _fail(p, str(e).replace(f"{p}: ", ""))
@@ -175,21 +176,27 @@ def _check_arch(arch: dict | None, model: torch.nn.Module, path) -> None:
 
 def check_centers_source(path: str | Path, num_classes: int) -> tuple[Path, int]:
     """(step folder, world size it was saved with) of a previous run's centers; ConfigError if
-    missing or a different K. Reads only safetensors metadata."""
+    missing or a different K, WeightsError naming the shard if one is bad (shifted range, wrong
+    shape, bad header). Reads trainer_state.json and the shards' headers only."""
     from training import export
+    from training.checkpoint import center_files
     try:
         step = export.resolve_step_dir(Path(path))
-        files = sorted((step / "partial_fc").glob("rank*_of*.safetensors"))
+        world = int(read_json(step / "trainer_state.json")["world_size"])
+        files = sorted((step / "partial_fc").glob(f"rank*_of{world}.safetensors"))
         if not files:
             raise ValueError(f"{step / 'partial_fc'}: no center shards")
-        with safe_open(str(files[0]), framework="pt") as sf:
-            meta = sf.metadata()
-    except (OSError, ValueError) as e:
+        with weights_only_loads(files[0], deepspeed=False), safe_open(str(files[0]), framework="pt") as sf:
+            k = (sf.metadata() or {}).get("num_classes")
+    except WeightsError:
+        raise
+    except (OSError, ValueError, KeyError, TypeError) as e:
         raise ConfigError(f"train.init_centers_from={path}: {e}") from None
-    if int(meta["num_classes"]) != num_classes:
+    if str(k) != str(num_classes):
         raise ConfigError(f"train.init_centers_from={path}: {files[0].name} has num_classes="
-                          f"{meta['num_classes']}, this run K={num_classes}")
-    return step, int(meta["world_size"])
+                          f"{k}, this run K={num_classes}")
+    center_files(step, world, num_classes)
+    return step, world
 
 
 # ---------------------------------------------------------------- the hooks train.py calls
@@ -200,7 +207,7 @@ def load_initial_weights(model: torch.nn.Module, cfg, num_classes: int, ctx, out
     writes `{out_dir}/init_from.json`. Returns the provenance (also for trainer_state.json)."""
     prov: dict = {"init_from": cfg.init_from or None, "init_centers_from": cfg.init_centers_from or None}
     if cfg.init_centers_from:
-        step, world = check_centers_source(cfg.init_centers_from, num_classes)
+        step, world = ctx.agree(lambda: check_centers_source(cfg.init_centers_from, num_classes))
         prov["centers"] = {"step_dir": str(step), "saved_world_size": world}
     if cfg.init_from:
         prov.update(_load_on_rank0(model, cfg.init_from, ctx))
@@ -243,10 +250,13 @@ def load_initial_centers(pfc, cfg) -> None:
         return
     from training.checkpoint import load_centers
     from training.export import resolve_step_dir
-    step = resolve_step_dir(Path(cfg.init_centers_from))
-    world = int(json.loads((step / "trainer_state.json").read_text())["world_size"])
-    rng = torch.get_rng_state()
-    scratch = torch.optim.SGD([pfc.weight], lr=0.0)  # receives the old moments; dropped
-    load_centers(step, pfc, scratch, world)
-    torch.set_rng_state(rng)
-    log.info("class centers [%d, %d) initialized from %s", pfc.start, pfc.start + pfc.num_local, step)
+
+    def load() -> None:  # every rank reads its block; one bad read stops every rank (one line)
+        step = resolve_step_dir(Path(cfg.init_centers_from))
+        world = int(read_json(step / "trainer_state.json")["world_size"])
+        rng = torch.get_rng_state()
+        scratch = torch.optim.SGD([pfc.weight], lr=0.0)  # receives the old moments; dropped
+        load_centers(step, pfc, scratch, world)
+        torch.set_rng_state(rng)
+        log.info("class centers [%d, %d) initialized from %s", pfc.start, pfc.start + pfc.num_local, step)
+    every_rank_reads(pfc.ctx, load)

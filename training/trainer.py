@@ -42,6 +42,7 @@ from training.data import find_parts, make_loader
 from training.init_weights import FinetuneConfig, load_initial_centers, load_initial_weights, param_groups
 from training.model import build_model
 from training.partial_fc import PartialFC, make_optimizer
+from training.safe_load import every_rank_reads
 from training.validate import TrainInputError, region_spec
 
 log = logging.getLogger("mlcd.train")
@@ -258,17 +259,26 @@ class CheckpointManager:
         log.warning("resuming a %s-rank ZeRO-%s checkpoint on %d ranks: centers re-sharded, backbone "
                     "weights from the fp32 consolidation, backbone optimizer moments restart",
                     self.state.get("world_size"), self.state.get("zero_stage"), self.ctx.world_size)
-        return ckpt.load_backbone_state_dict(self.resume)
+        return every_rank_reads(self.ctx, lambda: ckpt.load_backbone_state_dict(self.resume))
 
     def load(self, engine, pfc: PartialFC, pfc_opt, region: RegionStep | None = None) -> tuple[int, int]:
-        """(step, samples_seen) after restoring the engine (exact resumes) and the centers."""
+        """(step, samples_seen) after restoring the engine (exact resumes) and the centers. Every
+        rank first checks the files it will read, and a bad file on any rank stops every rank
+        with that one line (training/safe_load.py:every_rank_reads) before DeepSpeed's loader,
+        which talks to the other ranks, runs."""
         if not self.resume:
             return 0, 0
-        if self.exact:
-            ckpt.load_engine(engine, self.resume)  # weights-only, DeepSpeed's own files included
-        ckpt.load_centers(self.resume, pfc, pfc_opt, int(self.state["world_size"]))
-        if region is not None:
-            ckpt.load_centers(self.resume, region.pfc, region.opt, int(self.state["world_size"]), ckpt.REGION_FC)
+        world = int(self.state["world_size"])
+        heads = [(pfc, pfc_opt, "partial_fc")] + ([(region.pfc, region.opt, ckpt.REGION_FC)] if region else [])
+        centers = [(world, p.num_classes, p.weight.shape[1], folder) for p, _, folder in heads]
+        every_rank_reads(self.ctx, lambda: ckpt.check_resume(self.resume, self.ctx.rank, self.exact, centers))
+
+        def restore() -> None:
+            if self.exact:
+                ckpt.load_engine(engine, self.resume)  # weights-only, DeepSpeed's own files included
+            for p, opt, folder in heads:
+                ckpt.load_centers(self.resume, p, opt, world, folder)
+        every_rank_reads(self.ctx, restore)
         step, seen = int(self.state["step"]), int(self.state["samples_seen"])
         log.info("resumed from %s (step %d, %d samples seen)", self.resume, step, seen)
         self.saved_at = step
@@ -449,8 +459,8 @@ class _Metrics:
         self.t, self.path = trainer, path
         ctx = trainer.ctx
         if ctx.is_main and path is not None:
-            old = path.read_text().splitlines() if path.exists() else []
-            atomic_write_text(path, "".join(ln + "\n" for ln in old if json.loads(ln)["step"] <= trainer.step))
+            old = path.read_text(errors="replace").splitlines() if path.exists() else []
+            atomic_write_text(path, "".join(ln + "\n" for ln in _kept_metrics(path, old, trainer.step)))
         self.tracker = Tracker(trainer.run, ctx, str(path.parent if path else "."), "train",
                                {"run": to_dict(trainer.run), "train": to_dict(trainer.cfg)})
         self.t_start = self.t_log = time.perf_counter()
@@ -485,3 +495,22 @@ class _Metrics:
 
     def finish(self) -> None:
         self.tracker.finish()
+
+
+def _kept_metrics(path: Path, lines: list[str], step: int) -> list[str]:
+    """The metrics lines a resume at `step` keeps: those logged up to its checkpoint. A line that
+    is not a JSON object with a step (the torn last line of a killed write, or damage anywhere)
+    is dropped with a warning naming it: the file is a log, never an input, so a resume goes on."""
+    kept = []
+    for i, ln in enumerate(lines, 1):
+        try:
+            rec = json.loads(ln)
+            s = int(rec["step"])
+        except (ValueError, KeyError, TypeError):
+            if ln.strip():
+                log.warning("%s: line %d of %d is not a metrics record (%s write?); dropped", path, i,
+                            len(lines), "a torn last" if i == len(lines) else "a damaged")
+            continue
+        if s <= step:
+            kept.append(ln)
+    return kept

@@ -244,7 +244,7 @@ def evaluate(run: RunConfig, cfg: EvalConfig, ctx: DistContext, tracker: Tracker
                 if not hit:
                     if ex is None:
                         t0 = time.perf_counter()
-                        ex = build_extractor(spec, device)
+                        ex = build_extractor(spec, device, ctx)
                         log.info("built %s (%s, %.1fM params) in %.1f s", mname, spec.kind,
                                  ex.info.get("params", 0) / 1e6, time.perf_counter() - t0)
                         report["models"][mname]["info"] = to_jsonable(ex.info)

@@ -265,6 +265,7 @@ def _checkpoint(spec) -> Extractor:
     model_config) or a bare state file (.safetensors/.pt, our or HF keys) + `model` fields."""
     from training.export import ExportError, load_training_checkpoint
     from training.hf import from_hf_state_dict, load_state_file
+    from training.safe_load import WeightsError
     p = Path(spec.path)
     info = {"kind": "checkpoint", "weights": spec.path}
     try:
@@ -278,7 +279,7 @@ def _checkpoint(spec) -> Extractor:
             return _our_model(mcfg, sd, spec.seed, spec.feature, info)
         sd, cfg, st = load_training_checkpoint(p)
     except (ExportError, FileNotFoundError, ValueError) as e:
-        if isinstance(e, EvalInputError):
+        if isinstance(e, (EvalInputError, WeightsError)):  # a bad weights file: exit 1, as is
             raise
         raise EvalInputError(f"{p}: {e}") from None
     info.update(weights=str(resolve_checkpoint(spec.path)), step=st.get("step"))
@@ -297,8 +298,12 @@ def _weights_id(path: Path) -> str:
     return h.hexdigest()[:16]
 
 
-def build_extractor(spec, device: torch.device) -> Extractor:
-    """``spec``: a training.evaluation.evaluate.ModelSpec (kind, path, arch, pretrained, model, seed, feature)."""
+def build_extractor(spec, device: torch.device, ctx: DistContext | None = None) -> Extractor:
+    """``spec``: a training.evaluation.evaluate.ModelSpec (kind, path, arch, pretrained, model, seed, feature).
+    ctx: every rank builds; a bad model file stops all of them with one line, printed once."""
+    if ctx is not None:
+        from training.safe_load import every_rank_reads
+        return every_rank_reads(ctx, lambda: build_extractor(spec, device))
     builders = {"checkpoint": _checkpoint, "hf": lambda s: _hf(s.path), "random": _random,
                 "open_clip": _open_clip, "encoder": lambda s: _encoder(s, device)}
     if spec.kind not in builders:
@@ -335,16 +340,32 @@ def _random(spec) -> Extractor:
 
 def _hf(path: str) -> Extractor:
     """transformers AutoModel (CLIPVisionModel, MLCDVisionModel, or a full CLIPModel's tower) and
-    the folder's saved image processor; features = the tower's pooler_output."""
-    from transformers import AutoImageProcessor, AutoModel
+    the folder's saved image processor; features = the tower's pooler_output. The weights are
+    read by training/safe_load.py (weights-only, an index may not leave its folder; a bad file is
+    one WeightsError line) and handed to transformers, which reads no weights file itself."""
+    from transformers import AutoConfig, AutoImageProcessor
+    from transformers.models.auto.modeling_auto import MODEL_MAPPING
+
+    from training.safe_load import WeightsError, read_hf_weights
     p = Path(path)
     if not (p / "config.json").is_file():
         raise EvalInputError(f"{path}: not an HF model folder (no config.json)")
     try:
         proc = AutoImageProcessor.from_pretrained(path)
-        model = AutoModel.from_pretrained(path).eval()
-    except (OSError, ValueError) as e:
+        conf = AutoConfig.from_pretrained(path)
+        cls = MODEL_MAPPING[type(conf)]
+    except (OSError, ValueError, KeyError) as e:
         raise EvalInputError(f"{path}: cannot load with transformers ({str(e).splitlines()[0]})") from None
+    sd = read_hf_weights(p)
+    try:
+        model, info = cls.from_pretrained(None, config=conf, state_dict=sd, output_loading_info=True)
+    except (RuntimeError, ValueError) as e:  # a tensor of the wrong shape
+        raise WeightsError(f"{path}: weights do not fit its config.json ({str(e).splitlines()[0]})") from None
+    missing = sorted(k for k in info["missing_keys"] if k.rsplit(".", 1)[-1] != "position_ids")
+    if missing:
+        raise WeightsError(f"{path}: weights do not fit its config.json: {missing[0]} missing "
+                           f"({len(missing)} missing keys)")
+    model.eval()
     tower = getattr(model, "vision_model", model)
 
     def fwd(x):

@@ -350,7 +350,7 @@ def _features(spec: ModelSpec, data: dict[str, RegionSet], cache: FeatureCache, 
         else:
             if "ex" not in state:
                 t0 = time.perf_counter()
-                state["ex"] = build_extractor(spec, device)
+                state["ex"] = build_extractor(spec, device, ctx)
                 state["info"] = to_jsonable(state["ex"].info)
                 log.info("built %s (%s) in %.1f s", spec.name, spec.kind, time.perf_counter() - t0)
             t0 = time.perf_counter()
