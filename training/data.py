@@ -155,8 +155,12 @@ class Batch:
     def pin_memory(self) -> Batch:
         """DataLoader(pin_memory=True) pins a custom type only through this method (it passes a
         dataclass through unpinned otherwise): every tensor field pinned."""
-        return dataclasses.replace(self, **{f.name: v.pin_memory() for f in dataclasses.fields(self)
-                                            if isinstance(v := getattr(self, f.name), torch.Tensor)})
+        out = dataclasses.replace(self)
+        for f in dataclasses.fields(self):
+            v = getattr(self, f.name)
+            if isinstance(v, torch.Tensor):
+                setattr(out, f.name, v.pin_memory())
+        return out
 
 
 class LabeledStream(IterableDataset):

@@ -39,7 +39,7 @@ from torch import nn
 from pipeline.config import ConfigError
 from training.checkpoint import load_centers, save_centers
 from training.data import Batch, find_parts, make_loader
-from training.model import ModelConfig, build_model
+from training.model import MLCDEncoder, ModelConfig, build_model
 from training.partial_fc import PartialFC, PartialFCConfig, make_optimizer
 
 REGION_SEED = 1 << 20  # the region centers' init and sampling: seed + REGION_SEED (another stream)
@@ -96,7 +96,7 @@ class Head:
         """True when the model must be `model(model_cfg)` (at most one head may say so)."""
         return False
 
-    def model(self, model_cfg: ModelConfig) -> nn.Module:
+    def model(self, model_cfg: ModelConfig) -> MLCDEncoder:
         raise NotImplementedError
 
     def data_source(self) -> DataSource | None:
@@ -209,7 +209,7 @@ class RegionClassHead(ClassHead):
     def extends_model(self) -> bool:
         return True
 
-    def model(self, model_cfg: ModelConfig) -> nn.Module:
+    def model(self, model_cfg: ModelConfig) -> MLCDEncoder:
         from training.regions import MLCDRegionEncoder, RegionHeadConfig
         return MLCDRegionEncoder(model_cfg, RegionHeadConfig(layers=self.rcfg.layers))
 
@@ -265,7 +265,7 @@ def configured_heads(cfg, num_classes: int, region_classes: int = 0) -> list[Hea
 
 # ---------------------------------------------------------------- what the trainer asks of all heads
 
-def model_for(heads: Sequence[Head], model_cfg: ModelConfig) -> nn.Module:
+def model_for(heads: Sequence[Head], model_cfg: ModelConfig) -> MLCDEncoder:
     """The plain MLCDEncoder, or the one a head extends it to (training/regions.py)."""
     owners = [h for h in heads if h.extends_model()]
     if len(owners) > 1:

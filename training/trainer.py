@@ -306,7 +306,10 @@ class Trainer:
                 h.init_new_run(cfg)  # e.g. train.init_centers_from (a new run only)
 
     def head(self, name: str) -> Head:
-        return next(h for h in self.heads if h.name == name)
+        found = [h for h in self.heads if h.name == name]
+        if not found:
+            raise KeyError(f"no loss head {name!r} (configured: {', '.join(h.name for h in self.heads)})")
+        return found[0]
 
     @property
     def _resuming(self) -> bool:
