@@ -203,7 +203,7 @@ def check_full_step(ctx) -> None:
     """2 ranks x (2 micro-batches of 2) through DeepSpeed == one dense SGD step on 8 samples."""
     from pipeline.config import RunConfig
     from training.config import DeepSpeedConfig, OptimConfig, TrainConfig
-    from training.data import TrainDataConfig
+    from training.data import Batch, TrainDataConfig
     from training.loss import LossConfig, dense_mlcd_loss
     from training.model import ModelConfig, build_model
     from training.partial_fc import PartialFCConfig, init_centers
@@ -223,11 +223,12 @@ def check_full_step(ctx) -> None:
     torch.manual_seed(0)
     ref = build_model(cfg.model)  # the same seeded init the Trainer builds (run.seed = 0)
     trainer = Trainer(RunConfig(seed=0), cfg, ctx, num_classes=K)  # the stage's build, no files
-    engine, pfc = trainer.engine, trainer.pfc
+    engine, pfc = trainer.engine, trainer.head("image").pfc
+    assert [h.name for h in trainer.heads] == ["image"]
     assert all(torch.equal(p, q) for p, q in zip(engine.module.state_dict().values(), ref.state_dict().values()))
     # global micro-batch m = ranks' slices m of their halves; rank r holds samples [4r, 4r + 4)
-    mine = [(images[4 * ctx.rank + 2 * m:4 * ctx.rank + 2 * m + 2],
-             labels[4 * ctx.rank + 2 * m:4 * ctx.rank + 2 * m + 2], 0) for m in range(2)]
+    mine = [Batch(images[4 * ctx.rank + 2 * m:4 * ctx.rank + 2 * m + 2],
+                  labels[4 * ctx.rank + 2 * m:4 * ctx.rank + 2 * m + 2]) for m in range(2)]
     out = trainer.train_step(mine)
     centers = torch.cat(ctx.all_gather_object(pfc.weight.detach()))
 

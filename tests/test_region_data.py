@@ -101,12 +101,13 @@ def test_region_stream_resumes_mid_epoch(tmp_path, workers):
     full = _load(parts, cfg, spec)
     part = _load(parts, cfg, spec, start=3)
     assert len(full) == 6 and len(part) == 3
+    fields = ("images", "labels", "boxes", "region_labels", "region_valid")
     for a, b in zip(full[3:], part):
-        assert len(a) == len(b) == 6
-        for u, v in zip(a, b):
-            assert torch.equal(torch.as_tensor(u), torch.as_tensor(v))
+        assert a.skipped == b.skipped and a.keys == b.keys and len(a.keys) == 4
+        for f in fields:
+            assert torch.equal(getattr(a, f), getattr(b, f)), f
     other = _load(parts, cfg, spec, rank=1, num_batches=1)
-    assert not torch.equal(other[0][0], full[0][0])  # ranks draw different streams
+    assert not torch.equal(other[0].images, full[0].images)  # ranks draw different streams
 
 
 def test_regions_join_scale_flip(tmp_path):
@@ -115,7 +116,9 @@ def test_regions_join_scale_flip(tmp_path):
     batches = _load(parts, cfg, spec, num_batches=12)
     mean, std = torch.tensor(CLIP_MEAN)[:, None, None], torch.tensor(CLIP_STD)[:, None, None]
     seen_flip = seen_plain = subset = 0
-    for images, labels, skipped, boxes, rlab, valid in batches:
+    for batch in batches:
+        images, labels, boxes, rlab, valid = (batch.images, batch.labels, batch.boxes, batch.region_labels,
+                                              batch.region_valid)
         assert images.shape == (4, 3, S, S) and labels.shape == (4, 1)
         assert boxes.shape == (4, 3, 4) and boxes.dtype == torch.float32
         assert rlab.shape == (4, 3, 2) and rlab.dtype == torch.int64 and valid.dtype == torch.bool
@@ -156,8 +159,8 @@ def test_subset_is_seeded(tmp_path):
     a = _load(parts, cfg, spec)
     b = _load(parts, cfg, spec)
     c = _load(parts, cfg, spec, seed=7)
-    assert all(torch.equal(x[3], y[3]) for x, y in zip(a, b))
-    assert not all(x[3].shape == y[3].shape and torch.equal(x[3], y[3]) for x, y in zip(a, c))
+    assert all(torch.equal(x.boxes, y.boxes) for x, y in zip(a, b))
+    assert not all(x.boxes.shape == y.boxes.shape and torch.equal(x.boxes, y.boxes) for x, y in zip(a, c))
 
 
 def test_bad_region_inputs(tmp_path):

@@ -106,9 +106,10 @@ def region_train_cfg(zero: int, steps: int):
                                   partial_fc=PartialFCConfig(sample_rate=0.3)))
 
 
-def fake_batch(step: int, micro: int, rank: int) -> tuple:
-    """A seeded micro-batch in the region loader's format: (images, labels, skipped, boxes,
-    region_labels, region_valid); image 0 has no valid region, labels mix -1, clusters, tokens."""
+def fake_batch(step: int, micro: int, rank: int):
+    """A seeded micro-batch as the region loader makes it (a Batch with the region fields);
+    image 0 has no valid region, labels mix -1, clusters, tokens."""
+    from training.data import Batch
     g = torch.Generator().manual_seed(1000 * step + 10 * micro + rank)
     images = torch.randn(B, 3, 32, 32, generator=g)
     labels = torch.randint(0, K_IMAGE, (B, 2), generator=g)
@@ -117,7 +118,7 @@ def fake_batch(step: int, micro: int, rank: int) -> tuple:
     rlab = torch.randint(-1, N_REGION, (B, R, L), generator=g)
     valid = torch.rand(B, R, generator=g) < 0.7
     valid[0] = False
-    return images, labels, 0, boxes, rlab, valid
+    return Batch(images, labels, 0, boxes, rlab, valid)
 
 
 def fake_stream(trainer, rank: int):
@@ -125,6 +126,86 @@ def fake_stream(trainer, rank: int):
     while True:
         yield [fake_batch(step, m, rank) for m in range(GAS)]
         step += 1
+
+
+def test_heads_loss_checkpoint_and_a_third_head(tmp_path):
+    """training/heads.py in one process: the registered heads, the weighted sum of their losses,
+    the zero gradient of an output no head reads, each head's shards saved and loaded in its
+    folder, and a third head (with its own parameters) joining the same calls unchanged."""
+    import dataclasses
+
+    from safetensors.torch import load_file, save_file
+
+    from pipeline.dist import DistContext
+    from training.heads import Head, configured_heads, forward_kwargs, model_for, model_outputs, total_loss
+    cfg, ctx = region_train_cfg(2, 4), DistContext()
+
+    class Pull(Head):  # a toy third term: image embeddings towards a learned vector
+        name, folder, output, weight = "pull", "pull_fc", "image", 0.25
+
+        def build(self, dim, ctx, seed, device, optim):
+            self.target = torch.ones(dim, requires_grad=True)
+            self.opt = torch.optim.SGD([self.target], lr=0.5)
+
+        def loss(self, outputs, batch, micro):
+            v = (outputs["image"] - self.target).pow(2).mean()
+            return v, {"pull_loss": v.detach()}
+
+        def save(self, step_dir):
+            (step_dir / self.folder).mkdir(parents=True)
+            save_file({"target": self.target.detach()}, str(step_dir / self.folder / "target.safetensors"))
+
+        def load(self, step_dir, world_size):
+            with torch.no_grad():
+                self.target.copy_(load_file(step_dir / self.folder / "target.safetensors")["target"])
+
+    def build(cfg, extra=()):
+        heads = [*configured_heads(cfg, K_IMAGE, N_REGION), *extra]
+        torch.manual_seed(0)
+        model = model_for(heads, cfg.model)
+        for i, h in enumerate(heads):
+            h.build(model.out_dim, ctx, i, "cpu", cfg.optim)
+        return heads, model
+
+    def run(heads, model, batch):
+        out = model_outputs(model, model(batch.images, **forward_kwargs(heads, batch, "cpu", torch.float32)))
+        return out, *total_loss(heads, out, batch, 0)
+
+    heads, model = build(cfg, [Pull()])
+    assert [(h.name, h.folder, h.output) for h in heads] == [
+        ("image", "partial_fc", "image"), ("region", "region_fc", "region"), ("pull", "pull_fc", "image")]
+    assert type(model).__name__ == "MLCDRegionEncoder"
+    batch = fake_batch(0, 0, 0)
+    out, loss, terms = run(heads, model, batch)
+    assert out["image"].shape == (B, 16) and out["region"].shape == (B * R, 16)
+    want = terms["image_loss"] + 0.5 * terms["region_loss"] + 0.25 * terms["pull_loss"]
+    assert abs(loss.item() - float(want)) < 1e-5 and float(terms["region_loss"]) > 0
+    assert int(terms["regions_valid"]) == int(batch.region_valid.sum()) > 0
+    loss.backward()
+    for h in heads:
+        h.finish_step(None, skip=False)
+    assert float((heads[2].target.detach() - 1).abs().max()) > 0  # the third head's optimizer stepped
+    step = tmp_path / "step_00000001"
+    for h in heads:
+        h.save(step)
+    assert sorted(p.name for p in step.iterdir()) == ["partial_fc", "pull_fc", "region_fc"]
+    again, _ = build(dataclasses.replace(cfg, partial_fc=dataclasses.replace(cfg.partial_fc, init_std=0.5)),
+                     [Pull()])
+    assert not torch.equal(again[0].pfc.weight, heads[0].pfc.weight)
+    for h in again:
+        h.load(step, 1)
+    assert torch.equal(again[0].pfc.weight, heads[0].pfc.weight)
+    assert torch.equal(again[1].pfc.weight, heads[1].pfc.weight) and torch.equal(again[2].target, heads[2].target)
+    # region loss alone: the image head is kept (checkpointed) but out of the loss, and the image
+    # output still gets a gradient (zero), as DeepSpeed expects one for every parameter
+    alone = dataclasses.replace(cfg, regions=dataclasses.replace(cfg.regions, image_loss=False))
+    heads, model = build(alone)
+    assert [h.in_loss for h in heads] == [False, True]
+    _, loss, terms = run(heads, model, batch)
+    assert "image_loss" not in terms and abs(loss.item() - 0.5 * float(terms["region_loss"])) < 1e-6
+    loss.backward()
+    assert model.head.weight.grad is not None and not model.head.weight.grad.any()
+    assert model.region_head.proj.weight.grad.abs().max() > 0
 
 
 def region_trainer(ctx, root: Path, zero: int, steps: int, **changes):
@@ -141,7 +222,8 @@ def region_trainer(ctx, root: Path, zero: int, steps: int, **changes):
 def train2(ctx, root: Path) -> None:
     import dataclasses
     a = region_trainer(ctx, root / "a", 2, 4)
-    assert a.region is not None and type(a.engine.module).__name__ == "MLCDRegionEncoder"
+    assert [h.name for h in a.heads] == ["image", "region"] and all(h.in_loss for h in a.heads)
+    assert type(a.engine.module).__name__ == "MLCDRegionEncoder"
     a.fit(fake_stream(a, ctx.rank))
     if ctx.is_main:  # b starts from a's step-2 checkpoint only
         shutil.copytree(root / "a" / "checkpoints" / "step_00000002", root / "b" / "checkpoints" / "step_00000002")
@@ -164,7 +246,9 @@ def one(ctx, root: Path) -> None:
     shutil.copytree(root / "a" / "checkpoints" / "step_00000004", step4)
     t = region_trainer(ctx, root / "one", 2, 5)
     assert t.step == 4 and not t.checkpoints.exact
-    for folder, pfc, opt in (("partial_fc", t.pfc, t.pfc_opt), ("region_fc", t.region.pfc, t.region.opt)):
+    for folder, head in (("partial_fc", t.head("image")), ("region_fc", t.head("region"))):
+        pfc, opt = head.pfc, head.opt
+        assert head.folder == folder
         saved = [load_file(step4 / folder / f"rank{r}_of2.safetensors") for r in range(2)]
         assert torch.equal(pfc.weight.detach(), torch.cat([x["weight"] for x in saved]))
         assert torch.equal(opt.state[pfc.weight]["exp_avg"], torch.cat([x["opt.exp_avg"] for x in saved]))
@@ -187,9 +271,11 @@ def one(ctx, root: Path) -> None:
         assert t.step == 0 and all(torch.equal(got[k].float(), v) for k, v in sd.items()
                                    if not k.startswith("region_head."))
         heads = [k for k in got if k.startswith("region_head.")]
-        assert bool(heads) == (regions is None)
-        assert heads and all(torch.equal(got[k], fresh[k]) for k in heads) or regions is not None
-        assert not heads or any(not torch.equal(got[k].float(), sd[k]) for k in heads)
+        if regions is None:  # RICE: the region head is the fresh seeded one, not the checkpoint's
+            assert heads and all(torch.equal(got[k], fresh[k]) for k in heads)
+            assert any(not torch.equal(got[k].float(), sd[k]) for k in heads)
+        else:  # plain: an MLCDEncoder, no region head at all
+            assert heads == [] and [h.name for h in t.heads] == ["image"]
 
 
 @pytest.fixture(scope="module")

@@ -148,7 +148,7 @@ def test_data_stream_resumes_mid_epoch(tmp_path, workers):
     DataLoader workers); unlabeled samples are skipped and counted; labels are the join by key."""
     import torch
 
-    from training.data import TrainDataConfig, find_parts, make_loader
+    from training.data import Batch, TrainDataConfig, find_parts, make_loader
     build_synthetic(tmp_path, shards=2, per_shard=20)
     cfg = TrainDataConfig(shards=str(tmp_path / "data" / "train"), store=str(tmp_path / "store"),
                           labels=str(tmp_path / "clusters" / "labels"), batch_size=4, workers=workers,
@@ -157,13 +157,58 @@ def test_data_stream_resumes_mid_epoch(tmp_path, workers):
     full = list(make_loader(parts, cfg, 16, 3, 24, seed=1, rank=0, epoch=2, num_batches=7))
     part = list(make_loader(parts, cfg, 16, 3, 24, seed=1, rank=0, epoch=2, num_batches=7, start=3))
     assert len(full) == 7 and len(part) == 4
-    for (xa, ya, _), (xb, yb, _) in zip(full[3:], part):
-        assert torch.equal(xa, xb) and torch.equal(ya, yb)
-    assert full[0][0].shape == (4, 3, 16, 16) and full[0][1].shape == (4, 3)
-    assert sum(int(b[2]) for b in full) > 0  # 2 unlabeled per shard pass
-    assert ((full[0][1][:, 1] - full[0][1][:, 0]) % 24 == 1).all()  # labels [c, c+1, c+5]
+    assert all(type(b) is Batch for b in full + part)  # through the DataLoader (and its workers) as is
+    for a, b in zip(full[3:], part):
+        assert torch.equal(a.images, b.images) and torch.equal(a.labels, b.labels) and a.keys == b.keys
+    assert full[0].images.shape == (4, 3, 16, 16) and full[0].labels.shape == (4, 3)
+    assert full[0].boxes is None and full[0].region_labels is None and full[0].region_valid is None
+    assert sum(b.skipped for b in full) > 0  # 2 unlabeled per shard pass
+    assert ((full[0].labels[:, 1] - full[0].labels[:, 0]) % 24 == 1).all()  # labels [c, c+1, c+5]
+    # keys name the samples (shard(5) + row(4)): only labeled ones (not row 3, not the last)
+    labeled = {f"{s:05d}{i:04d}" for s in range(2) for i in range(20) if i not in (3, 19)}
+    assert all(len(b.keys) == 4 and set(b.keys) <= labeled for b in full)
+    assert len({k for b in full for k in b.keys}) > 4
     other = list(make_loader(parts, cfg, 16, 3, 24, seed=1, rank=1, epoch=2, num_batches=1))
-    assert not torch.equal(other[0][0], full[0][0])  # ranks draw different streams
+    assert not torch.equal(other[0].images, full[0].images)  # ranks draw different streams
+
+
+def test_to_model_input_normalizes_uint8_on_the_device():
+    """uint8 batches are scaled and CLIP-normalized by the trainer (as the float loader path does
+    on the host); float batches pass through as they are."""
+    import torch
+
+    from training.model import CLIP_MEAN, CLIP_STD
+    from training.trainer import to_model_input
+    arr = np.random.default_rng(0).integers(0, 256, (2, 3, 12, 10), dtype=np.uint8)
+    want = (arr / 255.0 - np.asarray(CLIP_MEAN)[:, None, None]) / np.asarray(CLIP_STD)[:, None, None]
+    got = to_model_input(torch.from_numpy(arr), "cpu", torch.float32)
+    assert got.dtype == torch.float32 and got.shape == (2, 3, 12, 10)
+    np.testing.assert_allclose(got.numpy(), want, rtol=0, atol=1e-5)
+    half = to_model_input(torch.from_numpy(arr), "cpu", torch.bfloat16)
+    assert half.dtype == torch.bfloat16
+    np.testing.assert_allclose(half.float().numpy(), want, rtol=1e-2, atol=1e-2)
+    x = torch.from_numpy(want.astype(np.float32))
+    assert torch.equal(to_model_input(x, "cpu", torch.float32), x)
+    assert to_model_input(x, "cpu", torch.bfloat16).dtype == torch.bfloat16
+
+
+@pytest.mark.skipif("not __import__('torch').cuda.is_available()", reason="pinning needs a CUDA device")
+def test_batch_is_pinned_by_the_dataloader():
+    """DataLoader(pin_memory=True) passes a dataclass through unpinned unless it has pin_memory()."""
+    import torch
+    from torch.utils.data import DataLoader, IterableDataset
+
+    from training.data import Batch
+
+    class Two(IterableDataset):
+        def __iter__(self):
+            for i in range(2):
+                yield Batch(torch.zeros(2, 3, 4, 4, dtype=torch.uint8), torch.full((2, 1), i), 1,
+                            region_valid=torch.ones(2, 3, dtype=torch.bool), keys=["a", "b"])
+    got = list(DataLoader(Two(), batch_size=None, num_workers=1, pin_memory=True))
+    assert [int(b.labels[0, 0]) for b in got] == [0, 1] and all(b.keys == ["a", "b"] for b in got)
+    assert all(b.images.is_pinned() and b.labels.is_pinned() and b.region_valid.is_pinned() for b in got)
+    assert all(b.boxes is None and b.skipped == 1 for b in got)
 
 
 @pytest.fixture(scope="module")

@@ -215,7 +215,7 @@ def _throughput_worker(quick: bool) -> None:
     from pipeline.config import RunConfig
     from pipeline.dist import init_distributed
     from training.config import DeepSpeedConfig, OptimConfig, TrainConfig
-    from training.data import TrainDataConfig
+    from training.data import Batch, TrainDataConfig
     from training.loss import LossConfig
     from training.model import ModelConfig, build_model
     from training.partial_fc import PartialFCConfig
@@ -238,7 +238,7 @@ def _throughput_worker(quick: bool) -> None:
     trainer = Trainer(RunConfig(seed=0), cfg, ctx, num_classes=K)  # the stage's build, no files
 
     def ours():
-        trainer.train_step([(images, labels, 0)])
+        trainer.train_step([Batch(images, labels)])
         trainer.step += 1
     t_ours = _time(ours, reps)
 

@@ -2,16 +2,17 @@
 
     {train.out_dir}/checkpoints/step_{N:08d}/
         <DeepSpeed's checkpoint of the MLCDEncoder engine: keys vision_model.*, head.*>
-        partial_fc/rank{r}_of{W}.safetensors   class-center block [start, end) + its optimizer
-                                               state + the rank's torch RNG
-        region_fc/rank{r}_of{W}.safetensors    train.regions only: the region classes' centers,
-                                               same format (re-sharded the same way)
+        <folder>/rank{r}_of{W}.safetensors     one folder per loss head (training/heads.py): its
+                                               class-center block [start, end) + its optimizer
+                                               state + the rank's torch RNG. partial_fc/: the
+                                               image head; region_fc/: the region head (RICE)
         trainer_state.json                     step, samples_seen, seeds, model_config, config, ...
     {train.out_dir}/checkpoints/latest         names the newest complete step folder
 
-Order of a save: DeepSpeed files, center shards (atomic), barrier, trainer_state.json with
-"complete": true, then `latest` (atomic). A save killed at any point leaves `latest` naming the
-previous complete checkpoint; `find_latest` also falls back to scanning for complete folders.
+Order of a save: DeepSpeed files, every head's center shards (atomic), barrier,
+trainer_state.json with "complete": true, then `latest` (atomic). A save killed at any point
+leaves `latest` naming the previous complete checkpoint; `find_latest` also falls back to
+scanning for complete folders.
 Resuming on another world size re-shards the centers (blocks concatenated by their ranges and
 re-split: each rank reads only the slices it needs) and loads the backbone weights from the
 consolidated fp32 state (`load_backbone_state_dict`); DeepSpeed cannot re-partition ZeRO
@@ -33,7 +34,6 @@ from training.safe_load import WeightsError, check_torch_files, weights_only_loa
 
 log = logging.getLogger("mlcd.train.ckpt")
 STEP_RE = re.compile(r"^step_(\d{8})$")
-REGION_FC = "region_fc"  # the region classes' center shards (train.regions), beside partial_fc/
 
 
 def tag_for(step: int) -> str:
@@ -156,18 +156,17 @@ def load_centers(step_dir: Path, pfc, opt: torch.optim.Optimizer, world_size: in
 
 # ---------------------------------------------------------------- the whole checkpoint
 
-def save(root: Path, step: int, engine, pfc, pfc_opt, trainer_state: dict, ctx, keep: int = 2,
-         region=None) -> Path:
-    """Collective: every rank calls it. region: (PartialFC, optimizer) of the region classes."""
+def save(root: Path, step: int, engine, heads, trainer_state: dict, ctx, keep: int = 2) -> Path:
+    """Collective: every rank calls it. heads: training/heads.py's, each writing its own shards
+    (``head.save(step_dir)``, atomic files in its folder)."""
     tag = tag_for(step)
     step_dir = root / tag
     if ctx.is_main and step_dir.exists():  # a leftover incomplete save of the same step
         (step_dir / "trainer_state.json").unlink(missing_ok=True)
     ctx.barrier()
     engine.save_checkpoint(str(root), tag=tag, save_latest=False)
-    save_centers(step_dir, pfc, pfc_opt)
-    if region is not None:
-        save_centers(step_dir, *region, folder=REGION_FC)
+    for head in heads:
+        head.save(step_dir)
     ctx.barrier()
     if ctx.is_main:
         atomic_write_json(step_dir / "trainer_state.json", {**trainer_state, "complete": True})

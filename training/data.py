@@ -16,6 +16,7 @@ Changing `workers` or the world size changes the stream (not an error; logged by
 """
 from __future__ import annotations
 
+import dataclasses
 import logging
 import math
 from dataclasses import dataclass
@@ -136,8 +137,34 @@ def to_tensor(img: Image.Image) -> torch.Tensor:
     return (x - torch.tensor(CLIP_MEAN)[:, None, None]) / torch.tensor(CLIP_STD)[:, None, None]
 
 
+@dataclass
+class Batch:
+    """One micro-batch, as the loaders yield it and the loss heads read it (training/heads.py).
+    images (B, 3, S, S): float CLIP-normalized, or uint8 (the trainer normalizes on the device);
+    labels (B, l) image labels (-1 = none); skipped: unlabeled samples passed over to make it;
+    the region fields (training/region_data.py) are None without train.regions; keys: the tar
+    keys of the B samples (for debugging and tests; never sent to the device)."""
+    images: torch.Tensor
+    labels: torch.Tensor
+    skipped: int = 0
+    boxes: torch.Tensor | None = None          # (B, R, 4) float32, input pixels
+    region_labels: torch.Tensor | None = None  # (B, R, L) int64, -1 = none
+    region_valid: torch.Tensor | None = None   # (B, R) bool, False = padding
+    keys: list[str] | None = None
+
+    def pin_memory(self) -> Batch:
+        """DataLoader(pin_memory=True) pins a custom type only through this method (it passes a
+        dataclass through unpinned otherwise): every tensor field pinned."""
+        out = dataclasses.replace(self)
+        for f in dataclasses.fields(self):
+            v = getattr(self, f.name)
+            if isinstance(v, torch.Tensor):
+                setattr(out, f.name, v.pin_memory())
+        return out
+
+
 class LabeledStream(IterableDataset):
-    """Yields (images, labels, skipped) batches for one rank and one epoch (see module doc)."""
+    """Yields Batch(images, labels, skipped, keys) for one rank and one epoch (see module doc)."""
 
     def __init__(self, parts: list[ShardPart], cfg: TrainDataConfig, image_size: int, num_labels: int,
                  num_classes: int, seed: int, rank: int, epoch: int, num_batches: int, start: int = 0):
@@ -151,15 +178,15 @@ class LabeledStream(IterableDataset):
         """key -> what a batch needs of that sample (training/region_data.py adds its regions)."""
         return load_part_labels(part, self.num_labels, self.num_classes)
 
-    def _batch(self, raw: list[tuple], rng: np.random.Generator) -> tuple:
-        """raw: batch_size (image bytes, _load_part's value, skipped) -> the batch."""
-        images = torch.stack([decode_image(b, self.size, self.cfg, rng) for b, _, _ in raw])
-        labels = torch.from_numpy(np.stack([lab for _, lab, _ in raw]))
-        return images, labels, sum(s for _, _, s in raw)
+    def _batch(self, raw: list[tuple], rng: np.random.Generator) -> Batch:
+        """raw: batch_size (image bytes, _load_part's value, skipped, key) -> the batch."""
+        images = torch.stack([decode_image(b, self.size, self.cfg, rng) for b, *_ in raw])
+        labels = torch.from_numpy(np.stack([r[1] for r in raw]))
+        return Batch(images, labels, sum(r[2] for r in raw), keys=[r[3] for r in raw])
 
     def _samples(self, rng: np.random.Generator):
-        """Endless (key, image bytes, labels) of labeled samples, shards drawn with replacement,
-        through a shuffle buffer. Each yielded tuple carries how many unlabeled ones it skipped."""
+        """Endless (image bytes, labels, skipped, key) of labeled samples, shards drawn with
+        replacement, through a shuffle buffer; `skipped`: unlabeled ones passed over before it."""
         cache: dict[str, dict] = {}
         buf, skipped, dry = [], 0, 0
         while True:
@@ -180,7 +207,7 @@ class LabeledStream(IterableDataset):
                 if lab is None or img is None:
                     skipped += 1
                     continue
-                item = (img, lab, skipped)
+                item = (img, lab, skipped, s["__key__"])
                 skipped, dry = 0, 0
                 if len(buf) < self.cfg.shuffle_buffer:
                     buf.append(item)

@@ -26,7 +26,8 @@ files), and two more files are written beside them:
   "layers", "embed_dim", "act", "eps")})` rebuilds it, plus what its input needs (patch_size,
   image_size, rope2d, rope_theta: it reads the backbone's final class and patch tokens and
   boxes in input pixels; see MLCDRegionEncoder.forward).
-Transformers ignores both; the region centers (region_fc/) are not exported.
+Transformers ignores both; the loss heads' class centers (partial_fc/, region_fc/) are not
+exported. Model parts beyond the backbone are listed once, in `EXTRA_PARTS` (key prefix -> writer).
 """
 from __future__ import annotations
 
@@ -105,8 +106,8 @@ def _zero_tag_dir(step: Path) -> Path:
 
 def load_training_checkpoint(path: Path, region_head: bool = False) -> tuple[dict, ModelConfig, dict]:
     """(our state dict in fp32, ModelConfig, trainer_state) of a complete training checkpoint.
-    A RICE checkpoint's `region_head.*` keys are dropped unless region_head=True: callers that
-    build an MLCDEncoder (eval, init_from) get the backbone + head only."""
+    Keys of EXTRA_PARTS (a RICE checkpoint's `region_head.*`) are dropped unless region_head=True:
+    callers that build an MLCDEncoder (eval, init_from) get the backbone + head only."""
     step = resolve_step_dir(path)
     try:
         state = read_json(step / "trainer_state.json")
@@ -127,7 +128,7 @@ def load_training_checkpoint(path: Path, region_head: bool = False) -> tuple[dic
     # One reader for every ZeRO stage (0 stores the module whole; 1-3 go through zero_to_fp32).
     sd = _strip_module(dict(load_backbone_state_dict(_zero_tag_dir(step))))
     if not region_head:
-        sd = {k: v for k, v in sd.items() if not k.startswith(REGION_PREFIX)}
+        sd = {k: v for k, v in sd.items() if not k.startswith(tuple(EXTRA_PARTS))}
     return sd, cfg, state
 
 
@@ -160,12 +161,13 @@ def export(checkpoint: str | Path, out_dir: str | Path, model: str | None = None
     else:
         raise ExportError(f"{src}: no such file or folder")
     cfg = cfg.resolved()
-    region = {k[len(REGION_PREFIX):]: v for k, v in sd.items() if k.startswith(REGION_PREFIX)}
-    sd = {k: v for k, v in sd.items() if not k.startswith(REGION_PREFIX)}
+    extra = {p: {k[len(p):]: v for k, v in sd.items() if k.startswith(p)} for p in EXTRA_PARTS}
+    sd = {k: v for k, v in sd.items() if not k.startswith(tuple(EXTRA_PARTS))}
     _check_shapes(sd, cfg, src, ExportError if src.is_file() else WeightsError)
     out = save_hf_folder(sd, cfg, out_dir, with_head=with_head, dtype=DTYPES[dtype])
-    if region:
-        info["region_head"] = save_region_head(region, cfg, state, out, DTYPES[dtype], src)
+    for prefix, part in extra.items():
+        if part:  # e.g. info["region_head"]: the config written beside the HF files
+            info[prefix.rstrip(".")] = EXTRA_PARTS[prefix](part, cfg, state, out, DTYPES[dtype], src)
     info.update(model_config=dataclasses.asdict(cfg), with_head=with_head, dtype=dtype)
     atomic_write_json(Path(out) / "mlcd_export.json", info)  # provenance; HF ignores it
     return out
@@ -194,6 +196,11 @@ def save_region_head(sd: dict, cfg: ModelConfig, state: dict, out: Path, dtype: 
         save_file({k: v.to(dtype).contiguous() for k, v in sd.items()}, str(tmp), metadata={"format": "pt"})
     atomic_write_json(Path(out) / "region_head.json", conf)
     return conf
+
+
+# Model parts beyond the backbone (key prefix -> writer of their files beside the HF folder):
+# left out of the HF weights, and of load_training_checkpoint's state dict unless asked for.
+EXTRA_PARTS = {REGION_PREFIX: save_region_head}
 
 
 def _check_shapes(sd: dict, cfg: ModelConfig, src: Path, error: type = WeightsError) -> None:

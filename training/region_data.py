@@ -13,8 +13,8 @@ fast-forward); this module only changes what a sample carries and how a batch is
   not kept, boxes scaled per axis), then flipped with probability `hflip` (boxes mirrored).
 - R = `per_image` region rows per image: a seeded random subset (kept in store order) when an
   image has more, padding (box 0, labels -1, valid false) when fewer.
-Batches: (images (B, 3, S, S), labels (B, l), skipped, boxes (B, R, 4) float32 in input pixels,
-region_labels (B, R, L) int64, region_valid (B, R) bool).
+Batches: training/data.py's Batch with the region fields set: boxes (B, R, 4) float32 in input
+pixels, region_labels (B, R, L) int64, region_valid (B, R) bool.
 """
 from __future__ import annotations
 
@@ -33,7 +33,7 @@ from pipeline.images import decode_rgb
 from pipeline.io import load_npy, read_json
 from pipeline.shards import expand_shards
 from pipeline.store import labels_path, meta_path
-from training.data import LabeledStream, ShardPart, TrainDataConfig, find_parts, loader, to_tensor
+from training.data import Batch, LabeledStream, ShardPart, TrainDataConfig, find_parts, loader, to_tensor
 
 log = logging.getLogger("mlcd.train.region_data")
 
@@ -53,6 +53,11 @@ class RegionSpec:
         check(self.per_image >= 1, "per_image", self.per_image, "must be >= 1")
         check(self.num_labels >= 1, "num_labels", self.num_labels, "must be >= 1")
         check(self.num_classes >= 1, "num_classes", self.num_classes, "must be >= 1")
+
+    @classmethod
+    def of(cls, regions, num_classes: int) -> RegionSpec:
+        """From train.regions (training/config.py's RegionTrainConfig) and the region class count."""
+        return cls(regions.store, regions.labels, regions.per_image, regions.num_labels, num_classes)
 
 
 @dataclass(frozen=True)
@@ -154,13 +159,13 @@ class RegionStream(LabeledStream):
         regions = load_part_regions(part, self.regions) if part.region_meta else {}
         return {k: (lab, regions.get(k)) for k, lab in labels.items()}
 
-    def _batch(self, raw: list[tuple], rng: np.random.Generator) -> tuple:
+    def _batch(self, raw: list[tuple], rng: np.random.Generator) -> Batch:
         B, R, L, S = len(raw), self.regions.per_image, self.regions.num_labels, self.size
         images = []
         boxes = np.zeros((B, R, 4), np.float32)
         region_labels = np.full((B, R, L), -1, np.int64)
         valid = np.zeros((B, R), bool)
-        for b, (data, (_, reg), _) in enumerate(raw):
+        for b, (data, (_, reg), *_) in enumerate(raw):
             img = decode_rgb(data).resize((S, S), Image.BICUBIC)  # stage 1's decoder, whole image
             flip = rng.random() < self.cfg.hflip
             if flip:
@@ -175,9 +180,9 @@ class RegionStream(LabeledStream):
             if flip:
                 bx[:, [0, 2]] = S - bx[:, [2, 0]]
             boxes[b, :len(rows)], region_labels[b, :len(rows)], valid[b, :len(rows)] = bx, lab[rows], True
-        labels = torch.from_numpy(np.stack([lab for _, (lab, _), _ in raw]))
-        return (torch.stack(images), labels, sum(s for _, _, s in raw), torch.from_numpy(boxes),
-                torch.from_numpy(region_labels), torch.from_numpy(valid))
+        labels = torch.from_numpy(np.stack([r[1][0] for r in raw]))
+        return Batch(torch.stack(images), labels, sum(r[2] for r in raw), torch.from_numpy(boxes),
+                     torch.from_numpy(region_labels), torch.from_numpy(valid), [r[3] for r in raw])
 
 
 def make_region_loader(parts: list[RegionPart], cfg: TrainDataConfig, image_size: int, num_labels: int,

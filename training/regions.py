@@ -145,6 +145,7 @@ class MLCDRegionEncoder(MLCDEncoder):
     pixels, valid (B, R) bool) -> (image_emb (B, D), region_emb (B*R, D)), plain tensors (ZeRO-3
     hooks only see tensors). Invalid rows get a finite, meaningless embedding: mask them in the
     loss."""
+    output_names = ("image", "region")  # what the loss heads read (training/heads.py model_outputs)
 
     def __init__(self, cfg: ModelConfig, region: RegionHeadConfig | None = None):
         super().__init__(cfg)

@@ -75,18 +75,13 @@ def train(run: RunConfig, cfg: TrainConfig, ctx: DistContext) -> dict:
     num_classes = cfg.partial_fc.num_classes or ctx.agree(
         lambda: checked_input(lambda: num_classes_from_centroids(cfg.centroids)))
     region_classes = ctx.agree(lambda: region_num_classes(cfg.regions)) if cfg.regions.enabled else 0
-    parts = ctx.agree(lambda: checked_input(lambda: find_train_parts(cfg, region_classes)))
+    parts = ctx.agree(lambda: checked_input(lambda: find_train_parts(cfg, num_classes, region_classes)))
     manager = CheckpointManager(root, cfg.checkpoint, ctx, cfg.deepspeed.zero_stage)
     trainer = Trainer(run, cfg, ctx, num_classes, checkpoints=manager, out_dir=out, region_classes=region_classes)
     if ctx.is_main:
-        log.info("training %s (%.1fM params) on %d ranks, K=%d classes (%d per rank), global batch %d, "
-                 "ZeRO-%d %s", trainer.model_cfg.name, trainer.n_params / 1e6, ctx.world_size, num_classes,
-                 trainer.pfc.num_local, trainer.global_batch, cfg.deepspeed.zero_stage, cfg.deepspeed.precision)
-        if trainer.region is not None:
-            r = cfg.regions
-            log.info("regions: %d region classes (%d per rank), %d regions per image, %d head layer(s), "
-                     "loss = %s%g x region loss", region_classes, trainer.region.pfc.num_local, r.per_image,
-                     r.layers, "image loss + " if r.image_loss else "", r.weight)
+        log.info("training %s (%.1fM params) on %d ranks, global batch %d, ZeRO-%d %s; loss heads: %s",
+                 trainer.model_cfg.name, trainer.n_params / 1e6, ctx.world_size, trainer.global_batch,
+                 cfg.deepspeed.zero_stage, cfg.deepspeed.precision, "; ".join(h.describe() for h in trainer.heads))
     return trainer.fit(trainer.stream(parts))
 
 

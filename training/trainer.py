@@ -1,18 +1,15 @@
-"""The Trainer: builds the DeepSpeed engine (backbone), the PartialFC class centers (outside
-DeepSpeed), their optimizer and the run state once; ``fit()`` runs the loop
-(``train_step`` -> ``forward_backward``); a ``CheckpointManager`` decides when to save, what to
-keep and how to resume.
+"""The Trainer: builds the DeepSpeed engine (backbone), the loss heads (training/heads.py: each
+its class centers outside DeepSpeed and their optimizer) and the run state once; ``fit()`` runs
+the loop (``train_step`` -> ``forward_backward``); a ``CheckpointManager`` decides when to save,
+what to keep and how to resume.
 
-Per step: for each micro-batch, embeddings -> PartialFC loss over the global batch -> backward
-(DeepSpeed averages backbone grads over ranks; the all-gather's backward multiplies by W to undo
-that, since the loss is already a global mean) -> engine.step(); at the accumulation boundary the
-centers' optimizer steps too.
-
-With `train.regions.enabled` (RICE) the model is training/regions.py's MLCDRegionEncoder (the
-same backbone + a Region Transformer head: one embedding per box), the region classes (clusters
-K + OCR tokens V) get their own PartialFC (own seed stream, own optimizer on the same LR
-schedule x its lr_mult), and each micro-batch's loss is image loss + weight x region loss (one
-backward; padding regions masked out of the region loss). Checkpoints keep both center sets.
+Per step: for each micro-batch (a training/data.py Batch), the model's outputs -> every head's
+loss over the global batch, weighted and summed -> one backward (DeepSpeed averages backbone
+grads over ranks; the all-gather's backward multiplies by W to undo that, since each loss is
+already a global mean) -> engine.step(); at the accumulation boundary every head's optimizer
+steps too. The loop, checkpoints, trainer state and metrics go over the configured heads and
+name none: training/heads.py's `configured_heads` registers them from the config (the image
+head; with RICE also a second head that brings its own model and loader).
 
 Used by the stage (training/train.py), the throughput bench (training/bench_train.py) and the
 exactness test (tests/test_partial_fc.py): the same build, the same step.
@@ -25,7 +22,8 @@ import logging
 import math
 import shutil
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
+from functools import lru_cache
 from pathlib import Path
 
 import torch
@@ -38,15 +36,22 @@ from pipeline.io import atomic_write_text
 from pipeline.tracking import Tracker, progress
 from training import checkpoint as ckpt
 from training.config import CheckpointConfig, OptimConfig, TrainConfig
-from training.data import find_parts, make_loader
-from training.init_weights import FinetuneConfig, load_initial_centers, load_initial_weights, param_groups
-from training.model import build_model
-from training.partial_fc import PartialFC, make_optimizer
+from training.data import Batch, make_loader
+from training.heads import (
+    Head,
+    configured_heads,
+    data_source,
+    forward_kwargs,
+    model_for,
+    model_outputs,
+    total_loss,
+)
+from training.init_weights import FinetuneConfig, load_initial_weights, param_groups
+from training.model import CLIP_MEAN, CLIP_STD
 from training.safe_load import every_rank_reads
-from training.validate import TrainInputError, region_spec
+from training.validate import TrainInputError
 
 log = logging.getLogger("mlcd.train")
-REGION_SEED = 1 << 20  # the region centers' init and sampling: seed + REGION_SEED (another stream)
 
 
 class TrainingDiverged(StageError, FloatingPointError):
@@ -115,26 +120,29 @@ def zero3_register_direct_params(model: torch.nn.Module) -> None:
 
 # ---------------------------------------------------------------- the step
 
-class RegionStep:
-    """What the step needs for the region loss (train.regions): the region PartialFC, its
-    optimizer and config. Micro-batches are then (images, labels, skipped, boxes (B, R, 4),
-    region_labels (B, R, L), region_valid (B, R)) (training/region_data.py)."""
-
-    def __init__(self, pfc: PartialFC, opt: torch.optim.Optimizer, cfg):
-        self.pfc, self.opt, self.cfg = pfc, opt, cfg
+@lru_cache(maxsize=8)
+def _clip_stats(device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    return (torch.tensor(CLIP_MEAN, device=device).view(1, 3, 1, 1),
+            torch.tensor(CLIP_STD, device=device).view(1, 3, 1, 1))
 
 
-def forward_backward(engine, pfc: PartialFC, images: torch.Tensor, labels: torch.Tensor, micro: int,
-                     step: int, region: RegionStep | None = None, boxes: torch.Tensor | None = None,
-                     region_labels: torch.Tensor | None = None, region_valid: torch.Tensor | None = None
+def to_model_input(images: torch.Tensor, device, dtype: torch.dtype) -> torch.Tensor:
+    """A batch's images as the model takes them: uint8 (B, 3, H, W) goes to the device as bytes
+    (4x less to copy than float32) and is scaled to [0, 1] and CLIP-normalized there, in fp32,
+    then cast; float images are already normalized (training/data.py) and only moved/cast."""
+    if images.dtype != torch.uint8:
+        return images.to(device, dtype, non_blocking=True)
+    mean, std = _clip_stats(torch.device(device))
+    x = images.to(device, non_blocking=True).float().div_(255)
+    return ((x - mean) / std).to(dtype)
+
+
+def forward_backward(engine, heads: Sequence[Head], batch: Batch, micro: int, step: int
                      ) -> tuple[float, dict[str, float]]:
     dtype = next(engine.module.parameters()).dtype
-    x = images.to(engine.device, dtype, non_blocking=True)
-    if region is None:
-        emb = engine(x)
-        loss, terms = pfc(emb, labels.to(engine.device), micro)
-    else:
-        loss, terms = _region_loss(engine, pfc, x, labels, micro, region, boxes, region_labels, region_valid)
+    x = to_model_input(batch.images, engine.device, dtype)
+    outputs = model_outputs(engine.module, engine(x, **forward_kwargs(heads, batch, engine.device, x.dtype)))
+    loss, terms = total_loss(heads, outputs, batch, micro)
     value = loss.item()  # identical on every rank (a global-batch loss): all stop together
     if not math.isfinite(value):
         raise TrainingDiverged(f"loss is {value} at step {step + 1} (micro-batch {micro}); stopped before "
@@ -144,53 +152,25 @@ def forward_backward(engine, pfc: PartialFC, images: torch.Tensor, labels: torch
     return value, {k: float(v) for k, v in terms.items()}
 
 
-def _region_loss(engine, pfc: PartialFC, x: torch.Tensor, labels: torch.Tensor, micro: int, region: RegionStep,
-                 boxes: torch.Tensor, region_labels: torch.Tensor, region_valid: torch.Tensor):
-    """image loss + weight x region loss over the B x R region rows (padding rows masked)."""
-    dev, rcfg = engine.device, region.cfg
-    valid = region_valid.to(dev, torch.bool)
-    emb, remb = engine(x, boxes.to(dev, x.dtype), valid)
-    rlab = region_labels.reshape(-1, region_labels.shape[-1]).to(dev)
-    rloss, rterms = region.pfc(remb, rlab, micro, valid=valid.reshape(-1))
-    if rcfg.image_loss:
-        iloss, terms = pfc(emb, labels.to(dev), micro)
-        loss = iloss + rcfg.weight * rloss
-        terms["image_loss"] = iloss.detach()
-    else:  # the image head still gets a (zero) gradient: DeepSpeed expects one for every parameter
-        loss, terms = rcfg.weight * rloss + 0.0 * emb.sum(), {}
-    terms["region_loss"] = rloss.detach()
-    terms.update({f"region_{k}": v for k, v in rterms.items() if k != "valid_rows"})
-    terms["regions_valid"] = rterms["valid_rows"]  # of the global micro-batch
-    return loss, terms
-
-
-def train_step(engine, pfc: PartialFC, pfc_opt, micro_batches: list, step: int, cfg: TrainConfig,
-               region: RegionStep | None = None) -> dict[str, float]:
+def train_step(engine, heads: Sequence[Head], micro_batches: list[Batch], step: int, cfg: TrainConfig
+               ) -> dict[str, float]:
     lr = lr_at(step, cfg.optim, cfg.steps)
     for g in engine.optimizer.param_groups:
         g["lr"] = lr * g.get("lr_scale", 1.0)  # layer-wise decay (train.finetune)
-    for g in pfc_opt.param_groups:
-        g["lr"] = 0.0 if cfg.finetune.freeze_centers else lr * cfg.partial_fc.lr_mult
-    centers = [(pfc, pfc_opt)]
-    if region is not None:
-        centers.append((region.pfc, region.opt))
-        for g in region.opt.param_groups:
-            g["lr"] = lr * region.cfg.partial_fc.lr_mult
+    for h in heads:
+        h.set_lr(lr)
     gas = len(micro_batches)
+    summed = {k for h in heads for k in h.summed}  # counts per step; other terms: micro-batch means
     sums: dict[str, float] = {}
     skipped_before = engine.skipped_steps
     for i, batch in enumerate(micro_batches):
-        images, labels = batch[0], batch[1]
-        loss, terms = forward_backward(engine, pfc, images, labels, step * gas + i, step, region,
-                                       *(batch[3:6] if region is not None else ()))
+        loss, terms = forward_backward(engine, heads, batch, step * gas + i, step)
         for k, v in {"loss": loss, **terms}.items():
-            sums[k] = sums.get(k, 0.0) + (v if k == "regions_valid" else v / gas)  # regions per step
-    for p, opt in centers:
-        if cfg.deepspeed.precision == "fp16" and p.weight.grad is not None:  # engine.backward scaled them
-            p.weight.grad.div_(float(getattr(engine.optimizer, "loss_scale", 1.0)))
-        if engine.skipped_steps == skipped_before:  # fp16 overflow: DeepSpeed skipped; so do we
-            opt.step()
-        opt.zero_grad(set_to_none=True)
+            sums[k] = sums.get(k, 0.0) + (v if k in summed else v / gas)
+    # fp16: engine.backward scaled the heads' grads too; an overflow made DeepSpeed skip: so do we
+    unscale = float(getattr(engine.optimizer, "loss_scale", 1.0)) if cfg.deepspeed.precision == "fp16" else None
+    for h in heads:
+        h.finish_step(unscale, skip=engine.skipped_steps != skipped_before)
     gn = engine.get_global_grad_norm()
     sums.update(lr=lr, grad_norm=float(gn) if gn is not None else float("nan"))
     return sums
@@ -200,7 +180,7 @@ def micro_batches(cfg: TrainConfig, parts, image_size: int, num_classes: int, se
                   start_step: int, loader=None) -> Iterator[list]:
     """Lists of grad_accum micro-batches from `start_step` on, epoch by epoch (training/data.py).
     loader(epoch, epoch_len, start): an epoch's batches from batch `start` on (None: data.py's
-    make_loader; train.regions passes the region loader's)."""
+    make_loader; the Trainer passes its heads' data source's)."""
     gas = cfg.deepspeed.grad_accum
     epoch_len = cfg.data.epoch_batches or cfg.checkpoint.every * gas
     micro = start_step * gas
@@ -219,13 +199,9 @@ def micro_batches(cfg: TrainConfig, parts, image_size: int, num_classes: int, se
                 group = []
 
 
-def find_train_parts(cfg: TrainConfig, region_classes: int = 0) -> list:
-    """The shards to train on: images with labels (training/data.py), plus, with train.regions,
-    each one's region part (training/region_data.py)."""
-    if not cfg.regions.enabled:
-        return find_parts(cfg.data, cfg.loss.labels_used)
-    from training.region_data import find_region_parts
-    return find_region_parts(cfg.data, region_spec(cfg, region_classes), cfg.loss.labels_used)
+def find_train_parts(cfg: TrainConfig, num_classes: int, region_classes: int = 0) -> list:
+    """The shards to train on, with what the configured heads read (training/heads.py)."""
+    return data_source(configured_heads(cfg, num_classes, region_classes)).find_parts(cfg)
 
 
 # ---------------------------------------------------------------- checkpoints
@@ -261,23 +237,24 @@ class CheckpointManager:
                     self.state.get("world_size"), self.state.get("zero_stage"), self.ctx.world_size)
         return every_rank_reads(self.ctx, lambda: ckpt.load_backbone_state_dict(self.resume))
 
-    def load(self, engine, pfc: PartialFC, pfc_opt, region: RegionStep | None = None) -> tuple[int, int]:
-        """(step, samples_seen) after restoring the engine (exact resumes) and the centers. Every
-        rank first checks the files it will read, and a bad file on any rank stops every rank
-        with that one line (training/safe_load.py:every_rank_reads) before DeepSpeed's loader,
-        which talks to the other ranks, runs."""
+    def load(self, engine, heads: Sequence[Head]) -> tuple[int, int]:
+        """(step, samples_seen) after restoring the engine (exact resumes) and every head (its
+        centers re-sharded when the world size differs). Every rank first checks the files it will
+        read, and a bad file on any rank stops every rank with that one line
+        (training/safe_load.py:every_rank_reads) before DeepSpeed's loader, which talks to the
+        other ranks, runs."""
         if not self.resume:
             return 0, 0
         world = int(self.state["world_size"])
-        heads = [(pfc, pfc_opt, "partial_fc")] + ([(region.pfc, region.opt, ckpt.REGION_FC)] if region else [])
-        centers = [(world, p.num_classes, p.weight.shape[1], folder) for p, _, folder in heads]
+        centers = [(world, h.pfc.num_classes, h.pfc.weight.shape[1], h.folder) for h in heads
+                   if getattr(h, "pfc", None) is not None]
         every_rank_reads(self.ctx, lambda: ckpt.check_resume(self.resume, self.ctx.rank, self.exact, centers))
 
         def restore() -> None:
             if self.exact:
                 ckpt.load_engine(engine, self.resume)  # weights-only, DeepSpeed's own files included
-            for p, opt, folder in heads:
-                ckpt.load_centers(self.resume, p, opt, world, folder)
+            for h in heads:
+                h.load(self.resume, world)
         every_rank_reads(self.ctx, restore)
         step, seen = int(self.state["step"]), int(self.state["samples_seen"])
         log.info("resumed from %s (step %d, %d samples seen)", self.resume, step, seen)
@@ -287,11 +264,9 @@ class CheckpointManager:
     def due(self, step: int, total: int, stopping: bool) -> bool:
         return step % self.cfg.every == 0 or step == total or stopping
 
-    def save(self, step: int, engine, pfc: PartialFC, pfc_opt, state: dict, region: RegionStep | None = None
-             ) -> Path:
+    def save(self, step: int, engine, heads: Sequence[Head], state: dict) -> Path:
         """Collective: every rank calls it."""
-        out = ckpt.save(self.root, step, engine, pfc, pfc_opt, state, self.ctx, self.cfg.keep,
-                        None if region is None else (region.pfc, region.opt))
+        out = ckpt.save(self.root, step, engine, heads, state, self.ctx, self.cfg.keep)
         self.saved_at = step
         return out
 
@@ -302,15 +277,17 @@ class CheckpointManager:
 # ---------------------------------------------------------------- the trainer
 
 class Trainer:
-    """Built once: backbone engine, PartialFC, its optimizer, the resume state. ``fit(stream)``
-    trains from ``self.step`` to ``cfg.steps``; ``train_step(batches)`` is one optimizer step."""
+    """Built once: backbone engine, the loss heads (each its centers and optimizer), the resume
+    state. ``fit(stream)`` trains from ``self.step`` to ``cfg.steps``; ``train_step(batches)`` is
+    one optimizer step."""
 
     def __init__(self, run: RunConfig, cfg: TrainConfig, ctx: DistContext, num_classes: int,
                  checkpoints: CheckpointManager | None = None, out_dir: str | Path | None = None,
                  region_classes: int = 0):
-        """region_classes: K + V of the region label space (train.regions.enabled only)."""
+        """num_classes: K of the image head; region_classes: K + V of the region head's label
+        space (train.regions.enabled only); head registration: training/heads.py."""
         self.run, self.cfg, self.ctx, self.num_classes = run, cfg, ctx, num_classes
-        self.region_classes = region_classes
+        self.heads = configured_heads(cfg, num_classes, region_classes)
         self.checkpoints = checkpoints
         self.out = Path(out_dir) if out_dir is not None else None
         self.model_cfg = dataclasses.replace(
@@ -323,7 +300,7 @@ class Trainer:
         import deepspeed
         cfg, ctx = self.cfg, self.ctx
         torch.manual_seed(self.run.seed)  # identical backbone init on every rank
-        model = self._build_model()
+        model = model_for(self.heads, self.model_cfg)  # MLCDEncoder, or the one a head extends
         self.n_params = sum(p.numel() for p in model.parameters())  # before ZeRO-3 partitions them
         self._init_weights(model)
         self.engine, _, _, _ = deepspeed.initialize(
@@ -332,35 +309,19 @@ class Trainer:
             dist_init_required=False)
         if cfg.deepspeed.zero_stage == 3:
             zero3_register_direct_params(self.engine.module)
-        self.pfc = PartialFC(self.num_classes, model.out_dim, cfg.partial_fc, cfg.loss, ctx.rank, ctx.world_size,
-                             ctx, seed=self.run.seed, grad_scale=float(ctx.world_size)).to(self.engine.device)
-        self.pfc_opt = make_optimizer(self.pfc, cfg.partial_fc, cfg.optim.lr, cfg.optim.weight_decay,
-                                      (cfg.optim.beta1, cfg.optim.beta2), cfg.optim.eps)
-        self.region: RegionStep | None = None
-        if cfg.regions.enabled:
-            r = cfg.regions
-            loss_cfg = dataclasses.replace(cfg.loss, num_labels=r.num_labels)
-            rpfc = PartialFC(self.region_classes, model.out_dim, r.partial_fc, loss_cfg, ctx.rank, ctx.world_size,
-                             ctx, seed=self.run.seed + REGION_SEED, grad_scale=float(ctx.world_size)
-                             ).to(self.engine.device)
-            ropt = make_optimizer(rpfc, r.partial_fc, cfg.optim.lr, cfg.optim.weight_decay,
-                                  (cfg.optim.beta1, cfg.optim.beta2), cfg.optim.eps)
-            self.region = RegionStep(rpfc, ropt, r)
+        for h in self.heads:
+            h.build(model.out_dim, ctx, self.run.seed, self.engine.device, cfg.optim)
         if self.checkpoints is not None:
-            self.step, self.samples_seen = self.checkpoints.load(self.engine, self.pfc, self.pfc_opt, self.region)
+            self.step, self.samples_seen = self.checkpoints.load(self.engine, self.heads)
         if not self._resuming:
-            load_initial_centers(self.pfc, cfg)  # train.init_centers_from (a new run only)
+            for h in self.heads:
+                h.init_new_run(cfg)  # e.g. train.init_centers_from (a new run only)
 
-    def _build_model(self) -> nn.Module:
-        """The plain MLCDEncoder, or with train.regions the same backbone (same seeded init) plus
-        the Region Transformer head (training/regions.py)."""
-        if not self.cfg.regions.enabled:
-            return build_model(self.model_cfg)
-        from training.regions import MLCDRegionEncoder, RegionHeadConfig
-        if self.region_classes < 1:
-            raise ConfigError(f"train.regions: region_classes={self.region_classes}, must be >= 1 "
-                              f"(label_space.json's num_classes)")
-        return MLCDRegionEncoder(self.model_cfg, RegionHeadConfig(layers=self.cfg.regions.layers))
+    def head(self, name: str) -> Head:
+        found = [h for h in self.heads if h.name == name]
+        if not found:
+            raise KeyError(f"no loss head {name!r} (configured: {', '.join(h.name for h in self.heads)})")
+        return found[0]
 
     @property
     def _resuming(self) -> bool:
@@ -381,7 +342,7 @@ class Trainer:
 
     def train_step(self, batches: list) -> dict[str, float]:
         try:
-            return train_step(self.engine, self.pfc, self.pfc_opt, batches, self.step, self.cfg, self.region)
+            return train_step(self.engine, self.heads, batches, self.step, self.cfg)
         except TrainingDiverged as e:
             kept = self.checkpoints.latest() if self.checkpoints is not None else None
             raise TrainingDiverged(f"{e}. Last good checkpoint kept: {kept or 'none yet'}") from None
@@ -395,21 +356,16 @@ class Trainer:
                 "zero_stage": cfg.deepspeed.zero_stage, "num_classes": self.num_classes,
                 "global_batch": self.global_batch, "model_config": dataclasses.asdict(self.model_cfg.resolved()),
                 "config": {"run": to_dict(run), "train": to_dict(cfg)}, "init_from": self.init_from,
-                "last_metrics": last,
-                **({"region_classes": self.region_classes, "region_head": {"layers": cfg.regions.layers}}
-                   if self.region is not None else {})}
+                "last_metrics": last, **{k: v for h in self.heads for k, v in h.state().items()}}
 
-    def stream(self, parts) -> Iterator[list]:
-        """parts: training/data.py's find_parts, or with train.regions region_data's find_region_parts."""
+    def stream(self, parts) -> Iterator[list[Batch]]:
+        """parts: find_train_parts's (the shards with what the heads read)."""
         size = self.model_cfg.resolved().image_size
-        loader = None
-        if self.region is not None:
-            from training.region_data import make_region_loader
-            cfg, spec = self.cfg, region_spec(self.cfg, self.region_classes)
+        source = data_source(self.heads)
 
-            def loader(epoch: int, n: int, start: int):
-                return make_region_loader(parts, cfg.data, size, cfg.loss.labels_used, self.num_classes, spec,
-                                          self.run.seed, self.ctx.rank, epoch, n, start=start)
+        def loader(epoch: int, n: int, start: int):
+            return source.make_loader(parts, self.cfg, size, self.num_classes, self.run.seed, self.ctx.rank,
+                                      epoch, n, start)
         return micro_batches(self.cfg, parts, size, self.num_classes, self.run.seed, self.ctx.rank, self.step,
                              loader)
 
@@ -427,7 +383,7 @@ class Trainer:
             metrics.add(last, batches)
             stopping = self._over_budget(t_start)
             if self.checkpoints is not None and self.checkpoints.due(self.step, cfg.steps, stopping):
-                self.checkpoints.save(self.step, self.engine, self.pfc, self.pfc_opt, self.state(last), self.region)
+                self.checkpoints.save(self.step, self.engine, self.heads, self.state(last))
             if stopping:
                 log.warning("time budget %.0f s reached at step %d of %d; checkpoint saved (rerun to continue)",
                             cfg.time_budget_s, self.step, cfg.steps)
@@ -466,10 +422,10 @@ class _Metrics:
         self.t_start = self.t_log = time.perf_counter()
         self.n, self.skipped = 0, 0
 
-    def add(self, last: dict, batches: list) -> None:
+    def add(self, last: dict, batches: list[Batch]) -> None:
         t = self.t
         self.n += t.global_batch
-        self.skipped += sum(int(b[2]) for b in batches)
+        self.skipped += sum(int(b.skipped) for b in batches)
         if t.step % t.run.log_every and t.step != t.cfg.steps:
             return
         now = time.perf_counter()
@@ -488,10 +444,10 @@ class _Metrics:
                          last.get(k, float("nan")) for k in ("loss_pos", "loss_neg")),  # none: image_loss off
                      last["lr"], last["grad_norm"], last["samples_per_s"], *(
                          last.get(k, float("nan")) for k in ("sampled_classes", "positives", "negatives")))
-            if "region_loss" in last:
-                log.info("step %d regions: loss %.4f (image loss %s) valid regions %d neg/region %.0f sampled %d",
-                         t.step, last["region_loss"], f"{last['image_loss']:.4f}" if "image_loss" in last else "off",
-                         last["regions_valid"], last["region_negatives"], last["region_sampled_classes"])
+            for h in t.heads:
+                line = h.log_line(last)
+                if line:
+                    log.info("step %d %s", t.step, line)
 
     def finish(self) -> None:
         self.tracker.finish()

@@ -196,23 +196,16 @@ def region_num_classes(rcfg) -> int:
         raise TrainInputError(str(e)) from None
 
 
-def region_spec(cfg, region_classes: int):
-    """What the region loader (training/region_data.py) needs from train.regions."""
-    from training.region_data import RegionSpec
-    r = cfg.regions
-    return RegionSpec(r.store, r.labels, r.per_image, r.num_labels, region_classes)
-
-
 def _check_regions(cfg) -> None:
     """Region parts as the loader finds them (headers: training/region_data.py), then every
     region label in range."""
-    from training.region_data import find_region_parts
+    from training.region_data import RegionSpec, find_region_parts
     r = cfg.regions
     if not os.path.isdir(r.store):
         raise TrainInputError(f"{r.store}: region store not found (train.regions.store; run mlcd regions)")
     k = region_num_classes(r)
     try:
-        parts = find_region_parts(cfg.data, region_spec(cfg, k), cfg.loss.labels_used)
+        parts = find_region_parts(cfg.data, RegionSpec.of(r, k), cfg.loss.labels_used)
     except (OSError, ValueError) as e:
         raise TrainInputError(str(e)) from None
     for p in parts:
