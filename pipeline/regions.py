@@ -59,12 +59,12 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from pipeline.config import ConfigError, RunConfig, check, load_config, prepare_out_dir, to_dict
 from pipeline.dist import DistContext
-from pipeline.embed import PART_META_KEY, _expected_rows, part_info, read_samples
+from pipeline.embed import PART_META_KEY, _expected_rows, part_info
 from pipeline.encoders import EncoderConfig, build_encoder
 from pipeline.entry import StageError, cli_main, run_distributed
 from pipeline.images import IMAGE_EXTS, MAX_PIXELS, image_bytes, load_rgb
 from pipeline.io import atomic_write_json, clean_stale_tmp
-from pipeline.shards import ShardSpecError, expand_shards, shard_stem
+from pipeline.shards import ShardSpecError, expand_shards, read_samples, shard_stem
 from pipeline.store import part_complete, write_part
 from pipeline.tracking import Tracker, progress
 
@@ -301,6 +301,9 @@ class ShardRegions(IterableDataset):
                 stats["image_skipped/duplicate_key"] += 1
                 continue
             seen.add(key)
+            if "__skip__" in s:  # a member over run.max_member_bytes: never read
+                stats[f"image_skipped/{s['__skip__']}"] += 1
+                continue
             img, why = load_rgb(image_bytes(s, self.cfg.image_exts), self.cfg.max_pixels)
             if img is None:
                 stats[f"image_skipped/{why}"] += 1

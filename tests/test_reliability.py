@@ -168,6 +168,7 @@ def test_pipe_and_remote_specs_need_opt_in(tmp_path, monkeypatch):
     (tmp_path / "remote.txt").write_text("s3://bucket/00000.tar\n")
     with pytest.raises(ShardSpecError, match=r"remote.txt:1: 's3://bucket/00000.tar' is a remote URL"):
         expand_shards(str(tmp_path / "remote.txt"))
+    (tmp_path / "a.tar").touch()
     assert expand_shards(f"file://{tmp_path}/a.tar") == [f"file://{tmp_path}/a.tar"]  # local
     netpolicy.apply(RunConfig(allow_pipe=True, allow_remote=True))
     assert expand_shards(str(lst))[1].startswith("pipe:touch")

@@ -23,14 +23,13 @@ from pathlib import Path
 
 import numpy as np
 import torch
-import webdataset as wds
 from PIL import Image
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from pipeline.config import check
 from pipeline.images import decode_rgb, image_bytes
 from pipeline.io import load_npy
-from pipeline.shards import expand_shards
+from pipeline.shards import expand_shards, read_samples
 from pipeline.store import labels_path, meta_path, read_keys
 from training.model import CLIP_MEAN, CLIP_STD
 
@@ -174,10 +173,10 @@ class LabeledStream(IterableDataset):
                 cache[part.url] = self._load_part(part)
             table = cache[part.url]
             dry += 1
-            for s in wds.tarfile_samples([{"url": part.url}]):
+            for s in read_samples(part.url):  # stage 1's reader: same samples, member cap
                 lab = table.get(s["__key__"])
                 img = image_bytes(s)
-                if lab is None or img is None:
+                if lab is None or img is None or "__skip__" in s:
                     skipped += 1
                     continue
                 item = (img, lab, skipped)

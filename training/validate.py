@@ -81,8 +81,8 @@ def _check(cfg) -> None:
                     "purpose)", k, k_cent, cfg.centroids)
     try:
         shards = expand_shards(d.shards)
-    except ShardSpecError:
-        raise
+    except ShardSpecError as e:  # refused by the shard policy or matching nothing: name the key
+        raise ShardSpecError(f"train.data.shards={d.shards!r}: {e}") from None
     except OSError as e:
         raise TrainInputError(f"train.data.shards={d.shards!r}: {e}") from None
     if not shards:
