@@ -51,7 +51,14 @@ from pipeline.entry import StageError, cli_main, run_distributed
 from pipeline.guard import die_with_parent_fn
 from pipeline.images import IMAGE_EXTS, MAX_PIXELS, image_bytes, load_rgb
 from pipeline.io import atomic_write_json, clean_stale_tmp, load_npy, read_json
-from pipeline.shards import ShardSpecError, expand_shards, is_url, read_samples, shard_stem  # noqa: F401 -- read_samples: its old home
+from pipeline.shards import (
+    ShardPolicyError,
+    ShardSpecError,
+    expand_shards,
+    is_url,
+    read_samples,  # noqa: F401 -- the one tar reader, re-exported from its old home
+    shard_stem,
+)
 from pipeline.store import (
     KINDS,
     labels_path,
@@ -356,6 +363,8 @@ def embed(run: RunConfig, cfg: EmbedConfig, ctx: DistContext) -> dict:
     out = Path(cfg.out_dir)
     try:
         shards = expand_shards(cfg.input)
+    except ShardPolicyError as e:  # exit 1: the input names something the run may not open
+        raise ShardPolicyError(f"embed.input={cfg.input!r}: {e}") from None
     except ShardSpecError as e:
         raise ConfigError(f"embed.input={cfg.input!r}: {e}") from None
     def unfinished() -> list[int]:  # one rank checks the folder and lists the work

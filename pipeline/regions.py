@@ -64,7 +64,7 @@ from pipeline.encoders import EncoderConfig, build_encoder
 from pipeline.entry import StageError, cli_main, run_distributed
 from pipeline.images import IMAGE_EXTS, MAX_PIXELS, image_bytes, load_rgb
 from pipeline.io import atomic_write_json, clean_stale_tmp
-from pipeline.shards import ShardSpecError, expand_shards, read_samples, shard_stem
+from pipeline.shards import ShardPolicyError, ShardSpecError, expand_shards, read_samples, shard_stem
 from pipeline.store import part_complete, write_part
 from pipeline.tracking import Tracker, progress
 
@@ -431,6 +431,8 @@ def regions(run: RunConfig, cfg: RegionsConfig, ctx: DistContext) -> dict:
     out = Path(cfg.out_dir)
     try:
         shards = expand_shards(cfg.input)
+    except ShardPolicyError as e:  # exit 1: the input names something the run may not open
+        raise ShardPolicyError(f"regions.input={cfg.input!r}: {e}") from None
     except ShardSpecError as e:
         raise ConfigError(f"regions.input={cfg.input!r}: {e}") from None
 

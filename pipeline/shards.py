@@ -29,6 +29,12 @@ class ShardSpecError(StageError, ValueError):
     exit_code = 2  # a shard spec that matches nothing is a setting to fix
 
 
+class ShardPolicyError(ShardSpecError):
+    """A spec the run may not open (a shell command, a remote URL, an unknown scheme): refused
+    before anything is opened. Exit 1 in every stage: the input names something it must not run."""
+    exit_code = 1
+
+
 def expand_shards(spec: str | Sequence[str]) -> list[str]:
     """Input shards from a brace pattern (``/data/{00000..04095}.tar``), a list file (``.txt``,
     one shard per line, braces expanded), a directory (its ``*.tar``), or a list of any of those.
@@ -99,13 +105,13 @@ def check_spec(spec: str, where: str) -> str:
     sch, shown = scheme(spec), repr(spec[:80])
     if sch == "pipe":
         if not netpolicy.pipe_allowed():
-            raise ShardSpecError(f"{where}: {shown} is a shell command (pipe:); refused unless "
+            raise ShardPolicyError(f"{where}: {shown} is a shell command (pipe:); refused unless "
                                  f"run.allow_pipe=true")
     elif sch in REMOTE_SCHEMES:
         if not netpolicy.remote_allowed():
-            raise ShardSpecError(f"{where}: {shown} is a remote URL; refused unless run.allow_remote=true")
+            raise ShardPolicyError(f"{where}: {shown} is a remote URL; refused unless run.allow_remote=true")
     else:
-        raise ShardSpecError(f"{where}: {shown} is neither an existing local path nor a known scheme "
+        raise ShardPolicyError(f"{where}: {shown} is neither an existing local path nor a known scheme "
                              f"(pipe:, {', '.join(s + ':' for s in sorted(REMOTE_SCHEMES))}); refused")
     return spec
 
@@ -177,7 +183,7 @@ def read_samples(url: str, max_member_bytes: int | None = None):
     Memory is bounded: a member whose header says it is larger than ``max_member_bytes`` (default:
     the run's ``run.max_member_bytes``) is not read; its sample is yielded with
     ``"__skip__": "member_too_large"`` (still one sample, so row numbers stay those of the tar) and
-    the stream skips its data in 10 KiB reads. Errors opening/reading propagate, and so does a tar
+    its data is read past in 4 MiB pieces. Errors opening/reading propagate, and so does a tar
     that stops early: Python's tarfile silently ends iteration at a truncated or invalid header
     after the first member, which would turn a cut-off download into a short part."""
     from webdataset.tariterators import base_plus_ext
@@ -192,6 +198,8 @@ def read_samples(url: str, max_member_bytes: int | None = None):
             key, ext = base_plus_ext(info.name)
             too_big = info.size > cap
             data = None if too_big else tf.extractfile(info).read()
+            if too_big:
+                _skip_to(tf.fileobj, tf.offset)
             tf.members = []  # stream mode keeps every TarInfo otherwise
             if key is None:
                 continue
@@ -209,6 +217,15 @@ def read_samples(url: str, max_member_bytes: int | None = None):
             yield cur
     finally:
         raw.close()  # a pipe: source checks its command's exit status here
+
+
+def _skip_to(stream, end: int, chunk: int = 4 << 20) -> None:
+    """Reads a tar stream up to ``end`` (the next header) in ``chunk`` pieces: tarfile's own skip
+    reads 10 KiB at a time and re-copies its inflated buffer on every read (minutes for a member
+    of zeros that inflates to 1 GiB, seconds this way); memory stays at a few chunks."""
+    while (left := end - stream.tell()) > 0:
+        if not stream.read(min(left, chunk)):
+            return  # cut off: the next header read reports it
 
 
 class _Tail:

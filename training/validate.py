@@ -45,7 +45,7 @@ def check_inputs(cfg, ctx) -> None:
     def check() -> None:
         try:
             _check(cfg)
-        except TrainInputError:
+        except (TrainInputError, ShardSpecError):  # a shard spec keeps its own exit code (as in embed)
             raise
         except (StageError, OSError) as e:  # a store/shard-spec error, an unreadable file
             raise TrainInputError(str(e)) from None
@@ -82,7 +82,7 @@ def _check(cfg) -> None:
     try:
         shards = expand_shards(d.shards)
     except ShardSpecError as e:  # refused by the shard policy or matching nothing: name the key
-        raise ShardSpecError(f"train.data.shards={d.shards!r}: {e}") from None
+        raise type(e)(f"train.data.shards={d.shards!r}: {e}") from None
     except OSError as e:
         raise TrainInputError(f"train.data.shards={d.shards!r}: {e}") from None
     if not shards:
