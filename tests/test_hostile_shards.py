@@ -296,6 +296,7 @@ def _descendants(pid: int) -> list[int]:
     return out
 
 
+@pytest.mark.slow  # a subprocess embed with 2 workers
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc")
 def test_embed_workers_die_with_killed_parent(tmp_path):
     """SIGKILL to the embed process alone (as ``kill -9`` of the ``mlcd`` pid): its DataLoader

@@ -28,7 +28,7 @@ import pyarrow.parquet as pq
 
 from pipeline.errors import InputError, StageError
 from pipeline.io import load_npy
-from pipeline.shards import ShardSpecError, expand_shards, is_url
+from pipeline.shards import ShardSpecError, expand_shards, is_url, local_path
 from pipeline.store import labels_path, meta_path, sims_path
 
 log = logging.getLogger("mlcd.train.validate")
@@ -97,7 +97,7 @@ def _check(cfg) -> None:
         if not (m.is_file() and lab.is_file()):
             continue  # left out at start-up with a warning (training/data.py:find_parts)
         found += 1
-        if not is_url(url) and not os.path.isfile(url):
+        if not is_url(url) and not os.path.isfile(local_path(url)):
             raise TrainInputError(f"{url}: shard not found, but it has labels {lab} "
                                   f"(listed by train.data.shards={d.shards!r})")
         _check_part(m, lab, sims_path(d.labels, i), need, k)
