@@ -62,6 +62,7 @@ from pipeline.dist import DistContext
 from pipeline.embed import PART_META_KEY, _expected_rows, part_info
 from pipeline.encoders import EncoderConfig, build_encoder
 from pipeline.entry import StageError, cli_main, run_distributed
+from pipeline.guard import die_with_parent_fn
 from pipeline.images import IMAGE_EXTS, MAX_PIXELS, image_bytes, load_rgb
 from pipeline.io import atomic_write_json, clean_stale_tmp
 from pipeline.shards import ShardPolicyError, ShardSpecError, expand_shards, read_samples, shard_stem
@@ -395,7 +396,8 @@ def _region_parts(mine, shards, out: Path, cfg: RegionsConfig, run: RunConfig, e
     # pinned host memory on CUDA: the crops' host->GPU copy overlaps compute (as in stage 1)
     loader = DataLoader(ShardRegions(mine, cfg, enc.preprocess, enc.image_size), batch_size=None,
                         num_workers=workers, prefetch_factor=cfg.prefetch_factor if workers else None,
-                        pin_memory=ctx.device.type == "cuda")
+                        pin_memory=ctx.device.type == "cuda",
+                        worker_init_fn=die_with_parent_fn() if workers else None)
     bar = progress(_expected_rows([u for _, u in mine]), "regions", ctx)
     bufs: dict[int, tuple[list, list]] = {}
     for step, b in enumerate(loader):

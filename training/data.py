@@ -27,6 +27,7 @@ from PIL import Image
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from pipeline.config import check
+from pipeline.guard import die_with_parent_fn
 from pipeline.images import decode_rgb, image_bytes
 from pipeline.io import load_npy
 from pipeline.shards import expand_shards, read_samples
@@ -212,7 +213,8 @@ def loader(ds: IterableDataset, cfg: TrainDataConfig) -> DataLoader:
     """The DataLoader around a stream that batches itself (one place for workers/pinning)."""
     return DataLoader(ds, batch_size=None, num_workers=cfg.workers,
                       pin_memory=cfg.pin_memory and torch.cuda.is_available(),
-                      persistent_workers=False, prefetch_factor=2 if cfg.workers else None)
+                      persistent_workers=False, prefetch_factor=2 if cfg.workers else None,
+                      worker_init_fn=die_with_parent_fn() if cfg.workers else None)
 
 
 def num_classes_from_centroids(path: str | Path) -> int:
