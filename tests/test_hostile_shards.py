@@ -84,8 +84,8 @@ STAGES = {
 @pytest.mark.parametrize("case", list(SPECS))
 def test_hostile_spec_is_refused_in_one_line(stage, case, tmp_path, good, listener, capsys, monkeypatch):
     import importlib
-    for var in ("MLCD_ALLOW_PIPE", "MLCD_ALLOW_REMOTE"):
-        monkeypatch.delenv(var, raising=False)
+    for var in ("MLCD_ALLOW_PIPE", "MLCD_ALLOW_REMOTE", "MLCD_MAX_MEMBER_BYTES"):
+        monkeypatch.delenv(var, raising=False)  # the stage sets them: restored after the test
     for var, val in (("RANK", "0"), ("WORLD_SIZE", "1"), ("LOCAL_RANK", "0"), ("LOCAL_WORLD_SIZE", "1"),
                      ("MASTER_ADDR", "127.0.0.1"), ("MASTER_PORT", str(free_port()))):
         monkeypatch.setenv(var, val)  # train's one-process group; restored after the test
@@ -191,10 +191,11 @@ def test_tar_bomb_is_skipped_with_bounded_memory(tmp_path):
     assert r["delta_mb"] < 200, r  # reading it whole: +1 GiB at least
 
 
-def test_embed_counts_oversize_members(tmp_path):
+def test_embed_counts_oversize_members(tmp_path, monkeypatch):
     """A member over run.max_member_bytes is a skipped sample (by reason) of an otherwise
     embedded shard."""
     from pipeline import embed as E
+    monkeypatch.delenv("MLCD_MAX_MEMBER_BYTES", raising=False)  # the stage sets it: restored after
     shard = Path(write_shards(tmp_path / "src", 1, 3)[0])
     big = tmp_path / "big.tar"
     with tarfile.open(shard) as src, tarfile.open(big, "w") as dst:
