@@ -222,7 +222,9 @@ os.kill(os.getpid(), signal.SIGKILL)
 """
 
 
-def test_stale_temps_removed_under_the_lock_only(tmp_path):
+def test_stale_temps_removed_under_the_lock_only(tmp_path, monkeypatch):
+    for var in ("MLCD_ALLOW_PIPE", "MLCD_ALLOW_REMOTE", "MLCD_ALLOW_DOWNLOAD", "MLCD_MAX_MEMBER_BYTES"):
+        monkeypatch.delenv(var, raising=False)  # stage_guard sets them: restored after the test
     from pipeline import lock
     from pipeline.config import RunConfig
     from pipeline.dist import DistContext
