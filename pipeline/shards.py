@@ -1,7 +1,9 @@
 """Image-text shards in img2dataset's layout: ``00000.tar`` (per sample ``{key}.jpg|png``,
 ``{key}.txt``, ``{key}.json``) beside ``00000.parquet`` and ``00000_stats.json``.
 
-One writer (``ShardWriter``) and one way to name inputs (``expand_shards``) for every stage.
+One writer (``ShardWriter``), one way to name inputs (``expand_shards``: the shell/network
+policy applied to every spec after expansion) and one tar reader (``read_samples``: members over
+``run.max_member_bytes`` skipped from their header) for every stage.
 """
 from __future__ import annotations
 
