@@ -18,7 +18,7 @@ import numpy as np
 
 from pipeline.images import is_image_name, load_rgb
 from pipeline.io import atomic_path, atomic_write_text
-from pipeline.shards import is_url
+from pipeline.shards import is_url, member_cap
 from pipeline.store import EmbeddingStore, LabelStore
 
 log = logging.getLogger("mlcd.report")
@@ -108,7 +108,7 @@ def fetch_images(wanted: dict[str, set[str]]) -> dict[tuple[str, str], bytes]:
             for ti in tf:
                 base = os.path.basename(ti.name)
                 key = base.partition(".")[0]
-                if key in keys and is_image_name(base) and (shard, key) not in out:
+                if key in keys and is_image_name(base) and (shard, key) not in out and ti.size <= member_cap():
                     out[(shard, key)] = tf.extractfile(ti).read()
     return out
 

@@ -74,6 +74,12 @@ class RunConfig:
     allow_download: bool = False
     allow_pipe: bool = False
     allow_remote: bool = False
+    # Largest tar member any stage reads (pipeline/shards.py:read_samples): a larger one is skipped
+    # from its header, before reading, as `member_too_large` (a 1 MiB gzip can inflate to 1 GiB).
+    max_member_bytes: int = 64 << 20
+
+    def __post_init__(self):
+        check(self.max_member_bytes > 0, "max_member_bytes", self.max_member_bytes, "must be > 0")
 
 
 def _read_yaml(path: Path) -> dict:
@@ -214,7 +220,8 @@ def prepare_out_dir(out_dir: str | os.PathLike, run: RunConfig, sections: dict[s
         diff = _diff(old, new, ignore=tuple(ignore) + ("run.resume", "run.overwrite", "run.wandb",
                                                          "run.log_every", "run.log_every_s",
                                                          "run.allow_download",
-                                                         "run.allow_pipe", "run.allow_remote"))
+                                                         "run.allow_pipe", "run.allow_remote",
+                                                         "run.max_member_bytes"))
         if diff:
             raise ConfigError(
                 f"{out} holds a run with a different config ({'; '.join(diff[:3])}); "

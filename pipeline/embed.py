@@ -41,7 +41,6 @@ import collections
 import json
 import logging
 import os
-import tarfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -56,6 +55,7 @@ from pipeline.config import ConfigError, RunConfig, check, load_config, prepare_
 from pipeline.dist import DistContext
 from pipeline.encoders import EncoderConfig, build_encoder
 from pipeline.entry import StageError, cli_main, run_distributed
+from pipeline.guard import die_with_parent_fn
 from pipeline.images import IMAGE_EXTS, MAX_PIXELS, image_bytes, load_rgb
 from pipeline.io import atomic_write_json, clean_stale_tmp, load_npy, read_json
 from pipeline.provenance import (
@@ -71,7 +71,14 @@ from pipeline.provenance import (
     shard_mismatch,
     shard_source,
 )
-from pipeline.shards import ShardSpecError, expand_shards, is_url, shard_stem
+from pipeline.shards import (
+    ShardPolicyError,
+    ShardSpecError,
+    expand_shards,
+    is_url,
+    read_samples,  # noqa: F401 -- the one tar reader, re-exported from its old home
+    shard_stem,
+)
 from pipeline.store import (
     KINDS,
     StoreError,
@@ -138,73 +145,6 @@ class EmbedFailed(StageError):
 
 # ---------------------------------------------------------------- reading and repairing samples
 
-def read_samples(url: str):
-    """Samples of one tar shard, in file order: {"__key__", ext: bytes, ...}. Files are grouped by
-    key like webdataset's ``group_by_keys``, except that a repeated extension starts a new sample
-    (so a duplicate key is seen and counted, not raised). Errors opening/reading propagate, and so
-    does a tar that stops early: Python's tarfile silently ends iteration at a truncated or invalid
-    header after the first member, which would turn a cut-off download into a short part."""
-    import webdataset as wds
-    from webdataset.tariterators import base_plus_ext
-    raw = _Tail(wds.gopen(url))  # local path, pipe:, http(s):// ... as webdataset opens them
-    try:
-        tf = tarfile.open(fileobj=raw, mode="r|*")  # noqa: SIM115 -- closed via raw
-        cur = None
-        for info in tf:
-            if not info.isreg():
-                continue
-            key, ext = base_plus_ext(info.name)
-            data = tf.extractfile(info).read()
-            tf.members = []  # stream mode keeps every TarInfo otherwise
-            if key is None:
-                continue
-            ext = ext.lower()
-            if cur is None or key != cur["__key__"] or ext in cur:
-                if cur is not None:
-                    yield cur
-                cur = {"__key__": key}
-            cur[ext] = data
-        if getattr(tf.fileobj, "comptype", None) == "tar":  # offsets are raw offsets: check the end
-            raw.check_end(tf.offset)
-        if cur is not None:
-            yield cur
-    finally:
-        raw.close()  # a pipe: source checks its command's exit status here
-
-
-class _Tail:
-    """Read-through wrapper keeping the last chunks read, to check a tar's end-of-archive marker:
-    everything from the end of the last member to EOF must be zero blocks (at least one)."""
-    WINDOW = 1 << 16  # tarfile reads 10 KiB records: the end marker is always within this
-    MAX_PAD = 1 << 20  # more trailing bytes than this is not padding
-
-    def __init__(self, f):
-        self.f, self.pos, self.chunks, self.kept = f, 0, collections.deque(), 0
-
-    def read(self, n=-1):
-        b = self.f.read(n)
-        if b:
-            self.chunks.append((self.pos, b))
-            self.pos += len(b)
-            self.kept += len(b)
-            while self.kept - len(self.chunks[0][1]) >= self.WINDOW:
-                self.kept -= len(self.chunks.popleft()[1])
-        return b
-
-    def check_end(self, end: int):
-        pad = 0
-        while pad <= self.MAX_PAD and (b := self.read(1 << 16)):
-            pad += len(b)
-        tail = b"".join(c for _, c in self.chunks)
-        start = self.chunks[0][0] if self.chunks else self.pos
-        ok = start <= end and len(tail) - (end - start) >= 512 and not tail[end - start:].strip(b"\0")
-        if not ok or pad > self.MAX_PAD:
-            raise tarfile.ReadError(f"truncated or corrupt tar: no end-of-archive marker at byte {end}")
-
-    def close(self):
-        self.f.close()
-
-
 def read_caption(raw: bytes | None) -> tuple[str, list[str]]:
     if raw is None:
         return "", ["caption_missing"]
@@ -246,6 +186,9 @@ class ShardSamples(IterableDataset):
                     skipped["duplicate_key"] += 1
                     continue
                 seen.add(key)
+                if "__skip__" in s:  # a member over run.max_member_bytes: never read
+                    skipped[s["__skip__"]] += 1
+                    continue
                 img, why = load_rgb(image_bytes(s, cfg.image_exts), cfg.max_pixels, draft=self.image_size)
                 if img is None:
                     skipped[why] += 1
@@ -298,7 +241,8 @@ def make_loader(parts: list[tuple[int, str]], cfg: EmbedConfig, preprocess, imag
     # host->GPU copy overlap the previous batch's compute (non_blocking in the encoder).
     return DataLoader(ShardSamples(parts, cfg, preprocess, image_size), batch_size=None,
                       num_workers=workers, pin_memory=pin_memory,
-                      prefetch_factor=cfg.prefetch_factor if workers else None)
+                      prefetch_factor=cfg.prefetch_factor if workers else None,
+                      worker_init_fn=die_with_parent_fn() if workers else None)
 
 
 # ---------------------------------------------------------------- the stage
@@ -528,6 +472,8 @@ def embed(run: RunConfig, cfg: EmbedConfig, ctx: DistContext) -> dict:
     out = Path(cfg.out_dir)
     try:
         shards = expand_shards(cfg.input)
+    except ShardPolicyError as e:  # exit 1: the input names something the run may not open
+        raise ShardPolicyError(f"embed.input={cfg.input!r}: {e}") from None
     except ShardSpecError as e:
         raise ConfigError(f"embed.input={cfg.input!r}: {e}") from None
     def unfinished() -> list[int]:  # one rank checks the folder and lists the work

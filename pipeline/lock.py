@@ -9,6 +9,10 @@ is taken over; a lock from another host is never broken automatically
 
 In a distributed stage only rank 0 takes it (``hold``); the outcome is broadcast so every rank
 stops with the same error. Cost: a few small file operations per stage run.
+
+Holding the lock, ``hold`` removes the temp files killed writers left in the folder's tree
+(``pipeline.io.clean_stale_tmp``: atomic-write temp names only, a live writer's kept, folders
+under another live lock skipped) before any rank starts work.
 """
 from __future__ import annotations
 
@@ -22,6 +26,7 @@ from pathlib import Path
 from typing import Iterator
 
 from pipeline.errors import InputError
+from pipeline.io import clean_stale_tmp
 
 log = logging.getLogger("mlcd.lock")
 LOCK_NAME = ".mlcd.lock"
@@ -134,6 +139,16 @@ def folder_lock(folder: str | os.PathLike, what: str = "") -> Iterator[Path]:
         release(path)
 
 
+def _clean(folder: str | os.PathLike) -> None:
+    try:
+        n = clean_stale_tmp(folder, recursive=True, skip_marker=LOCK_NAME)
+    except OSError as e:  # cleaning is a courtesy: an unreadable subfolder must not stop the stage
+        log.warning("%s: could not remove stale temp files: %s", folder, e)
+        return
+    if n:
+        log.info("%s: removed %d temp file(s) left by a killed run", folder, n)
+
+
 @contextmanager
 def hold(folder: str | os.PathLike, ctx, what: str = "") -> Iterator[None]:
     """Collective: rank 0 holds ``folder``'s lock for the block; every rank raises the same
@@ -144,6 +159,8 @@ def hold(folder: str | os.PathLike, ctx, what: str = "") -> Iterator[None]:
             path = acquire(folder, what)
         except (LockError, OSError) as e:
             err = str(e)
+        if path is not None:
+            _clean(folder)
     err = ctx.broadcast_object(err)
     if err:
         raise LockError(err)

@@ -59,12 +59,13 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from pipeline.config import ConfigError, RunConfig, check, load_config, prepare_out_dir, to_dict
 from pipeline.dist import DistContext
-from pipeline.embed import PART_META_KEY, _expected_rows, part_info, read_samples
+from pipeline.embed import PART_META_KEY, _expected_rows, part_info
 from pipeline.encoders import EncoderConfig, build_encoder
 from pipeline.entry import StageError, cli_main, run_distributed
+from pipeline.guard import die_with_parent_fn
 from pipeline.images import IMAGE_EXTS, MAX_PIXELS, image_bytes, load_rgb
 from pipeline.io import atomic_write_json, clean_stale_tmp
-from pipeline.shards import ShardSpecError, expand_shards, shard_stem
+from pipeline.shards import ShardPolicyError, ShardSpecError, expand_shards, read_samples, shard_stem
 from pipeline.store import part_complete, write_part
 from pipeline.tracking import Tracker, progress
 
@@ -301,6 +302,9 @@ class ShardRegions(IterableDataset):
                 stats["image_skipped/duplicate_key"] += 1
                 continue
             seen.add(key)
+            if "__skip__" in s:  # a member over run.max_member_bytes: never read
+                stats[f"image_skipped/{s['__skip__']}"] += 1
+                continue
             img, why = load_rgb(image_bytes(s, self.cfg.image_exts), self.cfg.max_pixels)
             if img is None:
                 stats[f"image_skipped/{why}"] += 1
@@ -392,7 +396,8 @@ def _region_parts(mine, shards, out: Path, cfg: RegionsConfig, run: RunConfig, e
     # pinned host memory on CUDA: the crops' host->GPU copy overlaps compute (as in stage 1)
     loader = DataLoader(ShardRegions(mine, cfg, enc.preprocess, enc.image_size), batch_size=None,
                         num_workers=workers, prefetch_factor=cfg.prefetch_factor if workers else None,
-                        pin_memory=ctx.device.type == "cuda")
+                        pin_memory=ctx.device.type == "cuda",
+                        worker_init_fn=die_with_parent_fn() if workers else None)
     bar = progress(_expected_rows([u for _, u in mine]), "regions", ctx)
     bufs: dict[int, tuple[list, list]] = {}
     for step, b in enumerate(loader):
@@ -428,6 +433,8 @@ def regions(run: RunConfig, cfg: RegionsConfig, ctx: DistContext) -> dict:
     out = Path(cfg.out_dir)
     try:
         shards = expand_shards(cfg.input)
+    except ShardPolicyError as e:  # exit 1: the input names something the run may not open
+        raise ShardPolicyError(f"regions.input={cfg.input!r}: {e}") from None
     except ShardSpecError as e:
         raise ConfigError(f"regions.input={cfg.input!r}: {e}") from None
 

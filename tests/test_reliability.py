@@ -168,6 +168,7 @@ def test_pipe_and_remote_specs_need_opt_in(tmp_path, monkeypatch):
     (tmp_path / "remote.txt").write_text("s3://bucket/00000.tar\n")
     with pytest.raises(ShardSpecError, match=r"remote.txt:1: 's3://bucket/00000.tar' is a remote URL"):
         expand_shards(str(tmp_path / "remote.txt"))
+    (tmp_path / "a.tar").touch()
     assert expand_shards(f"file://{tmp_path}/a.tar") == [f"file://{tmp_path}/a.tar"]  # local
     netpolicy.apply(RunConfig(allow_pipe=True, allow_remote=True))
     assert expand_shards(str(lst))[1].startswith("pipe:touch")
@@ -230,6 +231,7 @@ def test_training_inputs_validated_up_front(tmp_path, caplog):
     from pipeline.config import load_config
     from pipeline.dist import DistContext
     from pipeline.io import atomic_save_npy
+    from pipeline.shards import ShardSpecError
     from training.train import TrainConfig
     from training.validate import TrainInputError, check_inputs
     over = _train_inputs(tmp_path)
@@ -248,7 +250,7 @@ def test_training_inputs_validated_up_front(tmp_path, caplog):
         check(f"train.centroids={tmp_path}/nope.npy")
     with pytest.raises(TrainInputError, match="embedding store not found"):
         check(f"train.data.store={tmp_path}/nostore")
-    with pytest.raises(TrainInputError, match="shard spec .* matches no file"):
+    with pytest.raises(ShardSpecError, match="train.data.shards=.*shard spec .* matches no file"):  # exit 2, as in embed
         check(f"train.data.shards={tmp_path}/nothing/{{00000..00001}}.tar")
     # a labels folder from another store: row counts differ from the metadata
     lab = syn / "clusters/labels/labels_0.npy"

@@ -24,14 +24,14 @@ from pathlib import Path
 
 import numpy as np
 import torch
-import webdataset as wds
 from PIL import Image
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from pipeline.config import check
+from pipeline.guard import die_with_parent_fn
 from pipeline.images import decode_rgb, image_bytes
 from pipeline.io import load_npy
-from pipeline.shards import expand_shards
+from pipeline.shards import expand_shards, read_samples
 from pipeline.store import labels_path, meta_path, read_keys
 from training.model import CLIP_MEAN, CLIP_STD
 
@@ -201,10 +201,10 @@ class LabeledStream(IterableDataset):
                 cache[part.url] = self._load_part(part)
             table = cache[part.url]
             dry += 1
-            for s in wds.tarfile_samples([{"url": part.url}]):
+            for s in read_samples(part.url):  # stage 1's reader: same samples, member cap
                 lab = table.get(s["__key__"])
                 img = image_bytes(s)
-                if lab is None or img is None:
+                if lab is None or img is None or "__skip__" in s:
                     skipped += 1
                     continue
                 item = (img, lab, skipped, s["__key__"])
@@ -240,7 +240,8 @@ def loader(ds: IterableDataset, cfg: TrainDataConfig) -> DataLoader:
     """The DataLoader around a stream that batches itself (one place for workers/pinning)."""
     return DataLoader(ds, batch_size=None, num_workers=cfg.workers,
                       pin_memory=cfg.pin_memory and torch.cuda.is_available(),
-                      persistent_workers=False, prefetch_factor=2 if cfg.workers else None)
+                      persistent_workers=False, prefetch_factor=2 if cfg.workers else None,
+                      worker_init_fn=die_with_parent_fn() if cfg.workers else None)
 
 
 def num_classes_from_centroids(path: str | Path) -> int:

@@ -45,7 +45,7 @@ from pipeline.provenance import (
     part_record,
     shard_mismatch,
 )
-from pipeline.shards import ShardSpecError, expand_shards, is_url
+from pipeline.shards import ShardSpecError, expand_shards, is_url, local_path
 from pipeline.store import labels_path, meta_path, part_numbers, read_label_record, sims_path
 
 log = logging.getLogger("mlcd.train.validate")
@@ -62,7 +62,7 @@ def check_inputs(cfg, ctx) -> None:
     def check() -> None:
         try:
             _check(cfg)
-        except TrainInputError:
+        except (TrainInputError, ShardSpecError):  # a shard spec keeps its own exit code (as in embed)
             raise
         except (StageError, OSError) as e:  # a store/shard-spec error, an unreadable file
             raise TrainInputError(str(e)) from None
@@ -98,8 +98,8 @@ def _check(cfg) -> None:
                     "purpose)", k, k_cent, cfg.centroids)
     try:
         shards = expand_shards(d.shards)
-    except ShardSpecError:
-        raise
+    except ShardSpecError as e:  # refused by the shard policy or matching nothing: name the key
+        raise type(e)(f"train.data.shards={d.shards!r}: {e}") from None
     except OSError as e:
         raise TrainInputError(f"train.data.shards={d.shards!r}: {e}") from None
     if not shards:
@@ -114,7 +114,7 @@ def _check(cfg) -> None:
         if not (m.is_file() and lab.is_file()):
             continue  # left out at start-up with a warning (training/data.py:find_parts)
         found += 1
-        if not is_url(url) and not os.path.isfile(url):
+        if not is_url(url) and not os.path.isfile(local_path(url)):
             raise TrainInputError(f"{url}: shard not found, but it has labels {lab} "
                                   f"(listed by train.data.shards={d.shards!r})")
         _check_part(m, lab, sims_path(d.labels, i), need, k)

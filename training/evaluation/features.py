@@ -41,7 +41,7 @@ from pipeline import netpolicy
 from pipeline.dist import DistContext
 from pipeline.entry import StageError
 from pipeline.images import IMAGE_EXTS, decode_rgb, is_image_name
-from pipeline.shards import ShardSpecError, expand_shards
+from pipeline.shards import ShardSpecError, check_member_size, expand_shards
 from pipeline.tracking import progress
 
 log = logging.getLogger("mlcd.eval")
@@ -105,6 +105,7 @@ def _shard_items(shard: str) -> tuple[list[tuple[str, int, int]], list[int]]:
             for m in tf:
                 if not m.isfile():
                     continue
+                check_member_size(m, shard, EvalInputError)
                 key, ext = _key_ext(m.name)
                 if key not in samples:
                     samples[key] = {}

@@ -44,7 +44,7 @@ from pipeline.dist import DistContext
 from pipeline.entry import cli_main, run_distributed
 from pipeline.images import is_image_name
 from pipeline.io import atomic_write_json, atomic_write_text, read_json
-from pipeline.shards import ShardSpecError, expand_shards
+from pipeline.shards import ShardSpecError, check_member_size, expand_shards
 from pipeline.tracking import Tracker, progress
 from training.evaluation import probe
 from training.evaluation.evaluate import (
@@ -135,6 +135,7 @@ def _tar_images(shard: str) -> dict[str, tuple[int, int]]:
         with tarfile.open(shard) as tf:
             for m in tf:
                 if m.isfile() and is_image_name(m.name):
+                    check_member_size(m, shard, EvalInputError)
                     out[_key_ext(m.name)[0]] = (m.offset_data, m.size)
     except (tarfile.TarError, OSError) as e:
         raise EvalInputError(f"{shard}: cannot read shard ({e})") from None
