@@ -49,6 +49,11 @@ class TrainDataConfig:
     crop_scale_min: float = 0.5   # RandomResizedCrop scale range [min, 1]
     hflip: float = 0.5
     pin_memory: bool = True
+    # fast: uint8 batches (normalised on the device: training.data.normalize_uint8), JPEG draft
+    # when the crop allows, one antialiased-bicubic resize (training/decode.py); false = the
+    # reference float path (PIL bicubic, CLIP-normalised in the worker), kept for the bench
+    fast: bool = True
+    decode: str = "cpu"           # gpu: JPEGs decoded in batches by torchvision on the GPU (needs fast)
 
     def __post_init__(self):
         check(self.batch_size >= 1, "batch_size", self.batch_size, "must be >= 1")
@@ -57,6 +62,10 @@ class TrainDataConfig:
         check(self.shuffle_buffer >= 1, "shuffle_buffer", self.shuffle_buffer, "must be >= 1")
         check(0 < self.crop_scale_min <= 1, "crop_scale_min", self.crop_scale_min, "must be in (0, 1]")
         check(0 <= self.hflip <= 1, "hflip", self.hflip, "must be in [0, 1]")
+        check(self.decode in ("cpu", "gpu"), "decode", self.decode, "must be cpu or gpu")
+        check(self.decode == "cpu" or self.fast, "decode", self.decode, "gpu needs train.data.fast=true")
+        check(self.decode == "cpu" or torch.cuda.is_available(), "decode", self.decode,
+              "gpu needs CUDA, and torch.cuda.is_available() is False here; use cpu")
 
 
 @dataclass(frozen=True)
@@ -136,6 +145,25 @@ def to_tensor(img: Image.Image) -> torch.Tensor:
     return (x - torch.tensor(CLIP_MEAN)[:, None, None]) / torch.tensor(CLIP_STD)[:, None, None]
 
 
+def normalize_uint8(x: torch.Tensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """uint8 (..., 3, H, W) on any device -> CLIP-normalized `dtype`: `to_tensor`'s math exactly
+    (float32 /255, minus mean, over std; equal bit for bit, tests/test_decode.py), then the cast."""
+    mean = torch.tensor(CLIP_MEAN, device=x.device)[:, None, None]
+    std = torch.tensor(CLIP_STD, device=x.device)[:, None, None]
+    return ((x.float() / 255.0 - mean) / std).to(dtype)
+
+
+def decode_batch(datas: list[bytes], size: int, cfg: TrainDataConfig, rng: np.random.Generator):
+    """A batch's images: float32 CLIP-normalized (fast=false, the reference), uint8 (fast), or
+    still-encoded JPEGs + the CPU-decoded rest (decode=gpu; `loader` decodes them on the GPU)."""
+    from training import decode
+    if cfg.decode == "gpu":
+        return decode.plan_batch(datas, size, cfg.crop_scale_min, cfg.hflip, rng)
+    if cfg.fast:
+        return decode.decode_batch_cpu(datas, size, cfg.crop_scale_min, cfg.hflip, rng)
+    return torch.stack([decode_image(b, size, cfg, rng) for b in datas])
+
+
 class LabeledStream(IterableDataset):
     """Yields (images, labels, skipped) batches for one rank and one epoch (see module doc)."""
 
@@ -153,7 +181,7 @@ class LabeledStream(IterableDataset):
 
     def _batch(self, raw: list[tuple], rng: np.random.Generator) -> tuple:
         """raw: batch_size (image bytes, _load_part's value, skipped) -> the batch."""
-        images = torch.stack([decode_image(b, self.size, self.cfg, rng) for b, _, _ in raw])
+        images = decode_batch([b for b, _, _ in raw], self.size, self.cfg, rng)
         labels = torch.from_numpy(np.stack([lab for _, lab, _ in raw]))
         return images, labels, sum(s for _, _, s in raw)
 
@@ -202,18 +230,40 @@ class LabeledStream(IterableDataset):
 
 
 def make_loader(parts: list[ShardPart], cfg: TrainDataConfig, image_size: int, num_labels: int,
-                num_classes: int, seed: int, rank: int, epoch: int, num_batches: int, start: int = 0
-                ) -> DataLoader:
-    """Batches start..num_batches-1 of `epoch` for this rank, in order."""
+                num_classes: int, seed: int, rank: int, epoch: int, num_batches: int, start: int = 0,
+                device=None):
+    """Batches start..num_batches-1 of `epoch` for this rank, in order (`device`: see `loader`)."""
     return loader(LabeledStream(parts, cfg, image_size, num_labels, num_classes, seed, rank, epoch,
-                                num_batches, start), cfg)
+                                num_batches, start), cfg, device)
 
 
-def loader(ds: IterableDataset, cfg: TrainDataConfig) -> DataLoader:
-    """The DataLoader around a stream that batches itself (one place for workers/pinning)."""
-    return DataLoader(ds, batch_size=None, num_workers=cfg.workers,
-                      pin_memory=cfg.pin_memory and torch.cuda.is_available(),
-                      persistent_workers=False, prefetch_factor=2 if cfg.workers else None)
+def loader(ds: IterableDataset, cfg: TrainDataConfig, device: torch.device | str | None = None):
+    """The DataLoader around a stream that batches itself (one place for workers/pinning). With
+    decode=gpu, an iterable over it that decodes each batch's JPEGs on `device` (default: the
+    current CUDA device) in this process (CUDA does not belong in forked workers)."""
+    dl = DataLoader(ds, batch_size=None, num_workers=cfg.workers,
+                    pin_memory=cfg.pin_memory and torch.cuda.is_available(),
+                    persistent_workers=False, prefetch_factor=2 if cfg.workers else None)
+    if cfg.decode != "gpu":
+        return dl
+    return DeviceDecoded(dl, device or torch.device("cuda", torch.cuda.current_device()))
+
+
+class DeviceDecoded:
+    """Batches of a DataLoader whose first field (images) is an `EncodedBatch`, decoded on `device`."""
+
+    def __init__(self, dl: DataLoader, device):
+        self.dl, self.device = dl, device
+
+    def __iter__(self):
+        import dataclasses
+
+        from training.decode import decode_on_device
+        for b in self.dl:
+            if dataclasses.is_dataclass(b):  # a Batch: its `images` field
+                yield dataclasses.replace(b, images=decode_on_device(b.images, self.device))
+            else:
+                yield (decode_on_device(b[0], self.device), *b[1:])
 
 
 def num_classes_from_centroids(path: str | Path) -> int:

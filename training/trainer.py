@@ -38,7 +38,7 @@ from pipeline.io import atomic_write_text
 from pipeline.tracking import Tracker, progress
 from training import checkpoint as ckpt
 from training.config import CheckpointConfig, OptimConfig, TrainConfig
-from training.data import find_parts, make_loader
+from training.data import find_parts, make_loader, normalize_uint8
 from training.init_weights import FinetuneConfig, load_initial_centers, load_initial_weights, param_groups
 from training.model import build_model
 from training.partial_fc import PartialFC, make_optimizer
@@ -128,7 +128,8 @@ def forward_backward(engine, pfc: PartialFC, images: torch.Tensor, labels: torch
                      region_labels: torch.Tensor | None = None, region_valid: torch.Tensor | None = None
                      ) -> tuple[float, dict[str, float]]:
     dtype = next(engine.module.parameters()).dtype
-    x = images.to(engine.device, dtype, non_blocking=True)
+    x = images.to(engine.device, non_blocking=True)  # uint8 (train.data.fast) normalised on the device
+    x = normalize_uint8(x, dtype) if x.dtype == torch.uint8 else x.to(dtype)
     if region is None:
         emb = engine(x)
         loss, terms = pfc(emb, labels.to(engine.device), micro)
