@@ -17,7 +17,6 @@ Changing `workers` or the world size changes the stream (not an error; logged by
 from __future__ import annotations
 
 import logging
-import math
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -32,6 +31,8 @@ from pipeline.images import decode_rgb, image_bytes
 from pipeline.io import load_npy
 from pipeline.shards import expand_shards
 from pipeline.store import labels_path, meta_path, read_keys
+from training import decode
+from training.decode import crop_box
 from training.model import CLIP_MEAN, CLIP_STD
 
 log = logging.getLogger("mlcd.train.data")
@@ -115,24 +116,10 @@ def load_part_labels(part: ShardPart, num_labels: int, num_classes: int) -> dict
     return {k: labels[i] for i, k in enumerate(keys) if labels[i, 0] >= 0}
 
 
-def crop_box(w: int, h: int, scale_min: float, rng: np.random.Generator) -> tuple[int, int, int, int]:
-    """torchvision's RandomResizedCrop box (scale [scale_min, 1], ratio [3/4, 4/3]), from `rng`."""
-    area = w * h
-    for _ in range(10):
-        target = area * rng.uniform(scale_min, 1.0)
-        ratio = math.exp(rng.uniform(math.log(3 / 4), math.log(4 / 3)))
-        cw, ch = round(math.sqrt(target * ratio)), round(math.sqrt(target / ratio))
-        if 0 < cw <= w and 0 < ch <= h:
-            x, y = int(rng.integers(0, w - cw + 1)), int(rng.integers(0, h - ch + 1))
-            return x, y, x + cw, y + ch
-    s = min(w, h)  # fallback: central square
-    return (w - s) // 2, (h - s) // 2, (w - s) // 2 + s, (h - s) // 2 + s
-
-
 def decode_image(data: bytes, size: int, cfg: TrainDataConfig, rng: np.random.Generator) -> torch.Tensor:
     """Stage 1's decoder (pipeline/images.py: EXIF, 16-bit, palette+alpha repairs), then a random
     resized crop and flip. Samples stage 1 could not decode have no labels and never get here."""
-    img = decode_rgb(data)
+    img = decode_rgb(data, max_aspect=0)  # stage 1 applied its caps; the crop bounds the resize
     img = img.resize((size, size), Image.BICUBIC, box=crop_box(*img.size, cfg.crop_scale_min, rng))
     if rng.random() < cfg.hflip:
         img = img.transpose(Image.FLIP_LEFT_RIGHT)
@@ -156,7 +143,6 @@ def normalize_uint8(x: torch.Tensor, dtype: torch.dtype = torch.float32) -> torc
 def decode_batch(datas: list[bytes], size: int, cfg: TrainDataConfig, rng: np.random.Generator):
     """A batch's images: float32 CLIP-normalized (fast=false, the reference), uint8 (fast), or
     still-encoded JPEGs + the CPU-decoded rest (decode=gpu; `loader` decodes them on the GPU)."""
-    from training import decode
     if cfg.decode == "gpu":
         return decode.plan_batch(datas, size, cfg.crop_scale_min, cfg.hflip, rng)
     if cfg.fast:
@@ -258,12 +244,11 @@ class DeviceDecoded:
     def __iter__(self):
         import dataclasses
 
-        from training.decode import decode_on_device
         for b in self.dl:
             if dataclasses.is_dataclass(b):  # a Batch: its `images` field
-                yield dataclasses.replace(b, images=decode_on_device(b.images, self.device))
+                yield dataclasses.replace(b, images=decode.decode_on_device(b.images, self.device))
             else:
-                yield (decode_on_device(b[0], self.device), *b[1:])
+                yield (decode.decode_on_device(b[0], self.device), *b[1:])
 
 
 def num_classes_from_centroids(path: str | Path) -> int:

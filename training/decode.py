@@ -4,8 +4,9 @@ Same picture as stage 1 (pipeline/images.py opens, EXIF-rotates and repairs it),
 resized crop box and flip as training/data.py's `decode_image` (same generator calls in the same
 order), but per sample:
 - JPEG draft: when the crop box is >= 2x the output size on both sides, the JPEG is decoded at
-  the largest DCT scale (1/2, 1/4, 1/8) that keeps the box >= the output (decode cost ~scale^2).
-  The demo's <= 256 px pictures never qualify; LAION-size ones often do.
+  the largest DCT scale (1/2, 1/4, 1/8) that keeps the box >= the output (decode cost ~scale^2),
+  then Pillow's bicubic resizes the scaled (fractional) box. The demo's <= 256 px pictures never
+  qualify; LAION-size ones often do.
 - one resize of the crop box, torch's antialiased bicubic on uint8 (the filter of PIL's bicubic,
   a = -0.5, with SIMD kernels), written into a preallocated uint8 batch: no float image, no
   per-image normalisation (`training.data.normalize_uint8` runs on the device, 4x fewer bytes
@@ -20,6 +21,7 @@ else (PNG, CMYK, EXIF-rotated, a JPEG decode_jpeg rejects) is decoded on the CPU
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import numpy as np
@@ -38,10 +40,23 @@ class Plan:
     flip: bool
 
 
+def crop_box(w: int, h: int, scale_min: float, rng: np.random.Generator) -> tuple[int, int, int, int]:
+    """torchvision's RandomResizedCrop box (scale [scale_min, 1], ratio [3/4, 4/3]), from `rng`."""
+    area = w * h
+    for _ in range(10):
+        target = area * rng.uniform(scale_min, 1.0)
+        ratio = math.exp(rng.uniform(math.log(3 / 4), math.log(4 / 3)))
+        cw, ch = round(math.sqrt(target * ratio)), round(math.sqrt(target / ratio))
+        if 0 < cw <= w and 0 < ch <= h:
+            x, y = int(rng.integers(0, w - cw + 1)), int(rng.integers(0, h - ch + 1))
+            return x, y, x + cw, y + ch
+    s = min(w, h)  # fallback: central square
+    return (w - s) // 2, (h - s) // 2, (w - s) // 2 + s, (h - s) // 2 + s
+
+
 def open_and_plan(data: bytes, size: int, scale_min: float, hflip: float, rng: np.random.Generator):
     """(opened image, its orientation, Plan). The generator is used exactly as `decode_image` uses
     it (crop_box on the upright size, then one draw for the flip), so the box and flip match."""
-    from training.data import crop_box
     im, why = open_image(data, max_aspect=0)  # stage 1 already applied its caps to these samples
     if im is None:
         raise ImageError(why)
@@ -80,11 +95,18 @@ def decode_cpu(im, plan: Plan, size: int, draft: bool = True, data: bytes | None
         img, _ = finish_rgb(im)
     except Exception as e:  # noqa: BLE001 -- as load_rgb: any decoder error is bad data
         raise ImageError("corrupt_image") from e
-    box = plan.box if f == 1 else tuple(round(v * f) for v in plan.box)
+    if f != 1:  # drafted: the box has fractional corners; Pillow's resize takes them as they are
+        from PIL import Image  # (rounding them shifts the picture by up to half a drafted pixel)
+        img = img.resize((size, size), Image.BICUBIC, box=tuple(v * f for v in plan.box))
+        return chw(img.transpose(Image.FLIP_LEFT_RIGHT) if plan.flip else img)[0]
+    return resize_crop(chw(img), plan.box, plan.flip, size)
+
+
+def chw(img) -> torch.Tensor:
+    """RGB PIL image -> (1, 3, H, W) uint8 view of one copy of its pixels (bytearray: a writable
+    buffer for torch; np.asarray of a PIL image is read-only)."""
     w, h = img.size
-    # bytearray: a writable buffer for torch (np.asarray of a PIL image is read-only); one memcpy
-    x = torch.frombuffer(bytearray(img.tobytes()), dtype=torch.uint8).view(1, h, w, 3).permute(0, 3, 1, 2)
-    return resize_crop(x, box, plan.flip, size)
+    return torch.frombuffer(bytearray(img.tobytes()), dtype=torch.uint8).view(1, h, w, 3).permute(0, 3, 1, 2)
 
 
 def resize_crop(x: torch.Tensor, box, flip: bool, size: int) -> torch.Tensor:
