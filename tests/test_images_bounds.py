@@ -89,9 +89,9 @@ def test_peak_memory_on_a_1x65535_png(tmp_path):
 
 
 def test_aspect_cap_bounds_the_stage1_resize():
-    """At the cap, stage 1's shortest-side resize holds S^2 x MAX_ASPECT pixels: 224 px, 3 MB."""
+    """At the cap, stage 1's shortest-side resize holds S^2 x MAX_ASPECT pixels: 224 px, 4.8 MB."""
     from pipeline.encoders import image_transform
     im, _ = load_rgb(strip_png(int(MAX_ASPECT) * 12, 12))
     x = image_transform(224, (0.5,) * 3, (0.5,) * 3)(im)
     assert tuple(x.shape) == (3, 224, 224)
-    assert 224 * 224 * MAX_ASPECT * 3 < 4e6 and np.isfinite(x.numpy()).all()
+    assert 224 * 224 * MAX_ASPECT * 3 < 5e6 and np.isfinite(x.numpy()).all()

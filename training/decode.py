@@ -146,6 +146,11 @@ class EncodedBatch:
     def __len__(self) -> int:
         return len(self.images)
 
+    def pin_memory(self) -> EncodedBatch:
+        """The DataLoader's pin thread calls this (train.data.pin_memory on a CUDA machine)."""
+        self.images = self.images.pin_memory()
+        return self
+
 
 def gpu_decodable(data: bytes, im, o: int) -> bool:
     """Baseline JPEGs decode_jpeg reads as stage 1 does: YCbCr/grayscale, upright. CMYK (Pillow
