@@ -251,6 +251,7 @@ def bad_corpus(path: Path) -> tuple[int, dict, dict]:
         ("gray", {"jpg": jpeg(Image.new("L", (20, 20), 128)), "txt": "gray"}),
         ("rotated", {"jpg": jpeg(Image.new("RGB", (40, 20), (0, 200, 0)), exif=exif), "txt": "exif"}),
         ("bomb", {"png": png_bomb(100_000, 100_000), "txt": "bomb"}),
+        ("strip", {"png": png_bomb(1, 40_000), "txt": "1 x 40,000 (< max_pixels): ~6 GB at 224 px"}),
         ("big", {"jpg": jpeg(Image.new("RGB", (300, 300))), "txt": "over max_pixels"}),
         ("nocap", {"jpg": good}),
         ("emptycap", {"jpg": good, "txt": "   \n"}),
@@ -266,7 +267,7 @@ def bad_corpus(path: Path) -> tuple[int, dict, dict]:
                 info.size = len(data)
                 tf.addfile(info, io.BytesIO(data))
     skipped = {"corrupt_image": 1, "duplicate_key": 1, "empty_image": 1, "missing_image": 1,
-               "not_an_image": 1, "too_large": 2}
+               "not_an_image": 1, "too_large": 2, "extreme_aspect": 1}
     fixed = {"alpha": 2, "caption_empty": 1, "caption_missing": 1, "caption_not_utf8": 1, "cmyk": 1,
              "exif_rotated": 1, "grayscale": 1, "high_bit_depth": 1, "palette": 2}
     return len(samples), skipped, fixed
