@@ -13,9 +13,11 @@ generator seeded by (seed, rank, e, j). Resuming at batch j0 of an epoch rotates
 DataLoader workers (worker w takes slot (w + j0) % n, so the round-robin order still yields j0,
 j0 + 1, ...) and fast-forwards each slot past its earlier batches without decoding images.
 Changing `workers` or the world size changes the stream (not an error; logged by the trainer).
+Images: `decode_batch` (uint8 by default, normalised on the device; training/decode.py).
 """
 from __future__ import annotations
 
+import dataclasses
 import logging
 from dataclasses import dataclass
 from pathlib import Path
@@ -242,8 +244,6 @@ class DeviceDecoded:
         self.dl, self.device = dl, device
 
     def __iter__(self):
-        import dataclasses
-
         for b in self.dl:
             if dataclasses.is_dataclass(b):  # a Batch: its `images` field
                 yield dataclasses.replace(b, images=decode.decode_on_device(b.images, self.device))
