@@ -59,8 +59,10 @@ def build_data(tmp: Path) -> tuple[str, str, str, int, float]:
 
 
 def _rate(spec: str, store: str, labels: str, workers: int, batches: int, fast: bool = True,
-          decode: str = "cpu", device=None) -> float:
-    """images/s of the loader over `batches` batches after the first (worker start-up excluded)."""
+          decode: str = "cpu", device=None, per_cpu_second: bool = False) -> float:
+    """images/s of the loader over `batches` batches after the first (worker start-up excluded):
+    per wall second, or per CPU second of this process (`per_cpu_second`, meaningful with
+    workers=0: all the work is this process's, and other jobs on the box barely change it)."""
     from training.data import TrainDataConfig, find_parts, make_loader
     cfg = TrainDataConfig(shards=spec, store=store, labels=labels, batch_size=BATCH, workers=workers,
                           shuffle_buffer=200, pin_memory=False, fast=fast, decode="cpu")
@@ -71,24 +73,27 @@ def _rate(spec: str, store: str, labels: str, workers: int, batches: int, fast: 
     images, lab = next(it)[:2]
     assert images.shape == (BATCH, 3, SIZE, SIZE) and lab.shape == (BATCH, 8)
     assert images.dtype == (torch.uint8 if fast else torch.float32)
-    t0 = time.perf_counter()
+    t0, c0 = time.perf_counter(), time.process_time()
     n = 0
     for b in it:
         n += len(b[0])
     if decode == "gpu" and torch.cuda.is_available():
         torch.cuda.synchronize()
-    return n / (time.perf_counter() - t0)
+    wall, cpu = time.perf_counter() - t0, time.process_time() - c0
+    return (n / cpu) if per_cpu_second else (n / wall)
 
 
 def per_core_rates(spec: str, store: str, labels: str, batches: int, rounds: int) -> dict[str, list[float]]:
-    """Reference and fast path alternating, workers=0, one torch thread: images/s per core."""
+    """Reference and fast path alternating, workers=0, one torch thread: images per CPU second of
+    this process = images/s per core."""
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     rates: dict[str, list[float]] = {"reference": [], "fast": []}
     try:
         for _ in range(rounds):
             for name in ("reference", "fast"):
-                rates[name].append(_rate(spec, store, labels, 0, batches, fast=name == "fast"))
+                rates[name].append(_rate(spec, store, labels, 0, batches, fast=name == "fast",
+                                         per_cpu_second=True))
     finally:
         torch.set_num_threads(threads)
     return rates
@@ -109,7 +114,7 @@ def bench_loader(quick: bool, model_rate: float | None = None, model_config: str
     where = f"{cores} cores, load {load:.1f} at start"
     data = f"{n} demo JPEGs <= {STORED} px ({kb:.1f} KB mean) -> crop {SIZE} px, batch {BATCH}"
     rows = [{"bench": "train loader images/s per core: fast uint8 (ours) vs reference float (ref)",
-             "config": f"{data}; workers=0, 1 thread, {rounds} alternating runs (median)",
+             "config": f"{data}; workers=0, 1 thread, per CPU second, {rounds} alternating runs (median)",
              "ours": fast, "reference": ref, "unit": "images/s", "ratio": fast / ref,
              "note": f"target >= 4; ratio per run {min(ratios):.2f}-{max(ratios):.2f}; {where}"},
             {"bench": "train loader images/s, fast path: 2 workers (ours) vs 1 worker (ref)",
