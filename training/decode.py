@@ -85,7 +85,7 @@ def decode_cpu(im, plan: Plan, size: int, draft: bool = True, data: bytes | None
         try:
             x = decode_jpeg(torch.frombuffer(bytearray(data), dtype=torch.uint8), mode=ImageReadMode.RGB)
             return resize_crop(x[None], plan.box, plan.flip, size)
-        except RuntimeError:
+        except (RuntimeError, ValueError):
             pass  # decode_jpeg refused it: Pillow decides (it may repair or refuse it too)
     full = im.size
     if s > 1:
@@ -189,7 +189,7 @@ def decode_on_device(enc: EncodedBatch, device: torch.device | str) -> torch.Ten
     size = out.shape[-1]
     try:
         decoded = decode_jpeg(enc.jpegs, mode=ImageReadMode.RGB, device=device)
-    except RuntimeError:
+    except (RuntimeError, ValueError):
         decoded = [_decode_one(j, device) for j in enc.jpegs]
     for k, (row, img) in enumerate(zip(enc.jpeg_rows.tolist(), decoded)):
         box, flip = tuple(enc.boxes[k].tolist()), bool(enc.flips[k])
@@ -207,5 +207,5 @@ def _decode_one(data: torch.Tensor, device):
     from torchvision.io import ImageReadMode, decode_jpeg
     try:
         return decode_jpeg(data, mode=ImageReadMode.RGB, device=device)
-    except RuntimeError:
+    except (RuntimeError, ValueError):
         return None
