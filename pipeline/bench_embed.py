@@ -19,10 +19,10 @@ import torch
 
 from pipeline.config import load_config
 from pipeline.dist import DistContext
-from pipeline.embed import EmbedConfig, embed, make_loader, read_caption, read_samples
+from pipeline.embed import EmbedConfig, embed, make_loader, read_caption
 from pipeline.encoders import build_encoder
 from pipeline.images import image_bytes, load_rgb
-from pipeline.shards import expand_shards
+from pipeline.shards import expand_shards, read_samples
 
 ROOT = Path(__file__).resolve().parents[1]
 

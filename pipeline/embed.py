@@ -56,7 +56,7 @@ from pipeline.dist import DistContext
 from pipeline.encoders import EncoderConfig, build_encoder
 from pipeline.entry import StageError, cli_main, run_distributed
 from pipeline.guard import die_with_parent_fn
-from pipeline.images import IMAGE_EXTS, MAX_PIXELS, image_bytes, load_rgb
+from pipeline.images import IMAGE_EXTS, MAX_ASPECT, MAX_PIXELS, image_bytes, load_rgb
 from pipeline.io import atomic_write_json, clean_stale_tmp, load_npy, read_json
 from pipeline.provenance import (
     PART_META_KEY,
@@ -76,7 +76,7 @@ from pipeline.shards import (
     ShardSpecError,
     expand_shards,
     is_url,
-    read_samples,  # noqa: F401 -- the one tar reader, re-exported from its old home
+    read_samples,
     shard_stem,
 )
 from pipeline.store import (
@@ -110,6 +110,7 @@ class EmbedConfig:
     workers: int = 2                   # DataLoader decode workers per rank (0 = in the main process)
     prefetch_factor: int = 4           # batches queued per worker
     max_pixels: int = MAX_PIXELS       # larger images are skipped before decoding (Pillow's limit)
+    max_aspect: float = MAX_ASPECT     # longer/shorter side over this: skipped from the header (0 = no cap)
     image_exts: list[str] = field(default_factory=lambda: list(IMAGE_EXTS))  # first one present is read
     caption_ext: str = "txt"
     skip_missing_caption: bool = False  # False: keep the image, embed the empty caption
@@ -126,6 +127,7 @@ class EmbedConfig:
         check(self.workers >= 0, "workers", self.workers, "must be >= 0")
         check(self.prefetch_factor > 0, "prefetch_factor", self.prefetch_factor, "must be > 0")
         check(self.max_pixels > 0, "max_pixels", self.max_pixels, "must be > 0")
+        check(self.max_aspect == 0 or self.max_aspect >= 1, "max_aspect", self.max_aspect, "must be 0 or >= 1")
         check(self.dtype in ("float16", "float32"), "dtype", self.dtype, "must be float16 or float32")
         check(set(self.kinds) <= set(KINDS) and len(set(self.kinds)) == len(self.kinds), "kinds", self.kinds,
               f"must be a subset of {list(KINDS)}")
@@ -189,7 +191,7 @@ class ShardSamples(IterableDataset):
                 if "__skip__" in s:  # a member over run.max_member_bytes: never read
                     skipped[s["__skip__"]] += 1
                     continue
-                img, why = load_rgb(image_bytes(s, cfg.image_exts), cfg.max_pixels, draft=self.image_size)
+                img, why = load_rgb(image_bytes(s, cfg.image_exts), cfg.max_pixels, self.image_size, cfg.max_aspect)
                 if img is None:
                     skipped[why] += 1
                     continue

@@ -5,8 +5,11 @@ clustered (and eval, the contact sheets and the demo data see it the same way).
 Repairs (counted by stage 1 in ``manifest.json`` ``fixed``): EXIF orientation applied;
 16/32-bit grayscale rescaled to 8 bits (not clipped); palette, grayscale, CMYK and other modes
 converted to RGB; transparency composited on white (clip art is mostly transparent, and a bare
-``convert("RGB")`` shows whatever colour the hidden pixels hold). Images over ``max_pixels`` are
-refused from the header alone, before any pixel is decoded.
+``convert("RGB")`` shows whatever colour the hidden pixels hold). Images over ``max_pixels``
+(``too_large``) or with a longer/shorter side ratio over ``max_aspect`` (``extreme_aspect``) are
+refused from the header alone, before any pixel is decoded: a legal 1 x 65,535 PNG of a few
+hundred bytes would otherwise need ~13 GB once stage 1 resizes its shortest side to 224 px, and
+every later resize (shortest side to S) is bounded by S^2 x max_aspect pixels.
 
 ``IMAGE_EXTS`` is the one list of sample extensions read as images, in order of preference
 when a sample holds several.
@@ -21,6 +24,7 @@ import numpy as np
 
 IMAGE_EXTS = ("jpg", "jpeg", "png", "webp", "bmp", "tiff", "tif", "gif")
 MAX_PIXELS = 89_478_485  # Pillow's own default limit
+MAX_ASPECT = 32.0        # longer / shorter side; 0 = no cap. 32:1 at 224 px: 4.8 MB of pixels (openclipart tops at 25)
 
 
 class ImageError(ValueError):
@@ -50,11 +54,10 @@ def _allow(max_pixels: int) -> None:
     warnings.simplefilter("ignore", Image.DecompressionBombWarning)
 
 
-def load_rgb(data: bytes | str | os.PathLike | None, max_pixels: int = MAX_PIXELS, draft: int = 0):
-    """Image bytes (or a file path) -> (RGB PIL image, [repairs]) or (None, skip reason).
-    ``draft``: JPEGs are decoded at the smallest DCT scale still >= draft px (decode cost drops
-    ~scale^2; used where the picture is resized to about that size anyway). Never raises."""
-    from PIL import Image, ImageOps, UnidentifiedImageError
+def open_image(data: bytes | str | os.PathLike | None, max_pixels: int = MAX_PIXELS,
+               max_aspect: float = MAX_ASPECT):
+    """Header only: (lazy PIL image, None) or (None, skip reason). Nothing decoded yet."""
+    from PIL import Image, UnidentifiedImageError
     if data is not None and not isinstance(data, (bytes, bytearray)):
         try:
             with open(data, "rb") as f:
@@ -68,18 +71,51 @@ def load_rgb(data: bytes | str | os.PathLike | None, max_pixels: int = MAX_PIXEL
     _allow(max_pixels)
     try:
         im = Image.open(io.BytesIO(data))
-        w, h = im.size
-        if w * h > max_pixels:
-            return None, "too_large"
+    except Image.DecompressionBombError:
+        return None, "too_large"
+    except UnidentifiedImageError:
+        return None, "not_an_image"
+    except Exception:  # noqa: BLE001 -- a header Pillow cannot parse is bad data
+        return None, "corrupt_image"
+    w, h = im.size
+    if w * h > max_pixels:
+        return None, "too_large"
+    if min(w, h) < 1 or (max_aspect and max(w, h) > max_aspect * min(w, h)):
+        return None, "extreme_aspect"
+    return im, None
+
+
+def orientation(im) -> int:
+    """EXIF orientation (1 = upright; 5-8 swap width and height). JPEG: from the header."""
+    o = im.getexif().get(0x0112, 1)
+    return o if o in range(1, 9) else 1
+
+
+def finish_rgb(im):
+    """Decode a (possibly drafted) opened image -> (upright RGB image, [repairs]). Raises."""
+    im.load()
+    fixes = []
+    if orientation(im) in range(2, 9):  # EXIF orientation: rotate/flip upright
+        from PIL import ImageOps
+        im = ImageOps.exif_transpose(im)
+        fixes.append("exif_rotated")
+    im, mode_fixes = to_rgb(im)
+    return im, fixes + mode_fixes
+
+
+def load_rgb(data: bytes | str | os.PathLike | None, max_pixels: int = MAX_PIXELS, draft: int = 0,
+             max_aspect: float = MAX_ASPECT):
+    """Image bytes (or a file path) -> (RGB PIL image, [repairs]) or (None, skip reason).
+    ``draft``: JPEGs are decoded at the smallest DCT scale still >= draft px (decode cost drops
+    ~scale^2; used where the picture is resized to about that size anyway). Never raises."""
+    from PIL import Image, UnidentifiedImageError
+    im, why = open_image(data, max_pixels, max_aspect)
+    if im is None:
+        return None, why
+    try:
         if draft and im.format == "JPEG":
             im.draft(im.mode, (draft, draft))
-        im.load()
-        fixes = []
-        if im.getexif().get(0x0112, 1) in range(2, 9):  # EXIF orientation: rotate/flip upright
-            im = ImageOps.exif_transpose(im)
-            fixes.append("exif_rotated")
-        im, mode_fixes = to_rgb(im)
-        return im, fixes + mode_fixes
+        return finish_rgb(im)
     except Image.DecompressionBombError:
         return None, "too_large"
     except UnidentifiedImageError:
@@ -89,9 +125,9 @@ def load_rgb(data: bytes | str | os.PathLike | None, max_pixels: int = MAX_PIXEL
 
 
 def decode_rgb(data: bytes | str | os.PathLike | None, max_pixels: int = MAX_PIXELS, draft: int = 0,
-               where: str = ""):
+               where: str = "", max_aspect: float = MAX_ASPECT):
     """``load_rgb`` for callers that treat a bad image as an error: the RGB image, or ImageError."""
-    im, why = load_rgb(data, max_pixels, draft)
+    im, why = load_rgb(data, max_pixels, draft, max_aspect)
     if im is None:
         raise ImageError(why, where or (str(data) if isinstance(data, (str, os.PathLike)) else ""))
     return im

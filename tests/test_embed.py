@@ -257,6 +257,7 @@ def bad_corpus(path: Path) -> tuple[int, dict, dict]:
         ("latin1", {"jpg": good, "txt": "caf\xe9 cr\xe8me".encode("latin-1")}),
         ("ok", {"jpg": good, "txt": "same key again"}),
         ("noimage", {"txt": "caption without an image", "json": b"{not json"}),
+        ("strip", {"png": png_bomb(1, 40_000), "txt": "1 x 40,000 (< max_pixels): ~6 GB at 224 px"}),
     ]
     with tarfile.open(path, "w") as tf:
         for key, files in samples:
@@ -266,7 +267,7 @@ def bad_corpus(path: Path) -> tuple[int, dict, dict]:
                 info.size = len(data)
                 tf.addfile(info, io.BytesIO(data))
     skipped = {"corrupt_image": 1, "duplicate_key": 1, "empty_image": 1, "missing_image": 1,
-               "not_an_image": 1, "too_large": 2}
+               "not_an_image": 1, "too_large": 2, "extreme_aspect": 1}
     fixed = {"alpha": 2, "caption_empty": 1, "caption_missing": 1, "caption_not_utf8": 1, "cmyk": 1,
              "exif_rotated": 1, "grayscale": 1, "high_bit_depth": 1, "palette": 2}
     return len(samples), skipped, fixed
@@ -311,7 +312,7 @@ def test_bad_samples_and_bad_shards(tmp_path, capsys):
         assert f"{d / name}" in err
     m = json.loads((store / "manifest.json").read_text())
     assert not m["complete"] and [f["part"] for f in m["failed_shards"]] == [2, 3, 4]
-    assert [(p["part"], p["rows"]) for p in m["parts"]] == [(0, n_bad - 7), (1, 0), (5, 12)]
+    assert [(p["part"], p["rows"]) for p in m["parts"]] == [(0, n_bad - 8), (1, 0), (5, 12)]
     assert m["parts"][0]["samples"] == n_bad
     assert m["skipped"] == skipped and m["fixed"] == fixed
     st = EmbeddingStore(store)

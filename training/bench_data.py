@@ -4,11 +4,16 @@ samples/s): can the training data loader keep a GPU busy?
 Real webdataset shards built from the demo data (`pipeline.demo_data` at debug sizes, images
 stored as JPEG with the longest side at 256 px, like img2dataset's LAION-400M shards), a metadata
 part and a random label part per shard (int32 N x 8, the label store's layout), then
-training/data.py's loader exactly as the Trainer builds it: tar read + JPEG decode (stage 1's
-decoder) + random resized crop to 224 px + flip + normalize + the label join, batches of 64.
-Measured with 1 and with 2 DataLoader workers; images/s per worker is the per-core rate (each
-worker is one process doing all the CPU work; the training process only receives batches). The
-cores a GPU needs = its training rate / that per-core rate.
+training/data.py's loader exactly as the Trainer builds it: tar read + decode + random resized crop
+to 224 px + flip + the label join, batches of 64.
+
+Rows: (1) per core, the fast path (`train.data.fast=true`: uint8 batches, one antialiased-bicubic
+resize, JPEG draft when the crop allows; training/decode.py) against today's reference
+(`fast=false`: PIL bicubic, float32 CLIP-normalised in the loader), both with workers=0 and one
+torch thread in this process, on the same shards and the same output shape (B, 3, 224, 224),
+alternating reference/fast runs; (2) the fast path with 1 and 2 DataLoader workers; (3) the cores a
+GPU needs = its training rate / the per-core rate. `loader_rate(decode, device, n)` is the entry
+`make gpu-check` calls for `decode: cpu | gpu` (synthetic JPEG shards, no demo packages needed).
 """
 from __future__ import annotations
 
@@ -20,6 +25,7 @@ from pathlib import Path
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
+import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 SIZE = 224       # crop output, as ViT-B/32-224 and ViT-L/14-224 train
@@ -33,9 +39,8 @@ ANCHORS = {"A100 40% MFU": 4_700, "H100 50% MFU": 18_700}
 def build_data(tmp: Path) -> tuple[str, str, str, int, float]:
     """(shard spec, store dir, labels dir, samples, mean JPEG KB) from the demo data at debug sizes."""
     from pipeline import demo_data
-    from pipeline.embed import read_samples
     from pipeline.io import atomic_save_npy
-    from pipeline.shards import expand_shards
+    from pipeline.shards import expand_shards, read_samples
     demo_data.main(str(ROOT / "configs/debug.yaml"),
                    [f"run.out_dir={tmp}", f"data.image_size={STORED}", "data.workers=1"])
     shards = expand_shards(str(tmp / "data/train"))
@@ -52,34 +57,69 @@ def build_data(tmp: Path) -> tuple[str, str, str, int, float]:
     return str(tmp / "data/train"), str(tmp / "store"), str(tmp / "labels"), n, size / max(n, 1) / 1e3
 
 
-def loader_rate(spec: str, store: str, labels: str, workers: int, batches: int) -> float:
-    """images/s of the loader over `batches` batches after the first (worker start-up excluded)."""
+def _rate(spec: str, store: str, labels: str, workers: int, batches: int, fast: bool = True,
+          decode: str = "cpu", device=None, per_cpu_second: bool = False) -> float:
+    """images/s of the loader over `batches` batches after the first (worker start-up excluded):
+    per wall second, or per CPU second of this process (`per_cpu_second`, meaningful with
+    workers=0: all the work is this process's, and other jobs on the box barely change it)."""
     from training.data import TrainDataConfig, find_parts, make_loader
     cfg = TrainDataConfig(shards=spec, store=store, labels=labels, batch_size=BATCH, workers=workers,
-                          shuffle_buffer=200, pin_memory=False)
+                          shuffle_buffer=200, pin_memory=False, fast=fast, decode="cpu")
+    cfg.decode = decode  # after validation: the caller has the device (CPU rehearsal of the gpu path)
     parts = find_parts(cfg, num_labels=8)
-    it = iter(make_loader(parts, cfg, SIZE, 8, 1000, seed=0, rank=0, epoch=0, num_batches=batches + 1))
-    images, lab, _ = next(it)
+    it = iter(make_loader(parts, cfg, SIZE, 8, 1000, seed=0, rank=0, epoch=0, num_batches=batches + 1,
+                          device=device))
+    images, lab = next(it)[:2]
     assert images.shape == (BATCH, 3, SIZE, SIZE) and lab.shape == (BATCH, 8)
-    t0 = time.perf_counter()
-    n = sum(len(b[0]) for b in it)
-    return n / (time.perf_counter() - t0)
+    assert images.dtype == (torch.uint8 if fast else torch.float32)
+    t0, c0 = time.perf_counter(), time.process_time()
+    n = 0
+    for b in it:
+        n += len(b[0])
+    if decode == "gpu" and torch.cuda.is_available():
+        torch.cuda.synchronize()
+    wall, cpu = time.perf_counter() - t0, time.process_time() - c0
+    return (n / cpu) if per_cpu_second else (n / wall)
+
+
+def per_core_rates(spec: str, store: str, labels: str, batches: int, rounds: int) -> dict[str, list[float]]:
+    """Reference and fast path alternating, workers=0, one torch thread: images per CPU second of
+    this process = images/s per core."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    rates: dict[str, list[float]] = {"reference": [], "fast": []}
+    try:
+        for _ in range(rounds):
+            for name in ("reference", "fast"):
+                rates[name].append(_rate(spec, store, labels, 0, batches, fast=name == "fast",
+                                         per_cpu_second=True))
+    finally:
+        torch.set_num_threads(threads)
+    return rates
 
 
 def bench_loader(quick: bool, model_rate: float | None = None, model_config: str = "") -> list[dict]:
     cores = len(os.sched_getaffinity(0))
     load = os.getloadavg()[0]
-    batches = 6 if quick else 24
+    batches, rounds = (4, 3) if quick else (12, 5)
     with tempfile.TemporaryDirectory() as d:
         spec, store, labels, n, kb = build_data(Path(d))
-        rates = {w: loader_rate(spec, store, labels, w, batches * w) for w in (1, 2)}
-    per_core = max(rates[1], rates[2] / 2)
+        pc = per_core_rates(spec, store, labels, batches, rounds)
+        workers = {w: _rate(spec, store, labels, w, batches * w) for w in (1, 2)}
+    ref, fast = float(np.median(pc["reference"])), float(np.median(pc["fast"]))
+    ratios = [f / r for f, r in zip(pc["fast"], pc["reference"])]
+    per_core = max(fast, workers[1], workers[2] / 2)
     need = ", ".join(f"{name} ({r:,}/s): {r / per_core:.0f} cores" for name, r in ANCHORS.items())
     where = f"{cores} cores, load {load:.1f} at start"
-    rows = [{"bench": "train loader images/s: 2 workers (ours) vs 1 worker (ref)",
-             "config": f"{n} demo JPEGs <= {STORED} px ({kb:.1f} KB mean) -> crop {SIZE} px, batch {BATCH}",
-             "ours": rates[2], "reference": rates[1], "unit": "images/s", "ratio": rates[2] / rates[1],
-             "note": f"per core: {rates[1]:.0f} (1 worker), {rates[2] / 2:.0f} (2 workers); {where}"},
+    data = f"{n} demo JPEGs <= {STORED} px ({kb:.1f} KB mean) -> crop {SIZE} px, batch {BATCH}"
+    rows = [{"bench": "train loader images/s per core: fast uint8 (ours) vs reference float (ref)",
+             "config": f"{data}; workers=0, 1 thread, per CPU second, {rounds} alternating runs (median)",
+             "ours": fast, "reference": ref, "unit": "images/s", "ratio": fast / ref,
+             "note": f"target >= 4; ratio per run {min(ratios):.2f}-{max(ratios):.2f}; {where}"},
+            {"bench": "train loader images/s, fast path: 2 workers (ours) vs 1 worker (ref)",
+             "config": data, "ours": workers[2], "reference": workers[1], "unit": "images/s",
+             "ratio": workers[2] / workers[1],
+             "note": f"per core: {workers[1]:.0f} (1 worker), {workers[2] / 2:.0f} (2 workers); {where}"},
             {"bench": "cores per GPU for ViT-B/32-224 (anchor rate / loader per core)",
              "config": f"{per_core:.0f} images/s per core", "ours": ANCHORS["A100 40% MFU"] / per_core,
              "reference": ANCHORS["H100 50% MFU"] / per_core, "unit": "cores (A100 anchor; ref: H100)",
@@ -91,3 +131,74 @@ def bench_loader(quick: bool, model_rate: float | None = None, model_config: str
                      "note": "ratio = loader cores per training process of this step (its model is the "
                              "bench's small CPU one on synthetic inputs, not ViT-B/32-224)"})
     return rows
+
+
+def synthetic_data(tmp: Path, n: int, seed: int = 0) -> tuple[str, str, str]:
+    """(shard spec, store, labels): `n` smooth random JPEGs <= 256 px in one shard, plus a few
+    PNGs, a grayscale and an EXIF-rotated JPEG (the CPU fallback of decode=gpu), with labels."""
+    import io
+
+    from PIL import Image, ImageFilter
+
+    from pipeline.io import atomic_save_npy
+    from pipeline.shards import ShardWriter
+    rng = np.random.default_rng(seed)
+    w = ShardWriter(tmp / "data", 0)
+    for i in range(n):
+        side = int(rng.integers(150, STORED + 1))
+        wh = (STORED, side) if i % 2 else (side, STORED)
+        a = rng.integers(0, 256, (wh[1] // 8, wh[0] // 8, 3), dtype=np.uint8)
+        im = Image.fromarray(a).resize(wh, Image.BICUBIC).filter(ImageFilter.GaussianBlur(1))
+        buf, fmt, kw = io.BytesIO(), "JPEG", {"quality": 85}
+        if i % 50 == 7:
+            fmt, kw = "PNG", {}
+        elif i % 50 == 13:
+            im = im.convert("L")
+        elif i % 50 == 21:
+            exif = Image.Exif()
+            exif[0x0112] = 6
+            kw["exif"] = exif
+        im.save(buf, fmt, **kw)
+        w.write(f"{i:06d}", buf.getvalue(), "png" if fmt == "PNG" else "jpg", "x", {})
+    w.close()
+    (tmp / "store/metadata").mkdir(parents=True, exist_ok=True)
+    pq.write_table(pa.table({"key": [f"{i:06d}" for i in range(n)]}), tmp / "store/metadata/metadata_0.parquet")
+    atomic_save_npy(tmp / "labels/labels_0.npy", rng.integers(0, 1000, (n, 8), dtype=np.int32))
+    return str(tmp / "data"), str(tmp / "store"), str(tmp / "labels")
+
+
+def loader_rate(decode: str = "cpu", device: str = "cpu", n: int = 1024) -> dict:
+    """For `make gpu-check`: the fast loader's images/s with `decode` (cpu | gpu on `device`) over
+    `n` images (workers=0: the decode itself, not the worker count), and the pixel difference on
+    one batch (uint8 levels): vs the CPU fast path, and vs the reference float path."""
+    with tempfile.TemporaryDirectory() as d:
+        spec, store, labels = synthetic_data(Path(d), max(n // 4, 2 * BATCH))
+        batches = max(n // BATCH, 2)
+        rate = _rate(spec, store, labels, 0, batches, decode=decode, device=device)
+        diff = pixel_diffs(spec, decode, device)
+    return {"decode": decode, "device": str(device), "images_per_s": rate, "images": batches * BATCH,
+            **diff}
+
+
+def pixel_diffs(spec: str, decode: str, device) -> dict:
+    """One batch of the shard's first samples through each path, same generator seed."""
+    from pipeline.images import image_bytes
+    from pipeline.shards import expand_shards, read_samples
+    from training import decode as D
+    from training.data import CLIP_MEAN, CLIP_STD, TrainDataConfig, decode_batch
+    raw = [image_bytes(s) for s, _ in zip(read_samples(expand_shards(spec)[0]), range(BATCH))]
+    cfg = TrainDataConfig(fast=False)
+    seed = 3
+    ref = decode_batch(raw, SIZE, cfg, np.random.default_rng(seed))
+    mean, std = torch.tensor(CLIP_MEAN)[:, None, None], torch.tensor(CLIP_STD)[:, None, None]
+    ref = ((ref * std + mean) * 255).round()
+    cpu = D.decode_batch_cpu(raw, SIZE, cfg.crop_scale_min, cfg.hflip, np.random.default_rng(seed)).float()
+    out = {"pixel_max_abs_diff_vs_reference": float((cpu - ref).abs().max()),
+           "pixel_mean_abs_diff_vs_reference": float((cpu - ref).abs().mean())}
+    if decode == "gpu":
+        enc = D.plan_batch(raw, SIZE, cfg.crop_scale_min, cfg.hflip, np.random.default_rng(seed))
+        gpu = D.decode_on_device(enc, device).cpu().float()
+        out.update(pixel_max_abs_diff_vs_cpu=float((gpu - cpu).abs().max()),
+                   pixel_mean_abs_diff_vs_cpu=float((gpu - cpu).abs().mean()),
+                   cpu_fallback_samples=len(raw) - len(enc.jpegs))
+    return out

@@ -13,12 +13,12 @@ generator seeded by (seed, rank, e, j). Resuming at batch j0 of an epoch rotates
 DataLoader workers (worker w takes slot (w + j0) % n, so the round-robin order still yields j0,
 j0 + 1, ...) and fast-forwards each slot past its earlier batches without decoding images.
 Changing `workers` or the world size changes the stream (not an error; logged by the trainer).
+Images: `decode_batch` (uint8 by default, normalised on the device; training/decode.py).
 """
 from __future__ import annotations
 
 import dataclasses
 import logging
-import math
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -33,6 +33,8 @@ from pipeline.images import decode_rgb, image_bytes
 from pipeline.io import load_npy
 from pipeline.shards import expand_shards, read_samples
 from pipeline.store import labels_path, meta_path, read_keys
+from training import decode
+from training.decode import crop_box
 from training.model import CLIP_MEAN, CLIP_STD
 
 log = logging.getLogger("mlcd.train.data")
@@ -50,6 +52,11 @@ class TrainDataConfig:
     crop_scale_min: float = 0.5   # RandomResizedCrop scale range [min, 1]
     hflip: float = 0.5
     pin_memory: bool = True
+    # fast: uint8 batches (normalised on the device: training.data.normalize_uint8), JPEG draft
+    # when the crop allows, one antialiased-bicubic resize (training/decode.py); false = the
+    # reference float path (PIL bicubic, CLIP-normalised in the worker), kept for the bench
+    fast: bool = True
+    decode: str = "cpu"           # gpu: JPEGs decoded in batches by torchvision on the GPU (needs fast)
 
     def __post_init__(self):
         check(self.batch_size >= 1, "batch_size", self.batch_size, "must be >= 1")
@@ -58,6 +65,10 @@ class TrainDataConfig:
         check(self.shuffle_buffer >= 1, "shuffle_buffer", self.shuffle_buffer, "must be >= 1")
         check(0 < self.crop_scale_min <= 1, "crop_scale_min", self.crop_scale_min, "must be in (0, 1]")
         check(0 <= self.hflip <= 1, "hflip", self.hflip, "must be in [0, 1]")
+        check(self.decode in ("cpu", "gpu"), "decode", self.decode, "must be cpu or gpu")
+        check(self.decode == "cpu" or self.fast, "decode", self.decode, "gpu needs train.data.fast=true")
+        check(self.decode == "cpu" or torch.cuda.is_available(), "decode", self.decode,
+              "gpu needs CUDA, and torch.cuda.is_available() is False here; use cpu")
 
 
 @dataclass(frozen=True)
@@ -107,24 +118,10 @@ def load_part_labels(part: ShardPart, num_labels: int, num_classes: int) -> dict
     return {k: labels[i] for i, k in enumerate(keys) if labels[i, 0] >= 0}
 
 
-def crop_box(w: int, h: int, scale_min: float, rng: np.random.Generator) -> tuple[int, int, int, int]:
-    """torchvision's RandomResizedCrop box (scale [scale_min, 1], ratio [3/4, 4/3]), from `rng`."""
-    area = w * h
-    for _ in range(10):
-        target = area * rng.uniform(scale_min, 1.0)
-        ratio = math.exp(rng.uniform(math.log(3 / 4), math.log(4 / 3)))
-        cw, ch = round(math.sqrt(target * ratio)), round(math.sqrt(target / ratio))
-        if 0 < cw <= w and 0 < ch <= h:
-            x, y = int(rng.integers(0, w - cw + 1)), int(rng.integers(0, h - ch + 1))
-            return x, y, x + cw, y + ch
-    s = min(w, h)  # fallback: central square
-    return (w - s) // 2, (h - s) // 2, (w - s) // 2 + s, (h - s) // 2 + s
-
-
 def decode_image(data: bytes, size: int, cfg: TrainDataConfig, rng: np.random.Generator) -> torch.Tensor:
     """Stage 1's decoder (pipeline/images.py: EXIF, 16-bit, palette+alpha repairs), then a random
     resized crop and flip. Samples stage 1 could not decode have no labels and never get here."""
-    img = decode_rgb(data)
+    img = decode_rgb(data, max_aspect=0)  # stage 1 applied its caps; the crop bounds the resize
     img = img.resize((size, size), Image.BICUBIC, box=crop_box(*img.size, cfg.crop_scale_min, rng))
     if rng.random() < cfg.hflip:
         img = img.transpose(Image.FLIP_LEFT_RIGHT)
@@ -163,6 +160,24 @@ class Batch:
         return out
 
 
+def normalize_uint8(x: torch.Tensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """uint8 (..., 3, H, W) on any device -> CLIP-normalized `dtype`: `to_tensor`'s math exactly
+    (float32 /255, minus mean, over std; equal bit for bit, tests/test_decode.py), then the cast."""
+    mean = torch.tensor(CLIP_MEAN, device=x.device)[:, None, None]
+    std = torch.tensor(CLIP_STD, device=x.device)[:, None, None]
+    return ((x.float() / 255.0 - mean) / std).to(dtype)
+
+
+def decode_batch(datas: list[bytes], size: int, cfg: TrainDataConfig, rng: np.random.Generator):
+    """A batch's images: float32 CLIP-normalized (fast=false, the reference), uint8 (fast), or
+    still-encoded JPEGs + the CPU-decoded rest (decode=gpu; `loader` decodes them on the GPU)."""
+    if cfg.decode == "gpu":
+        return decode.plan_batch(datas, size, cfg.crop_scale_min, cfg.hflip, rng)
+    if cfg.fast:
+        return decode.decode_batch_cpu(datas, size, cfg.crop_scale_min, cfg.hflip, rng)
+    return torch.stack([decode_image(b, size, cfg, rng) for b in datas])
+
+
 class LabeledStream(IterableDataset):
     """Yields Batch(images, labels, skipped, keys) for one rank and one epoch (see module doc)."""
 
@@ -180,7 +195,7 @@ class LabeledStream(IterableDataset):
 
     def _batch(self, raw: list[tuple], rng: np.random.Generator) -> Batch:
         """raw: batch_size (image bytes, _load_part's value, skipped, key) -> the batch."""
-        images = torch.stack([decode_image(b, self.size, self.cfg, rng) for b, *_ in raw])
+        images = decode_batch([r[0] for r in raw], self.size, self.cfg, rng)
         labels = torch.from_numpy(np.stack([r[1] for r in raw]))
         return Batch(images, labels, sum(r[2] for r in raw), keys=[r[3] for r in raw])
 
@@ -229,19 +244,35 @@ class LabeledStream(IterableDataset):
 
 
 def make_loader(parts: list[ShardPart], cfg: TrainDataConfig, image_size: int, num_labels: int,
-                num_classes: int, seed: int, rank: int, epoch: int, num_batches: int, start: int = 0
-                ) -> DataLoader:
-    """Batches start..num_batches-1 of `epoch` for this rank, in order."""
+                num_classes: int, seed: int, rank: int, epoch: int, num_batches: int, start: int = 0,
+                device=None):
+    """Batches start..num_batches-1 of `epoch` for this rank, in order (`device`: see `loader`)."""
     return loader(LabeledStream(parts, cfg, image_size, num_labels, num_classes, seed, rank, epoch,
-                                num_batches, start), cfg)
+                                num_batches, start), cfg, device)
 
 
-def loader(ds: IterableDataset, cfg: TrainDataConfig) -> DataLoader:
-    """The DataLoader around a stream that batches itself (one place for workers/pinning)."""
-    return DataLoader(ds, batch_size=None, num_workers=cfg.workers,
-                      pin_memory=cfg.pin_memory and torch.cuda.is_available(),
-                      persistent_workers=False, prefetch_factor=2 if cfg.workers else None,
-                      worker_init_fn=die_with_parent_fn() if cfg.workers else None)
+def loader(ds: IterableDataset, cfg: TrainDataConfig, device: torch.device | str | None = None):
+    """The DataLoader around a stream that batches itself (one place for workers/pinning). With
+    decode=gpu, an iterable over it that decodes each batch's JPEGs on `device` (default: the
+    current CUDA device) in this process (CUDA does not belong in forked workers)."""
+    dl = DataLoader(ds, batch_size=None, num_workers=cfg.workers,
+                    pin_memory=cfg.pin_memory and torch.cuda.is_available(),
+                    persistent_workers=False, prefetch_factor=2 if cfg.workers else None,
+                    worker_init_fn=die_with_parent_fn() if cfg.workers else None)
+    if cfg.decode != "gpu":
+        return dl
+    return DeviceDecoded(dl, device or torch.device("cuda", torch.cuda.current_device()))
+
+
+class DeviceDecoded:
+    """Batches of a DataLoader whose `images` are an `EncodedBatch`, decoded on `device`."""
+
+    def __init__(self, dl: DataLoader, device):
+        self.dl, self.device = dl, device
+
+    def __iter__(self):
+        for b in self.dl:
+            yield dataclasses.replace(b, images=decode.decode_on_device(b.images, self.device))
 
 
 def num_classes_from_centroids(path: str | Path) -> int:

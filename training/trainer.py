@@ -23,7 +23,6 @@ import math
 import shutil
 import time
 from collections.abc import Iterator, Sequence
-from functools import lru_cache
 from pathlib import Path
 
 import torch
@@ -36,7 +35,7 @@ from pipeline.io import atomic_write_text
 from pipeline.tracking import Tracker, progress
 from training import checkpoint as ckpt
 from training.config import CheckpointConfig, OptimConfig, TrainConfig
-from training.data import Batch, make_loader
+from training.data import Batch, make_loader, normalize_uint8
 from training.heads import (
     Head,
     configured_heads,
@@ -47,7 +46,6 @@ from training.heads import (
     total_loss,
 )
 from training.init_weights import FinetuneConfig, load_initial_weights, param_groups
-from training.model import CLIP_MEAN, CLIP_STD
 from training.safe_load import every_rank_reads
 from training.validate import TrainInputError
 
@@ -120,21 +118,14 @@ def zero3_register_direct_params(model: torch.nn.Module) -> None:
 
 # ---------------------------------------------------------------- the step
 
-@lru_cache(maxsize=8)
-def _clip_stats(device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
-    return (torch.tensor(CLIP_MEAN, device=device).view(1, 3, 1, 1),
-            torch.tensor(CLIP_STD, device=device).view(1, 3, 1, 1))
-
-
 def to_model_input(images: torch.Tensor, device, dtype: torch.dtype) -> torch.Tensor:
     """A batch's images as the model takes them: uint8 (B, 3, H, W) goes to the device as bytes
-    (4x less to copy than float32) and is scaled to [0, 1] and CLIP-normalized there, in fp32,
-    then cast; float images are already normalized (training/data.py) and only moved/cast."""
+    (4x less to copy than float32) and is CLIP-normalized there (training/data.py's
+    normalize_uint8, the loader's float math exactly), then cast; float images are already
+    normalized and only moved/cast."""
     if images.dtype != torch.uint8:
         return images.to(device, dtype, non_blocking=True)
-    mean, std = _clip_stats(torch.device(device))
-    x = images.to(device, non_blocking=True).float().div_(255)
-    return ((x - mean) / std).to(dtype)
+    return normalize_uint8(images.to(device, non_blocking=True), dtype)
 
 
 def forward_backward(engine, heads: Sequence[Head], batch: Batch, micro: int, step: int

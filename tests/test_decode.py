@@ -1,0 +1,183 @@
+"""The fast train-time image path (training/decode.py) against the reference (`decode_image`:
+stage 1's decoder + PIL bicubic + float normalisation): same crop plan, same decoded pixels,
+and a measured, bounded resize difference. The bounds below are in uint8 levels (0-255) of the
+224 px output; what was measured when they were set is written beside each."""
+import io
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image, ImageFilter
+
+from pipeline.config import ConfigError
+from pipeline.images import ImageError
+from training import decode as D
+from training.data import CLIP_MEAN, CLIP_STD, TrainDataConfig, decode_batch, normalize_uint8, to_tensor
+
+S = 224
+
+
+def enc(im: Image.Image, fmt: str = "JPEG", **kw) -> bytes:
+    b = io.BytesIO()
+    im.save(b, fmt, **kw)
+    return b.getvalue()
+
+
+def picture(w: int, h: int, seed: int, k: int = 8) -> Image.Image:
+    """Smooth random picture (random colours every `k` px, bicubic between them, blurred)."""
+    a = np.random.default_rng(seed).integers(0, 256, (max(h // k, 2), max(w // k, 2), 3), dtype=np.uint8)
+    return Image.fromarray(a).resize((w, h), Image.BICUBIC).filter(ImageFilter.GaussianBlur(1))
+
+
+def clipart(w: int, h: int, seed: int) -> Image.Image:
+    """Hard-edged shapes on white, like the demo's clip art (the worst case for a filter change)."""
+    from PIL import ImageDraw
+    rng = np.random.default_rng(seed)
+    im = Image.new("RGB", (w, h), (255, 255, 255))
+    d = ImageDraw.Draw(im)
+    for _ in range(12):
+        x, y = int(rng.integers(0, w)), int(rng.integers(0, h))
+        d.rectangle((x, y, x + int(rng.integers(5, w // 2)), y + int(rng.integers(5, h // 2))),
+                    fill=tuple(int(v) for v in rng.integers(0, 256, 3)), outline=(0, 0, 0), width=2)
+    return im
+
+
+def samples() -> dict[str, bytes]:
+    """Every kind the decoder repairs, at the demo's <= 256 px, plus large JPEGs (draft)."""
+    exif = Image.Exif()
+    exif[0x0112] = 6  # rotate 90: upright is 180 wide, 250 high
+    pal = picture(200, 160, 4).convert("P")
+    pal.info["transparency"] = 3
+    rgba = picture(230, 170, 5).convert("RGBA")
+    rgba.putalpha(Image.linear_gradient("L").resize((230, 170)))
+    out = {f"jpg{i}": enc(picture(256 - 20 * i, 150 + 25 * i, i), quality=85) for i in range(4)}
+    out.update({
+        "jpg_exif": enc(picture(250, 180, 6), exif=exif),
+        "jpg_gray": enc(picture(240, 200, 7).convert("L")),
+        "jpg_cmyk": enc(picture(200, 240, 8).convert("CMYK")),
+        "png16": enc(Image.fromarray((np.asarray(picture(220, 200, 9).convert("L"), np.uint16) * 257)), "PNG"),
+        "gif": enc(pal, "GIF", transparency=3),
+        "png_alpha": enc(rgba, "PNG"),
+        "bmp": enc(picture(210, 190, 10), "BMP"),
+    })
+    out.update({f"clipart{i}": enc(clipart(256 - 30 * i, 200 + 20 * i, 30 + i), quality=90) for i in range(3)})
+    return out
+
+
+def big_jpegs() -> list[bytes]:
+    """Features every 32 px at 1600 px (~5 px at the output), like a photo's scale."""
+    return [enc(picture(1600 + 100 * i, 1200, 20 + i, k=32), quality=90) for i in range(4)]
+
+
+def levels(x: torch.Tensor) -> torch.Tensor:
+    """Reference float output back to uint8 levels (exact: the reference resize gives uint8)."""
+    mean, std = torch.tensor(CLIP_MEAN)[:, None, None], torch.tensor(CLIP_STD)[:, None, None]
+    return ((x * std + mean) * 255).round()
+
+
+def both(datas: list[bytes], seed: int = 5, **kw) -> tuple[torch.Tensor, torch.Tensor]:
+    ref = decode_batch(datas, S, TrainDataConfig(fast=False, **kw), np.random.default_rng(seed))
+    fast = decode_batch(datas, S, TrainDataConfig(**kw), np.random.default_rng(seed))
+    assert ref.dtype == torch.float32 and fast.dtype == torch.uint8 and ref.shape == fast.shape
+    return levels(ref), fast.float()
+
+
+def test_normalize_uint8_is_to_tensor_bit_for_bit():
+    a = np.random.default_rng(0).integers(0, 256, (2, 31, 17, 3), dtype=np.uint8)
+    want = torch.stack([to_tensor(Image.fromarray(x)) for x in a])
+    got = normalize_uint8(torch.from_numpy(a).permute(0, 3, 1, 2).contiguous())
+    assert got.dtype == torch.float32 and torch.equal(got, want)
+    assert normalize_uint8(torch.from_numpy(a).permute(0, 3, 1, 2), torch.bfloat16).dtype == torch.bfloat16
+
+
+def test_same_plan_as_the_reference():
+    """Same crop boxes and flips: the generator is consumed identically (the next draw agrees),
+    and with a nearest-pixel look at the boxes the plans are the reference's."""
+    datas = list(samples().values())
+    r1, r2 = np.random.default_rng(9), np.random.default_rng(9)
+    decode_batch(datas, S, TrainDataConfig(fast=False), r1)
+    decode_batch(datas, S, TrainDataConfig(), r2)
+    assert r1.random() == r2.random()
+
+
+def test_fast_path_pixels_vs_reference_small():
+    """<= 256 px (no draft): the decode is the same; only the resize differs: torch's antialiased
+    bicubic (same a = -0.5 kernel as Pillow's) stops at the crop box's edge, where Pillow's filter
+    also reads the pixels just outside it, so hard edges there differ. Measured on these samples:
+    max 26 levels of 255 (clip art at the crop border; 14 beyond its outer 4 px), mean 0.05,
+    > 2 levels on 0.12% of values (the 300 demo JPEGs, training/bench_data.py's shards: max 80 at
+    the border, 18 beyond 4 px, mean 0.043, 0.32%). Bound: mean <= 0.3, > 2 levels on < 1%,
+    <= 32 beyond the outer 4 px, <= 128 anywhere."""
+    ref, fast = both(list(samples().values()))
+    d = (ref - fast).abs()
+    assert d.mean() <= 0.3 and (d > 2).float().mean() < 0.01, (d.mean(), (d > 2).float().mean())
+    assert d[..., 4:-4, 4:-4].max() <= 32 and d.max() <= 128, d.max()
+
+
+def test_fast_path_pixels_vs_reference_draft():
+    """Large JPEGs whose crop box is >= 2x the output: decoded at a DCT scale of 1/2-1/8 (as stage
+    1 does with `draft`), then Pillow-resized. Measured: max 4 levels, mean 0.47 (features every
+    8 px instead of 32: max 15, mean 1.95); bound: max <= 24, mean <= 1.5."""
+    datas = big_jpegs()
+    rng = np.random.default_rng(5)
+    scales = []
+    for data in datas:
+        im, _, plan = D.open_and_plan(data, S, 0.5, 0.5, rng)
+        scales.append(D.draft_scale(plan.box, S))
+    assert max(scales) > 1, scales  # the draft branch really ran
+    ref, fast = both(datas)
+    d = (ref - fast).abs()
+    assert d.mean() <= 1.5 and d.max() <= 24, (d.max(), d.mean())
+    ref, nodraft = levels(decode_batch(datas, S, TrainDataConfig(fast=False), np.random.default_rng(5))), \
+        D.decode_batch_cpu(datas, S, 0.5, 0.5, np.random.default_rng(5), draft=False).float()
+    assert (ref - nodraft).abs().mean() <= 0.3  # without draft: the small-image bound
+
+
+def test_torchvision_jpeg_decode_equals_pillow():
+    """The CPU fast path decodes upright RGB/grayscale JPEGs with torchvision: same pixels as
+    pipeline/images.py's decode (same libjpeg-turbo settings), so only the resize differs."""
+    from torchvision.io import ImageReadMode, decode_jpeg
+
+    from pipeline.images import decode_rgb
+    for name, data in samples().items():
+        if not name.startswith("jpg") or name in ("jpg_exif", "jpg_cmyk"):
+            continue
+        tv = decode_jpeg(torch.frombuffer(bytearray(data), dtype=torch.uint8), mode=ImageReadMode.RGB)
+        assert torch.equal(tv, torch.from_numpy(np.array(decode_rgb(data))).permute(2, 0, 1)), name
+
+
+def test_gpu_path_split_and_pixels_on_cpu():
+    """decode=gpu's batch path, run with torchvision's decode_jpeg on the CPU device: PNG, GIF,
+    BMP, CMYK and EXIF-rotated samples are decoded by the worker (CPU path), the rest travel
+    encoded; the result equals the CPU fast path (measured: 0 levels; bound 1 for float rounding)."""
+    s = samples()
+    enc = D.plan_batch(list(s.values()), S, 0.5, 0.5, np.random.default_rng(5))
+    on_gpu = {list(s)[i] for i in enc.jpeg_rows.tolist()}
+    assert on_gpu == {"jpg0", "jpg1", "jpg2", "jpg3", "jpg_gray", "clipart0", "clipart1", "clipart2"}
+    got = D.decode_on_device(enc, "cpu").float()
+    want = D.decode_batch_cpu(list(s.values()), S, 0.5, 0.5, np.random.default_rng(5)).float()
+    assert (got - want).abs().max() <= 1
+    ref, _ = both(list(s.values()))
+    assert (got - ref).abs().mean() <= 0.3
+
+
+def test_gpu_path_falls_back_per_image():
+    """A JPEG torchvision refuses in the batch: retried alone, then Pillow's verdict (here a
+    truncated file: ImageError, as the reference path raises)."""
+    good = enc(picture(200, 200, 1))
+    enc_b = D.plan_batch([good, good], S, 0.5, 0.0, np.random.default_rng(1))
+    enc_b.jpegs[1] = enc_b.jpegs[1][:200].clone()
+    with pytest.raises(ImageError):
+        D.decode_on_device(enc_b, "cpu")
+    with pytest.raises(ImageError):
+        D.decode_batch_cpu([good[:200]], S, 0.5, 0.5, np.random.default_rng(1))
+
+
+def test_decode_setting_is_validated():
+    with pytest.raises(ConfigError, match="decode"):
+        TrainDataConfig(decode="tpu")
+    with pytest.raises(ConfigError, match="fast"):
+        TrainDataConfig(decode="gpu", fast=False)
+    if not torch.cuda.is_available():
+        with pytest.raises(ConfigError, match="CUDA"):
+            TrainDataConfig(decode="gpu")

@@ -1,0 +1,211 @@
+"""The fast train-time image path: bytes -> uint8 (B, 3, S, S) batches, normalised on the device.
+
+Same picture as stage 1 (pipeline/images.py opens, EXIF-rotates and repairs it), same random
+resized crop box and flip as training/data.py's `decode_image` (same generator calls in the same
+order), but per sample:
+- JPEG draft: when the crop box is >= 2x the output size on both sides, the JPEG is decoded at
+  the largest DCT scale (1/2, 1/4, 1/8) that keeps the box >= the output (decode cost ~scale^2),
+  then Pillow's bicubic resizes the scaled (fractional) box. The demo's <= 256 px pictures never
+  qualify; LAION-size ones often do.
+- one resize of the crop box, torch's antialiased bicubic on uint8 (the filter of PIL's bicubic,
+  a = -0.5, with SIMD kernels), written into a preallocated uint8 batch: no float image, no
+  per-image normalisation (`training.data.normalize_uint8` runs on the device, 4x fewer bytes
+  through the worker queue and the host-to-device copy).
+Pixel differences from the reference path (`decode_image`, PIL bicubic on the full decode) are
+measured and bounded in tests/test_decode.py and stated in the README (train/data).
+
+`decode: gpu` (`plan_batch` in the workers, `decode_on_device` in the training process): the
+workers only read headers and draw the boxes; baseline upright JPEGs (RGB or grayscale) go to
+`torchvision.io.decode_jpeg` as one batch on the device, then crop/resize/flip there; anything
+else (PNG, CMYK, EXIF-rotated, a JPEG decode_jpeg rejects) is decoded on the CPU path above.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from pipeline.images import ImageError, finish_rgb, open_image, orientation
+
+JPEG_MAGIC = b"\xff\xd8\xff"
+
+
+@dataclass
+class Plan:
+    """One sample's crop, drawn from the header alone: box in upright full-size pixels."""
+    box: tuple[int, int, int, int]
+    flip: bool
+
+
+def crop_box(w: int, h: int, scale_min: float, rng: np.random.Generator) -> tuple[int, int, int, int]:
+    """torchvision's RandomResizedCrop box (scale [scale_min, 1], ratio [3/4, 4/3]), from `rng`."""
+    area = w * h
+    for _ in range(10):
+        target = area * rng.uniform(scale_min, 1.0)
+        ratio = math.exp(rng.uniform(math.log(3 / 4), math.log(4 / 3)))
+        cw, ch = round(math.sqrt(target * ratio)), round(math.sqrt(target / ratio))
+        if 0 < cw <= w and 0 < ch <= h:
+            x, y = int(rng.integers(0, w - cw + 1)), int(rng.integers(0, h - ch + 1))
+            return x, y, x + cw, y + ch
+    s = min(w, h)  # fallback: central square
+    return (w - s) // 2, (h - s) // 2, (w - s) // 2 + s, (h - s) // 2 + s
+
+
+def open_and_plan(data: bytes, size: int, scale_min: float, hflip: float, rng: np.random.Generator):
+    """(opened image, its orientation, Plan). The generator is used exactly as `decode_image` uses
+    it (crop_box on the upright size, then one draw for the flip), so the box and flip match."""
+    im, why = open_image(data, max_aspect=0)  # stage 1 already applied its caps to these samples
+    if im is None:
+        raise ImageError(why)
+    o = orientation(im)
+    w, h = im.size
+    upright = (h, w) if o >= 5 else (w, h)
+    box = crop_box(*upright, scale_min, rng)
+    return im, o, Plan(box, bool(rng.random() < hflip))
+
+
+def draft_scale(box: tuple[int, int, int, int], size: int) -> int:
+    """The largest JPEG DCT scale (8, 4, 2, 1) that keeps the crop box >= size on both sides."""
+    bw, bh = box[2] - box[0], box[3] - box[1]
+    return next(s for s in (8, 4, 2, 1) if s == 1 or min(bw, bh) >= size * s)
+
+
+def decode_cpu(im, plan: Plan, size: int, draft: bool = True, data: bytes | None = None,
+               o: int = 1) -> torch.Tensor:
+    """An opened image + its plan -> uint8 (3, size, size). Upright RGB/grayscale JPEGs with no
+    draft to apply go through torchvision's decode_jpeg when `data` is given (the same
+    libjpeg-turbo settings as Pillow: equal pixels, tests/test_decode.py; no PIL image to copy
+    out); everything else through stage 1's repairs (pipeline/images.py)."""
+    s = draft_scale(plan.box, size) if draft and im.format == "JPEG" else 1
+    if s == 1 and data is not None and gpu_decodable(data, im, o):
+        from torchvision.io import ImageReadMode, decode_jpeg
+        try:
+            x = decode_jpeg(torch.frombuffer(bytearray(data), dtype=torch.uint8), mode=ImageReadMode.RGB)
+            return resize_crop(x[None], plan.box, plan.flip, size)
+        except (RuntimeError, ValueError):
+            pass  # decode_jpeg refused it: Pillow decides (it may repair or refuse it too)
+    full = im.size
+    if s > 1:
+        im.draft(im.mode, (full[0] // s, full[1] // s))
+    f = im.size[0] / full[0]  # the DCT scale draft gave (1 without draft)
+    try:
+        img, _ = finish_rgb(im)
+    except Exception as e:  # noqa: BLE001 -- as load_rgb: any decoder error is bad data
+        raise ImageError("corrupt_image") from e
+    if f != 1:  # drafted: the box has fractional corners; Pillow's resize takes them as they are
+        from PIL import Image  # (rounding them shifts the picture by up to half a drafted pixel)
+        img = img.resize((size, size), Image.BICUBIC, box=tuple(v * f for v in plan.box))
+        return chw(img.transpose(Image.FLIP_LEFT_RIGHT) if plan.flip else img)[0]
+    return resize_crop(chw(img), plan.box, plan.flip, size)
+
+
+def chw(img) -> torch.Tensor:
+    """RGB PIL image -> (1, 3, H, W) uint8 view of one copy of its pixels (bytearray: a writable
+    buffer for torch; np.asarray of a PIL image is read-only)."""
+    w, h = img.size
+    return torch.frombuffer(bytearray(img.tobytes()), dtype=torch.uint8).view(1, h, w, 3).permute(0, 3, 1, 2)
+
+
+def resize_crop(x: torch.Tensor, box, flip: bool, size: int) -> torch.Tensor:
+    """(1, 3, H, W) uint8 (any strides, any device) -> its box resized to (3, size, size) uint8 with
+    the antialiased bicubic filter, mirrored when `flip`. uint8 stays uint8 on CPU (SIMD kernels);
+    elsewhere it goes through float32 and is rounded back."""
+    x0, y0, x1, y1 = box
+    crop = x[:, :, y0:y1, x0:x1]
+    if crop.device.type == "cpu":
+        y = F.interpolate(crop, size=(size, size), mode="bicubic", antialias=True, align_corners=False)
+    else:
+        y = F.interpolate(crop.float(), size=(size, size), mode="bicubic", antialias=True, align_corners=False)
+        y = y.round_().clamp_(0, 255).to(torch.uint8)
+    return (y.flip(-1) if flip else y)[0]
+
+
+def decode_batch_cpu(datas: list[bytes], size: int, scale_min: float, hflip: float,
+                     rng: np.random.Generator, draft: bool = True) -> torch.Tensor:
+    """Image bytes -> uint8 (B, 3, size, size), each sample planned then decoded in order."""
+    out = torch.empty((len(datas), 3, size, size), dtype=torch.uint8)
+    for i, data in enumerate(datas):
+        im, o, plan = open_and_plan(data, size, scale_min, hflip, rng)
+        out[i] = decode_cpu(im, plan, size, draft, data, o)
+    return out
+
+
+@dataclass
+class EncodedBatch:
+    """What a worker hands the training process under `decode: gpu`: the JPEGs still encoded,
+    their plans, and the other samples already decoded on the CPU path."""
+    images: torch.Tensor          # uint8 (B, 3, S, S); rows in `jpeg_rows` are filled on the device
+    jpegs: list[torch.Tensor]     # 1-D uint8, the file bytes
+    jpeg_rows: torch.Tensor       # int64 (n,)
+    boxes: torch.Tensor           # int64 (n, 4), upright full-size pixels
+    flips: torch.Tensor           # bool (n,)
+
+    def __len__(self) -> int:
+        return len(self.images)
+
+    def pin_memory(self) -> EncodedBatch:
+        """The DataLoader's pin thread calls this (train.data.pin_memory on a CUDA machine)."""
+        self.images = self.images.pin_memory()
+        return self
+
+
+def gpu_decodable(data: bytes, im, o: int) -> bool:
+    """Baseline JPEGs decode_jpeg reads as stage 1 does: YCbCr/grayscale, upright. CMYK (Pillow
+    inverts Adobe CMYK) and EXIF-rotated ones take the CPU path."""
+    return data[:3] == JPEG_MAGIC and im.format == "JPEG" and im.mode in ("RGB", "L") and o == 1
+
+
+def plan_batch(datas: list[bytes], size: int, scale_min: float, hflip: float,
+               rng: np.random.Generator) -> EncodedBatch:
+    """Worker side of `decode: gpu`: headers and plans only for JPEGs, CPU decode for the rest."""
+    out = torch.zeros((len(datas), 3, size, size), dtype=torch.uint8)
+    rows, jpegs, boxes, flips = [], [], [], []
+    for i, data in enumerate(datas):
+        im, o, plan = open_and_plan(data, size, scale_min, hflip, rng)
+        if gpu_decodable(data, im, o):
+            rows.append(i)
+            jpegs.append(torch.frombuffer(bytearray(data), dtype=torch.uint8))
+            boxes.append(plan.box)
+            flips.append(plan.flip)
+        else:
+            out[i] = decode_cpu(im, plan, size, draft=True)
+    return EncodedBatch(out, jpegs, torch.tensor(rows, dtype=torch.int64),
+                        torch.tensor(boxes, dtype=torch.int64).reshape(-1, 4), torch.tensor(flips, dtype=torch.bool))
+
+
+def decode_on_device(enc: EncodedBatch, device: torch.device | str) -> torch.Tensor:
+    """Training-process side of `decode: gpu`: one batched decode_jpeg on `device`, then crop,
+    resize and flip there. A batch decode_jpeg refuses is retried per image; an image it still
+    refuses is decoded on the CPU path (same plan). Returns uint8 (B, 3, S, S) on `device`."""
+    from torchvision.io import ImageReadMode, decode_jpeg
+    if not isinstance(enc, EncodedBatch):  # a stream that decodes itself (training/region_data.py)
+        return enc.to(device, non_blocking=True)
+    out = enc.images.to(device, non_blocking=True)
+    if not enc.jpegs:
+        return out
+    size = out.shape[-1]
+    try:
+        decoded = decode_jpeg(enc.jpegs, mode=ImageReadMode.RGB, device=device)
+    except (RuntimeError, ValueError):
+        decoded = [_decode_one(j, device) for j in enc.jpegs]
+    for k, (row, img) in enumerate(zip(enc.jpeg_rows.tolist(), decoded)):
+        box, flip = tuple(enc.boxes[k].tolist()), bool(enc.flips[k])
+        if img is None:  # decode_jpeg refused it: the CPU path, same box and flip
+            im, why = open_image(enc.jpegs[k].numpy().tobytes(), max_aspect=0)
+            if im is None:
+                raise ImageError(why)
+            out[row] = decode_cpu(im, Plan(box, flip), size).to(device)
+        else:
+            out[row] = resize_crop(img[None], box, flip, size)
+    return out
+
+
+def _decode_one(data: torch.Tensor, device):
+    from torchvision.io import ImageReadMode, decode_jpeg
+    try:
+        return decode_jpeg(data, mode=ImageReadMode.RGB, device=device)
+    except (RuntimeError, ValueError):
+        return None
