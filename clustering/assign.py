@@ -196,8 +196,9 @@ def write_manifest(out: Path, info, cfg: AssignConfig, state: dict, engine: str,
     return manifest
 
 
-def main(config: str | None = None, overrides=()) -> dict:
-    run, cfg = load_config(config, list(overrides), "assign", AssignConfig)
+def main(config: str | None = None, overrides=(), instance: str | None = None) -> dict:
+    """instance: the run file's `assign@<instance>:` layered over `assign:` (pipeline/config.py)."""
+    run, cfg = load_config(config, list(overrides), "assign", AssignConfig, instance=instance)
     return run_distributed(run_assign, run, cfg, lock_dir=cfg.out_dir)
 
 

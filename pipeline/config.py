@@ -208,6 +208,15 @@ def load_run(path: str | os.PathLike | None, overrides: Sequence[str]) -> RunCon
     return load_sections(path, overrides, {"run": RunConfig})["run"]
 
 
+def named_instances(path: str | os.PathLike | None, overrides: Sequence[str]) -> list[tuple[str, str]]:
+    """(section, instance) of every ``section@instance`` in the run file chain and the overrides
+    (``mlcd check`` validates each one as its stage would load it)."""
+    keys = [k for _, data in (_file_chain(Path(path)) if path else []) for k in data]
+    keys += [k.split(".")[0] for k, _ in _parse_overrides(overrides)]
+    found = [split_section(k) for k in keys]
+    return list(dict.fromkeys((s, i) for s, i in found if i is not None))
+
+
 def _layer_key(key: str, schemas: dict, instances: dict) -> str | None:
     """Where a file section or override key goes: its own name if this load builds it (a schema
     section, or the instance layer of one), else None (kept raw, for interpolation only)."""
@@ -232,11 +241,12 @@ def load_sections(path: str | os.PathLike | None, overrides: Sequence[str],
     layers = {f"{s}@{i}" for s, i in instances.items()}
     root = _merge_files(root, chain, schemas)
     for key, value in _parse_overrides(overrides):
-        if _layer_key(key.split(".")[0], schemas, instances) is None:
-            continue  # another stage's override (e.g. `mlcd demo` passes all of them)
         top = key.split(".")[0]
         try:
-            if top in layers:  # a raw layer (perhaps only on the command line); typed when merged
+            # another stage's section (e.g. `mlcd demo` passes all overrides), or this stage's
+            # instance layer: kept raw (validated by its owner / when merged), but applied, so
+            # interpolations into it (`${cluster.out_dir}`) see the override
+            if top in layers or _layer_key(top, schemas, instances) is None:
                 with open_dict(root):
                     root.setdefault(top, {})
                 with open_dict(root[top]):
