@@ -46,8 +46,9 @@ SECTIONS = ("run", "data", "embed", "cluster", "assign", "train", "eval", "bench
 T = TypeVar("T")
 RESUMABLE = {"resumable": True}   # field metadata: may change between reruns of one output folder
 INSTANCE_RE = re.compile(r"^([a-z_]+)@([A-Za-z0-9_]+)$")  # `cluster@regions`
-MAX_FILE_BYTES = 1 << 20          # a run file is a few KiB
+MAX_FILE_BYTES = 256 << 10        # a run file is a few KiB (PyYAML parses ~0.1 MiB/s here)
 MAX_NODES = 100_000               # scalars + containers after alias expansion (alias bombs)
+MAX_DEPTH = 32                    # nesting levels (a run file uses ~5)
 
 
 class ConfigError(ValueError):
@@ -99,10 +100,14 @@ class _Loader(yaml.SafeLoader):
 def _safe_yaml(text: str, where: str) -> Any:
     """Parse one YAML document; refuses python tags (SafeLoader) and alias bombs (the expanded
     size is counted up to MAX_NODES, so a 347-byte bomb fails in milliseconds)."""
+    if _flow_depth(text) > MAX_DEPTH:  # PyYAML's scanner is quadratic in `[[[[...` nesting
+        raise ConfigError(f"{where}: nested deeper than {MAX_DEPTH} levels")
     try:
         data = yaml.load(text, Loader=_Loader)  # noqa: S506 -- a SafeLoader subclass
     except yaml.YAMLError as e:
         raise ConfigError(f"{where}: not valid YAML: {_yaml_problem(e)}") from None
+    except RecursionError:  # PyYAML composes nested nodes recursively: `[[[[...`
+        raise ConfigError(f"{where}: nested deeper than Python's recursion limit") from None
     _bounded(data, where)
     return data
 
@@ -113,18 +118,35 @@ def _yaml_problem(e: yaml.YAMLError) -> str:
     return " ".join(f"{what}{f' (line {mark.line + 1}, column {mark.column + 1})' if mark else ''}".split())
 
 
+def _flow_depth(text: str) -> int:
+    """Deepest nesting of [ and { (brackets inside quoted strings count too: a config has none
+    32 deep), in one pass without parsing."""
+    depth = deepest = 0
+    for c in re.sub(r"[^\[\]{}]", "", text):
+        if c in "[{":
+            depth += 1
+            deepest = max(deepest, depth)
+        elif c in "]}":
+            depth = max(0, depth - 1)
+    return deepest
+
+
 def _bounded(data: Any, where: str) -> None:
-    stack, n = [data], 0
+    """Counts values as if aliases were copied (what OmegaConf does), stopping at MAX_NODES, and
+    refuses nesting deeper than MAX_DEPTH (OmegaConf recurses per level)."""
+    stack, n = [(data, 0)], 0
     while stack:
-        node = stack.pop()
+        node, depth = stack.pop()
         n += 1
         if n > MAX_NODES:
             raise ConfigError(f"{where}: more than {MAX_NODES} values once YAML aliases are expanded "
                               f"(an alias bomb?)")
+        if depth > MAX_DEPTH:
+            raise ConfigError(f"{where}: nested deeper than {MAX_DEPTH} levels")
         if isinstance(node, dict):
-            stack.extend(node.values())
+            stack.extend((v, depth + 1) for v in node.values())
         elif isinstance(node, (list, tuple)):
-            stack.extend(node)
+            stack.extend((v, depth + 1) for v in node)
 
 
 def _read_yaml(path: Path) -> dict:
