@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import logging
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
@@ -26,7 +26,7 @@ import torch
 from clustering.data import open_store
 from clustering.report import make_report
 from clustering.topk import ENGINES, TopK, recall_at_l
-from pipeline.config import RunConfig, check, load_config, prepare_out_dir
+from pipeline.config import RESUMABLE, RunConfig, check, load_config, prepare_out_dir
 from pipeline.dist import DistContext
 from pipeline.entry import cli_main, run_distributed
 from pipeline.io import atomic_write_json, clean_stale_tmp, load_npy, read_json
@@ -61,10 +61,10 @@ class AssignConfig:
     hnsw_m: int = 32
     hnsw_ef_search: int = 128
     recall_rows: int = 2000             # rows on which an approximate engine's recall is measured
-    report: bool = True                 # histogram + contact sheets (rank 0, after labels)
-    report_dir: str = "${run.out_dir}/clusters/report"
-    report_clusters: int = 12
-    report_members: int = 8
+    report: bool = field(default=True, metadata=RESUMABLE)  # histogram + contact sheets (rank 0, after labels)
+    report_dir: str = field(default="${run.out_dir}/clusters/report", metadata=RESUMABLE)
+    report_clusters: int = field(default=12, metadata=RESUMABLE)
+    report_members: int = field(default=8, metadata=RESUMABLE)
 
     def __post_init__(self):
         check(self.kind in KINDS, "kind", self.kind, f"must be one of {KINDS}")
@@ -109,8 +109,7 @@ def run_assign(run: RunConfig, cfg: AssignConfig, ctx: DistContext) -> dict:
                                         skip_incomplete=cfg.skip_incomplete))
     c = agreed_centroids(ctx, cfg.centroids, info.dim, cfg.l)
     out = ctx.agree(lambda: prepare_out_dir(
-        cfg.out_dir, run, {"run": run, "assign": cfg}, "assign",
-        ignore=("assign.report", "assign.report_dir", "assign.report_clusters", "assign.report_members")))
+        cfg.out_dir, run, {"run": run, "assign": cfg}, "assign"))
     device = ctx.device if (cfg.gpu and torch.cuda.is_available()) else torch.device("cpu")
     topk, engine, state = settle_engine(run, cfg, info.rows, c, out, device, ctx)
 
@@ -226,8 +225,9 @@ def write_manifest(out: Path, info, cfg: AssignConfig, state: dict, engine: str,
     return manifest
 
 
-def main(config: str | None = None, overrides=()) -> dict:
-    run, cfg = load_config(config, list(overrides), "assign", AssignConfig)
+def main(config: str | None = None, overrides=(), instance: str | None = None) -> dict:
+    """instance: the run file's `assign@<instance>:` layered over `assign:` (pipeline/config.py)."""
+    run, cfg = load_config(config, list(overrides), "assign", AssignConfig, instance=instance)
     return run_distributed(run_assign, run, cfg, lock_dir=cfg.out_dir)
 
 

@@ -502,8 +502,9 @@ def run_kmeans(run: RunConfig, cfg: KMeansConfig, ctx: DistContext) -> dict:
     return result
 
 
-def main(config: str | None = None, overrides=()) -> dict:
-    run, cfg = load_config(config, list(overrides), "cluster", KMeansConfig)
+def main(config: str | None = None, overrides=(), instance: str | None = None) -> dict:
+    """instance: the run file's `cluster@<instance>:` layered over `cluster:` (pipeline/config.py)."""
+    run, cfg = load_config(config, list(overrides), "cluster", KMeansConfig, instance=instance)
     return run_distributed(run_kmeans, run, cfg, lock_dir=cfg.out_dir)
 
 

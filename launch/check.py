@@ -11,7 +11,7 @@ from pathlib import Path
 
 import yaml
 
-from pipeline.config import ConfigError, load_sections, to_dict
+from pipeline.config import ConfigError, load_sections, named_instances, to_dict
 from pipeline.stages import schema
 from pipeline.stages import schemas as stage_schemas
 
@@ -29,7 +29,13 @@ def default_sections() -> dict:
 
 
 def check_file(path, overrides) -> dict:
-    return load_sections(path, overrides, schemas())
+    """Every section, and every `section@instance` layered as its stage loads it."""
+    found, all_schemas = load_sections(path, overrides, schemas()), schemas()
+    for sec, inst in named_instances(path, overrides):
+        if sec in all_schemas:
+            one = {"run": all_schemas["run"], sec: all_schemas[sec]}
+            found[f"{sec}@{inst}"] = load_sections(path, overrides, one, {sec: inst})[sec]
+    return found
 
 
 def write_defaults() -> None:

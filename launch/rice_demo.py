@@ -2,12 +2,13 @@
 a region-level evaluation against image-level MLCD and random init at equal steps.
 
 scenes (openclipart objects at known boxes + words rendered with Noto fonts) -> stage 1 on whole
-scenes (image store) -> k-means + top-l (image labels, K = --image-k) -> stage 1b regions (object boxes from the
-boxes file, OCR words from Tesseract, crops embedded with the stage-1 encoder) -> stage 2
-unchanged on the region store (region clusters, top-l) -> region labels (cluster ids + OCR token
-ids) -> train RICE (image + region loss, Region Transformer layers) and, at the same steps, plain
-MLCD (image loss only) -> export both to HF -> eval-regions: object-region probe and OCR-word
-recognition from box-pooled patch features of RICE, MLCD and random init -> report.md.
+scenes (image store) -> k-means + top-l (image labels: the run file's `cluster:`/`assign:`) ->
+stage 1b regions (object boxes from the boxes file, OCR words from Tesseract, crops embedded with
+the stage-1 encoder) -> stage 2 unchanged on the region store (`cluster@regions:`/`assign@regions:`,
+named instances of the same sections) -> region labels (cluster ids + OCR token ids) -> train RICE
+(image + region loss, Region Transformer layers) and, at the same steps, plain MLCD (image loss
+only) -> export both to HF -> eval-regions: object-region probe and OCR-word recognition from
+box-pooled patch features of RICE, MLCD and random init -> report.md.
 
 Every stage resumes by itself; a finished stage (rice_demo_state.json) is skipped on a rerun.
 """
@@ -26,11 +27,6 @@ from pipeline.io import atomic_write_text, read_json
 log = logging.getLogger("mlcd.rice_demo")
 ROOT = Path(__file__).resolve().parents[1]
 
-# configs/rice_demo.yaml's cluster/assign sections are the region level (`mlcd cluster` on the
-# region store); the image-level labels (the image loss) are the same stages on the scene store
-IMAGE_CLUSTER = ["cluster.store=${run.out_dir}/store", "cluster.out_dir=${run.out_dir}/clusters"]
-IMAGE_ASSIGN = ["assign.store=${run.out_dir}/store", "assign.centroids=${run.out_dir}/clusters/centroids.npy",
-                "assign.out_dir=${run.out_dir}/clusters/labels"]
 # the two trainings differ only in these (equal steps, data, seed and backbone)
 TRAININGS = {
     "rice": ["train.regions.enabled=true", "train.out_dir=${run.out_dir}/train_rice"],
@@ -41,9 +37,10 @@ ORDER = ("data", "embed", "image_cluster", "image_assign", "regions", "region_cl
 
 
 class RiceDemo(Demo):
-    def __init__(self, config: str, overrides: list[str], nproc: int, image_k: int):
-        super().__init__(config, overrides, nproc)
-        self.image_k = image_k
+    def __init__(self, config: str, overrides: list[str], nproc: int, image_k: int | None):
+        # --image-k: the image level's K (the run file's `cluster.k`); the region level is
+        # `cluster@regions:`, which keeps its own k
+        super().__init__(config, overrides + ([f"cluster.k={image_k}"] if image_k else []), nproc)
         self.state_path = self.out / "rice_demo_state.json"
         self.state = read_json(self.state_path) if self.state_path.exists() else {"stages": {}}
 
@@ -64,20 +61,22 @@ class RiceDemo(Demo):
     def embed(self):
         self.mlcd("embed", *self._cfg())
 
+    # stage 2 twice, both in the run file: `cluster:`/`assign:` (image level) and their
+    # `@regions` instances (region level, pipeline/config.py)
     def image_cluster(self):
-        self.mlcd("cluster", *self._cfg(*IMAGE_CLUSTER, f"cluster.k={self.image_k}"))
+        self.mlcd("cluster", *self._cfg())
 
     def image_assign(self):
-        self.mlcd("assign", *self._cfg(*IMAGE_ASSIGN))
+        self.mlcd("assign", *self._cfg())
 
     def regions(self):
         self.mlcd("regions", *self._cfg())
 
     def region_cluster(self):
-        self.mlcd("cluster", *self._cfg())
+        self.mlcd("cluster", "--instance", "regions", *self._cfg())
 
     def region_assign(self):
-        self.mlcd("assign", *self._cfg())
+        self.mlcd("assign", "--instance", "regions", *self._cfg())
 
     def region_labels(self):
         self.mlcd("region-labels", *self._cfg())
@@ -113,7 +112,8 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(prog="mlcd rice-demo")
     ap.add_argument("--config", default=str(ROOT / "configs" / "rice_demo.yaml"))
     ap.add_argument("--nproc", type=int, default=2, help="training ranks (torchrun)")
-    ap.add_argument("--image-k", type=int, default=64, help="clusters of the whole-scene store (image loss)")
+    ap.add_argument("--image-k", type=int, default=None,
+                    help="clusters of the whole-scene store (image loss; default: the run file's cluster.k)")
     ap.add_argument("overrides", nargs="*")
     args = ap.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")

@@ -26,7 +26,7 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 
-from pipeline.config import RunConfig, check, load_config, prepare_out_dir
+from pipeline.config import RESUMABLE, RunConfig, check, load_config, prepare_out_dir
 from pipeline.entry import cli_main
 from pipeline.images import load_rgb
 from pipeline.io import atomic_write_json
@@ -44,7 +44,7 @@ class DataConfig:
     out_dir: str = "${run.out_dir}/data"
     image_size: int = 128          # longest side stored in the shards (downscaled, aspect kept)
     samples_per_shard: int = 500
-    workers: int = 2
+    workers: int = field(default=2, metadata=RESUMABLE)
     max_pixels: int = 89_478_485   # Pillow's decompression-bomb limit; larger files are skipped
     openclipart_dir: str = "/usr/share/openclipart/png"
     openclipart_max: int = 0       # 0 = all (after the probe hold-out)
@@ -266,7 +266,7 @@ def build(run: RunConfig, cfg: DataConfig) -> dict:
 def main(config: str | None, overrides: list[str]) -> dict:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
     run, cfg = load_config(config, overrides, "data", DataConfig)
-    prepare_out_dir(cfg.out_dir, run, {"run": run, "data": cfg}, "data", ignore=("data.workers",))
+    prepare_out_dir(cfg.out_dir, run, {"run": run, "data": cfg}, "data")
     summary = build(run, cfg)
     for name, s in summary.items():
         log.info("%-28s %6d samples in %3d shards, skipped %s", name, s["samples"], s["shards"], s["skipped"])

@@ -51,7 +51,7 @@ import pyarrow.parquet as pq
 import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
-from pipeline.config import ConfigError, RunConfig, check, load_config, prepare_out_dir
+from pipeline.config import RESUMABLE, ConfigError, RunConfig, check, load_config, prepare_out_dir
 from pipeline.dist import DistContext
 from pipeline.encoders import EncoderConfig, build_encoder
 from pipeline.entry import StageError, cli_main, run_distributed
@@ -107,8 +107,8 @@ class EmbedConfig:
     kinds: list[str] = field(default_factory=lambda: list(KINDS))  # features written per part ([]: labels only)
     dtype: str = "float16"             # on disk
     batch_size: int = 64
-    workers: int = 2                   # DataLoader decode workers per rank (0 = in the main process)
-    prefetch_factor: int = 4           # batches queued per worker
+    workers: int = field(default=2, metadata=RESUMABLE)  # DataLoader decode workers per rank (0 = in the main process)
+    prefetch_factor: int = field(default=4, metadata=RESUMABLE)  # batches queued per worker
     max_pixels: int = MAX_PIXELS       # larger images are skipped before decoding (Pillow's limit)
     max_aspect: float = MAX_ASPECT     # longer/shorter side over this: skipped from the header (0 = no cap)
     image_exts: list[str] = field(default_factory=lambda: list(IMAGE_EXTS))  # first one present is read
@@ -387,8 +387,7 @@ def _label_state(run: RunConfig, cfg: EmbedConfig) -> dict:
     path = Path(cfg.assign_centroids)
     if not path.is_file():
         raise ConfigError(f"embed.assign_centroids={str(path)!r} does not exist (run clustering.kmeans first)")
-    lab = prepare_out_dir(cfg.labels_dir, run, {"run": run, "embed": cfg}, "embed",
-                          ignore=("embed.workers", "embed.prefetch_factor"))
+    lab = prepare_out_dir(cfg.labels_dir, run, {"run": run, "embed": cfg}, "embed")
     clean_stale_tmp(lab)
     k = int(load_npy(path, mmap=True).shape[0])
     state = {"centroids_sha256": file_sha256(path), "k": k, "l": cfg.assign_l, "kind": cfg.assign_kind,
@@ -483,8 +482,7 @@ def embed(run: RunConfig, cfg: EmbedConfig, ctx: DistContext) -> dict:
             _refuse_duplicate_shards(shards, cfg.input)
         else:  # before the new config is written: a refused run leaves the folder as it was
             check_parts(out, shards, cfg)
-        prepare_out_dir(out, run, {"run": run, "embed": cfg}, "embed",
-                        ignore=("embed.workers", "embed.prefetch_factor"))
+        prepare_out_dir(out, run, {"run": run, "embed": cfg}, "embed")
         for k in [*KINDS, "metadata"]:
             clean_stale_tmp(out / (f"{k}_emb" if k != "metadata" else k))
         if cfg.assign_centroids:

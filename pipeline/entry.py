@@ -55,10 +55,11 @@ def cli_main(main: Callable[[str | None, list[str]], Any], argv: Sequence[str] |
     """Shared ``python -m <stage>`` entry: ``--config FILE [key=value ...]``; user errors exit 1/2."""
     parser = argparse.ArgumentParser(prog=prog or main.__module__)
     parser.add_argument("--config", "-c", default=None, help="run config YAML (configs/*.yaml)")
+    parser.add_argument("--instance", default=None, help="the run file's `<section>@NAME:` over `<section>:`")
     parser.add_argument("overrides", nargs="*", help="dotted overrides, e.g. embed.batch_size=64")
     args = parser.parse_args(argv)
-    try:
-        return main(args.config, args.overrides)
+    try:  # only stages whose main takes an instance accept --instance
+        return main(args.config, args.overrides, **({"instance": args.instance} if args.instance else {}))
     except (ConfigError, StageError) as e:
         sys.exit(report(e))
     except Exception as e:  # a full disk is one line too (exit 1); anything else a bug: traceback

@@ -57,7 +57,7 @@ import pyarrow.parquet as pq
 import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
-from pipeline.config import ConfigError, RunConfig, check, load_config, prepare_out_dir, to_dict
+from pipeline.config import RESUMABLE, ConfigError, RunConfig, check, load_config, prepare_out_dir, to_dict
 from pipeline.dist import DistContext
 from pipeline.embed import PART_META_KEY, _expected_rows, part_info
 from pipeline.encoders import EncoderConfig, build_encoder
@@ -94,8 +94,8 @@ class RegionsConfig:
     encoder: EncoderConfig = field(default_factory=EncoderConfig)
     dtype: str = "float16"
     batch_size: int = 64                   # crops per encoder call (also images per OCR call)
-    workers: int = 2                       # DataLoader workers per rank: decode, OCR, crop
-    prefetch_factor: int = 2
+    workers: int = field(default=2, metadata=RESUMABLE)  # DataLoader workers per rank: decode, OCR, crop
+    prefetch_factor: int = field(default=2, metadata=RESUMABLE)
     max_pixels: int = MAX_PIXELS
     image_exts: list[str] = field(default_factory=lambda: list(IMAGE_EXTS))
 
@@ -442,8 +442,7 @@ def regions(run: RunConfig, cfg: RegionsConfig, ctx: DistContext) -> dict:
         check_ocr(cfg)
         if cfg.boxes == "file":
             check_box_files(cfg, shards)
-        prepare_out_dir(out, run, {"run": run, "regions": cfg}, "regions",
-                        ignore=("regions.workers", "regions.prefetch_factor"))
+        prepare_out_dir(out, run, {"run": run, "regions": cfg}, "regions")
         for sub in ("img_emb", "metadata"):
             clean_stale_tmp(out / sub)
         return [i for i in range(len(shards)) if not part_complete(out, i, ["img"])]

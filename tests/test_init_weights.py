@@ -156,7 +156,7 @@ def test_continue_at_higher_resolution(tmp_path):
     assert 0 < float((sb[fc] - sa[fc]).detach().abs().max()) < 0.5  # trained on from A's weights
     m = read_metrics(b)
     assert sorted(m) == [1, 2, 3] and all(torch.isfinite(torch.tensor(m[s]["loss"])) for s in m)
-    p = run_train(b, 2, data + ft + ["train.steps=4"])
+    p = run_train(b, 2, data + ft + ["train.steps=4", "train.extend_schedule=true"])
     out = p.stderr + p.stdout
     assert f"resumed from {kb}" in out and "backbone initialized from" not in out
     assert sorted(read_metrics(b)) == [1, 2, 3, 4]

@@ -324,7 +324,8 @@ def test_planted_pickle_in_checkpoint_is_refused(tmp_path):
     err = [ln for ln in ex.stderr.splitlines() if ln.startswith(("export error", "error"))]
     assert ex.returncode != 0 and len(err) == 1 and "refused to load" in err[0] and "Traceback" not in ex.stderr
     assert not marker.exists()
-    rs = subprocess.run([sys.executable, "-m", "training.train", *over, "train.steps=2"], cwd=ROOT, env=ENV,
+    rs = subprocess.run([sys.executable, "-m", "training.train", *over, "train.steps=2", "train.extend_schedule=true"],
+                        cwd=ROOT, env=ENV,
                         capture_output=True, text=True, timeout=300)
     err = [ln for ln in rs.stderr.splitlines() if ln.startswith("error:")]
     assert rs.returncode == 1 and len(err) == 1 and "refused to load" in err[0], rs.stderr[-3000:]

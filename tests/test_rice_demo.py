@@ -11,7 +11,7 @@ import pytest
 from tests.conftest import ROOT
 
 TINY = ["data.rice.pool_scenes=60", "data.rice.probe_train=40", "data.rice.probe_test=40",
-        "cluster.k=8", "assign.l=4", "region_labels.width=4", "region_labels.max_tokens=4",
+        "cluster@regions.k=8", "assign.l=4", "region_labels.width=4", "region_labels.max_tokens=4",
         "train.steps=4", "train.checkpoint.every=4", "train.optim.warmup_steps=1",
         "train.loss.num_labels=4", "train.regions.num_labels=4", "train.data.batch_size=8",
         "train.model={name: vit_tiny_rope2d, image_size: 64, patch_size: 16, width: 32, layers: 1, "

@@ -458,7 +458,8 @@ def test_region_training_stage(tmp_path):
     assert all(np.isfinite(m[s]["region_loss"]) and 0 < m[s]["regions_valid"] <= 2 * 8 * 2 for s in m)
     step4 = tmp_path / "run" / "train" / "checkpoints" / "step_00000004"
     assert sorted(p.name for p in (step4 / "region_fc").iterdir()) == ["rank0_of2.safetensors", "rank1_of2.safetensors"]
-    p = torchrun([x if x != "train.steps=4" else "train.steps=6" for x in over], 2, timeout=300)
+    p = torchrun([x if x != "train.steps=4" else "train.steps=6" for x in over] + ["train.extend_schedule=true"], 2,
+                 timeout=300)
     assert f"resumed from {step4}" in p.stdout + p.stderr
     assert sorted(metrics(tmp_path / "run" / "train")) == [1, 2, 3, 4, 5, 6]
 

@@ -334,11 +334,20 @@ def test_resume_on_one_rank(runs, tmp_path):
         torch.testing.assert_close(pfc.weight.detach(), full["weight"][rows], rtol=0, atol=0)
         torch.testing.assert_close(opt.state[pfc.weight]["exp_avg_sq"], full["opt.exp_avg_sq"][rows])
         assert float(opt.state[pfc.weight]["step"]) == 16
-    p = run_train(out, 1, synthetic_overrides(runs / "syn") + [
-        "train.deepspeed.zero_stage=2", "train.steps=18", "train.checkpoint.every=100"])
+    more = synthetic_overrides(runs / "syn") + ["train.deepspeed.zero_stage=2", "train.steps=18",
+                                                "train.checkpoint.every=100"]
+    p = subprocess.run([sys.executable, "-m", "training.train", f"run.out_dir={out}", *TINY, *more], cwd=ROOT,
+                       env={**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)},
+                       capture_output=True, text=True, timeout=300)
+    err = [ln for ln in p.stderr.splitlines() if ln.startswith("config error")]
+    assert p.returncode == 2 and len(err) == 1 and "train.extend_schedule=true" in err[0], p.stderr[-3000:]
+    assert "Traceback" not in p.stderr
+    # the schedule ended at 16 (phase 1): extended, it stays at the (here raised) floor, lr x 0.5
+    p = run_train(out, 1, more + ["train.extend_schedule=true", "run.resume=true", "train.optim.min_lr_ratio=0.5"])
     assert "resuming a 2-rank ZeRO-2 checkpoint on 1 ranks" in p.stderr + p.stdout
     m = read_metrics(out)
     assert sorted(m) == list(range(1, 19)) and np.isfinite(m[18]["loss"])
+    assert m[17]["lr"] == m[18]["lr"] == pytest.approx(3e-3 * 0.5)
     w = load_file(out / "train" / "checkpoints" / "step_00000018" / "partial_fc" / "rank0_of1.safetensors")
     assert w["weight"].shape == full["weight"].shape and 0 < float((w["weight"] - full["weight"]).abs().max()) < 0.5
 

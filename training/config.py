@@ -2,10 +2,11 @@
 construction. The public keys are those of ``configs/defaults/train.yaml``."""
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from typing import Any
 
-from pipeline.config import check
+from pipeline.config import RESUMABLE, ConfigError, check
 from training.data import TrainDataConfig
 from training.init_weights import FinetuneConfig
 from training.loss import LossConfig
@@ -23,10 +24,17 @@ class OptimConfig:
     eps: float = 1e-6
     warmup_steps: int = 100       # linear warmup, then cosine to min_lr_ratio * lr at `steps`
     min_lr_ratio: float = 0.0
+    # [step, phase]: from `step` on the cosine runs from `phase` (0..1) to 1 at train.steps. Set
+    # when a run is resumed with train.extend_schedule (schedule_phase), not by hand.
+    decay_from: list[float] = field(default_factory=list, metadata=RESUMABLE)
 
     def __post_init__(self):
         check(self.name in ("adamw", "sgd"), "name", self.name, "must be adamw or sgd")
+        check(len(self.decay_from) in (0, 2) and all(math.isfinite(x) for x in self.decay_from),
+              "decay_from", self.decay_from, "must be [] or [step, phase] (set by train.extend_schedule)")
         check(self.lr > 0, "lr", self.lr, "must be > 0")
+        check(self.beta1 >= 0 and self.beta2 >= 0 and self.eps > 0, "beta1/beta2/eps",
+              (self.beta1, self.beta2, self.eps), "betas must be >= 0 and eps > 0")
         check(self.weight_decay >= 0, "weight_decay", self.weight_decay, "must be >= 0")
         check(self.warmup_steps >= 0, "warmup_steps", self.warmup_steps, "must be >= 0")
         check(0 <= self.min_lr_ratio <= 1, "min_lr_ratio", self.min_lr_ratio, "must be in [0, 1]")
@@ -53,6 +61,7 @@ class DeepSpeedConfig:
 class CheckpointConfig:
     every: int = 500              # steps between checkpoints (and one at the end)
     keep: int = 2                 # complete checkpoints kept (older ones are deleted)
+    # (train.checkpoint is resumable: the data stream's epochs do not depend on it, data.py)
 
     def __post_init__(self):
         check(self.every >= 1, "every", self.every, "must be >= 1")
@@ -88,20 +97,28 @@ class RegionTrainConfig:
 
 @dataclass
 class TrainConfig:
-    out_dir: str = "${run.out_dir}/train"
+    out_dir: str = field(default="${run.out_dir}/train", metadata=RESUMABLE)
     centroids: str = "${run.out_dir}/clusters/centroids.npy"  # K when partial_fc.num_classes = 0
-    steps: int = 1000             # optimizer steps (the LR schedule's length)
-    time_budget_s: float = 0.0    # stop early with a checkpoint after this long (0 = no limit)
+    # optimizer steps (the LR schedule's length). On resume a different value is refused unless
+    # extend_schedule=true: then the remaining cosine decay is stretched (or squeezed) from the
+    # resume step to the new end, so the lr is continuous there (check_resume_schedule).
+    steps: int = field(default=1000, metadata=RESUMABLE)
+    extend_schedule: bool = field(default=False, metadata=RESUMABLE)
+    time_budget_s: float = field(default=0.0, metadata=RESUMABLE)  # stop early with a checkpoint
+    #                               after this long (0 = no limit)
     model: ModelConfig = field(default_factory=ModelConfig)
     loss: LossConfig = field(default_factory=LossConfig)
     partial_fc: PartialFCConfig = field(default_factory=PartialFCConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     deepspeed: DeepSpeedConfig = field(default_factory=DeepSpeedConfig)
     data: TrainDataConfig = field(default_factory=TrainDataConfig)
-    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
-    # A new run's starting weights (training/init_weights.py); a checkpoint in out_dir wins.
-    init_from: str = ""           # run/step folder of ours, HF folder, or state file; "" = random init
-    init_centers_from: str = ""   # run/step folder of ours with the same K; "" = fresh centers
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig, metadata=RESUMABLE)
+    # A new run's starting weights (training/init_weights.py); a checkpoint in out_dir wins (so
+    # both are read only before the first checkpoint, and may change on resume).
+    init_from: str = field(default="", metadata=RESUMABLE)  # run/step folder of ours, HF folder,
+    #                               or state file; "" = random init
+    init_centers_from: str = field(default="", metadata=RESUMABLE)  # run/step folder of ours with
+    #                               the same K; "" = fresh centers
     finetune: FinetuneConfig = field(default_factory=FinetuneConfig)
     regions: RegionTrainConfig = field(default_factory=RegionTrainConfig)  # RICE, off by default
 
@@ -110,8 +127,29 @@ class TrainConfig:
         check(self.time_budget_s >= 0, "time_budget_s", self.time_budget_s, "must be >= 0")
 
 
-# Keys that may change when a run is continued (they do not change what is learned; a run folder
-# may also be moved or copied).
-RESUMABLE_KEYS = ("train.steps", "train.time_budget_s", "train.checkpoint", "train.data.workers",
-                  "train.data.pin_memory", "run.out_dir", "train.out_dir",
-                  "train.init_from", "train.init_centers_from")  # read only before the first checkpoint
+def schedule_phase(step: int, optim: OptimConfig, total: int) -> float:
+    """Cosine phase in [0, 1] after warmup: (step - warmup) / (total - warmup), or, from
+    ``optim.decay_from = [s0, t0]`` on, t0 + (1 - t0) (step - s0) / (total - s0)."""
+    if optim.decay_from and step >= optim.decay_from[0]:
+        s0, t0 = int(optim.decay_from[0]), float(optim.decay_from[1])
+        return min(1.0, t0 + (1 - t0) * (step - s0) / max(1, total - s0))
+    return min(1.0, max(0.0, (step - optim.warmup_steps) / max(1, total - optim.warmup_steps)))
+
+
+def check_resume_schedule(cfg: TrainConfig, state: dict, where: str) -> list[float]:
+    """``optim.decay_from`` for a run resumed from a checkpoint whose trainer_state is ``state``.
+    The same train.steps keeps the checkpoint's schedule; another one is refused (one line)
+    unless train.extend_schedule: then the decay continues from the checkpoint's phase."""
+    old = state.get("config", {}).get("train", {})
+    prev_steps, step = int(old.get("steps", cfg.steps)), int(state.get("step", 0))
+    prev = OptimConfig(**{**old.get("optim", {}), "decay_from": old.get("optim", {}).get("decay_from", [])})
+    if cfg.steps == prev_steps:
+        return list(prev.decay_from)
+    if not cfg.extend_schedule:
+        raise ConfigError(
+            f"train.steps={cfg.steps}: {where} (step {step}) was trained for train.steps={prev_steps}, "
+            f"and the lr schedule depends on it; pass train.extend_schedule=true to stretch the rest "
+            f"of the cosine decay to step {cfg.steps}, or run.overwrite=true to start over")
+    if step < prev.warmup_steps and not prev.decay_from:
+        return []  # still warming up: the plain schedule with the new length is continuous
+    return [step, schedule_phase(step, prev, prev_steps)]

@@ -19,7 +19,8 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-from dataclasses import dataclass
+import math
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -27,7 +28,7 @@ import torch
 from PIL import Image
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
-from pipeline.config import check
+from pipeline.config import RESUMABLE, check
 from pipeline.guard import die_with_parent_fn
 from pipeline.images import decode_rgb, image_bytes
 from pipeline.io import load_npy
@@ -46,12 +47,13 @@ class TrainDataConfig:
     store: str = "${run.out_dir}/store"          # for metadata/metadata_{i}.parquet (keys)
     labels: str = "${run.out_dir}/clusters/labels"
     batch_size: int = 32          # per rank per micro-step
-    workers: int = 2              # DataLoader workers per rank (0 = in the training process)
-    epoch_batches: int = 0        # batches per rank per stream epoch; 0 = checkpoint.every x grad_accum
+    workers: int = field(default=2, metadata=RESUMABLE)  # DataLoader workers per rank (0 = in the
+    #                               training process); changes the stream (logged)
+    epoch_batches: int = 0        # batches per rank per stream epoch; 0 = from the data (epoch_length)
     shuffle_buffer: int = 500
     crop_scale_min: float = 0.5   # RandomResizedCrop scale range [min, 1]
     hflip: float = 0.5
-    pin_memory: bool = True
+    pin_memory: bool = field(default=True, metadata=RESUMABLE)
     # fast: uint8 batches (normalised on the device: training.data.normalize_uint8), JPEG draft
     # when the crop allows, one antialiased-bicubic resize (training/decode.py); false = the
     # reference float path (PIL bicubic, CLIP-normalised in the worker), kept for the bench
@@ -100,6 +102,23 @@ def find_parts(cfg: TrainDataConfig, num_labels: int = 1) -> list[ShardPart]:
         raise ValueError(f"{parts[0].labels}: shape {width}, but loss.num_labels needs {num_labels} "
                          f"labels per row")
     return parts
+
+
+# Auto epoch cap, samples per rank: resuming mid-epoch reads (never decodes) the epoch's earlier
+# samples, so this bounds a resume's extra reading (~65k samples); each epoch start refills the
+# shuffle buffer (shuffle_buffer x workers reads, ~1.5% of an epoch at the defaults).
+AUTO_EPOCH_SAMPLES = 65_536
+
+
+def epoch_length(cfg: TrainDataConfig, parts: list[ShardPart]) -> int:
+    """Micro-batches per rank in one stream epoch: ``epoch_batches`` if set, else one pass over
+    the parts' label rows (their .npy headers only) in batches of ``batch_size``, capped at
+    AUTO_EPOCH_SAMPLES per rank. A function of the data alone, never of checkpointing, so
+    changing ``train.checkpoint.*`` or the time budget on resume keeps the stream."""
+    if cfg.epoch_batches:
+        return cfg.epoch_batches
+    rows = sum(int(load_npy(p.labels, mmap=True).shape[0]) for p in parts)
+    return max(1, min(math.ceil(rows / cfg.batch_size), AUTO_EPOCH_SAMPLES // cfg.batch_size))
 
 
 def load_part_labels(part: ShardPart, num_labels: int, num_classes: int) -> dict[str, np.ndarray]:

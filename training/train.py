@@ -24,12 +24,13 @@ import torch
 from pipeline.config import RunConfig, load_config, prepare_out_dir
 from pipeline.dist import DistContext, free_port
 from pipeline.entry import cli_main, run_distributed
+from training.checkpoint import find_latest, read_state
 from training.config import (  # noqa: F401 -- the `train` section's schema lives here for the registry
-    RESUMABLE_KEYS,
     CheckpointConfig,
     DeepSpeedConfig,
     OptimConfig,
     TrainConfig,
+    check_resume_schedule,
 )
 from training.data import num_classes_from_centroids
 from training.trainer import (  # noqa: F401 -- re-exported: the stage's public names
@@ -64,14 +65,19 @@ def train(run: RunConfig, cfg: TrainConfig, ctx: DistContext) -> dict:
     out = Path(cfg.out_dir)
     root = out / "checkpoints"
 
-    def prepare() -> None:
-        # regions off: nothing of train.regions is used (nor in folders made before it existed)
-        ignore = RESUMABLE_KEYS + (() if cfg.regions.enabled else ("train.regions",))
-        prepare_out_dir(out, run, {"run": run, "train": cfg}, "train", ignore=ignore)
+    def prepare() -> list[float]:
+        """Rank 0: the resume checks (train.steps vs the checkpoint's schedule), then the folder's
+        config (train.* keys that may change on resume are declared on the fields, config.py)."""
         if run.overwrite:  # a fresh start must not auto-resume, nor keep the old metrics
             CheckpointManager.clear(root)
             (out / "metrics.jsonl").unlink(missing_ok=True)
-    ctx.agree(prepare)
+        last = find_latest(root)
+        cfg.optim.decay_from = check_resume_schedule(cfg, read_state(last), str(last)) if last else []
+        # regions off: nothing of train.regions is used (nor in folders made before it existed)
+        prepare_out_dir(out, run, {"run": run, "train": cfg}, "train",
+                        ignore=() if cfg.regions.enabled else ("train.regions",))
+        return cfg.optim.decay_from
+    cfg.optim.decay_from = ctx.agree(prepare)
     num_classes = cfg.partial_fc.num_classes or ctx.agree(
         lambda: checked_input(lambda: num_classes_from_centroids(cfg.centroids)))
     region_classes = ctx.agree(lambda: region_num_classes(cfg.regions)) if cfg.regions.enabled else 0

@@ -34,8 +34,8 @@ from pipeline.entry import StageError
 from pipeline.io import atomic_write_text
 from pipeline.tracking import Tracker, progress
 from training import checkpoint as ckpt
-from training.config import CheckpointConfig, OptimConfig, TrainConfig
-from training.data import Batch, make_loader, normalize_uint8
+from training.config import CheckpointConfig, OptimConfig, TrainConfig, schedule_phase
+from training.data import Batch, epoch_length, make_loader, normalize_uint8
 from training.heads import (
     Head,
     configured_heads,
@@ -72,7 +72,7 @@ def checked_input(fn):
 def lr_at(step: int, cfg: OptimConfig, total: int) -> float:
     if step < cfg.warmup_steps:
         return cfg.lr * (step + 1) / cfg.warmup_steps
-    t = (step - cfg.warmup_steps) / max(1, total - cfg.warmup_steps)
+    t = schedule_phase(step, cfg, total)  # training/config.py: train.extend_schedule's stretch
     return cfg.lr * (cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * min(t, 1.0))))
 
 
@@ -173,7 +173,7 @@ def micro_batches(cfg: TrainConfig, parts, image_size: int, num_classes: int, se
     loader(epoch, epoch_len, start): an epoch's batches from batch `start` on (None: data.py's
     make_loader; the Trainer passes its heads' data source's)."""
     gas = cfg.deepspeed.grad_accum
-    epoch_len = cfg.data.epoch_batches or cfg.checkpoint.every * gas
+    epoch_len = epoch_length(cfg.data, parts)  # from the data, never from checkpointing
     micro = start_step * gas
     group: list = []
     if loader is None:

@@ -28,7 +28,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from pipeline.config import ConfigError, RunConfig, check, load_config, prepare_out_dir
+from pipeline.config import RESUMABLE, ConfigError, RunConfig, check, load_config, prepare_out_dir
 from pipeline.dist import DistContext
 from pipeline.entry import cli_main, run_distributed
 from pipeline.io import atomic_save_npy, atomic_write_json, atomic_write_text, load_npy, read_json
@@ -90,14 +90,14 @@ class EvalConfig:
     out_dir: str = "${run.out_dir}/eval"
     # lists, not name-keyed dicts: a layered run file can replace a list but (with struct configs)
     # cannot add keys to a dict
-    datasets: list[DatasetSpec] = field(default_factory=list)
-    models: list[ModelSpec] = field(default_factory=list)
+    datasets: list[DatasetSpec] = field(default_factory=list, metadata=RESUMABLE)
+    models: list[ModelSpec] = field(default_factory=list, metadata=RESUMABLE)
     val_fraction: float = 0.2       # of train, held out to choose C and k
     linear: LinearConfig = field(default_factory=LinearConfig)
     knn: KnnConfig = field(default_factory=KnnConfig)
-    batch_size: int = 64
-    workers: int = 2                # DataLoader workers per rank (decode + preprocess)
-    device: str = "auto"            # auto (cuda if present) | cpu | cuda
+    batch_size: int = field(default=64, metadata=RESUMABLE)
+    workers: int = field(default=2, metadata=RESUMABLE)  # DataLoader workers per rank (decode + preprocess)
+    device: str = field(default="auto", metadata=RESUMABLE)  # auto (cuda if present) | cpu | cuda
 
     def __post_init__(self):
         self.datasets = [_spec(DatasetSpec, v, f"datasets.{i}") for i, v in enumerate(self.datasets)]
@@ -325,9 +325,7 @@ def _write(out: Path, report: dict) -> None:
 
 def run_eval(run: RunConfig, cfg: EvalConfig, ctx: DistContext) -> dict:
     # models/datasets may change between reruns: the caches are checked by fingerprint
-    ctx.agree(lambda: prepare_out_dir(cfg.out_dir, run, {"run": run, "eval": cfg}, "eval",
-                                      ignore=("eval.models", "eval.datasets", "eval.batch_size",
-                                              "eval.workers", "eval.device")))
+    ctx.agree(lambda: prepare_out_dir(cfg.out_dir, run, {"run": run, "eval": cfg}, "eval"))
     tracker = Tracker(run, ctx, cfg.out_dir, "eval", {"run": asdict(run), "eval": asdict(cfg)})
     try:
         report = evaluate(run, cfg, ctx, tracker)

@@ -39,7 +39,7 @@ import pyarrow.parquet as pq
 import torch
 from torch.utils.data import DataLoader, Subset
 
-from pipeline.config import ConfigError, RunConfig, check, load_config, prepare_out_dir
+from pipeline.config import RESUMABLE, ConfigError, RunConfig, check, load_config, prepare_out_dir
 from pipeline.dist import DistContext
 from pipeline.entry import cli_main, run_distributed
 from pipeline.images import is_image_name
@@ -77,14 +77,14 @@ class RegionEvalConfig:
     out_dir: str = "${run.out_dir}/eval_regions"
     train: str = "${run.out_dir}/data/rice/probe/train"   # probe scenes: shards + gt_*.parquet
     test: str = "${run.out_dir}/data/rice/probe/test"
-    models: list[ModelSpec] = field(default_factory=list)  # kinds: hf | random | checkpoint
+    models: list[ModelSpec] = field(default_factory=list, metadata=RESUMABLE)  # kinds: hf | random | checkpoint
     tasks: list[str] = field(default_factory=lambda: list(TASKS))
     val_fraction: float = 0.2       # of train, held out to choose C and k
     linear: LinearConfig = field(default_factory=LinearConfig)
     knn: KnnConfig = field(default_factory=lambda: KnnConfig(ks=[1, 5, 10, 20]))
-    batch_size: int = 32
-    workers: int = 1                # DataLoader workers per rank (decode + preprocess)
-    device: str = "auto"            # auto (cuda if present) | cpu | cuda
+    batch_size: int = field(default=32, metadata=RESUMABLE)
+    workers: int = field(default=1, metadata=RESUMABLE)  # DataLoader workers per rank (decode + preprocess)
+    device: str = field(default="auto", metadata=RESUMABLE)  # auto (cuda if present) | cpu | cuda
 
     def __post_init__(self):
         self.models = [_spec(ModelSpec, v, f"models.{i}") for i, v in enumerate(self.models)]
@@ -475,9 +475,7 @@ def _write(out: Path, report: dict) -> None:
 
 def run_eval_regions(run: RunConfig, cfg: RegionEvalConfig, ctx: DistContext) -> dict:
     # models may change between reruns: the feature cache is checked by fingerprint
-    ctx.agree(lambda: prepare_out_dir(cfg.out_dir, run, {"run": run, "eval_regions": cfg}, "eval_regions",
-                                      ignore=("eval_regions.models", "eval_regions.batch_size",
-                                              "eval_regions.workers", "eval_regions.device")))
+    ctx.agree(lambda: prepare_out_dir(cfg.out_dir, run, {"run": run, "eval_regions": cfg}, "eval_regions"))
     tracker = Tracker(run, ctx, cfg.out_dir, "eval_regions", {"run": asdict(run), "eval_regions": asdict(cfg)})
     try:
         report = evaluate_regions(run, cfg, ctx, tracker)
