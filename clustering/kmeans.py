@@ -27,6 +27,7 @@ import json
 import logging
 import math
 import shutil
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -35,9 +36,9 @@ import torch
 
 from clustering.data import StoreInfo, draw_sample, open_store
 from clustering.topk import faiss_gpus, nearest
-from pipeline.config import ConfigError, RunConfig, check, load_config, prepare_out_dir
+from pipeline.config import ConfigError, RunConfig, check, prepare_out_dir
 from pipeline.dist import DistContext
-from pipeline.entry import cli_main, run_distributed
+from pipeline.entry import stage_cli, stage_main
 from pipeline.io import atomic_save_npy, atomic_write_json, load_npy, read_json
 from pipeline.store import KINDS
 from pipeline.tracking import Timer, Tracker, progress
@@ -498,14 +499,9 @@ def run_kmeans(run: RunConfig, cfg: KMeansConfig, ctx: DistContext) -> dict:
     return result
 
 
-def main(config: str | None = None, overrides=()) -> dict:
-    run, cfg = load_config(config, list(overrides), "cluster", KMeansConfig)
-    return run_distributed(run_kmeans, run, cfg, lock_dir=cfg.out_dir)
-
-
-def cli(argv=None) -> int:
-    return cli_main(main, argv)
+def main(config: str | None = None, overrides: Sequence[str] = (), instance: str | None = None) -> dict:
+    return stage_main("cluster", run_kmeans, config, overrides, instance)
 
 
 if __name__ == "__main__":
-    cli()
+    stage_cli("cluster")

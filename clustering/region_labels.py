@@ -27,15 +27,16 @@ from __future__ import annotations
 
 import logging
 import re
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import pyarrow.parquet as pq
 
-from pipeline.config import RunConfig, check, load_config, prepare_out_dir
+from pipeline.config import RunConfig, check, prepare_out_dir
 from pipeline.dist import DistContext
-from pipeline.entry import cli_main, run_distributed
+from pipeline.entry import stage_cli, stage_main
 from pipeline.io import atomic_save_npy, atomic_write_json, clean_stale_tmp, load_npy, read_json
 from pipeline.store import StoreError, labels_path, meta_path, part_name, settle_label_state
 from pipeline.topl import file_sha256
@@ -259,15 +260,9 @@ def write_label_space(out: Path, cfg: RegionLabelsConfig, inp: Inputs, wall_s: f
     return space
 
 
-def main(config: str | None = None, overrides=()) -> dict:
-    run, cfg = load_config(config, list(overrides), "region_labels", RegionLabelsConfig)
-    return run_distributed(run_region_labels, run, cfg, lock_dir=cfg.out_dir)
-
-
-def cli(argv=None) -> int:
-    return cli_main(main, argv)
+def main(config: str | None = None, overrides: Sequence[str] = (), instance: str | None = None) -> dict:
+    return stage_main("region-labels", run_region_labels, config, overrides, instance)
 
 
 if __name__ == "__main__":
-    cli()
-
+    stage_cli("region-labels")

@@ -19,6 +19,7 @@ import random
 import re
 import struct
 import sys
+from collections.abc import Sequence
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -26,8 +27,8 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 
-from pipeline.config import RunConfig, check, load_config, prepare_out_dir
-from pipeline.entry import cli_main
+from pipeline.config import RunConfig, check, prepare_out_dir
+from pipeline.entry import stage_cli, stage_main
 from pipeline.images import load_rgb
 from pipeline.io import atomic_write_json
 from pipeline.rice_data import RiceConfig
@@ -263,9 +264,9 @@ def build(run: RunConfig, cfg: DataConfig) -> dict:
     return summary
 
 
-def main(config: str | None, overrides: list[str]) -> dict:
+def make_data(run: RunConfig, cfg: DataConfig) -> dict:
+    """The `data` stage (one process: the builders fan out to worker processes themselves)."""
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
-    run, cfg = load_config(config, overrides, "data", DataConfig)
     prepare_out_dir(cfg.out_dir, run, {"run": run, "data": cfg}, "data", ignore=("data.workers",))
     summary = build(run, cfg)
     for name, s in summary.items():
@@ -273,9 +274,9 @@ def main(config: str | None, overrides: list[str]) -> dict:
     return summary
 
 
-def cli(argv=None):
-    return cli_main(main, argv)
+def main(config: str | None = None, overrides: Sequence[str] = (), instance: str | None = None) -> dict:
+    return stage_main("data", make_data, config, overrides, instance)
 
 
 if __name__ == "__main__":
-    cli()
+    stage_cli("data")

@@ -33,9 +33,9 @@ from __future__ import annotations
 import collections
 import json
 import logging
-import os
 import tarfile
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -45,10 +45,10 @@ import pyarrow.parquet as pq
 import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
-from pipeline.config import ConfigError, RunConfig, check, load_config, prepare_out_dir
+from pipeline.config import ConfigError, RunConfig, check, prepare_out_dir
 from pipeline.dist import DistContext
 from pipeline.encoders import EncoderConfig, build_encoder
-from pipeline.entry import StageError, cli_main, run_distributed
+from pipeline.entry import StageError, stage_cli, stage_main
 from pipeline.images import IMAGE_EXTS, MAX_PIXELS, image_bytes, load_rgb
 from pipeline.io import atomic_write_json, clean_stale_tmp, load_npy, read_json
 from pipeline.shards import ShardSpecError, expand_shards, is_url, shard_stem
@@ -517,15 +517,9 @@ def _plain(cfg) -> dict:
     return dataclasses.asdict(cfg)
 
 
-def main(config: str | None, overrides: list[str]) -> dict:
-    run, cfg = load_config(config, overrides, "embed", EmbedConfig)
-    return run_distributed(embed, run, cfg, lock_dir=cfg.out_dir)
-
-
-def cli(argv=None):
-    return cli_main(main, argv)
+def main(config: str | None = None, overrides: Sequence[str] = (), instance: str | None = None) -> dict:
+    return stage_main("embed", embed, config, overrides, instance)
 
 
 if __name__ == "__main__":
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    cli()
+    stage_cli("embed")
