@@ -145,6 +145,15 @@ def parse(argv: list[str]) -> tuple[Stage, str | None, list[str]]:
     return stage, instance or None, rest
 
 
+def plan(args: list[str]) -> tuple[Stage, list[str], int, int]:
+    """``mlcd COMMAND[@NAME] ...`` -> (stage, the stage's own arguments with ``--instance NAME``
+    first when named, ranks per node, nodes). Raises UsageError."""
+    stage, instance, rest = parse(args)
+    nproc = _pop_count(rest, "--nproc") if stage.torchrun else 1
+    nnodes = _pop_count(rest, "--nnodes") if stage.torchrun else 1
+    return stage, (["--instance", instance] if instance else []) + rest, nproc, nnodes
+
+
 def main(argv: list[str] | None = None) -> int:
     args = list(sys.argv[1:] if argv is None else argv)
     if not args or args[0] in ("-h", "--help"):
@@ -154,15 +163,11 @@ def main(argv: list[str] | None = None) -> int:
         print(f"mlcd {version()}")
         return 0
     try:
-        stage, instance, rest = parse(args)
-        nproc = _pop_count(rest, "--nproc") if stage.torchrun else 1
-        nnodes = _pop_count(rest, "--nnodes") if stage.torchrun else 1
+        stage, rest, nproc, nnodes = plan(args)
     except UsageError as e:
         print(f"mlcd: {e}", file=sys.stderr)
         return 2
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    if instance:
-        rest = ["--instance", instance, *rest]
     if (nproc > 1 or nnodes > 1) and not {"-h", "--help"} & set(rest):
         cmd = torchrun_cmd(stage.module, rest, nproc, nnodes)
         print("+", shlex.join(cmd), file=sys.stderr)
@@ -170,7 +175,8 @@ def main(argv: list[str] | None = None) -> int:
     if stage.tool:  # parses its own arguments
         return importlib.import_module(stage.module).main(rest)
     from pipeline.entry import stage_cli
-    more = f"SLURM: sbatch {stage.slurm} launch/slurm/stage.sbatch {stage.name} CONFIG [k=v ...]" if stage.shell else ""
+    more = (f"SLURM: sbatch -J mlcd-{stage.name} {stage.slurm} launch/slurm/stage.sbatch {stage.name} "
+            "CONFIG [k=v ...]") if stage.shell else ""
     stage_cli(stage.name, rest, epilog=more)
     return 0
 

@@ -97,18 +97,17 @@ def _flag_error(prog: str, argv: list[str], flag: str, section: str) -> str:
     return f"{prog}: unknown option {flag.split('=', 1)[0]}; {hint}"
 
 
-def stage_cli(name: str, argv: Sequence[str] | None = None, prog: str | None = None,
-              epilog: str = "") -> Any:
-    """``python -m <module>`` and ``mlcd <name>`` of a config stage: ``[--config FILE] [--instance
-    NAME] [key=value ...]``; ``--help`` lists the section's keys (type, default, doc). User errors
-    exit 1/2 with one line (``SystemExit``); returns the stage's result."""
+def stage_args(name: str, argv: Sequence[str], prog: str | None = None,
+               epilog: str = "") -> argparse.Namespace:
+    """``[--config FILE] [--instance NAME] [key=value ...]`` of a config stage -> config,
+    instance, overrides. ``--help`` lists the section's keys (type, default, doc) and exits 0;
+    an unknown ``--flag`` exits 2 with one line naming the key it may mean."""
     from pipeline.keys import describe
     from pipeline.stages import STAGES, schema
     stage = STAGES[name]
     prog = prog or f"mlcd {name}"
     # DeepSpeed's launcher appends --local_rank=N (it also sets LOCAL_RANK, which the stages read)
-    args = [a for a in (sys.argv[1:] if argv is None else argv)
-            if not a.startswith(("--local_rank=", "--local-rank="))]
+    args = [a for a in argv if not a.startswith(("--local_rank=", "--local-rank="))]
     section = stage.section or ""
     if {"-h", "--help"} & set(args):  # only then: the keys cost reading the schemas' source
         keys = describe(schema(section), section) + "\n" + describe(RunConfig, "run")
@@ -125,11 +124,22 @@ def stage_cli(name: str, argv: Sequence[str] | None = None, prog: str | None = N
     if flags:
         print(_flag_error(prog, args, flags[0], section), file=sys.stderr)
         sys.exit(2)
+    parsed.overrides += unknown
+    return parsed
+
+
+def stage_cli(name: str, argv: Sequence[str] | None = None, prog: str | None = None,
+              epilog: str = "") -> Any:
+    """``python -m <module>`` and ``mlcd <name>`` of a config stage (arguments: ``stage_args``):
+    the module's ``main(config, overrides[, instance])``. User errors exit 1/2 with one line
+    (``SystemExit``); returns the stage's result."""
+    from pipeline.stages import STAGES
+    args = stage_args(name, sys.argv[1:] if argv is None else argv, prog, epilog)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")  # no hub lookups unless run.allow_download
-    module = importlib.import_module(stage.module)
+    module = importlib.import_module(STAGES[name].module)
+    named = {"instance": args.instance} if args.instance else {}
     try:
-        return module.main(parsed.config, [*parsed.overrides, *unknown], **(
-            {"instance": parsed.instance} if parsed.instance else {}))
+        return module.main(args.config, args.overrides, **named)
     except (ConfigError, StageError) as e:
         sys.exit(report(e))
 
