@@ -473,6 +473,7 @@ def run_kmeans(run: RunConfig, cfg: KMeansConfig, ctx: DistContext) -> dict:
             log.info("k-means run %d/%d: objective %.6g", r + 1, cfg.nredo, final_obj)
         if best is None or final_obj > best[3]:
             best = (c, hist, sizes, final_obj, train_s, r)
+    assert best is not None  # nredo >= 1
     c, hist, sizes, final_obj, train_s, best_redo = best
     result = {
         "complete": True, "key": key, "k": cfg.k, "dim": info.dim, "kind": cfg.kind, "method": method,

@@ -23,6 +23,7 @@ from collections.abc import Sequence
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 from tqdm import tqdm
@@ -99,7 +100,7 @@ def openclipart_items(cfg: DataConfig, seed: int) -> tuple[list[dict], dict[str,
     pool, probe = [], {"train": [], "test": []}
     for cat, fs in sorted(by_cat.items()):
         for f in fs:
-            item = {"kind": "file", "path": str(f), "caption": _clipart_caption(f), "source": "openclipart",
+            item: dict[str, Any] = {"kind": "file", "path": str(f), "caption": _clipart_caption(f), "source": "openclipart",
                     "label": cat, "url": f"file://{f}"}
             # Hash split on category + caption, not on the path: versions of one drawing
             # (`name_01.png`, `name_02.png`) share a caption and must land on the same side, or
@@ -199,7 +200,7 @@ def _render(item: dict, size: int, max_pixels: int, font_path: str):
     scale = size / max(img.size)
     if scale < 1 or item["kind"] != "file":
         img = img.resize((max(1, round(img.width * scale)), max(1, round(img.height * scale))),
-                         Image.BICUBIC)
+                         Image.Resampling.BICUBIC)
     meta.update(width=img.width, height=img.height)
     data, ext = encode_image(img, "jpg")
     return data, ext, meta
@@ -213,7 +214,7 @@ def write_shards(items: list[dict], folder: Path, cfg: DataConfig, desc: str) ->
     """Writes ``items`` into shards of ``cfg.samples_per_shard``; skips complete shards."""
     folder.mkdir(parents=True, exist_ok=True)
     n_shards = (len(items) + cfg.samples_per_shard - 1) // cfg.samples_per_shard
-    totals = {"samples": 0, "skipped": {}, "shards": n_shards}
+    totals: dict[str, Any] = {"samples": 0, "skipped": {}, "shards": n_shards}
     todo = [s for s in range(n_shards) if not ShardWriter.is_complete(folder, s)]
     with ProcessPoolExecutor(cfg.workers) if cfg.workers > 1 else InlinePool() as ex:
         bar = tqdm(total=len(items), desc=desc, unit="img", file=sys.stderr, disable=None)

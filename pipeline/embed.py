@@ -124,7 +124,7 @@ def read_samples(url: str):
     from webdataset.tariterators import base_plus_ext
     raw = _Tail(wds.gopen(url))  # local path, pipe:, http(s):// ... as webdataset opens them
     try:
-        tf = tarfile.open(fileobj=raw, mode="r|*")  # noqa: SIM115 -- closed via raw
+        tf = tarfile.open(fileobj=raw, mode="r|*")  # type: ignore[call-overload]  # _Tail reads like a file
         cur = None
         for info in tf:
             if not info.isreg():
@@ -330,7 +330,7 @@ def _labelled(cfg: EmbedConfig, out: Path, part: int) -> bool:
 def _label_state(run: RunConfig, cfg: EmbedConfig) -> dict:
     """Rank 0: the label store's state.json (stage 2b's fields). Labels from other centers, l or
     kind are removed, so their parts are redone (embedded again: the labels need the features)."""
-    path = Path(cfg.assign_centroids)
+    path = Path(cfg.assign_centroids or "")  # unset: '.' is no file, the error below says so
     if not path.is_file():
         raise ConfigError(f"embed.assign_centroids={str(path)!r} does not exist (run clustering.kmeans first)")
     lab = prepare_out_dir(cfg.labels_dir, run, {"run": run, "embed": cfg}, "embed",

@@ -67,7 +67,7 @@ def load_rgb(data: bytes | str | os.PathLike | None, max_pixels: int = MAX_PIXEL
         return None, "empty_image"
     _allow(max_pixels)
     try:
-        im = Image.open(io.BytesIO(data))
+        im: Image.Image = Image.open(io.BytesIO(data))
         w, h = im.size
         if w * h > max_pixels:
             return None, "too_large"

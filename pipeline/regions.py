@@ -152,7 +152,7 @@ def tesseract_words(images: list, cfg: RegionsConfig) -> list[list[tuple[list[fl
         paths = []
         for i, im in enumerate(images):
             paths.append(os.path.join(tmp, f"{i}.png"))
-            (im.resize((im.width * s, im.height * s), Image.BICUBIC) if s > 1 else im).save(paths[i])
+            (im.resize((im.width * s, im.height * s), Image.Resampling.BICUBIC) if s > 1 else im).save(paths[i])
         listing = os.path.join(tmp, "images.txt")
         Path(listing).write_text("\n".join(paths) + "\n")
         d = pytesseract.image_to_data(listing, lang=cfg.ocr_lang, config=f"--psm {cfg.ocr_psm}",

@@ -159,7 +159,7 @@ def _drawing(path: str, size: int):
         return None
     im = im.crop(bbox)
     s = size / max(im.size)
-    return im.resize((max(1, round(im.width * s)), max(1, round(im.height * s))), Image.LANCZOS)
+    return im.resize((max(1, round(im.width * s)), max(1, round(im.height * s))), Image.Resampling.LANCZOS)
 
 
 @functools.lru_cache(maxsize=64)

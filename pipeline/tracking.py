@@ -28,7 +28,8 @@ class Tracker:
             import wandb
             # pass mode= explicitly: flipping WANDB_MODE after a first init has no effect
             # one wandb run per job folder, across requeues: its id lives in the folder
-            self.run = wandb.init(mode=cfg.mode, project=cfg.project, entity=cfg.entity,
+            mode: Any = cfg.mode  # checked in WandbConfig; wandb types it as a Literal
+            self.run = wandb.init(mode=mode, project=cfg.project, entity=cfg.entity,
                                   name=cfg.name or job, job_type=job, dir=out_dir, config=config,
                                   group=cfg.group, tags=list(cfg.tags) or None,
                                   id=wandb_run_id(out_dir, job), resume="allow", reinit="finish_previous")
@@ -40,7 +41,7 @@ class Tracker:
     def log_table(self, key: str, columns: list[str], rows: list[list]) -> None:
         if self.run is not None:
             import wandb
-            self.run.log({key: wandb.Table(columns=columns, data=rows)})
+            self.run.log({key: wandb.Table(columns=list[str | int](columns), data=rows)})
 
     def log_image(self, key: str, path: str) -> None:
         if self.run is not None:

@@ -213,7 +213,7 @@ def main(argv=None) -> int:
     try:
         out = export(args.checkpoint, args.out_dir, args.model, args.with_head, args.dtype)
     except (ExportError, FileNotFoundError, ValueError, KeyError) as e:
-        return report(e if isinstance(e, StageError) else ExportError(str(e)))
+        return report(e if isinstance(e, StageError) else ExportError(str(e))) or 1
     print(json.dumps({"out_dir": str(out)}))
     return 0
 
