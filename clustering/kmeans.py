@@ -154,9 +154,10 @@ def train_faiss(x: np.ndarray, init: np.ndarray, niter: int, seed: int, ckpt: Ch
                           gpu=gpus if gpus > 0 else False, verbose=verbose,
                           max_points_per_centroid=1 << 30, min_points_per_centroid=1)
         km.train(x, init_centroids=c)
-        c = km.centroids
-        obj += [float(s["obj"]) for s in km.iteration_stats]
-        nsplit += [int(s["nsplit"]) for s in km.iteration_stats]
+        c, stats = km.centroids, km.iteration_stats or []
+        assert c is not None, "faiss.Kmeans.train sets centroids"
+        obj += [float(s["obj"]) for s in stats]
+        nsplit += [int(s["nsplit"]) for s in stats]
         start += n_it
         ckpt.save(c, {"iteration": start, "obj": obj, "nsplit": nsplit}, tag=f"{start:06d}")
         if tracker is not None:
@@ -215,6 +216,7 @@ def train_two_level(x: np.ndarray, k: int, k1: int, niter: int, seed: int, ckpt:
                                      level=logging.DEBUG)
             sub.save(cg.astype(np.float32), {"obj": st["obj"]}, name="done", tag="c")
         if alloc[g] > 0:
+            assert cg is not None  # loaded or trained above
             out.append(cg)
             o = np.asarray(st["obj"], dtype=np.float64)  # faiss may stop early: hold its last value
             obj2 += np.concatenate([o, np.full(niter - len(o), o[-1])]) if len(o) < niter else o[:niter]
