@@ -324,7 +324,6 @@ def test_cost_model_anchors_and_presets():
         with torch.device("meta"):  # no memory: the real module tree, counted
             m = build_model(ModelConfig(name=preset, image_size=cm.MODELS[name][0]))
         assert sum(q.numel() for q in m.parameters()) == cm.model(name).params(), name
-    assert "614 GB" in cm.tables("laion400m")
     scaling = (ROOT / "docs/SCALING.md").read_text()  # the doc shows the model's current output
     for ds in ("laion400m", "coyo700m"):
         assert cm.tables(ds) in scaling, f"docs/SCALING.md is stale: paste `python -m launch.cost_model --dataset {ds}`"
