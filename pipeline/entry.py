@@ -3,8 +3,8 @@
 -> ``run_distributed(fn, run, cfg)`` -> ``fn(run, cfg, ctx)``. The stage's section, schema and
 whether it runs on ranks come from the stage table (pipeline/stages.py).
 
-- ``stage_cli`` parses ``--config FILE [--instance NAME] key=value ...`` and turns user errors into one line on
-  stderr and an exit code: 2 for a bad config (``ConfigError``, or a ``StageError`` whose
+- ``stage_cli`` parses ``--config FILE [--instance NAME] key=value ...`` (``stage_args``) and
+  turns user errors into one line on stderr and an exit code: 2 for a bad config (``ConfigError``, or a ``StageError`` whose
   ``exit_code`` is 2), 1 for bad input (a ``StageError``: an unreadable store, failed shards, ...).
   Every rank prints and exits the same way, so under torchrun no rank is left waiting and the
   launcher only sees non-zero exits (``launch/cli.py`` reports those without a traceback).
@@ -54,7 +54,8 @@ def report(e: BaseException) -> int | None:
 
 def cli_main(main: Callable[[str | None, list[str]], Any], argv: Sequence[str] | None = None,
              prog: str | None = None):
-    """Shared ``python -m <stage>`` entry: ``--config FILE [key=value ...]``; user errors exit 1/2."""
+    """``--config FILE [key=value ...]`` for an entry outside the stage table (the standalone
+    cluster report, clustering/report.py); stages use ``stage_cli``. User errors exit 1/2."""
     parser = argparse.ArgumentParser(prog=prog or main.__module__)
     parser.add_argument("--config", "-c", default=None, help="run config YAML (configs/*.yaml)")
     parser.add_argument("overrides", nargs="*", help="dotted overrides, e.g. embed.batch_size=64")
