@@ -16,11 +16,18 @@ export HF_HUB_OFFLINE := 1
 export TRANSFORMERS_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: setup apt demo demo-data rice-demo ablation test test-fast bench gpu-check gpu-bundle envcheck lint embed cluster assign train export eval clean
+# `make STAGE CONFIG=F ARGS="k=v ..."` for every stage the shell launchers start, read from the
+# stage table (pipeline/stages.py; stdlib only, so the system python reads it before setup).
+STAGE_TARGETS := $(shell cd $(CURDIR) && $(PY_SYS) -m pipeline.stages names --launch)
+ifeq ($(STAGE_TARGETS),)
+$(error could not read the stage targets: $(PY_SYS) -m pipeline.stages names --launch)
+endif
+
+.PHONY: setup apt demo demo-data rice-demo ablation test test-fast bench gpu-check gpu-bundle lint typecheck clean $(STAGE_TARGETS)
 
 setup: $(STAMP)
 
-$(STAMP): requirements.txt pyproject.toml
+$(STAMP): requirements.txt requirements-dev.txt pyproject.toml
 	bash launch/setup.sh $(VENV) $(PY_SYS)
 	touch $(STAMP)
 
@@ -64,15 +71,18 @@ gpu-check:
 gpu-bundle: setup apt
 	VENV=$(VENV) bash launch/gpu_bundle.sh .gpu_bundle
 
-# Preflight of a multi-node layout: ranks, hosts, all-reduce bandwidth.
-envcheck: setup
-	NPROC=$(NPROC) NNODES=$(NNODES) bash launch/torchrun.sh envcheck $(ARGS)
-
+# ruff (pinned in requirements-dev.txt); shellcheck where installed (Debian: apt-get install shellcheck).
 lint: setup
 	$(VENV)/bin/ruff check pipeline clustering training launch tests
-	-command -v shellcheck >/dev/null && shellcheck -x launch/*.sh launch/slurm/* .ci/run
+	@if command -v shellcheck >/dev/null; then shellcheck -x launch/*.sh launch/slurm/* .ci/run; \
+	else echo "lint: shellcheck not installed, shell scripts not checked"; fi
 
-embed cluster assign train export eval: setup
+# mypy (pinned in requirements-dev.txt; settings in pyproject.toml) on the library code.
+typecheck: setup
+	$(VENV)/bin/mypy pipeline clustering training
+
+# The stages (envcheck: the preflight of a multi-node layout, ARGS="--bytes 1e9").
+$(STAGE_TARGETS): setup
 	NPROC=$(NPROC) NNODES=$(NNODES) bash launch/torchrun.sh $@ $(CONFIG) $(ARGS)
 
 clean:

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -26,9 +27,9 @@ import torch
 from clustering.data import open_store
 from clustering.report import make_report
 from clustering.topk import ENGINES, TopK, recall_at_l
-from pipeline.config import RESUMABLE, RunConfig, check, load_config, prepare_out_dir
+from pipeline.config import RESUMABLE, RunConfig, check, prepare_out_dir
 from pipeline.dist import DistContext
-from pipeline.entry import cli_main, run_distributed
+from pipeline.entry import stage_cli, stage_main
 from pipeline.io import atomic_write_json, clean_stale_tmp, load_npy, read_json
 from pipeline.provenance import centroids_fingerprint, keys_digest, label_mismatch, label_record
 from pipeline.store import (
@@ -225,15 +226,9 @@ def write_manifest(out: Path, info, cfg: AssignConfig, state: dict, engine: str,
     return manifest
 
 
-def main(config: str | None = None, overrides=(), instance: str | None = None) -> dict:
-    """instance: the run file's `assign@<instance>:` layered over `assign:` (pipeline/config.py)."""
-    run, cfg = load_config(config, list(overrides), "assign", AssignConfig, instance=instance)
-    return run_distributed(run_assign, run, cfg, lock_dir=cfg.out_dir)
-
-
-def cli(argv=None) -> int:
-    return cli_main(main, argv)
+def main(config: str | None = None, overrides: Sequence[str] = (), instance: str | None = None) -> dict:
+    return stage_main("assign", run_assign, config, overrides, instance)
 
 
 if __name__ == "__main__":
-    cli()
+    stage_cli("assign")

@@ -27,6 +27,7 @@ import json
 import logging
 import math
 import shutil
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -35,9 +36,9 @@ import torch
 
 from clustering.data import StoreInfo, draw_sample, open_store
 from clustering.topk import faiss_gpus, nearest
-from pipeline.config import ConfigError, RunConfig, check, load_config, prepare_out_dir
+from pipeline.config import ConfigError, RunConfig, check, prepare_out_dir
 from pipeline.dist import DistContext
-from pipeline.entry import cli_main, run_distributed
+from pipeline.entry import stage_cli, stage_main
 from pipeline.io import atomic_save_npy, atomic_write_json, load_npy, read_json
 from pipeline.store import KINDS
 from pipeline.tracking import Timer, Tracker, progress
@@ -153,9 +154,10 @@ def train_faiss(x: np.ndarray, init: np.ndarray, niter: int, seed: int, ckpt: Ch
                           gpu=gpus if gpus > 0 else False, verbose=verbose,
                           max_points_per_centroid=1 << 30, min_points_per_centroid=1)
         km.train(x, init_centroids=c)
-        c = km.centroids
-        obj += [float(s["obj"]) for s in km.iteration_stats]
-        nsplit += [int(s["nsplit"]) for s in km.iteration_stats]
+        c, stats = km.centroids, km.iteration_stats or []
+        assert c is not None, "faiss.Kmeans.train sets centroids"
+        obj += [float(s["obj"]) for s in stats]
+        nsplit += [int(s["nsplit"]) for s in stats]
         start += n_it
         ckpt.save(c, {"iteration": start, "obj": obj, "nsplit": nsplit}, tag=f"{start:06d}")
         if tracker is not None:
@@ -214,6 +216,7 @@ def train_two_level(x: np.ndarray, k: int, k1: int, niter: int, seed: int, ckpt:
                                      level=logging.DEBUG)
             sub.save(cg.astype(np.float32), {"obj": st["obj"]}, name="done", tag="c")
         if alloc[g] > 0:
+            assert cg is not None  # loaded or trained above
             out.append(cg)
             o = np.asarray(st["obj"], dtype=np.float64)  # faiss may stop early: hold its last value
             obj2 += np.concatenate([o, np.full(niter - len(o), o[-1])]) if len(o) < niter else o[:niter]
@@ -476,6 +479,7 @@ def run_kmeans(run: RunConfig, cfg: KMeansConfig, ctx: DistContext) -> dict:
             log.info("k-means run %d/%d: objective %.6g", r + 1, cfg.nredo, final_obj)
         if best is None or final_obj > best[3]:
             best = (c, hist, sizes, final_obj, train_s, r)
+    assert best is not None  # nredo >= 1
     c, hist, sizes, final_obj, train_s, best_redo = best
     result = {
         "complete": True, "key": key, "k": cfg.k, "dim": info.dim, "kind": cfg.kind, "method": method,
@@ -502,15 +506,9 @@ def run_kmeans(run: RunConfig, cfg: KMeansConfig, ctx: DistContext) -> dict:
     return result
 
 
-def main(config: str | None = None, overrides=(), instance: str | None = None) -> dict:
-    """instance: the run file's `cluster@<instance>:` layered over `cluster:` (pipeline/config.py)."""
-    run, cfg = load_config(config, list(overrides), "cluster", KMeansConfig, instance=instance)
-    return run_distributed(run_kmeans, run, cfg, lock_dir=cfg.out_dir)
-
-
-def cli(argv=None) -> int:
-    return cli_main(main, argv)
+def main(config: str | None = None, overrides: Sequence[str] = (), instance: str | None = None) -> dict:
+    return stage_main("cluster", run_kmeans, config, overrides, instance)
 
 
 if __name__ == "__main__":
-    cli()
+    stage_cli("cluster")

@@ -29,15 +29,17 @@ texts of 1-3 words per second on one core of a loaded 2-core machine, docs/REGIO
 from __future__ import annotations
 
 import logging
+import re
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 import pyarrow.parquet as pq
 
-from pipeline.config import RunConfig, check, load_config, prepare_out_dir
+from pipeline.config import RunConfig, check, prepare_out_dir
 from pipeline.dist import DistContext
-from pipeline.entry import cli_main, run_distributed
+from pipeline.entry import stage_cli, stage_main
 from pipeline.io import atomic_save_npy, atomic_write_json, clean_stale_tmp, load_npy, read_json
 from pipeline.provenance import centroids_fingerprint, keys_digest, label_mismatch, label_record
 from pipeline.store import (
@@ -304,15 +306,9 @@ def write_label_space(out: Path, cfg: RegionLabelsConfig, inp: Inputs, wall_s: f
     return space
 
 
-def main(config: str | None = None, overrides=()) -> dict:
-    run, cfg = load_config(config, list(overrides), "region_labels", RegionLabelsConfig)
-    return run_distributed(run_region_labels, run, cfg, lock_dir=cfg.out_dir)
-
-
-def cli(argv=None) -> int:
-    return cli_main(main, argv)
+def main(config: str | None = None, overrides: Sequence[str] = (), instance: str | None = None) -> dict:
+    return stage_main("region-labels", run_region_labels, config, overrides, instance)
 
 
 if __name__ == "__main__":
-    cli()
-
+    stage_cli("region-labels")

@@ -109,7 +109,9 @@ def fetch_images(wanted: dict[str, set[str]]) -> dict[tuple[str, str], bytes]:
                 base = os.path.basename(ti.name)
                 key = base.partition(".")[0]
                 if key in keys and is_image_name(base) and (shard, key) not in out and ti.size <= member_cap():
-                    out[(shard, key)] = tf.extractfile(ti).read()
+                    f = tf.extractfile(ti)  # None for a member that is not a regular file
+                    if f is not None:
+                        out[(shard, key)] = f.read()
     return out
 
 

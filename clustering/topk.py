@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import logging
 import time
+from typing import Any
 
 import numpy as np
 import torch
@@ -56,7 +57,7 @@ class TopK:
             self.group = self.exact.group
         if engine in ("faiss", "auto"):
             import faiss
-            index = faiss.IndexFlatIP(d)
+            index: Any = faiss.IndexFlatIP(d)  # or its GPU copy
             if faiss_gpus() > 0:
                 index = faiss.index_cpu_to_all_gpus(index)
             index.add(c)

@@ -1,8 +1,9 @@
 """`make bench`: every stage's benchmark in one run, printing ratios measured side by side.
 
-Each stage owns a ``run_bench(quick: bool) -> list[dict]`` (rows of measured numbers); this
-runs them in order and prints one table per stage. `--only embed,cluster` picks stages;
-`--quick` shrinks sizes (used by the test that keeps the benchmarks runnable).
+A stage's bench modules are named in the stage table (``Stage.bench``, pipeline/stages.py); each
+owns a ``run_bench(quick: bool) -> list[dict]`` (rows of measured numbers). This runs them in
+order and prints one table per module. `--only embed,cluster` picks stages; `--quick` shrinks
+sizes (used by the test that keeps the benchmarks runnable).
 """
 from __future__ import annotations
 
@@ -34,13 +35,18 @@ def cli(argv=None) -> int:
     ap.add_argument("--quick", action="store_true")
     ap.add_argument("--json", default=None, help="also write all rows here")
     args = ap.parse_args(argv)
+    names = args.only.split(",")
+    unknown = [n for n in names if n not in BENCHES]
+    if unknown:
+        ap.error(f"--only {','.join(unknown)}: no bench; stages with one: {', '.join(BENCHES)}")
     results = {}
-    for name in args.only.split(","):
-        t0 = time.perf_counter()
-        rows = importlib.import_module(BENCHES[name]).run_bench(quick=args.quick)
-        results[name] = rows
-        print_table(f"{name} ({time.perf_counter() - t0:.0f} s)", rows)
-        sys.stdout.flush()
+    for name in names:
+        for module in BENCHES[name]:
+            t0 = time.perf_counter()
+            rows = importlib.import_module(module).run_bench(quick=args.quick)
+            results[module] = rows
+            print_table(f"{name}: {module} ({time.perf_counter() - t0:.0f} s)", rows)
+            sys.stdout.flush()
     if args.json:
         with open(args.json, "w") as f:
             json.dump(results, f, indent=2)

@@ -6,6 +6,7 @@
 """
 from __future__ import annotations
 
+import argparse
 import sys
 from pathlib import Path
 
@@ -48,18 +49,20 @@ def write_defaults() -> None:
             + yaml.safe_dump({name: to_dict(cfg)}, sort_keys=False))
 
 
-def cli(argv=None) -> int:
-    argv = list(sys.argv[1:] if argv is None else argv)
-    if "--write-defaults" in argv:
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(prog="mlcd check", description=(
+        "Validates every section of a run config (the stages of pipeline/stages.py: "
+        + ", ".join(SCHEMAS) + ") and prints the resolved config."))
+    ap.add_argument("--config", "-c", default=None, help="run config YAML (default: the defaults)")
+    ap.add_argument("--write-defaults", action="store_true",
+                    help="write configs/defaults/<section>.yaml from the dataclasses")
+    ap.add_argument("overrides", nargs="*", help="dotted overrides, e.g. train.steps=10")
+    args = ap.parse_args(argv)
+    if args.write_defaults:
         write_defaults()
         return 0
-    config = None
-    if "--config" in argv:
-        i = argv.index("--config")
-        config = argv[i + 1]
-        del argv[i:i + 2]
     try:
-        sections = check_file(config, argv)
+        sections = check_file(args.config, args.overrides)
     except ConfigError as e:
         print(f"config error: {e}", file=sys.stderr)
         return 2
@@ -68,4 +71,4 @@ def cli(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(cli())
+    sys.exit(main())

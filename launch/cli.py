@@ -1,30 +1,29 @@
-"""`mlcd`: one command for humans over the stage programs (each also runs as `python -m ...`).
+"""`mlcd`: one command for humans over the stages of the stage table (pipeline/stages.py); each
+also runs as `python -m <module>`. `mlcd --help` is generated from the table; `mlcd STAGE --help`
+lists the stage's settings (pipeline/entry.py:stage_cli).
 
-    mlcd data demo [--config F] [k=v ...]     build the offline demo shards
-    mlcd data rice [--config F] [k=v ...]     build the RICE demo scenes (objects + words, boxes)
-    mlcd embed|cluster|assign|train|eval [--nproc N] [--nnodes N] [--config F] [k=v ...]
-    mlcd export CHECKPOINT OUT_DIR [...]
-    mlcd demo [k=v ...]                         the whole pipeline on the demo data
-    mlcd ablate [--quick] [--config F] [k=v ...]  MLCD's ablation grid (launch/ablate.py)
-    mlcd check --config F [k=v ...]             validate every section of a run config
-    mlcd status RUN_DIR [--json]                where a run stands (every stage), from its files
-
-With --nproc/--nnodes > 1 the stage is started under torchrun (c10d rendezvous); otherwise it
-runs in this process.
+A stage that runs on ranks starts under torchrun (c10d rendezvous) with --nproc/--nnodes > 1;
+otherwise it runs in this process. `mlcd STAGE@NAME` runs the stage with the run file's named
+instance section `<section>@NAME:` layered over `<section>:`.
 """
 from __future__ import annotations
 
 import importlib
 import os
+import re
 import shlex
 import sys
+from pathlib import Path
 
-from pipeline.stages import STAGES as REGISTRY
+from pipeline.stages import STAGES, Stage
 
-# `mlcd <command>` -> module, from the one stage table (pipeline/stages.py); `mlcd data demo`
-# builds the demo shards (the registry's `data` stage).
-STAGES = {name: s.module for name, s in REGISTRY.items() if name not in ("data", "data-rice", "envcheck")}
-DATA = {"demo": REGISTRY["data"].module, "rice": REGISTRY["data-rice"].module}
+ROOT = Path(__file__).resolve().parents[1]
+# Older two-word spellings of the data stages (the Makefile and the demos use them).
+ALIASES = {("data", "demo"): "data", ("data", "rice"): "data-rice"}
+
+
+class UsageError(Exception):
+    """A bad `mlcd` command line: one line on stderr, exit code 2."""
 
 
 def torchrun_cmd(module: str, args: list[str], nproc: int, nnodes: int = 1,
@@ -83,44 +82,103 @@ def run_torchrun(torchrun_args: list[str]) -> int:
     return 0
 
 
-def _pop_int(args: list[str], flag: str, default: int) -> int:
+def version() -> str:
+    """The version of this checkout (pyproject.toml), else of the installed package."""
+    text = (ROOT / "pyproject.toml").read_text() if (ROOT / "pyproject.toml").is_file() else ""
+    m = re.search(r'^version\s*=\s*"([^"]+)"', text, re.MULTILINE)
+    if m:
+        return m.group(1)
+    from importlib.metadata import PackageNotFoundError
+    from importlib.metadata import version as installed
+    try:
+        return installed("openmlcd")
+    except PackageNotFoundError:
+        return "unknown"
+
+
+def usage() -> str:
+    """`mlcd --help`, generated from the stage table."""
+    also = {v: " ".join(k) for k, v in ALIASES.items()}
+    width = max(len(n) for n in STAGES) + 2
+    rows = [f"  {n + (' *' if s.torchrun else ''):<{width}}  {s.help}"
+            + (f" (also `mlcd {also[n]}`)" if n in also else "") for n, s in STAGES.items()]
+    return "\n".join([
+        f"mlcd {version()}: the OpenMLCD pipeline, one command per stage (pipeline/stages.py)",
+        "",
+        "usage: mlcd COMMAND [--config F] [k=v ...]     (each command's own arguments: mlcd COMMAND --help)",
+        "       mlcd STAGE@NAME ...   a named instance: the run file's `<section>@NAME:` over `<section>:`",
+        "       mlcd STAGE --nproc N [--nnodes M] ...   * stages: N ranks per node under torchrun",
+        "       mlcd --version",
+        "",
+        "commands:", *rows,
+        "",
+        "Shell launchers of the same stages: launch/torchrun.sh, launch/slurm/stage.sbatch, `make STAGE`.",
+    ])
+
+
+def _pop_count(args: list[str], flag: str) -> int:
+    """Removes ``flag N`` / ``flag=N`` from args; N must be a whole number >= 1 (default 1)."""
     for i, a in enumerate(args):
-        if a == flag and i + 1 < len(args):
-            v = args[i + 1]
-            del args[i:i + 2]
-            return int(v)
-        if a.startswith(flag + "="):
-            del args[i]
-            return int(a.split("=", 1)[1])
-    return default
+        if a == flag or a.startswith(flag + "="):
+            if a == flag and i + 1 >= len(args):
+                raise UsageError(f"{flag} expects a whole number >= 1")
+            raw = a.split("=", 1)[1] if "=" in a else args[i + 1]
+            del args[i:i + (1 if "=" in a else 2)]
+            if not raw.isdigit() or int(raw) < 1:
+                raise UsageError(f"{flag} expects a whole number >= 1, got {raw!r}")
+            return int(raw)
+    return 1
+
+
+def parse(argv: list[str]) -> tuple[Stage, str | None, list[str]]:
+    """``mlcd COMMAND[@NAME] ...`` -> (stage, instance, the stage's own arguments)."""
+    head, rest = argv[0], argv[1:]
+    if (head, rest[0] if rest else None) in ALIASES:
+        head, rest = ALIASES[(head, rest[0])], rest[1:]
+    name, _, instance = head.partition("@")
+    if name not in STAGES:
+        raise UsageError(f"unknown command {head!r}; one of: {', '.join(STAGES)} (mlcd --help)")
+    stage = STAGES[name]
+    if "@" in head and (not instance or stage.tool or not stage.section):
+        raise UsageError(f"{head!r}: STAGE@NAME names an instance of a config stage "
+                         f"({', '.join(n for n, s in STAGES.items() if s.section and not s.tool)})")
+    return stage, instance or None, rest
+
+
+def plan(args: list[str]) -> tuple[Stage, list[str], int, int]:
+    """``mlcd COMMAND[@NAME] ...`` -> (stage, the stage's own arguments with ``--instance NAME``
+    first when named, ranks per node, nodes). Raises UsageError."""
+    stage, instance, rest = parse(args)
+    nproc = _pop_count(rest, "--nproc") if stage.torchrun else 1
+    nnodes = _pop_count(rest, "--nnodes") if stage.torchrun else 1
+    return stage, (["--instance", instance] if instance else []) + rest, nproc, nnodes
 
 
 def main(argv: list[str] | None = None) -> int:
     args = list(sys.argv[1:] if argv is None else argv)
     if not args or args[0] in ("-h", "--help"):
-        print(__doc__)
+        print(usage())
         return 0
-    sub, rest = args[0], args[1:]
-    if sub == "data":
-        if not rest or rest[0] not in DATA:
-            print(f"usage: mlcd data {{{','.join(DATA)}}} [--config F] [k=v ...]", file=sys.stderr)
-            return 2
-        module, rest = DATA[rest[0]], rest[1:]
-    elif sub in STAGES:
-        module = STAGES[sub]
-    else:
-        print(f"mlcd: unknown command {sub!r}; one of: data, {', '.join(STAGES)}", file=sys.stderr)
+    if args[0] == "--version":
+        print(f"mlcd {version()}")
+        return 0
+    try:
+        stage, rest, nproc, nnodes = plan(args)
+    except UsageError as e:
+        print(f"mlcd: {e}", file=sys.stderr)
         return 2
-    nproc = _pop_int(rest, "--nproc", 1)
-    nnodes = _pop_int(rest, "--nnodes", 1)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    if nproc > 1 or nnodes > 1:
-        cmd = torchrun_cmd(module, rest, nproc, nnodes)
+    if (nproc > 1 or nnodes > 1) and not {"-h", "--help"} & set(rest):
+        cmd = torchrun_cmd(stage.module, rest, nproc, nnodes)
         print("+", shlex.join(cmd), file=sys.stderr)
         return run_torchrun(cmd[3:])
-    # Every stage module exposes cli(argv) (config stages: pipeline.entry.cli_main(main, argv)).
-    res = importlib.import_module(module).cli(rest)
-    return res if isinstance(res, int) else 0
+    if stage.tool:  # parses its own arguments
+        return importlib.import_module(stage.module).main(rest)
+    from pipeline.entry import stage_cli
+    more = (f"SLURM: sbatch -J mlcd-{stage.name} {stage.slurm} launch/slurm/stage.sbatch {stage.name} "
+            "CONFIG [k=v ...]") if stage.shell else ""
+    stage_cli(stage.name, rest, epilog=more)
+    return 0
 
 
 if __name__ == "__main__":

@@ -155,9 +155,5 @@ def main(argv=None) -> int:
     return 0
 
 
-def cli(argv=None):
-    return main(argv)
-
-
 if __name__ == "__main__":
     sys.exit(main())

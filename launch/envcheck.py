@@ -86,9 +86,5 @@ def check(_run, args, ctx) -> int:
     return 0 if me["allreduce_ok"] else 1
 
 
-def cli(argv=None) -> int:
-    return main(argv)
-
-
 if __name__ == "__main__":
     sys.exit(main())

@@ -15,7 +15,7 @@ pip="$venv/bin/pip"
 FAISS_CPU=faiss-cpu==1.15.1
 FAISS_GPU=faiss-gpu-cu12==1.14.1.post1
 grep -v '^faiss-cpu' requirements.txt > "$venv/requirements.nofaiss.txt"
-"$pip" install -q -r "$venv/requirements.nofaiss.txt" ruff
+"$pip" install -q -r "$venv/requirements.nofaiss.txt" -r requirements-dev.txt  # dev: pinned ruff, mypy
 if command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/null 2>&1; then
   # a faiss-cpu left from before shares files with faiss-gpu: remove both, reinstall the GPU one
   if "$pip" show -q faiss-cpu >/dev/null 2>&1; then "$pip" uninstall -y -q faiss-cpu faiss-gpu-cu12 || true; fi

@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Starts one stage under torchrun, alone or as one node of many (run the same line on every node):
-#   launch/torchrun.sh STAGE [CONFIG] [key=value ...]      STAGE: embed cluster assign train eval
+#   launch/torchrun.sh STAGE [CONFIG] [key=value ...]      STAGE: `python -m pipeline.stages names --launch`
+#   launch/torchrun.sh STAGE@NAME CONFIG [key=value ...]   the run file's named instance `<section>@NAME:`
 #   launch/torchrun.sh export CHECKPOINT OUT_DIR            (one process, no torchrun)
 #   launch/torchrun.sh envcheck [--bytes N]                 (preflight: ranks, hosts, all-reduce GB/s)
 # Env:
@@ -19,6 +20,8 @@ here=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
 source "$here/env.sh"
 
 stage=${1:?usage: torchrun.sh STAGE [CONFIG] [key=value ...]}; shift
+instance=""
+if [[ "$stage" == *@* ]]; then instance=${stage#*@}; stage=${stage%%@*}; fi
 module=$(launch_module "$stage")
 py=$(launch_python)
 args=()
@@ -29,6 +32,7 @@ elif [ $# -gt 0 ] && [[ "$1" != *=* ]]; then
 else
   args=("$@")
 fi
+if [ -n "$instance" ]; then args=(--instance "$instance" "${args[@]}"); fi
 
 nproc=${NPROC:-$(launch_gpu_count)}; [ "$nproc" -gt 0 ] || nproc=1
 nnodes=${NNODES:-1}

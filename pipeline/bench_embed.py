@@ -51,6 +51,7 @@ def _cut(shards: list[str], folder: Path, limit: int) -> list[str]:
                     writer.close()
                 out.append(str(folder / f"{len(out):05d}.tar"))
                 writer = wds.TarWriter(out[-1])
+            assert writer is not None  # opened at n == 0
             writer.write(s)
             n += 1
             if n >= limit:

@@ -40,9 +40,10 @@ from omegaconf import OmegaConf, open_dict
 from omegaconf.errors import OmegaConfBaseException
 
 from pipeline.io import atomic_write_text
+from pipeline.stages import sections
 
-SECTIONS = ("run", "data", "embed", "cluster", "assign", "train", "eval", "bench", "ablate",
-            "regions", "region_labels", "eval_regions")
+# The sections a run file may hold: ``run`` and each stage's, from the stage table.
+SECTIONS = sections()
 T = TypeVar("T")
 RESUMABLE = {"resumable": True}   # field metadata: may change between reruns of one output folder
 INSTANCE_RE = re.compile(r"^([a-z_]+)@([A-Za-z0-9_]+)$")  # `cluster@regions`

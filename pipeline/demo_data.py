@@ -19,15 +19,17 @@ import random
 import re
 import struct
 import sys
+from collections.abc import Sequence
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 from tqdm import tqdm
 
-from pipeline.config import RESUMABLE, RunConfig, check, load_config, prepare_out_dir
-from pipeline.entry import cli_main
+from pipeline.config import RESUMABLE, RunConfig, check, prepare_out_dir
+from pipeline.entry import stage_cli, stage_main
 from pipeline.images import load_rgb
 from pipeline.io import atomic_write_json
 from pipeline.rice_data import RiceConfig
@@ -98,7 +100,7 @@ def openclipart_items(cfg: DataConfig, seed: int) -> tuple[list[dict], dict[str,
     pool, probe = [], {"train": [], "test": []}
     for cat, fs in sorted(by_cat.items()):
         for f in fs:
-            item = {"kind": "file", "path": str(f), "caption": _clipart_caption(f), "source": "openclipart",
+            item: dict[str, Any] = {"kind": "file", "path": str(f), "caption": _clipart_caption(f), "source": "openclipart",
                     "label": cat, "url": f"file://{f}"}
             # Hash split on category + caption, not on the path: versions of one drawing
             # (`name_01.png`, `name_02.png`) share a caption and must land on the same side, or
@@ -198,7 +200,7 @@ def _render(item: dict, size: int, max_pixels: int, font_path: str):
     scale = size / max(img.size)
     if scale < 1 or item["kind"] != "file":
         img = img.resize((max(1, round(img.width * scale)), max(1, round(img.height * scale))),
-                         Image.BICUBIC)
+                         Image.Resampling.BICUBIC)
     meta.update(width=img.width, height=img.height)
     data, ext = encode_image(img, "jpg")
     return data, ext, meta
@@ -212,7 +214,7 @@ def write_shards(items: list[dict], folder: Path, cfg: DataConfig, desc: str) ->
     """Writes ``items`` into shards of ``cfg.samples_per_shard``; skips complete shards."""
     folder.mkdir(parents=True, exist_ok=True)
     n_shards = (len(items) + cfg.samples_per_shard - 1) // cfg.samples_per_shard
-    totals = {"samples": 0, "skipped": {}, "shards": n_shards}
+    totals: dict[str, Any] = {"samples": 0, "skipped": {}, "shards": n_shards}
     todo = [s for s in range(n_shards) if not ShardWriter.is_complete(folder, s)]
     with ProcessPoolExecutor(cfg.workers) if cfg.workers > 1 else InlinePool() as ex:
         bar = tqdm(total=len(items), desc=desc, unit="img", file=sys.stderr, disable=None)
@@ -263,9 +265,9 @@ def build(run: RunConfig, cfg: DataConfig) -> dict:
     return summary
 
 
-def main(config: str | None, overrides: list[str]) -> dict:
+def make_data(run: RunConfig, cfg: DataConfig) -> dict:
+    """The `data` stage (one process: the builders fan out to worker processes themselves)."""
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
-    run, cfg = load_config(config, overrides, "data", DataConfig)
     prepare_out_dir(cfg.out_dir, run, {"run": run, "data": cfg}, "data")
     summary = build(run, cfg)
     for name, s in summary.items():
@@ -273,9 +275,9 @@ def main(config: str | None, overrides: list[str]) -> dict:
     return summary
 
 
-def cli(argv=None):
-    return cli_main(main, argv)
+def main(config: str | None = None, overrides: Sequence[str] = (), instance: str | None = None) -> dict:
+    return stage_main("data", make_data, config, overrides, instance)
 
 
 if __name__ == "__main__":
-    cli()
+    stage_cli("data")

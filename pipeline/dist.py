@@ -65,12 +65,12 @@ class DistContext:
     def all_reduce_(self, t: torch.Tensor, op: str | dist.ReduceOp = "sum") -> torch.Tensor:
         """In place over ranks (op: sum | max | min | product | avg, or a ReduceOp); returns t."""
         if self.distributed:
-            op = _op(op)
-            if op == dist.ReduceOp.AVG and self.backend != "nccl":  # gloo has no AVG
+            red = _op(op)
+            if red == dist.ReduceOp.AVG and self.backend != "nccl":  # gloo has no AVG
                 self.all_reduce_(t, "sum")
                 return t.div_(self.world_size)
             buf = self._stage(t)
-            dist.all_reduce(buf, op=op)
+            dist.all_reduce(buf, op=red)
             if buf is not t:
                 t.copy_(buf)
         return t
@@ -147,10 +147,10 @@ class DistContext:
             except Exception:  # noqa: BLE001 -- an exception that cannot travel: send its text
                 sent = RuntimeError(f"{type(err).__name__}: {err}")
         err_all = self.broadcast_object(sent)
-        if err_all is not None:
-            if self.is_main:
+        if isinstance(err_all, BaseException):
+            if self.is_main and err is not None:
                 raise err
-            err_all.agreed = True  # a copy of rank 0's error: rank 0 reports it
+            err_all.agreed = True  # type: ignore[attr-defined]  # a copy of rank 0's: rank 0 reports it
             raise err_all
         return self.broadcast_object(out)
 

@@ -42,6 +42,7 @@ import json
 import logging
 import os
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -51,10 +52,10 @@ import pyarrow.parquet as pq
 import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
-from pipeline.config import RESUMABLE, ConfigError, RunConfig, check, load_config, prepare_out_dir
+from pipeline.config import RESUMABLE, ConfigError, RunConfig, check, prepare_out_dir
 from pipeline.dist import DistContext
 from pipeline.encoders import EncoderConfig, build_encoder
-from pipeline.entry import StageError, cli_main, run_distributed
+from pipeline.entry import StageError, stage_cli, stage_main
 from pipeline.guard import die_with_parent_fn
 from pipeline.images import IMAGE_EXTS, MAX_ASPECT, MAX_PIXELS, image_bytes, load_rgb
 from pipeline.io import atomic_write_json, clean_stale_tmp, load_npy, read_json
@@ -384,7 +385,7 @@ def start_over(out: Path) -> None:
 def _label_state(run: RunConfig, cfg: EmbedConfig) -> dict:
     """Rank 0: the label store's state.json (stage 2b's fields). Labels from other centers, l or
     kind are removed, so their parts are redone (embedded again: the labels need the features)."""
-    path = Path(cfg.assign_centroids)
+    path = Path(cfg.assign_centroids or "")  # unset: '.' is no file, the error below says so
     if not path.is_file():
         raise ConfigError(f"embed.assign_centroids={str(path)!r} does not exist (run clustering.kmeans first)")
     lab = prepare_out_dir(cfg.labels_dir, run, {"run": run, "embed": cfg}, "embed")
@@ -578,15 +579,9 @@ def _plain(cfg) -> dict:
     return dataclasses.asdict(cfg)
 
 
-def main(config: str | None, overrides: list[str]) -> dict:
-    run, cfg = load_config(config, overrides, "embed", EmbedConfig)
-    return run_distributed(embed, run, cfg, lock_dir=cfg.out_dir)
-
-
-def cli(argv=None):
-    return cli_main(main, argv)
+def main(config: str | None = None, overrides: Sequence[str] = (), instance: str | None = None) -> dict:
+    return stage_main("embed", embed, config, overrides, instance)
 
 
 if __name__ == "__main__":
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    cli()
+    stage_cli("embed")

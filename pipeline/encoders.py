@@ -78,6 +78,7 @@ class Encoder:
     img_dim: int
     text_dim: int
     preprocess: Callable  # PIL RGB image -> CHW float tensor
+    image_size: int       # input side the model was built for
 
     def __init__(self, cfg: EncoderConfig, device: torch.device, same_space: bool):
         self.cfg, self.device = cfg, torch.device(device)
@@ -109,6 +110,12 @@ class Encoder:
             for s in range(0, len(texts), bs):
                 out.append(self._texts(texts[s:s + bs]).float())
         return F.normalize(torch.cat(out), dim=-1)
+
+    def _images(self, x: torch.Tensor) -> torch.Tensor:  # each encoder: its image tower
+        raise NotImplementedError
+
+    def _texts(self, texts: list[str]) -> torch.Tensor:  # each encoder: its text tower
+        raise NotImplementedError
 
     def joint(self, img: torch.Tensor, txt: torch.Tensor) -> torch.Tensor:
         if self.joint_mode == "mean":
@@ -170,9 +177,10 @@ class OfflineEncoder(Encoder):
         self.preprocess = image_transform(self.image_size, IMAGENET_MEAN, IMAGENET_STD)
         self.name = "offline:efficientnet-lite0+all-MiniLM-L6-v2"
         self.img_dim = int(self.net._conv_head.out_channels)  # 1280
-        self.text_dim = int(self.text_model.get_embedding_dimension()
-                            if hasattr(self.text_model, "get_embedding_dimension")
-                            else self.text_model.get_sentence_embedding_dimension())  # 384
+        dim = (self.text_model.get_embedding_dimension() if hasattr(self.text_model, "get_embedding_dimension")
+               else self.text_model.get_sentence_embedding_dimension())
+        assert dim is not None, "MiniLM states its embedding size"
+        self.text_dim = int(dim)  # 384
         super().__init__(cfg, device, same_space=False)
 
     def _images(self, x):

@@ -48,6 +48,7 @@ import os
 import shutil
 import tempfile
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -57,11 +58,11 @@ import pyarrow.parquet as pq
 import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
-from pipeline.config import RESUMABLE, ConfigError, RunConfig, check, load_config, prepare_out_dir, to_dict
+from pipeline.config import RESUMABLE, ConfigError, RunConfig, check, prepare_out_dir, to_dict
 from pipeline.dist import DistContext
 from pipeline.embed import PART_META_KEY, _expected_rows, part_info
 from pipeline.encoders import EncoderConfig, build_encoder
-from pipeline.entry import StageError, cli_main, run_distributed
+from pipeline.entry import StageError, stage_cli, stage_main
 from pipeline.guard import die_with_parent_fn
 from pipeline.images import IMAGE_EXTS, MAX_PIXELS, image_bytes, load_rgb
 from pipeline.io import atomic_write_json, clean_stale_tmp
@@ -152,7 +153,7 @@ def tesseract_words(images: list, cfg: RegionsConfig) -> list[list[tuple[list[fl
         paths = []
         for i, im in enumerate(images):
             paths.append(os.path.join(tmp, f"{i}.png"))
-            (im.resize((im.width * s, im.height * s), Image.BICUBIC) if s > 1 else im).save(paths[i])
+            (im.resize((im.width * s, im.height * s), Image.Resampling.BICUBIC) if s > 1 else im).save(paths[i])
         listing = os.path.join(tmp, "images.txt")
         Path(listing).write_text("\n".join(paths) + "\n")
         d = pytesseract.image_to_data(listing, lang=cfg.ocr_lang, config=f"--psm {cfg.ocr_psm}",
@@ -492,15 +493,9 @@ def write_stats(out: Path, shards: list[str], enc, failures: list) -> dict:
     return stats
 
 
-def main(config: str | None, overrides: list[str]) -> dict:
-    run, cfg = load_config(config, overrides, "regions", RegionsConfig)
-    return run_distributed(regions, run, cfg, lock_dir=cfg.out_dir)
-
-
-def cli(argv=None):
-    return cli_main(main, argv)
+def main(config: str | None = None, overrides: Sequence[str] = (), instance: str | None = None) -> dict:
+    return stage_main("regions", regions, config, overrides, instance)
 
 
 if __name__ == "__main__":
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    cli()
+    stage_cli("regions")

@@ -28,6 +28,7 @@ import logging
 import shutil
 import sys
 import warnings
+from collections.abc import Sequence
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -37,8 +38,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 from tqdm import tqdm
 
-from pipeline.config import check, load_config, prepare_out_dir, to_dict
-from pipeline.entry import cli_main
+from pipeline.config import check, prepare_out_dir, to_dict
+from pipeline.entry import stage_cli, stage_main
 from pipeline.errors import InputError
 from pipeline.io import atomic_path, atomic_write_json
 from pipeline.shards import InlinePool, ShardWriter, encode_image
@@ -158,7 +159,7 @@ def _drawing(path: str, size: int):
         return None
     im = im.crop(bbox)
     s = size / max(im.size)
-    return im.resize((max(1, round(im.width * s)), max(1, round(im.height * s))), Image.LANCZOS)
+    return im.resize((max(1, round(im.width * s)), max(1, round(im.height * s))), Image.Resampling.LANCZOS)
 
 
 @functools.lru_cache(maxsize=64)
@@ -307,10 +308,9 @@ def build(run, data) -> dict:
     return summary
 
 
-def main(config: str | None, overrides: list[str]) -> dict:
-    from pipeline.stages import schema  # the `data` section's class (owned by the data stage)
+def make_scenes(run, data) -> dict:
+    """The `data-rice` stage: the scenes from the `data` section (its `data.rice` part)."""
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
-    run, data = load_config(config, overrides, "data", schema("data"))
     # what the scenes depend on (not data.workers, nor the `mlcd data demo` fields)
     used = {"samples_per_shard": data.samples_per_shard, "openclipart_dir": data.openclipart_dir,
             "rice": to_dict(data.rice)}
@@ -328,9 +328,9 @@ def main(config: str | None, overrides: list[str]) -> dict:
     return summary
 
 
-def cli(argv=None):
-    return cli_main(main, argv)
+def main(config: str | None = None, overrides: Sequence[str] = (), instance: str | None = None) -> dict:
+    return stage_main("data-rice", make_scenes, config, overrides, instance)
 
 
 if __name__ == "__main__":
-    cli()
+    stage_cli("data-rice")

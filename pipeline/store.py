@@ -160,6 +160,7 @@ class EmbeddingStore:
                 raise StoreError(f"{emb_path(self.root, kind, p)}: dim/dtype {a.shape[1]}/{a.dtype} "
                                  f"differs from part {parts[0]} ({dim}/{dtype})")
             counts.append(a.shape[0])
+        assert dim is not None  # parts is not empty
         return parts, int(dim), np.dtype(dtype), counts
 
     def metadata(self, part: int, columns: list[str] | None = None) -> pa.Table:

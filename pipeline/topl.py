@@ -86,7 +86,7 @@ class ExactTopL:
         ct = torch.zeros(d, kp)
         ct[:, :k] = torch.from_numpy(c).T
         self.ct, self.k = ct.to(self.device), k  # D x K_padded
-        self._tile = None
+        self._tile: torch.Tensor | None = None
 
     def search(self, x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """(labels int64 N x l best first, sims float32 N x l) for unit rows ``x``."""
@@ -95,9 +95,10 @@ class ExactTopL:
         out_s = np.empty((len(x), self.l), np.float32)
         cpu = self.device.type == "cpu"
         ti, ts = torch.from_numpy(out_i), torch.from_numpy(out_s)
-        if self._tile is None:
-            self._tile = torch.empty(self.tile_rows, self.ct.shape[1], device=self.device)
-        tile, r = self._tile, self.tile_rows
+        tile = self._tile
+        if tile is None:
+            tile = self._tile = torch.empty(self.tile_rows, self.ct.shape[1], device=self.device)
+        r = self.tile_rows
         with torch.inference_mode():
             for s in range(0, len(x), r):
                 xb = torch.from_numpy(x[s:s + r]).to(self.device, non_blocking=True)

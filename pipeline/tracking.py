@@ -44,7 +44,7 @@ class Tracker:
     def log_table(self, key: str, columns: list[str], rows: list[list]) -> None:
         if self.run is not None:
             import wandb
-            self.run.log({key: wandb.Table(columns=columns, data=rows)})
+            self.run.log({key: wandb.Table(columns=list[str | int](columns), data=rows)})
 
     def log_image(self, key: str, path: str, caption: str | None = None) -> None:
         if self.run is not None:

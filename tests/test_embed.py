@@ -24,6 +24,7 @@ import webdataset as wds
 from PIL import Image
 
 from pipeline import embed as E
+from pipeline.entry import stage_cli
 from pipeline.store import EmbeddingStore, StoreError
 from tests.conftest import ROOT, torchrun
 
@@ -304,7 +305,7 @@ def test_bad_samples_and_bad_shards(tmp_path, capsys):
     args = tiny_args(tmp_path, spec, store, "embed.max_pixels=50000", "embed.workers=2",
                      "embed.batch_size=4")
     with pytest.raises(SystemExit) as e:
-        E.cli(args)
+        stage_cli("embed", args)
     assert e.value.code == 1
     err = capsys.readouterr().err
     assert "3 of 6 shards failed" in err, err[-1500:]
@@ -332,7 +333,7 @@ def test_pipe_inputs(tmp_path, capsys):
     spec = f"pipe:cat {tmp_path}/shards/{{00000..00002}}.tar"  # 00002 does not exist
     store = tmp_path / "store"
     with pytest.raises(SystemExit):
-        E.cli(tiny_args(tmp_path, spec, store, "run.allow_pipe=true"))
+        stage_cli("embed", tiny_args(tmp_path, spec, store, "run.allow_pipe=true"))
     assert f"part 2: pipe:cat {tmp_path}/shards/00002.tar" in capsys.readouterr().err
     st = EmbeddingStore(store)
     assert st.parts("img") == [0, 1] and st.check("joint")[3] == [6, 6]

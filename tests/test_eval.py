@@ -123,6 +123,7 @@ def colour_data(tmp_path_factory):
 
 
 def test_eval_cli_writes_results_and_reuses_cached_features(tmp_path, colour_data):
+    from pipeline.entry import stage_cli
     from training.evaluation import evaluate as ev
     cfg = _eval_config(tmp_path, colour_data)
     report = ev.main(str(cfg), [])
@@ -146,7 +147,7 @@ def test_eval_cli_writes_results_and_reuses_cached_features(tmp_path, colour_dat
     assert feats.stat().st_mtime_ns != mtime and report["results"][0]["extract"]["train"]["images_per_s"] > 0
     # a bad dataset path is one config error (exit code 2) naming it
     with pytest.raises(SystemExit) as e:
-        ev.cli(["--config", str(cfg), f"eval.datasets.0.test={tmp_path}/nope"])
+        stage_cli("eval", ["--config", str(cfg), f"eval.datasets.0.test={tmp_path}/nope"])
     assert e.value.code == 2
 
 

@@ -167,12 +167,11 @@ SLURM_ENV = {"SLURM_JOB_ID": "4242", "SLURM_NNODES": "2", "SLURM_JOB_NODELIST": 
              "SLURM_SUBMIT_DIR": str(ROOT), "DRY_RUN": "1"}
 
 
-@pytest.mark.parametrize("stage,module", [("train", "training.train"), ("embed", "pipeline.embed"),
-                                          ("cluster", "clustering.kmeans"), ("assign", "clustering.assign"),
-                                          ("eval", "training.evaluation.evaluate")])
+@pytest.mark.parametrize("stage,module", [("train", "training.train"), ("cluster", "clustering.kmeans")])
 def test_slurm_dry_run_two_nodes_by_eight(stage, module, tmp_path):
     # Run from elsewhere, as sbatch does with its spooled copy: the script finds the repo.
-    out = sh([str(ROOT / f"launch/slurm/{stage}.sbatch"), "configs/prod/x.yaml", "run.seed=1"],
+    # (Every launchable stage through the same template: tests/test_stage_table.py.)
+    out = sh([str(ROOT / "launch/slurm/stage.sbatch"), stage, "configs/prod/x.yaml", "run.seed=1"],
              SLURM_ENV, cwd=tmp_path).stdout
     srun = cmd_line(out, "srun ")
     assert srun[:5] == ["srun", "--nodes=2", "--ntasks-per-node=1", "--kill-on-bad-exit=1",
@@ -182,24 +181,26 @@ def test_slurm_dry_run_two_nodes_by_eight(stage, module, tmp_path):
     port = 29500 + 4242 % 1000
     for flag in ["--nproc_per_node=8", "--nnodes=2", "--rdzv_backend=c10d",
                  f"--rdzv_endpoint=gpu07:{port}", "--rdzv_id=4242", "--max_restarts=2",
-                 f"--log_dir={ROOT}/logs/mlcd-x-4242"]:
+                 f"--log_dir={ROOT}/logs/mlcd-{stage}-4242"]:
         assert flag in node, (flag, node)
     assert node[node.index(module) - 1:] == ["-m", module, "--config", "configs/prod/x.yaml", "run.seed=1"]
     assert exports(out)["MASTER_ADDR"] == "gpu07" and "world size 16" in out
-    header = (ROOT / f"launch/slurm/{stage}.sbatch").read_text()
+    header = (ROOT / "launch/slurm/stage.sbatch").read_text()
     for d in ["--requeue", "--signal=B:USR1@300", "--ntasks-per-node=1", "--output=logs/%x-%j.out"]:
         assert f"#SBATCH {d}" in header
 
 
-def test_slurm_cluster_layouts_and_outside_job():
-    out = sh(["launch/slurm/cluster.sbatch", "c.yaml"], SLURM_ENV).stdout  # torch k-means: a rank per GPU
-    assert "--nproc_per_node=8" in cmd_line(out, "torch.distributed.run") and "world size 16" in out
-    out = sh(["launch/slurm/cluster.sbatch", "c.yaml", "cluster.method=faiss"],
+def test_slurm_named_instance_faiss_layout_and_outside_job():
+    out = sh(["launch/slurm/stage.sbatch", "cluster@regions", "c.yaml"], SLURM_ENV).stdout
+    node = cmd_line(out, "torch.distributed.run")  # torch k-means: a rank per GPU
+    assert "--nproc_per_node=8" in node and "world size 16" in out
+    assert node[node.index("clustering.kmeans") + 1:] == ["--instance", "regions", "--config", "c.yaml"]
+    out = sh(["launch/slurm/stage.sbatch", "cluster", "c.yaml", "cluster.method=faiss"],
              {**SLURM_ENV, "SLURM_NNODES": "1", "SLURM_JOB_NODELIST": "gpu01", "NPROC": "1"}).stdout
     node = cmd_line(out, "torch.distributed.run")  # FAISS: one process takes all the node's GPUs
     assert "--nproc_per_node=1" in node and "--standalone" in node and node[-1] == "cluster.method=faiss"
-    p = sh(["launch/slurm/train.sbatch", "c.yaml"], {"DRY_RUN": "1"}, check=False)
-    assert p.returncode != 0 and "SLURM_JOB_ID" in p.stderr
+    p = sh(["launch/slurm/stage.sbatch", "train", "c.yaml"], {"DRY_RUN": "1"}, check=False)
+    assert p.returncode != 0 and "SLURM_JOB_ID" in p.stderr.splitlines()[-1]
 
 
 def test_hostlist_expansion():
@@ -254,7 +255,7 @@ def test_shell_scripts_pass_shellcheck():
     if not shutil.which("shellcheck"):
         pytest.skip("shellcheck not installed (Debian: apt-get install shellcheck)")
     files = sorted(str(p.relative_to(ROOT)) for p in [*ROOT.glob("launch/*.sh"), *ROOT.glob("launch/slurm/*")])
-    assert "launch/slurm/train.sbatch" in files and "launch/deepspeed.sh" in files
+    assert "launch/slurm/stage.sbatch" in files and "launch/deepspeed.sh" in files
     p = subprocess.run(["shellcheck", "-x", *files], cwd=ROOT, capture_output=True, text=True, check=False)
     assert p.returncode == 0, p.stdout + p.stderr
 
@@ -375,12 +376,3 @@ def test_elastic_restart_resumes_from_last_checkpoint(tmp_path):
     assert state["step"] == steps and state["complete"]
     logged = [json.loads(ln)["step"] for ln in metrics.read_text().splitlines()]
     assert logged == list(range(1, steps + 1))  # the counter continued; redone steps logged once
-
-
-def test_stage_module_tables_agree():
-    """launch/env.sh (shell launchers) and launch/cli.py (`mlcd`) name the same module per stage."""
-    from launch.cli import STAGES
-    for stage in ("embed", "cluster", "assign", "train", "eval", "export"):
-        out = subprocess.run(["bash", "-c", f"source launch/env.sh && launch_module {stage}"], cwd=ROOT,
-                             capture_output=True, text=True, check=True).stdout.strip()
-        assert out == STAGES[stage], (stage, out)

@@ -214,16 +214,16 @@ def test_export_from_bare_state_file(exported, tmp_path, suffix, capsys):
     sd = {k: v.contiguous() for k, v in ours.state_dict().items()}
     save_file(sd, str(state)) if suffix == ".safetensors" else torch.save(sd, state)
     out = tmp_path / "export"
-    assert ex.cli([str(state), str(out), "--model", "vit_tiny_rope2d"]) == 0
+    assert ex.main([str(state), str(out), "--model", "vit_tiny_rope2d"]) == 0
     _compare(ours, _auto_model(out), torch.randn(1, 3, 40, 64), True)
     info = json.loads((out / "mlcd_export.json").read_text())
     assert info["model_config"]["embed_dim"] == ours.config.embed_dim
     # mistakes are one clear line, exit code 2
-    assert ex.cli([str(state), str(tmp_path / "x")]) == 2
+    assert ex.main([str(state), str(tmp_path / "x")]) == 2
     assert "needs --model" in capsys.readouterr().err
-    assert ex.cli([str(state), str(tmp_path / "x"), "--model", "vit_tiny_clip"]) == 2
+    assert ex.main([str(state), str(tmp_path / "x"), "--model", "vit_tiny_clip"]) == 2
     assert "do not match model vit_tiny_clip" in capsys.readouterr().err
-    assert ex.cli([str(tmp_path / "nope"), str(tmp_path / "x")]) == 2
+    assert ex.main([str(tmp_path / "nope"), str(tmp_path / "x")]) == 2
 
 
 def test_grad_checkpointing_gives_same_grads():
@@ -290,7 +290,7 @@ def test_export_deepspeed_checkpoint(tmp_path):
     run = tmp_path / "run"
     torchrun([str(script), str(run)], nproc=2, env={"DS_ACCELERATOR": "cpu"}, timeout=300)
     out = tmp_path / "export"
-    assert ex.cli([str(run), str(out), "--with-head"]) == 0  # run folder -> latest step
+    assert ex.main([str(run), str(out), "--with-head"]) == 0  # run folder -> latest step
     ref = load_file(str(run / "reference.safetensors"))
     with safe_open(str(out / "model.safetensors"), "pt") as f:
         got = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118 (safe_open is not iterable)
@@ -304,7 +304,7 @@ def test_export_deepspeed_checkpoint(tmp_path):
     # an incomplete checkpoint is refused
     state = run / "checkpoints/step_00000001/trainer_state.json"
     state.write_text(json.dumps({**json.loads(state.read_text()), "complete": False}))
-    assert ex.cli([str(run), str(tmp_path / "x")]) == 2
+    assert ex.main([str(run), str(tmp_path / "x")]) == 2
 
 
 TF4_CHECK = textwrap.dedent("""

@@ -130,6 +130,7 @@ def test_stage_refuses_folder_held_by_live_run(tmp_path, capsys):
     from test_clustering import make_store
 
     from clustering import kmeans as km
+    from pipeline.entry import stage_cli
     make_store(tmp_path / "store", n_parts=1, rows=200, d=8, k=4)
     folder = tmp_path / "clusters"
     holder = subprocess.Popen([sys.executable, "-c", "import sys, time; from pipeline import lock; "
@@ -139,7 +140,7 @@ def test_stage_refuses_folder_held_by_live_run(tmp_path, capsys):
         assert holder.stdout.readline().strip() == "held"
         args = [f"run.out_dir={tmp_path}", "cluster.k=4", "cluster.niter=2"]
         with pytest.raises(SystemExit) as e:
-            km.cli(args)
+            stage_cli("cluster", args)
         err = capsys.readouterr().err.strip().splitlines()
         assert e.value.code == 1 and len(err) == 1 and f"{folder} is in use by pid {holder.pid}" in err[0]
     finally:

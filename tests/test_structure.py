@@ -70,22 +70,6 @@ def test_layer_directions():
     assert "training.model" in closure(graph, "training.evaluation.features")
 
 
-def test_one_stage_table():
-    """CLI, shell launchers, config checker and bench runner read pipeline/stages.py."""
-    from launch import bench, check, cli
-    from pipeline import stages
-    for name, s in stages.STAGES.items():
-        if name in cli.STAGES:
-            assert cli.STAGES[name] == s.module
-        if s.section:
-            assert check.SCHEMAS[s.section] == s.schema
-    assert bench.BENCHES is stages.BENCHES
-    out = subprocess.run(["bash", "-c", "source launch/env.sh && launch_module eval && launch_module bogus"],
-                         cwd=ROOT, capture_output=True, text=True)
-    assert out.stdout.strip() == "training.evaluation.evaluate" and out.returncode == 2
-    assert "unknown stage 'bogus'" in out.stderr
-
-
 def _samples() -> dict[str, bytes]:
     """Bytes that need each repair, plus the extensions stage 3 used to drop (bmp, tiff)."""
     from PIL import Image

@@ -48,6 +48,7 @@ def hf_twin(ours) -> nn.Module:
 
 def timm_twin(cfg: ModelConfig) -> nn.Module | None:
     """timm's VisionTransformer with CLIP's layout (pre-norm, class token, quick_gelu)."""
+    cfg = cfg.resolved()
     if cfg.rope2d:
         return None  # no timm model has this RoPE layout (EVA's differs)
     try:

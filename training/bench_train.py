@@ -183,9 +183,9 @@ def _loss_worker(spec: dict) -> None:
         # (the centers' seeded init, library pages) cannot hide the loss's own peak.
         base, how = _rss_reset_peak(), "peak RSS growth"
     fwd_bwd()
-    peak = (torch.cuda.max_memory_allocated() if dev.type == "cuda" else _rss_peak()) - base
+    peak: float | None = (torch.cuda.max_memory_allocated() if dev.type == "cuda" else _rss_peak()) - base
     sampled, _, _ = pfc.sample_columns(labels, 0)
-    t = None
+    t: float | None = None
     if spec["what"] == "time":
         peak = None
         t = min(_timed(fwd_bwd) for _ in range(spec["reps"]))  # min: the box may be shared

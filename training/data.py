@@ -141,9 +141,10 @@ def decode_image(data: bytes, size: int, cfg: TrainDataConfig, rng: np.random.Ge
     """Stage 1's decoder (pipeline/images.py: EXIF, 16-bit, palette+alpha repairs), then a random
     resized crop and flip. Samples stage 1 could not decode have no labels and never get here."""
     img = decode_rgb(data, max_aspect=0)  # stage 1 applied its caps; the crop bounds the resize
-    img = img.resize((size, size), Image.BICUBIC, box=crop_box(*img.size, cfg.crop_scale_min, rng))
+    w, h = img.size
+    img = img.resize((size, size), Image.Resampling.BICUBIC, box=crop_box(w, h, cfg.crop_scale_min, rng))
     if rng.random() < cfg.hflip:
-        img = img.transpose(Image.FLIP_LEFT_RIGHT)
+        img = img.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
     return to_tensor(img)
 
 

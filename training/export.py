@@ -218,7 +218,7 @@ def _check_shapes(sd: dict, cfg: ModelConfig, src: Path, error: type = WeightsEr
                     f"unexpected {unexpected[:3]}, wrong shape {sorted(bad)[:3]})")
 
 
-def cli(argv=None) -> int:
+def main(argv=None) -> int:
     ap = argparse.ArgumentParser(prog="mlcd export", description=__doc__.split("\n\n")[0])
     ap.add_argument("checkpoint", help="training run/checkpoint/step folder, or a state file")
     ap.add_argument("out_dir")
@@ -245,4 +245,4 @@ def cli(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(cli())
+    sys.exit(main())

@@ -16,6 +16,7 @@ from __future__ import annotations
 import json
 import logging
 from pathlib import Path
+from typing import Any
 
 import torch
 from safetensors.torch import save_file
@@ -42,7 +43,7 @@ def hf_config_dict(cfg: ModelConfig, with_head: bool = False) -> dict:
     """config.json contents for transformers 5.x and 4.5x."""
     from transformers import CLIPVisionConfig, MLCDVisionConfig
     cfg = cfg.resolved()
-    common = {"hidden_size": cfg.width, "intermediate_size": cfg.mlp_dim,
+    common: dict[str, Any] = {"hidden_size": cfg.width, "intermediate_size": cfg.mlp_dim,
                   "num_hidden_layers": cfg.layers, "num_attention_heads": cfg.heads,
                   "image_size": cfg.image_size, "patch_size": cfg.patch_size, "hidden_act": cfg.act,
                   "layer_norm_eps": cfg.layer_norm_eps, "num_channels": 3}
@@ -51,7 +52,7 @@ def hf_config_dict(cfg: ModelConfig, with_head: bool = False) -> dict:
             # 4.5x hard-codes theta=1e4 in MLCDRotaryEmbedding; only 5.x reads rope_parameters.
             log.warning("rope_theta=%s: transformers 4.5x ignores it (uses 1e4); only 5.x matches",
                         cfg.rope_theta)
-        hf = MLCDVisionConfig(**common, rope_parameters={"rope_type": "axial",
+        hf: Any = MLCDVisionConfig(**common, rope_parameters={"rope_type": "axial",
                                                          "rope_theta": cfg.rope_theta})
     else:
         hf = CLIPVisionConfig(**common, projection_dim=cfg.embed_dim or cfg.width)

@@ -31,7 +31,7 @@ import json
 import logging
 from dataclasses import dataclass
 from pathlib import Path
-from typing import NoReturn
+from typing import TYPE_CHECKING, NoReturn
 
 import torch
 from safetensors import safe_open
@@ -39,6 +39,9 @@ from safetensors import safe_open
 from pipeline.config import ConfigError, check
 from pipeline.io import atomic_write_json, read_json
 from training.safe_load import WeightsError, every_rank_reads, weights_only_loads
+
+if TYPE_CHECKING:  # for annotations only (training.model is imported where it is used)
+    from training.model import MLCDEncoder
 
 log = logging.getLogger("mlcd.train.init")
 # Fields that fix the weights' shapes and meaning; image_size alone may differ.
@@ -70,7 +73,7 @@ def layer_id(name: str, num_layers: int) -> int:
     return num_layers + 1
 
 
-def param_groups(model: torch.nn.Module, weight_decay: float, ft: FinetuneConfig | None = None
+def param_groups(model: MLCDEncoder, weight_decay: float, ft: FinetuneConfig | None = None
                  ) -> list[dict]:
     """Backbone optimizer groups: no decay on 1-D params (norms, biases) and the class/position
     embeddings; with layer-wise decay one group per (depth, decay) carrying `lr_scale`, which the
@@ -125,7 +128,7 @@ def read_source(path: str | Path) -> tuple[dict[str, torch.Tensor], dict | None,
         _fail(p, str(e).replace(f"{p}: ", ""))
 
 
-def adapt_state_dict(sd: dict[str, torch.Tensor], model: torch.nn.Module, path) -> tuple[dict, list[str]]:
+def adapt_state_dict(sd: dict[str, torch.Tensor], model: MLCDEncoder, path) -> tuple[dict, list[str]]:
     """Checks every key and shape against `model`; resizes a CLIP position table to the model's
     grid. Returns (state dict to load, notes). New tensors only: the source is never modified."""
     ref = model.state_dict()
@@ -164,7 +167,7 @@ def adapt_state_dict(sd: dict[str, torch.Tensor], model: torch.nn.Module, path) 
     return sd, notes
 
 
-def _check_arch(arch: dict | None, model: torch.nn.Module, path) -> None:
+def _check_arch(arch: dict | None, model: MLCDEncoder, path) -> None:
     if arch is None:
         return
     cfg = model.config
@@ -201,7 +204,7 @@ def check_centers_source(path: str | Path, num_classes: int) -> tuple[Path, int]
 
 # ---------------------------------------------------------------- the hooks train.py calls
 
-def load_initial_weights(model: torch.nn.Module, cfg, num_classes: int, ctx, out_dir: str | Path) -> dict:
+def load_initial_weights(model: MLCDEncoder, cfg, num_classes: int, ctx, out_dir: str | Path) -> dict:
     """Call once for a NEW run (no checkpoint in its folder), after build_model and before the
     DeepSpeed engine: loads `cfg.init_from` into the backbone, checks `cfg.init_centers_from`,
     writes `{out_dir}/init_from.json`. Returns the provenance (also for trainer_state.json)."""
@@ -219,7 +222,7 @@ def load_initial_weights(model: torch.nn.Module, cfg, num_classes: int, ctx, out
     return prov
 
 
-def _load_on_rank0(model: torch.nn.Module, path: str, ctx) -> dict:
+def _load_on_rank0(model: MLCDEncoder, path: str, ctx) -> dict:
     """Rank 0 reads, checks and loads the source, then every weight is broadcast from it: one
     reader per job (consolidating a ZeRO checkpoint reads every rank's optimizer shards: 12 B per
     parameter, ~22 GB for bigG; per rank that would be 8x that per node). A bad source raises the

@@ -16,6 +16,7 @@ embeddings by bicubic interpolation exactly like HF's `interpolate_pos_encoding`
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import TYPE_CHECKING, cast
 
 import torch
 import torch.nn.functional as F
@@ -79,17 +80,30 @@ class ModelConfig:
         check(self.rope_theta > 0, "rope_theta", self.rope_theta, "must be > 0")
         check(self.layer_norm_eps > 0, "layer_norm_eps", self.layer_norm_eps, "must be > 0")
 
-    def resolved(self) -> ModelConfig:
+    def resolved(self) -> Resolved:
         preset = PRESETS[self.name]
         fill = {k: v for k, v in preset.items() if getattr(self, k) is None}
-        if not fill:
-            return self
-        return _replace_no_init(self, fill)
+        return cast("Resolved", _replace_no_init(self, fill) if fill else self)
 
     @property
     def head_dim(self) -> int:
         r = self.resolved()
         return r.width // r.heads
+
+
+if TYPE_CHECKING:
+    class Resolved(ModelConfig):
+        """For the type checker only: a ModelConfig after ``resolved()``, no size left None (at
+        run time it is a plain ModelConfig)."""
+        image_size: int
+        patch_size: int
+        width: int
+        layers: int
+        heads: int
+        mlp_dim: int
+        rope2d: bool
+        act: str
+        embed_dim: int
 
 
 def _replace_no_init(cfg: ModelConfig, fill: dict) -> ModelConfig:
@@ -150,7 +164,7 @@ class VisionRotaryEmbedding(nn.Module):
 
 
 class Embeddings(nn.Module):
-    def __init__(self, cfg: ModelConfig):
+    def __init__(self, cfg: Resolved):
         super().__init__()
         self.patch_size, self.image_size, self.rope2d = cfg.patch_size, cfg.image_size, cfg.rope2d
         self.class_embedding = nn.Parameter(torch.empty(cfg.width))
@@ -195,7 +209,7 @@ def resize_pos_embed(table: torch.Tensor, gh: int, gw: int) -> torch.Tensor:
 
 
 class Attention(nn.Module):
-    def __init__(self, cfg: ModelConfig):
+    def __init__(self, cfg: Resolved):
         super().__init__()
         self.heads, self.head_dim = cfg.heads, cfg.width // cfg.heads
         # HF's registration order (k, v, q): state_dict order matches HF's too.
@@ -220,7 +234,7 @@ class Attention(nn.Module):
 
 
 class MLP(nn.Module):
-    def __init__(self, cfg: ModelConfig):
+    def __init__(self, cfg: Resolved):
         super().__init__()
         self.act = quick_gelu if cfg.act == "quick_gelu" else F.gelu
         self.fc1 = nn.Linear(cfg.width, cfg.mlp_dim)
@@ -231,7 +245,7 @@ class MLP(nn.Module):
 
 
 class EncoderLayer(nn.Module):
-    def __init__(self, cfg: ModelConfig):
+    def __init__(self, cfg: Resolved):
         super().__init__()
         self.self_attn = Attention(cfg)
         self.layer_norm1 = nn.LayerNorm(cfg.width, eps=cfg.layer_norm_eps)
@@ -259,7 +273,7 @@ def init_block(layer: EncoderLayer, width: int, depth: int) -> None:
 
 
 class Encoder(nn.Module):
-    def __init__(self, cfg: ModelConfig):
+    def __init__(self, cfg: Resolved):
         super().__init__()
         self.layers = nn.ModuleList([EncoderLayer(cfg) for _ in range(cfg.layers)])
 
@@ -292,7 +306,7 @@ class VisionTransformer(nn.Module):
         else:
             nn.init.normal_(self.class_pos_emb, std=(cfg.head_dim // 2) ** -0.5)
         for layer in self.encoder.layers:
-            init_block(layer, w, L)
+            init_block(cast(EncoderLayer, layer), w, L)
         for mod in self.modules():
             if isinstance(mod, nn.LayerNorm):
                 nn.init.ones_(mod.weight)
@@ -336,11 +350,10 @@ class MLCDEncoder(nn.Module):
         cfg = cfg.resolved()
         self.config = cfg
         self.vision_model = VisionTransformer(cfg)
+        self.head: nn.Module = nn.Identity()
         if cfg.embed_dim:
-            self.head = nn.Linear(cfg.width, cfg.embed_dim, bias=False)
-            nn.init.normal_(self.head.weight, std=cfg.width ** -0.5)
-        else:
-            self.head = nn.Identity()
+            self.head = head = nn.Linear(cfg.width, cfg.embed_dim, bias=False)
+            nn.init.normal_(head.weight, std=cfg.width ** -0.5)
 
     @property
     def out_dim(self) -> int:

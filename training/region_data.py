@@ -166,10 +166,10 @@ class RegionStream(LabeledStream):
         region_labels = np.full((B, R, L), -1, np.int64)
         valid = np.zeros((B, R), bool)
         for b, (data, (_, reg), *_) in enumerate(raw):
-            img = decode_rgb(data).resize((S, S), Image.BICUBIC)  # stage 1's decoder, whole image
+            img = decode_rgb(data).resize((S, S), Image.Resampling.BICUBIC)  # stage 1's decoder, whole image
             flip = rng.random() < self.cfg.hflip
             if flip:
-                img = img.transpose(Image.FLIP_LEFT_RIGHT)
+                img = img.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
             images.append(to_tensor(img))
             if reg is None:
                 continue

@@ -17,13 +17,14 @@ from __future__ import annotations
 
 import logging
 import os
+from collections.abc import Sequence
 from pathlib import Path
 
 import torch
 
-from pipeline.config import RunConfig, load_config, prepare_out_dir
+from pipeline.config import RunConfig, prepare_out_dir
 from pipeline.dist import DistContext, free_port
-from pipeline.entry import cli_main, run_distributed
+from pipeline.entry import stage_cli, stage_main
 from training.checkpoint import find_latest, read_state
 from training.config import (  # noqa: F401 -- the `train` section's schema lives here for the registry
     CheckpointConfig,
@@ -50,8 +51,10 @@ log = logging.getLogger("mlcd.train")
 
 
 def _one_process_env() -> None:
-    """`python -m training.train` without a launcher: DeepSpeed needs a process group, so make
-    a 1-rank one (only when no launcher set the variables)."""
+    """Before the stage runs: DeepSpeed's accelerator (CPU without a GPU) and, for `python -m
+    training.train` without a launcher, the 1-rank process group DeepSpeed needs (only when no
+    launcher set the variables)."""
+    os.environ.setdefault("DS_ACCELERATOR", "cpu" if not torch.cuda.is_available() else "cuda")
     if "WORLD_SIZE" in os.environ:
         return
     os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", LOCAL_WORLD_SIZE="1",
@@ -91,20 +94,9 @@ def train(run: RunConfig, cfg: TrainConfig, ctx: DistContext) -> dict:
     return trainer.fit(trainer.stream(parts))
 
 
-def main(config: str | None, overrides: list[str] | None = None) -> dict:
-    os.environ.setdefault("DS_ACCELERATOR", "cpu" if not torch.cuda.is_available() else "cuda")
-    run, cfg = load_config(config, overrides or [], "train", TrainConfig)
-    _one_process_env()
-    return run_distributed(train, run, cfg, lock_dir=cfg.out_dir)
-
-
-def cli(argv=None):
-    import sys
-    argv = list(sys.argv[1:] if argv is None else argv)
-    # the deepspeed launcher appends --local_rank=N (it also sets LOCAL_RANK, which we read)
-    argv = [a for a in argv if not a.startswith(("--local_rank=", "--local-rank="))]
-    return cli_main(main, argv)
+def main(config: str | None = None, overrides: Sequence[str] = (), instance: str | None = None) -> dict:
+    return stage_main("train", train, config, overrides, instance, setup=_one_process_env)
 
 
 if __name__ == "__main__":
-    cli()
+    stage_cli("train")

@@ -1,12 +1,12 @@
 # shellcheck shell=bash
-# Body shared by the launch/slurm/*.sbatch templates (sourced; the #SBATCH headers live there).
+# Body of launch/slurm/stage.sbatch (sourced; the #SBATCH header lives there).
 #   slurm_run_stage STAGE [CONFIG] [key=value ...]
 # One srun task per node runs launch/torchrun.sh, i.e. one torchrun agent per node starting
 # NPROC ranks; the agents meet at a c10d rendezvous on the job's first node (id = job id).
 # Env (all optional): GPUS_PER_NODE / NPROC (ranks per node; default SLURM_GPUS_ON_NODE, else the
 # node's GPU count), MASTER_PORT (default 29500 + job id % 1000, so jobs sharing a node don't
 # collide), MAX_RESTARTS (in-job group restarts), MAX_REQUEUES (default 10), LOG_DIR
-# (default logs/<job name>-<job id>), DRY_RUN=1 (print what would run: srun line, environment and
+# (default logs/mlcd-<stage>-<job id>), DRY_RUN=1 (print what would run: srun line, environment and
 # each node's torchrun line).
 #
 # Preemption and time limits: the templates ask for `--requeue --signal=B:USR1@300`. Five minutes
@@ -48,7 +48,7 @@ slurm_run_stage() {
   export NNODES=$nodes NPROC=$gpus MASTER_ADDR=$head RDZV_ID=$job
   export MASTER_PORT=${MASTER_PORT:-$((29500 + job % 1000))}
   export MAX_RESTARTS=${MAX_RESTARTS:-2}
-  export LOG_DIR=${LOG_DIR:-$root/logs/${SLURM_JOB_NAME:-mlcd-$stage}-$job}
+  export LOG_DIR=${LOG_DIR:-$root/logs/mlcd-$stage-$job}
   # --kill-on-bad-exit: a node whose agent gave up (restarts spent) takes the step down at once
   # instead of leaving the other nodes blocked in a collective until the NCCL timeout.
   local cmd=("${SRUN:-srun}" "--nodes=$nodes" --ntasks-per-node=1 --kill-on-bad-exit=1)

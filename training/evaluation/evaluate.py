@@ -21,6 +21,7 @@ import hashlib
 import json
 import logging
 import time
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -28,9 +29,9 @@ from typing import Any
 import numpy as np
 import torch
 
-from pipeline.config import RESUMABLE, ConfigError, RunConfig, check, load_config, prepare_out_dir
+from pipeline.config import RESUMABLE, ConfigError, RunConfig, check, prepare_out_dir
 from pipeline.dist import DistContext
-from pipeline.entry import cli_main, run_distributed
+from pipeline.entry import stage_cli, stage_main
 from pipeline.io import atomic_save_npy, atomic_write_json, atomic_write_text, load_npy, read_json
 from pipeline.tracking import Tracker
 from training.evaluation import probe
@@ -339,14 +340,9 @@ def run_eval(run: RunConfig, cfg: EvalConfig, ctx: DistContext) -> dict:
     return report
 
 
-def main(config: str | None, overrides: list[str]) -> dict:
-    run, cfg = load_config(config, overrides, "eval", EvalConfig)
-    return run_distributed(run_eval, run, cfg, lock_dir=cfg.out_dir)
-
-
-def cli(argv=None):
-    return cli_main(main, argv)
+def main(config: str | None = None, overrides: Sequence[str] = (), instance: str | None = None) -> dict:
+    return stage_main("eval", run_eval, config, overrides, instance)
 
 
 if __name__ == "__main__":
-    cli()
+    stage_cli("eval")

@@ -31,6 +31,7 @@ import logging
 import math
 import tarfile
 import time
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -39,9 +40,9 @@ import pyarrow.parquet as pq
 import torch
 from torch.utils.data import DataLoader, Subset
 
-from pipeline.config import RESUMABLE, ConfigError, RunConfig, check, load_config, prepare_out_dir
+from pipeline.config import RESUMABLE, ConfigError, RunConfig, check, prepare_out_dir
 from pipeline.dist import DistContext
-from pipeline.entry import cli_main, run_distributed
+from pipeline.entry import stage_cli, stage_main
 from pipeline.images import is_image_name
 from pipeline.io import atomic_write_json, atomic_write_text, read_json
 from pipeline.shards import ShardSpecError, check_member_size, expand_shards
@@ -486,14 +487,9 @@ def run_eval_regions(run: RunConfig, cfg: RegionEvalConfig, ctx: DistContext) ->
     return report
 
 
-def main(config: str | None = None, overrides=()) -> dict:
-    run, cfg = load_config(config, list(overrides), "eval_regions", RegionEvalConfig)
-    return run_distributed(run_eval_regions, run, cfg, lock_dir=cfg.out_dir)
-
-
-def cli(argv=None):
-    return cli_main(main, argv)
+def main(config: str | None = None, overrides: Sequence[str] = (), instance: str | None = None) -> dict:
+    return stage_main("eval-regions", run_eval_regions, config, overrides, instance)
 
 
 if __name__ == "__main__":
-    cli()
+    stage_cli("eval-regions")
