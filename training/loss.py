@@ -161,7 +161,7 @@ def combine(local: torch.Tensor, cfg: LossConfig, ctx=None, valid: torch.Tensor 
         # no positive or no negative: no pair, loss 0 (an empty lse is ~finfo.min; their sum
         # would overflow to -inf, the clamp keeps it finite with a zero gradient)
         pair = (l_pos + l_neg).clamp_min(torch.finfo(local.dtype).min)
-        loss = _mean(F.softplus(pair), valid)
+        loss = _mean(torch.logaddexp(pair, pair.new_zeros(())), valid)  # softplus, exact for large pair
         # the two log-sum-exps: loss = softplus(loss_pos + loss_neg) per row, not their sum
         return loss, {"loss_pos": _mean(l_pos.detach(), valid), "loss_neg": _mean(l_neg.detach(), valid)}
     m = reduce_max(local, ctx).clamp_min(0.0)  # the "1" is exp(0)
