@@ -78,7 +78,7 @@ class _Fused(torch.autograd.Function):
 class _Work:
     """Per-call constants and reused buffers (allocated once, used by every chunk)."""
 
-    def __init__(self, emb, w, limit, cfg, rows, needs):
+    def __init__(self, emb, w, limit, l, cfg, rows, needs):
         B, D = emb.shape
         self.cfg, self.needs, self.S = cfg, needs, w.shape[0]
         self.n = int(limit.max()) if B else 0          # dense columns [0, n)
@@ -86,6 +86,8 @@ class _Work:
         r = min(rows, B)
         self.buf = emb.new_empty(r, self.n + 1)        # column n: where absent positives go
         self.mask = torch.empty(r, self.n - self.band, dtype=torch.bool, device=emb.device)
+        self.wp = emb.new_empty(r * l, D)             # the rows' own positives' centers
+        self.outer = emb.new_empty(r * l, D) if needs else None  # their d_w terms
         self.cols_band = torch.arange(self.band, self.n, device=emb.device)
         self.w_ext = torch.cat([w, w.new_zeros(1, D)])  # row S: the absent-label row (zeros)
         self.w_dense = w[:self.n]
@@ -99,8 +101,8 @@ class _Work:
 
 def _forward(emb, w, cols, limit, valid, cfg, ctx, rows, needs):
     B = emb.shape[0]
-    wk = _Work(emb, w, limit, cfg, rows, needs)
     pc = distinct_sorted(cols)
+    wk = _Work(emb, w, limit, pc.shape[1], cfg, rows, needs)
     if valid is None:
         weight = emb.new_full((B,), 1.0 / max(B, 1))
     else:
@@ -122,7 +124,7 @@ def _chunk(wk: _Work, e, pc, limit, weight, ctx, sl) -> torch.Tensor:
     cfg, r, n = wk.cfg, e.shape[0], wk.n
     has = pc >= 0
     idx = torch.where(has, pc, wk.S)
-    wp = wk.w_ext[idx]                                   # (r, l, D) own positives' centers
+    wp = torch.index_select(wk.w_ext, 0, idx.flatten(), out=wk.wp[:idx.numel()]).view(r, -1, e.shape[1])
     cp = torch.bmm(wp, e.unsqueeze(2)).squeeze(2)        # (r, l) their cosines
     zfull = wk.buf[:r]
     z = zfull[:, :n]
@@ -144,7 +146,8 @@ def _chunk(wk: _Work, e, pc, limit, weight, ctx, sl) -> torch.Tensor:
         torch.mm(z, wk.w_dense, out=d_e)
         d_e.add_(torch.bmm(d_cp.unsqueeze(1), wp).squeeze(1))
         wk.d_w[:n].addmm_(z.T, e)
-        wk.d_w.index_add_(0, idx.flatten(), (d_cp.unsqueeze(2) * e.unsqueeze(1)).flatten(0, 1))
+        outer = torch.mul(d_cp.unsqueeze(2), e.unsqueeze(1), out=wk.outer[:idx.numel()].view_as(wp))
+        wk.d_w.index_add_(0, idx.flatten(), outer.flatten(0, 1))
     return out
 
 
