@@ -100,7 +100,7 @@ def bench_rho(quick: bool) -> list[dict]:
              "ratio": times[1.0][1] / times[0.1][1], "note": "AdamW is dense over the block either way"}]
 
 
-LOSS_SHAPES = {"quick": dict(K=200_000, W=32, D=128, B=8192),        # one simulated rank of W
+LOSS_SHAPES = {"quick": dict(K=1_000_000, W=32, D=256, B=4096),      # one simulated rank of W
                "full": dict(K=1_000_000, W=32, D=256, B=16_384),     # the CPU bench shape
                "cuda": dict(K=1_000_000, W=8, D=512, B=32_768)}      # production: B = 32k on 8 GPUs
 

@@ -15,22 +15,23 @@ Per step, a rank:
      positives. The columns are the first floor(rho * K_local) + l classes of the order plus the
      batch's other positives; another image's positive that is not among a row's negatives is
      masked for that row (neither positive nor negative). The per-row rule is one threshold:
-     row b's negatives are its non-positive columns with index < limit[b]. Cost: l more
-     columns than `batch` (the same GEMM), limits in O(B x l), two (rows, S) bool masks per
-     chunk; the batch's positives are still scored for every row, though each row uses only
-     its own (and those drawn for it), as in `batch`.
+     row b's negatives are its non-positive columns with index < limit[b]. Cost: limits in
+     O(B x l); the chunked loss scores only columns below max(limit) densely (the other
+     images' appended positives are nobody's negatives), the unchunked one every column.
    - batch (PartialFC/UNICOM): every positive of the global batch in the block plus
      floor(rho * K_local) random non-positives; every column that is not the row's own
      positive is its negative. Other images' positives add to the negatives: with a large batch
      far more than rho * K (global batch 32,000 x 8 labels, K = 1M: ~0.33 K per image).
    rho = 1: both rules give every non-positive class of the block;
 3. computes cosines to those centers and its share of the loss (training/loss.py), reduced
-   across ranks. With `chunk_rows` the global batch goes through in row chunks whose cosines are
-   recomputed in backward (activation checkpointing per chunk): peak loss memory is
-   O(chunk x S) instead of O(B_global x S) (the B x S logits, their masked copies and exps:
-   44.5 GiB measured at K = 1M, W = 8, B = 32,768), for recomputing each chunk's forward in
-   backward (one more GEMM + the elementwise terms; measured in training/bench_train.py). Same loss and
-   gradients: only per-row (2, B) log-sum-exp pieces are kept (training/loss.py `local_terms`).
+   across ranks. By default (`chunk_rows` >= 0) the global batch goes through in row chunks
+   whose gradients are computed during the forward pass (training/fused_loss.py): no chunk is
+   recomputed in backward, and peak loss memory is O(chunk x S) instead of O(B_global x S)
+   (the B x S logits, their masked copies and exps: 44.5 GiB measured at K = 1M, W = 8,
+   B = 32,768). Only the columns that can be some row's negative are scored densely (under
+   `sampled`, the drawn candidates, not the other images' appended positives); each row's own
+   positives are scored sparsely. `chunk_rows: -1` is the plain autograd path over the whole
+   B x S matrix (the reference the fused path is tested and benchmarked against).
 The centers are never data-parallel parameters: keep them out of DeepSpeed/DDP and give them
 their own optimizer (`make_optimizer`).
 """
@@ -52,11 +53,13 @@ from training.loss import LossConfig, combine, local_terms, reduce_sum, target_m
 
 INIT_CHUNK = 1 << 16  # centers are initialized in fixed chunks so the K x D matrix is the same
 #                       for any world size (one seeded generator per chunk)
-AUTO_CHUNK_LOGITS = {"cuda": 1 << 26, "cpu": 1 << 22}  # chunk_rows = 0: rows per chunk so a
-#   chunk holds <= this many (dense) logits. CUDA: 64M (256 MiB fp32 buffer); the recomputing
+AUTO_CHUNK_LOGITS = {"cuda": 1 << 26, "cpu": 1 << 23}  # chunk_rows = 0: rows per chunk so a
+#   chunk holds <= this many dense logits. CUDA: 64M (256 MiB fp32 buffer); the recomputing
 #   path measured on an H200 (B = 32,768, S = 41,500) took 243 ms unchunked, 344 ms at 4,096
-#   rows, 409 ms at 404 rows. CPU: 4M (16 MiB), chosen by `python -m training.bench_train
-#   chunks` (docs/LOSS.md): small enough for the buffer to stay in the allocator's reuse.
+#   rows, 409 ms at 404 rows. CPU: 8M (32 MiB). Measured on the 2-core box under load ~14, K = 1M,
+#   W = 32, B = 16,384, 3,133 dense columns, 2 threads, s/step: 256 rows 52.5, 512 35.6, 1,024
+#   29.1, 2,048 22.8, 4,096 23.8, 8,192 20.2 (each op's thread sync costs most on a loaded box;
+#   with 1 thread 256 and 2,048 rows took the same time).
 
 
 def auto_chunk_logits(device: torch.device) -> int:
@@ -77,8 +80,8 @@ class PartialFCConfig:
     optimizer: str = "adamw"      # adamw | sgd (momentum 0.9)
     lr_mult: float = 1.0          # center LR = backbone LR (schedule included) x lr_mult
     weight_decay: float | None = None  # None: the backbone's optim.weight_decay
-    chunk_rows: int = 0           # loss rows per chunk, recomputed in backward; 0 = auto (a chunk
-    #                               holds <= 2^26 logits; no chunking when the batch fits), -1 = off
+    chunk_rows: int = 0           # loss rows per chunk (gradients computed in forward, nothing
+    #                               recomputed); 0 = auto (AUTO_CHUNK_LOGITS), -1 = off (autograd)
 
     def __post_init__(self):
         check(self.num_classes >= 0, "num_classes", self.num_classes, "must be >= 0 (0 = from centroids)")
