@@ -63,8 +63,8 @@ def bench_memory(quick: bool) -> list[dict]:
         sampled = 2 * S * D * 4 + 4 * B * S * 4  # rows (+normalized), logits (+2 masked, exp)
         rows.append({"bench": "classifier memory/rank", "config": f"K={K:,} D={D} W={W}",
                      "ours": centers / 2**20, "unit": "MiB (measured tensor bytes)",
-                     "note": f"+grad+AdamW {(2 * centers + state) / 2**20:.0f} MiB (data-parallel: "
-                             f"{K * D * 4 / 2**20:.0f} MiB each); sampled buffers "
+                     "note": f"+grad+AdamW {(2 * centers + state) / 2**20:.0f} MiB (a data-parallel "
+                             f"classifier: {K * D * 4 / 2**20:.0f} MiB/rank); unchunked sampled buffers "
                              f"~{sampled / 2**20:.0f} MiB (computed, global B={B})"})
         del pfc, opt
     return rows
