@@ -13,8 +13,9 @@ The double sum factorizes, so both need only the same two log-sum-exps per row.
 
 Each rank holds some of the columns. Every log-sum-exp is split in two steps:
 1. `local_terms`: per row, the log-sum-exp over this rank's columns only (a (T, B) tensor: T = 2
-   terms, B rows). Rows can be processed in chunks (training/partial_fc.py), so the B x S logit
-   matrix never has to exist at once; an empty set of columns gives a very negative value.
+   terms, B rows); an empty set of columns gives a very negative value. This is the autograd
+   path (`partial_fc.chunk_rows: -1`); training/fused_loss.py computes the same pieces in row
+   chunks, with their gradients, so the B x S logit matrix never exists at once.
 2. `combine`: the ranks' per-row values are merged stably: all-reduce their max M (no gradient
    needed: the result does not depend on it), all-reduce sum_r exp(lse_r - M), then
    log(1 + sum) = M + log(sum + exp(-M)) for MLCD (the "1" is a zero logit, counted once) or
