@@ -13,9 +13,10 @@ log-sum-exp loss whose normalisers span ranks:
    (mlcd: d loss / d z = exp(z - l) / N; mlc: times sigmoid(l_pos + l_neg); unicom: the softmax
    minus the target), so the buffer, which holds exp(z), becomes d loss / d cos in place;
 3. two GEMMs turn it into the chunk's d loss / d emb rows and add its share of d loss / d w.
-Cost: 3 GEMMs of rows x S_neg x D per chunk (as many as an unchunked forward + backward), four
-elementwise passes over the buffer, no logit-sized allocation. Memory: the buffer and a
-(rows, l) band mask, plus the B x D and S x D gradients backward would allocate anyway.
+Cost: 3 GEMMs of rows x S_neg x D per chunk (as many as an unchunked forward + backward), three
+full elementwise passes over the buffer (exp, row sums, the per-row scaling), no logit-sized
+allocation. Memory: the buffer and a (rows, l) band mask, plus the B x D and S x D gradients
+backward would allocate anyway.
 
 Only negatives are scored densely. A row's negatives are its non-positive columns below its
 limit (training/partial_fc.py); columns at or past max(limit) are nobody's negatives (under the
