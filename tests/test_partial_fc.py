@@ -4,7 +4,9 @@ Run as a script under torchrun (1 or 2 gloo ranks), it checks on every rank:
 - K = 11 split 6/5: loss and gradients w.r.t. the embeddings and the class centers equal the
   loss written out row by row in float64 from the positive and negative class sets the rule
   defines (MLCD arc, MLCD cos, vanilla multi-label, UNICOM), rho = 1 and rho < 1 under both
-  negative rules (`sampled`, `batch`), unchunked and in row chunks (recomputed in backward);
+  negative rules (`sampled`, `batch`), unchunked (autograd) and in row chunks (the fused path:
+  gradients computed in forward, training/fused_loss.py), in float64 to rounding and in
+  float32 to float32 noise; the fused loss also passes torch.autograd.gradcheck;
 - a rank whose block gets no sampled column (K = 10, rho = 0.1, positives all on rank 0) adds
   nothing, does not hang its peers; rows without negatives (mlc: zero loss) are handled;
 - rho < 1, `batch`: every positive of the global batch in the block is sampled, plus exactly
@@ -68,17 +70,24 @@ def reference_sets(ctx, pfc, labels: torch.Tensor, step: int) -> tuple[list[list
     return pos, [sorted(sum((r[i] for r in every), [])) for i in range(len(pos))]
 
 
+# float64: the sharded loss runs in float64 too, so any difference beyond rounding is a bug
+# (gradcheck-level). float32 (what training runs): the float64 reference within float32 noise
+# (the centers' gradient passes through normalize of norm-0.03 rows, which amplifies rounding).
+TOL = {torch.float64: dict(rtol=1e-9, atol=1e-11), torch.float32: dict(rtol=1e-3, atol=1e-5)}
+
+
 def compare_dense(ctx, K: int, emb: torch.Tensor, labels: torch.Tensor, cfg, pfc_cfg, seed: int = 3,
-                  step: int = 0, valid: torch.Tensor | None = None) -> dict:
+                  step: int = 0, valid: torch.Tensor | None = None, dtype=torch.float64) -> dict:
     """Sharded loss, d loss/d emb and d loss/d centers on every rank == the loss written out
     row by row in float64 from the rule's positive and negative sets over the global batch.
     valid (global (B,) bool, optional): the reference drops the invalid rows' labels and averages
-    over the valid rows only (their gradients must be exactly zero). Returns the sharded stats."""
+    over the valid rows only (their gradients must be exactly zero). dtype: the sharded loss's
+    (PartialFC's centers and embeddings). Returns the sharded stats."""
     from training.partial_fc import PartialFC, init_centers
     B = emb.shape[0] // ctx.world_size
-    pfc = PartialFC(K, emb.shape[1], pfc_cfg, cfg, ctx.rank, ctx.world_size, ctx, seed=seed)
+    pfc = PartialFC(K, emb.shape[1], pfc_cfg, cfg, ctx.rank, ctx.world_size, ctx, seed=seed).to(dtype)
     mine = slice(ctx.rank * B, (ctx.rank + 1) * B)
-    x = emb[mine].clone().requires_grad_()
+    x = emb[mine].to(dtype).clone().requires_grad_()
     loss, terms = pfc(x, labels[mine], step=step, valid=None if valid is None else valid[mine])
     loss.backward()
     lab = labels[:, :cfg.labels_used]
@@ -89,10 +98,10 @@ def compare_dense(ctx, K: int, emb: torch.Tensor, labels: torch.Tensor, cfg, pfc
     wd = init_centers(K, emb.shape[1], 0, K, 0.01, seed=seed).double().requires_grad_()
     ld = reference_loss(xd, wd, pos, neg, cfg, None if valid is None else valid.tolist())
     ld.backward()
-    torch.testing.assert_close(loss.double(), ld, rtol=1e-5, atol=1e-5)
-    torch.testing.assert_close(x.grad.double(), xd.grad[mine], rtol=1e-4, atol=1e-6)
-    torch.testing.assert_close(pfc.weight.grad.double(), wd.grad[pfc.start:pfc.start + pfc.num_local],
-                               rtol=1e-4, atol=1e-6)
+    tol = TOL[dtype]
+    torch.testing.assert_close(loss.double(), ld, **tol)
+    torch.testing.assert_close(x.grad.double(), xd.grad[mine], **tol)
+    torch.testing.assert_close(pfc.weight.grad.double(), wd.grad[pfc.start:pfc.start + pfc.num_local], **tol)
     assert float(xd.grad.abs().sum()) == 0 or float(x.grad.abs().sum()) > 0
     kept = [n for i, n in enumerate(neg) if valid is None or valid[i]]
     assert abs(float(terms["negatives"]) - sum(map(len, kept)) / max(len(kept), 1)) < 1e-4
@@ -116,12 +125,14 @@ def check_loss_and_grads(ctx) -> None:
     losses = (LossConfig(num_labels=3), LossConfig(num_labels=3, margin_type="cos", margin=0.2),
               LossConfig(mode="mlc", num_labels=3, scale=16), LossConfig(mode="unicom", scale=32, margin=0.5))
     for cfg in losses:
-        for chunk in (-1, 1, 4, 0):
+        for chunk in (-1, 1, 4, 0):  # -1: autograd over the B x S logits; else fused row chunks
             compare_dense(ctx, K, emb, labels, cfg, PartialFCConfig(sample_rate=1.0, chunk_rows=chunk))
+            compare_dense(ctx, K, emb, labels, cfg, PartialFCConfig(sample_rate=1.0, chunk_rows=chunk),
+                          dtype=torch.float32)
     # rho < 1, both rules: 2 / 1 negatives per rank (+ the batch's positives under `batch`)
     for rule in ("sampled", "batch"):
         for cfg in losses[::2] + losses[3:]:
-            for chunk, step in ((-1, 0), (2, 0), (-1, 7), (4, 7)):
+            for chunk, step in ((-1, 0), (2, 0), (-1, 7), (4, 7), (5, 7)):
                 compare_dense(ctx, K, emb, labels, cfg,
                               PartialFCConfig(sample_rate=0.35, negatives=rule, chunk_rows=chunk), step=step)
 
@@ -265,6 +276,45 @@ def test_partial_fc_one_process_chunked():
     """No process group: chunked == unchunked == dense float64, both loss modes."""
     from pipeline.dist import DistContext
     check_loss_and_grads(DistContext())
+
+
+def test_fused_loss_gradcheck():
+    """The fused chunked loss (training/fused_loss.py) against finite differences in float64,
+    every mode, both rules, with padding rows and a chunk that splits the batch unevenly; and at
+    a scale too large for an unshifted exp in float32 (the max-shift branch) == the autograd
+    path."""
+    import torch.nn.functional as F
+
+    from training.fused_loss import fused_loss
+    from training.loss import LossConfig, combine
+    from training.partial_fc import PartialFC, PartialFCConfig, _chunk_terms
+    g = torch.Generator().manual_seed(4)
+    emb, labels = torch.randn(7, 5, generator=g, dtype=torch.float64), torch.randint(0, 23, (7, 3), generator=g)
+    labels[2, 1:] = -1
+    valid = torch.tensor([True, True, False, True, True, True, False])
+    for cfg in (LossConfig(num_labels=3), LossConfig(mode="mlc", num_labels=3, scale=8),
+                LossConfig(mode="unicom", scale=16, margin=0.5)):
+        for rule in ("sampled", "batch"):
+            pfc = PartialFC(23, 5, PartialFCConfig(sample_rate=0.3, negatives=rule), cfg)
+            d = pfc.sample_columns(labels[:, :cfg.labels_used], 1)
+            w = F.normalize(pfc.weight.detach()[d.sampled].double(), dim=1).requires_grad_()
+            e = F.normalize(emb, dim=1).requires_grad_()
+            for v in (None, valid):
+                assert torch.autograd.gradcheck(
+                    lambda e, w, v=v: fused_loss(e, w, d.cols, d.limit, cfg, None, 3, v)[0], (e, w), fast_mode=True)
+    cfg = LossConfig(num_labels=3, scale=120.0)
+    pfc = PartialFC(23, 5, PartialFCConfig(sample_rate=0.3), cfg)
+    d = pfc.sample_columns(labels, 1)
+    out = []
+    for fused in (True, False):
+        e = F.normalize(emb.float(), dim=1).requires_grad_()
+        w = F.normalize(pfc.weight.detach()[d.sampled], dim=1).requires_grad_()
+        loss = (fused_loss(e, w, d.cols, d.limit, cfg, None, 2)[0] if fused else
+                combine(_chunk_terms(e, w, d.cols, d.limit, cfg), cfg)[0])
+        loss.backward()
+        out.append((loss, e.grad, w.grad))
+    for a, b in zip(*out):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
 
 
 def test_sampled_negatives_are_uniform():

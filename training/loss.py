@@ -13,8 +13,9 @@ The double sum factorizes, so both need only the same two log-sum-exps per row.
 
 Each rank holds some of the columns. Every log-sum-exp is split in two steps:
 1. `local_terms`: per row, the log-sum-exp over this rank's columns only (a (T, B) tensor: T = 2
-   terms, B rows). Rows can be processed in chunks (training/partial_fc.py), so the B x S logit
-   matrix never has to exist at once; an empty set of columns gives a very negative value.
+   terms, B rows); an empty set of columns gives a very negative value. This is the autograd
+   path (`partial_fc.chunk_rows: -1`); training/fused_loss.py computes the same pieces in row
+   chunks, with their gradients, so the B x S logit matrix never exists at once.
 2. `combine`: the ranks' per-row values are merged stably: all-reduce their max M (no gradient
    needed: the result does not depend on it), all-reduce sum_r exp(lse_r - M), then
    log(1 + sum) = M + log(sum + exp(-M)) for MLCD (the "1" is a zero logit, counted once) or
@@ -161,7 +162,7 @@ def combine(local: torch.Tensor, cfg: LossConfig, ctx=None, valid: torch.Tensor 
         # no positive or no negative: no pair, loss 0 (an empty lse is ~finfo.min; their sum
         # would overflow to -inf, the clamp keeps it finite with a zero gradient)
         pair = (l_pos + l_neg).clamp_min(torch.finfo(local.dtype).min)
-        loss = _mean(F.softplus(pair), valid)
+        loss = _mean(torch.logaddexp(pair, pair.new_zeros(())), valid)  # softplus, exact for large pair
         # the two log-sum-exps: loss = softplus(loss_pos + loss_neg) per row, not their sum
         return loss, {"loss_pos": _mean(l_pos.detach(), valid), "loss_neg": _mean(l_neg.detach(), valid)}
     m = reduce_max(local, ctx).clamp_min(0.0)  # the "1" is exp(0)

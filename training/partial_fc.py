@@ -15,22 +15,23 @@ Per step, a rank:
      positives. The columns are the first floor(rho * K_local) + l classes of the order plus the
      batch's other positives; another image's positive that is not among a row's negatives is
      masked for that row (neither positive nor negative). The per-row rule is one threshold:
-     row b's negatives are its non-positive columns with index < limit[b]. Cost: l more
-     columns than `batch` (the same GEMM), limits in O(B x l), two (rows, S) bool masks per
-     chunk; the batch's positives are still scored for every row, though each row uses only
-     its own (and those drawn for it), as in `batch`.
+     row b's negatives are its non-positive columns with index < limit[b]. Cost: limits in
+     O(B x l); the chunked loss scores only columns below max(limit) densely (the other
+     images' appended positives are nobody's negatives), the unchunked one every column.
    - batch (PartialFC/UNICOM): every positive of the global batch in the block plus
      floor(rho * K_local) random non-positives; every column that is not the row's own
      positive is its negative. Other images' positives add to the negatives: with a large batch
      far more than rho * K (global batch 32,000 x 8 labels, K = 1M: ~0.33 K per image).
    rho = 1: both rules give every non-positive class of the block;
 3. computes cosines to those centers and its share of the loss (training/loss.py), reduced
-   across ranks. With `chunk_rows` the global batch goes through in row chunks whose cosines are
-   recomputed in backward (activation checkpointing per chunk): peak loss memory is
-   O(chunk x S) instead of O(B_global x S) (the B x S logits, their masked copies and exps:
-   44.5 GiB measured at K = 1M, W = 8, B = 32,768), for recomputing each chunk's forward in
-   backward (one more GEMM + the elementwise terms; measured in training/bench_train.py). Same loss and
-   gradients: only per-row (2, B) log-sum-exp pieces are kept (training/loss.py `local_terms`).
+   across ranks. By default (`chunk_rows` >= 0) the global batch goes through in row chunks
+   whose gradients are computed during the forward pass (training/fused_loss.py): no chunk is
+   recomputed in backward, and peak loss memory is O(chunk x S) instead of O(B_global x S)
+   (the B x S logits, their masked copies and exps: 44.5 GiB measured at K = 1M, W = 8,
+   B = 32,768). Only the columns that can be some row's negative are scored densely (under
+   `sampled`, the drawn candidates, not the other images' appended positives); each row's own
+   positives are scored sparsely. `chunk_rows: -1` is the plain autograd path over the whole
+   B x S matrix (the reference the fused path is tested and benchmarked against).
 The centers are never data-parallel parameters: keep them out of DeepSpeed/DDP and give them
 their own optimizer (`make_optimizer`).
 """
@@ -45,18 +46,26 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
-from torch.utils.checkpoint import checkpoint
 
 from pipeline.config import check
+from training.fused_loss import distinct_sorted, fused_loss
 from training.loss import LossConfig, combine, local_terms, reduce_sum, target_mask
 
 INIT_CHUNK = 1 << 16  # centers are initialized in fixed chunks so the K x D matrix is the same
 #                       for any world size (one seeded generator per chunk)
-AUTO_CHUNK_LOGITS = 1 << 26  # chunk_rows = 0: rows per chunk so a chunk holds <= 64M logits
-#                              (256 MiB fp32 per buffer, ~1.5 GiB peak). Smaller chunks cost more
-#                              time: on an H200 at B = 32,768, S = 41,500 the loss took 243 ms
-#                              unchunked (44.5 GiB), 344 ms at 4,096 rows (5.8 GiB), 409 ms at 404
-#                              rows (0.83 GiB)
+AUTO_CHUNK_LOGITS = {"cuda": 1 << 26, "cpu": 1 << 23}  # chunk_rows = 0: rows per chunk so a
+#   chunk holds <= this many dense logits. CUDA: 64M (256 MiB fp32 buffer); the recomputing
+#   path measured on an H200 (B = 32,768, S = 41,500) took 243 ms unchunked, 344 ms at 4,096
+#   rows, 409 ms at 404 rows. CPU: 8M (32 MiB). Measured on the 2-core box under load ~14, K = 1M,
+#   W = 32, B = 16,384, 3,133 dense columns, 2 threads, s/step: 256 rows 52.5, 512 35.6, 1,024
+#   29.1, 2,048 22.8, 4,096 23.8, 8,192 20.2 (each op's thread sync costs most on a loaded box;
+#   with 1 thread 256 and 2,048 rows took the same time).
+
+
+def auto_chunk_logits(device: torch.device) -> int:
+    return AUTO_CHUNK_LOGITS["cuda" if device.type == "cuda" else "cpu"]
+
+
 NEGATIVE_RULES = ("sampled", "batch")
 
 
@@ -71,8 +80,8 @@ class PartialFCConfig:
     optimizer: str = "adamw"      # adamw | sgd (momentum 0.9)
     lr_mult: float = 1.0          # center LR = backbone LR (schedule included) x lr_mult
     weight_decay: float | None = None  # None: the backbone's optim.weight_decay
-    chunk_rows: int = 0           # loss rows per chunk, recomputed in backward; 0 = auto (a chunk
-    #                               holds <= 2^26 logits; no chunking when the batch fits), -1 = off
+    chunk_rows: int = 0           # loss rows per chunk (gradients computed in forward, nothing
+    #                               recomputed); 0 = auto (AUTO_CHUNK_LOGITS), -1 = off (autograd)
 
     def __post_init__(self):
         check(self.num_classes >= 0, "num_classes", self.num_classes, "must be >= 0 (0 = from centroids)")
@@ -225,11 +234,16 @@ class PartialFC(nn.Module):
         return d.sampled, pos, row_negatives(pos, d.limit)
 
     def chunk_rows(self, batch: int, num_cols: int) -> int:
+        """Rows per loss chunk. auto: a chunk of the densest rank holds <= AUTO_CHUNK_LOGITS
+        logits (every rank must use the same chunks: one collective per chunk)."""
         if self.cfg.chunk_rows > 0:
             return self.cfg.chunk_rows
         if self.cfg.chunk_rows < 0:
             return batch
-        return max(1, AUTO_CHUNK_LOGITS // max(num_cols, 1))
+        if self.ctx is not None and self.ctx.distributed:
+            n = torch.tensor([float(num_cols)], device=self.ctx.device)
+            num_cols = int(self.ctx.all_reduce_(n, "max").item())
+        return max(1, auto_chunk_logits(self.weight.device) // max(num_cols, 1))
 
     def forward(self, emb: torch.Tensor, labels: torch.Tensor, step: int, valid: torch.Tensor | None = None
                 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
@@ -240,7 +254,8 @@ class PartialFC(nn.Module):
         the loss is the mean over the global batch's valid rows (0 when there is none).
         Returns the global-batch loss (same value on every rank) and detached stats."""
         labels = labels[:, :self.loss_cfg.labels_used].to(emb.device, torch.long)
-        emb = F.normalize(emb.float(), dim=1)
+        # float32 (bf16/fp16 embeddings are promoted); float64 when the centers are (exactness tests)
+        emb = F.normalize(emb.to(torch.float64 if self.weight.dtype == torch.float64 else torch.float32), dim=1)
         emb_g = all_gather_grad(emb, self.ctx, self.grad_scale)
         valid_g = None
         if valid is not None:
@@ -250,15 +265,12 @@ class PartialFC(nn.Module):
         labels_g = all_gather_nograd(labels, self.ctx)
         sampled, cols, limit = self.sample_columns(labels_g, step)
         w = F.normalize(self.weight[sampled], dim=1)  # gradient flows into the sampled rows only
-        rows = self.chunk_rows(emb_g.shape[0], sampled.numel())
-        if rows >= emb_g.shape[0]:
-            local = _chunk_terms(emb_g, w, cols, limit, self.loss_cfg)
-        else:  # each chunk's cosines are recomputed in backward instead of being kept
-            local = torch.cat([checkpoint(_chunk_terms, e, w, c, n, self.loss_cfg, use_reentrant=False,
-                                          preserve_rng_state=False)
-                               for e, c, n in zip(emb_g.split(rows), cols.split(rows), limit.split(rows))],
-                              dim=1)
-        loss, terms = combine(local, self.loss_cfg, self.ctx, valid_g)
+        if self.cfg.chunk_rows < 0:  # unchunked: the B x S logits through autograd
+            loss, terms = combine(_chunk_terms(emb_g, w, cols, limit, self.loss_cfg), self.loss_cfg,
+                                  self.ctx, valid_g)
+        else:  # row chunks, gradients computed in forward (training/fused_loss.py)
+            rows = self.chunk_rows(emb_g.shape[0], int(limit.max()) if limit.numel() else 0)
+            loss, terms = fused_loss(emb_g, w, cols, limit, self.loss_cfg, self.ctx, rows, valid_g)
         n_pos = torch.unique(cols[cols >= 0]).numel()
         per_row = (limit - positives_below(cols, limit)).float()  # negatives per row, this rank
         if valid_g is None:
@@ -281,27 +293,19 @@ class Draw(NamedTuple):
     limit: torch.Tensor    # (B,) row b's negatives: its non-positive columns < limit[b]
 
 
-def _distinct_sorted(cols: torch.Tensor) -> torch.Tensor:
-    """(B, l) -> each row's distinct columns >= 0, ascending, the rest -1 (at the ends)."""
-    c = torch.sort(cols, dim=1).values
-    dup = torch.zeros_like(c, dtype=torch.bool)
-    dup[:, 1:] = c[:, 1:] == c[:, :-1]
-    return c.masked_fill(dup, -1)
-
-
 def negative_limit(cols: torch.Tensor, n_neg: int, n_cand: int) -> torch.Tensor:
     """(B,) per-row limit so that columns [0, limit) hold exactly n_neg non-positives of the row
     (fewer when the first n_cand columns have no more): start at n_neg and extend by one for
     each own positive that falls below the current limit, in ascending order. O(B x l)."""
     limit = torch.full((cols.shape[0],), n_neg, dtype=torch.long, device=cols.device)
-    for p in _distinct_sorted(cols).unbind(1):
+    for p in distinct_sorted(cols).unbind(1):
         limit += ((p >= 0) & (p < limit)).long()
     return limit.clamp_max(n_cand)
 
 
 def positives_below(cols: torch.Tensor, limit: torch.Tensor) -> torch.Tensor:
     """(B,) number of a row's distinct positive columns < limit."""
-    c = _distinct_sorted(cols)
+    c = distinct_sorted(cols)
     return ((c >= 0) & (c < limit[:, None])).sum(1)
 
 
