@@ -86,7 +86,7 @@ ITEMS = [
     Item("rate_kmeans", "k-means s/iteration, torch method, K=1M, D=768, 262,144 points", 30,
          "torchrun1", min_s=25),
     Item("rate_loader", "train loader img/s: CPU decode per core, GPU decode (decode_jpeg on the device), "
-         "pixel difference GPU vs CPU", 20, "python", needs=["data"]),
+         "pixel difference GPU vs CPU", 20, "python"),
     Item("rate_fused_loss", "PartialFC loss fwd+bwd at K=1M share, chunked (no recompute) vs unchunked: "
          "samples/s, TFLOP/s, peak memory", 20, "python"),
 ]
@@ -104,10 +104,10 @@ SIZES = {
                        {"model": "vit_tiny_rope2d", "image_size": 48, "batch": 4, "k": 512, "iters": 1}),
     "rate_train_l14": ({"model": "vit_l14_336", "image_size": 224, "batch": 128, "k": 1_000_000, "iters": 4},
                        {"model": "vit_tiny_clip", "image_size": 48, "batch": 4, "k": 512, "iters": 1}),
-    "rate_loader": ({"images": 512, "batch": 64}, {"images": 64, "batch": 16}),
-    # one rank's share of the paper's shape: K = 1M over 8 GPUs, global batch 32,768, D = 512
-    "rate_fused_loss": ({"k": 125_000, "batch": 32_768, "d": 512, "chunk_rows": 4096, "iters": 3},
-                        {"k": 4096, "batch": 1024, "d": 64, "chunk_rows": 256, "iters": 1}),
+    "rate_loader": ({"images": 512}, {"images": 64}),
+    # one rank of K = 1M over W ranks scoring the global batch (None: bench_train's CUDA shape,
+    # W = 8, D = 512, B = 32,768)
+    "rate_fused_loss": ({"shape": None}, {"shape": {"K": 65_536, "W": 4, "D": 64, "B": 1024}}),
 }
 # The end-to-end items on CPU: tiny models, fp32 (the stages' CPU precision), no worker processes.
 CPU_OVERRIDES = [
@@ -482,34 +482,35 @@ def item_rate_train_l14(work: Path, p: dict) -> dict:
 
 
 def item_rate_loader(work: Path, p: dict) -> dict:
-    """The train loader on the demo shards: CPU decode (one worker = one core) and, on a GPU,
-    batched decode_jpeg on the device; the GPU path's pixel difference from the CPU path."""
+    """The train loader's decode on its own synthetic JPEG shards (training/bench_data.py):
+    CPU decode in one thread (= per core), and on a GPU batched decode_jpeg on the device, with
+    the GPU path's pixel difference from the CPU path."""
+    import torch
+
     from training.bench_data import loader_rate
-    shards = str(work / "run" / "data" / "train")
-    cpu = loader_rate("cpu", "cpu", p["images"], shards=shards, batch=p["batch"])
+    torch.set_num_threads(1)  # per core: the loader's workers each run one thread
+    cpu = loader_rate("cpu", "cpu", p["images"])
     res = {"value": round(cpu["images_per_s"], 1), "unit": "img/s per core (CPU decode)", "cpu": cpu}
     dev = _device()
     if dev.type == "cuda":
-        gpu = loader_rate("gpu", str(dev), p["images"], shards=shards, batch=p["batch"])
+        gpu = loader_rate("gpu", str(dev), p["images"])
         res.update(gpu=gpu, gpu_images_per_s=round(gpu["images_per_s"], 1),
                    setting=f"GPU decode {gpu['images_per_s']:.0f} img/s, max |pixel diff| vs CPU "
-                           f"{gpu.get('pixel_max_abs_diff_vs_cpu', '?')}")
+                           f"{gpu.get('pixel_max_abs_diff_vs_cpu', '?')} levels")
     else:
         res["setting"] = "GPU decode: no CUDA device (CPU rehearsal)"
     return res
 
 
 def item_rate_fused_loss(work: Path, p: dict) -> dict:
-    """The PartialFC loss alone at one rank's share of K = 1M: chunked without recompute vs
-    unchunked, samples/s, TFLOP/s and peak memory of each."""
+    """The PartialFC loss alone (training/bench_train.py:fused_loss_rate): one simulated rank of a
+    global batch at K = 1M (default shape on CUDA: W = 8, D = 512, B = 32,768), chunked without
+    recompute; samples/s, TFLOP/s, its ratio to the same GEMMs alone, peak memory."""
     from training.bench_train import fused_loss_rate
-    dev = _device()
-    r = fused_loss_rate(dev, p)
-    out = {"value": round(r["samples_per_s"]), "unit": "samples/s (loss fwd+bwd)", **r,
-           "setting": f"K={p['k']} B={p['batch']} D={p['d']} chunk {p['chunk_rows']}"}
-    if "flops_per_s" in r:
-        out["mfu"] = _mfu(work, r["flops_per_s"], fp32=True)
-    return out
+    r = fused_loss_rate(_device(), p.get("shape"))
+    return {"value": round(r["samples_per_s"]), "unit": "samples/s (loss fwd+bwd)", **r,
+            "setting": f"{r['shape']} chunk {r['chunk_rows']} rows; {r['ratio_to_gemm']:.2f} of its GEMMs' rate",
+            "mfu": _mfu(work, r["tflops"] * 1e12, fp32=True)}
 
 
 def previous_correctness(out: Path, commit: str | None) -> bool:

@@ -100,3 +100,26 @@ def test_trained_beats_random_init(tmp_path):
              for d in ("openclipart", "fmnist") for p in ("linear", "knn")}
     print("trained - random_init (points):", {k: round(v, 1) for k, v in gains.items()})
     assert np.mean([gains[("fmnist", "linear")], gains[("fmnist", "knn")]]) >= 2.0, gains
+
+
+@pytest.mark.slow
+def test_demo_cut_short_by_its_time_budget_says_so_and_continues(demo_run):
+    """Training stopped by train.time_budget_s is not "done": the report says how many of the
+    planned steps ran, export/eval describe that checkpoint, and a rerun continues training."""
+    from launch import demo
+    out, rc, _ = demo_run
+    assert rc == 0
+    first = json.loads((out / "demo_state.json").read_text())["stages"]["train"]
+    assert first["done"] and first["steps_done"] == first["steps_planned"]
+    more = ["--config", str(ROOT / "configs/debug.yaml"), f"run.out_dir={out}", f"train.steps={first['steps_planned'] + 400}",
+            "train.extend_schedule=true", "train.time_budget_s=0.5"]
+    assert demo.main(more) == 0  # train resumes, stops at its budget; export and eval redo
+    state = json.loads((out / "demo_state.json").read_text())["stages"]
+    tr = state["train"]
+    assert not tr["done"] and first["steps_done"] < tr["steps_done"] < tr["steps_planned"]
+    assert state["export"]["train_step"] == state["eval"]["train_step"] == tr["steps_done"]
+    report = (out / "report.md").read_text()
+    assert f"Stopped early: {tr['steps_done']} of {tr['steps_planned']} planned steps" in report
+    assert demo.main(more) == 0  # the rerun continues it (still cut short by the tiny budget)
+    again = json.loads((out / "demo_state.json").read_text())["stages"]["train"]
+    assert again["steps_done"] > tr["steps_done"]

@@ -106,6 +106,9 @@ class TrainConfig:
     extend_schedule: bool = field(default=False, metadata=RESUMABLE)
     time_budget_s: float = field(default=0.0, metadata=RESUMABLE)  # stop early with a checkpoint
     #                               after this long (0 = no limit)
+    # MFU in the metrics: achieved model FLOP/s per device over this peak (TFLOP/s, dense, the
+    # training precision); 0 = the datasheet bf16 peak for known GPUs (A100, H100, H200), none on CPU
+    peak_tflops: float = field(default=0.0, metadata=RESUMABLE)
     model: ModelConfig = field(default_factory=ModelConfig)
     loss: LossConfig = field(default_factory=LossConfig)
     partial_fc: PartialFCConfig = field(default_factory=PartialFCConfig)
@@ -125,6 +128,7 @@ class TrainConfig:
     def __post_init__(self):
         check(self.steps >= 1, "steps", self.steps, "must be >= 1")
         check(self.time_budget_s >= 0, "time_budget_s", self.time_budget_s, "must be >= 0")
+        check(self.peak_tflops >= 0, "peak_tflops", self.peak_tflops, "must be >= 0 (0 = the device's datasheet)")
 
 
 def schedule_phase(step: int, optim: OptimConfig, total: int) -> float:

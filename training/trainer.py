@@ -32,7 +32,7 @@ from pipeline.config import ConfigError, RunConfig, to_dict
 from pipeline.dist import DistContext
 from pipeline.entry import StageError
 from pipeline.io import atomic_write_text
-from pipeline.tracking import Tracker, progress
+from pipeline.tracking import Tracker, fmt_duration, progress
 from training import checkpoint as ckpt
 from training.config import CheckpointConfig, OptimConfig, TrainConfig, schedule_phase
 from training.data import Batch, epoch_length, make_loader, normalize_uint8
@@ -46,6 +46,7 @@ from training.heads import (
     total_loss,
 )
 from training.init_weights import FinetuneConfig, load_initial_weights, param_groups
+from training.model import forward_flops
 from training.safe_load import every_rank_reads
 from training.validate import TrainInputError
 
@@ -363,16 +364,18 @@ class Trainer:
     def fit(self, stream: Iterator[list]) -> dict:
         cfg, ctx = self.cfg, self.ctx
         metrics = _Metrics(self, self.out / "metrics.jsonl" if self.out else None)
-        bar = progress(cfg.steps, "train", ctx, unit="step", initial=self.step)
+        bar = progress(cfg.steps, "train", ctx, unit="step", initial=self.step, share_dir=self.out)
         t_start, last = time.perf_counter(), {}
         while self.step < cfg.steps:
-            batches = next(stream)
+            t0 = time.perf_counter()
+            batches = next(stream)  # blocked here = the step waited for data (loader too slow)
+            t1 = time.perf_counter()
             last = self.train_step(batches)
             self.step += 1
             self.samples_seen += self.global_batch
             bar.update(1)
-            metrics.add(last, batches)
             stopping = self._over_budget(t_start)
+            metrics.add(last, batches, wait_s=t1 - t0, step_s=time.perf_counter() - t1, final=stopping)
             if self.checkpoints is not None and self.checkpoints.due(self.step, cfg.steps, stopping):
                 self.checkpoints.save(self.step, self.engine, self.heads, self.state(last))
             if stopping:
@@ -398,9 +401,15 @@ class Trainer:
         return bool(over.item())
 
 
+DATASHEET_BF16_TFLOPS = {"H200": 989.0, "H100": 989.0, "A100": 312.0}  # dense, NVIDIA datasheets
+
+
 class _Metrics:
-    """Every `run.log_every` steps: throughput and the step's numbers to wandb and (rank 0)
-    metrics.jsonl, which first drops lines a killed run logged after its last checkpoint."""
+    """Every `run.log_every` steps (and at the last step, also one cut short by the time budget):
+    the window's mean loss, throughput (global and per device), the share of step time spent
+    waiting for data, MFU, memory and ETA, to (rank 0) metrics.jsonl, the log and wandb. wandb
+    keys are namespaced (train/, data/, sys/); metrics.jsonl keeps flat keys (the reports read
+    them). metrics.jsonl first drops lines a killed run logged after its last checkpoint."""
 
     def __init__(self, trainer: Trainer, path: Path | None):
         self.t, self.path = trainer, path
@@ -411,37 +420,82 @@ class _Metrics:
         self.tracker = Tracker(trainer.run, ctx, str(path.parent if path else "."), "train",
                                {"run": to_dict(trainer.run), "train": to_dict(trainer.cfg)})
         self.t_start = self.t_log = time.perf_counter()
-        self.n, self.skipped = 0, 0
+        self.n = self.skipped = self.steps = 0
+        self.loss_sum = self.wait_s = self.step_s = 0.0
+        model = trainer.model_cfg
+        self.flops_per_sample = 3 * forward_flops(model, head=False)  # backward = 2x forward
+        self.peak = _peak_flops(trainer.cfg.peak_tflops, ctx.device)
 
-    def add(self, last: dict, batches: list[Batch]) -> None:
+    def add(self, last: dict, batches: list[Batch], wait_s: float = 0.0, step_s: float = 0.0,
+            final: bool = False) -> None:
         t = self.t
         self.n += t.global_batch
+        self.steps += 1
         self.skipped += sum(int(b.skipped) for b in batches)
-        if t.step % t.run.log_every and t.step != t.cfg.steps:
+        self.loss_sum += last["loss"]
+        self.wait_s += wait_s
+        self.step_s += step_s
+        if t.step % t.run.log_every and t.step != t.cfg.steps and not final:
             return
         now = time.perf_counter()
-        last.update(samples_per_s=self.n / (now - self.t_log), skipped_unlabeled=self.skipped,
-                    samples_seen=t.samples_seen, elapsed_s=now - self.t_start)
+        dt, w = now - self.t_log, t.ctx.world_size
+        rate = self.n / dt
+        last.update(loss_avg=self.loss_sum / self.steps, samples_per_s=rate, samples_per_s_per_device=rate / w,
+                    data_wait_s=self.wait_s / self.steps, step_s=self.step_s / self.steps,
+                    data_wait_share=self.wait_s / max(self.wait_s + self.step_s, 1e-12),
+                    skipped_unlabeled=self.skipped, samples_seen=t.samples_seen, elapsed_s=now - self.t_start,
+                    eta_s=(t.cfg.steps - t.step) * dt / self.steps)
+        if self.peak:
+            last["mfu"] = rate / w * self.flops_per_sample / self.peak
         if torch.cuda.is_available():
             last["max_mem_gb"] = torch.cuda.max_memory_allocated() / 2**30
-        self.n, self.t_log = 0, now
-        self.tracker.log(last, t.step)
+        self.n = self.steps = self.skipped = 0
+        self.loss_sum = self.wait_s = self.step_s = 0.0
+        self.t_log = now
+        self.tracker.log(namespaced(last), t.step)
         if t.ctx.is_main:
             if self.path is not None:
                 with open(self.path, "a") as f:
                     f.write(json.dumps({"step": t.step, **last}) + "\n")
-            log.info("step %d/%d loss %.4f (pos %.4f neg %.4f) lr %.2e gnorm %.3g %.1f samples/s "
-                     "sampled %d pos %d neg/image %.0f", t.step, t.cfg.steps, last["loss"], *(
-                         last.get(k, float("nan")) for k in ("loss_pos", "loss_neg")),  # none: image_loss off
-                     last["lr"], last["grad_norm"], last["samples_per_s"], *(
-                         last.get(k, float("nan")) for k in ("sampled_classes", "positives", "negatives")))
-            for h in t.heads:
-                line = h.log_line(last)
-                if line:
-                    log.info("step %d %s", t.step, line)
+            self._log(last)
+
+    def _log(self, last: dict) -> None:
+        t = self.t
+        log.info("step %d/%d loss %.4f (window mean %.4f; pos %.4f neg %.4f) lr %.2e gnorm %.3g | %.1f samples/s "
+                 "(%.1f per device%s) data wait %.0f%% | ETA %s | sampled %d pos %d neg/image %.0f",
+                 t.step, t.cfg.steps, last["loss"], last["loss_avg"],
+                 *(last.get(k, float("nan")) for k in ("loss_pos", "loss_neg")),  # none: image_loss off
+                 last["lr"], last["grad_norm"], last["samples_per_s"], last["samples_per_s_per_device"],
+                 f", MFU {100 * last['mfu']:.1f}%" if "mfu" in last else "", 100 * last["data_wait_share"],
+                 fmt_duration(last["eta_s"]),
+                 *(last.get(k, float("nan")) for k in ("sampled_classes", "positives", "negatives")))
+        for h in t.heads:
+            line = h.log_line(last)
+            if line:
+                log.info("step %d %s", t.step, line)
 
     def finish(self) -> None:
         self.tracker.finish()
+
+
+DATA_KEYS = ("data_wait_s", "data_wait_share", "skipped_unlabeled")
+SYS_KEYS = ("max_mem_gb", "mfu", "samples_per_s_per_device", "elapsed_s", "eta_s", "step_s")
+
+
+def namespaced(last: dict) -> dict:
+    """wandb's keys: data/ (loader), sys/ (device, time), train/ (the rest)."""
+    return {(f"data/{k}" if k in DATA_KEYS else f"sys/{k}" if k in SYS_KEYS else f"train/{k}"): v
+            for k, v in last.items()}
+
+
+def _peak_flops(peak_tflops: float, device: torch.device) -> float:
+    """The MFU denominator (FLOP/s): train.peak_tflops, else a known GPU's datasheet, else 0 (none)."""
+    if peak_tflops:
+        return peak_tflops * 1e12
+    if device.type == "cuda":
+        name = torch.cuda.get_device_name(device)
+        return 1e12 * next((v for k, v in DATASHEET_BF16_TFLOPS.items() if k in name), 0.0)
+    return 0.0
 
 
 def _kept_metrics(path: Path, lines: list[str], step: int) -> list[str]:
