@@ -17,10 +17,10 @@ export TRANSFORMERS_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
 
 # `make STAGE CONFIG=F ARGS="k=v ..."` for every stage the shell launchers start, read from the
-# stage table (pipeline/stages.py; stdlib only, so the system python reads it before setup).
-STAGE_TARGETS := $(shell cd $(CURDIR) && $(PY_SYS) -m pipeline.stages names --launch)
+# stage table (pipeline/core/stages.py; stdlib only, so the system python reads it before setup).
+STAGE_TARGETS := $(shell cd $(CURDIR) && $(PY_SYS) -m pipeline.core.stages names --launch)
 ifeq ($(STAGE_TARGETS),)
-$(error could not read the stage targets: $(PY_SYS) -m pipeline.stages names --launch)
+$(error could not read the stage targets: $(PY_SYS) -m pipeline.core.stages names --launch)
 endif
 
 .PHONY: setup apt demo demo-data rice-demo ablation test test-fast bench gpu-check gpu-bundle lint typecheck clean $(STAGE_TARGETS)

@@ -7,8 +7,8 @@ Exact by default (``engine=auto``: torch's blocked GEMM + partial top-l or faiss
 whichever a quick probe at start measures faster on this machine, see clustering/topk.py). ``engine=hnsw`` is approximate (for
 K ~ 1M); its recall@l against exact search is measured on ``recall_rows`` rows and reported.
 Rows with NaN/inf/zero norm get labels -1 and sims 0 (counted). Output, per part, through
-pipeline.store.write_labels (sims, labels, then ``labels_{i}.json``, the part's record: the
-digest of its metadata part's keys and the centers' fingerprint, pipeline/provenance.py; each
+pipeline.core.store.write_labels (sims, labels, then ``labels_{i}.json``, the part's record: the
+digest of its metadata part's keys and the centers' fingerprint, pipeline/core/provenance.py; each
 atomic: a part whose record exists and matches is done, so a killed run redoes only unfinished
 parts, and a part whose store part changed is labelled again); ``manifest.json`` is written last.
 Memory: one part's rows of one block at a time (memory-mapped) + K x D centers + the part's
@@ -27,12 +27,12 @@ import torch
 from clustering.data import open_store
 from clustering.report import make_report
 from clustering.topk import ENGINES, TopK, recall_at_l
-from pipeline.config import RESUMABLE, RunConfig, check, prepare_out_dir
-from pipeline.dist import DistContext
-from pipeline.entry import stage_cli, stage_main
-from pipeline.io import atomic_write_json, clean_stale_tmp, load_npy, read_json
-from pipeline.provenance import centroids_fingerprint, keys_digest, label_mismatch, label_record
-from pipeline.store import (
+from pipeline.core.config import RESUMABLE, RunConfig, check, prepare_out_dir
+from pipeline.core.dist import DistContext
+from pipeline.core.entry import stage_cli, stage_main
+from pipeline.core.io import atomic_write_json, clean_stale_tmp, load_npy, read_json
+from pipeline.core.provenance import centroids_fingerprint, keys_digest, label_mismatch, label_record
+from pipeline.core.store import (
     KINDS,
     labels_path,
     meta_path,
@@ -42,8 +42,8 @@ from pipeline.store import (
     sims_path,
     write_labels,
 )
-from pipeline.topl import agreed_centroids, file_sha256, label_rows
-from pipeline.tracking import Timer, Tracker, progress
+from pipeline.core.topl import agreed_centroids, file_sha256, label_rows
+from pipeline.core.tracking import Timer, Tracker, progress
 
 log = logging.getLogger("mlcd.assign")
 
@@ -99,7 +99,7 @@ def part_done(out: Path, part: int | str, rows: int, l: int, record: dict | None
 
 
 def part_record(store: Path, part: int, rows: int, centroids_fp: str) -> dict:
-    """What label part ``part`` is made from (pipeline/provenance.py): its metadata's keys, the centers."""
+    """What label part ``part`` is made from (pipeline/core/provenance.py): its metadata's keys, the centers."""
     return label_record(keys_digest(meta_path(store, part)), rows, centroids_fp)
 
 

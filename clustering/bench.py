@@ -24,7 +24,7 @@ import numpy as np
 import pyarrow as pa
 import torch
 
-from pipeline.store import write_part
+from pipeline.core.store import write_part
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -103,7 +103,7 @@ def bench_assign(quick: bool, tmp: Path) -> list[dict]:
     c = _clusters(k, d, k, 7, noise=1.0)
     (tmp / "as/clusters").mkdir(parents=True, exist_ok=True)
     np.save(tmp / "as/clusters/centroids.npy", c)
-    from pipeline.store import EmbeddingStore
+    from pipeline.core.store import EmbeddingStore
     s = EmbeddingStore(tmp / "as/store")
     x = np.concatenate([s.load("joint", p, mmap=False).astype(np.float32) for p in s.parts("joint")])
 

@@ -13,8 +13,8 @@ from dataclasses import dataclass, field
 import numpy as np
 import pyarrow.parquet as pq
 
-from pipeline.store import EmbeddingStore, StoreError, emb_path, meta_path
-from pipeline.topl import clean_rows  # one definition, shared with stage 1
+from pipeline.core.store import EmbeddingStore, StoreError, emb_path, meta_path
+from pipeline.core.topl import clean_rows  # one definition, shared with stage 1
 
 log = logging.getLogger("mlcd.cluster")
 

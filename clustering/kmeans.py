@@ -36,12 +36,12 @@ import torch
 
 from clustering.data import StoreInfo, draw_sample, open_store
 from clustering.topk import faiss_gpus, nearest
-from pipeline.config import ConfigError, RunConfig, check, prepare_out_dir
-from pipeline.dist import DistContext
-from pipeline.entry import stage_cli, stage_main
-from pipeline.io import atomic_save_npy, atomic_write_json, load_npy, read_json
-from pipeline.store import KINDS
-from pipeline.tracking import Timer, Tracker, progress
+from pipeline.core.config import ConfigError, RunConfig, check, prepare_out_dir
+from pipeline.core.dist import DistContext
+from pipeline.core.entry import stage_cli, stage_main
+from pipeline.core.io import atomic_save_npy, atomic_write_json, load_npy, read_json
+from pipeline.core.store import KINDS
+from pipeline.core.tracking import Timer, Tracker, progress
 
 log = logging.getLogger("mlcd.cluster")
 METHODS = ("auto", "faiss", "two_level", "torch")

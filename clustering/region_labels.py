@@ -19,9 +19,9 @@ placed after the K cluster ids. Here, per part ``i`` of the region store::
 The tokenizer is open_clip's CLIP BPE (``SimpleTokenizer``, 49,408 ids), whose vocabulary file
 ships inside the package: no network. Inputs are checked before any work (one line naming the
 file); each part is written atomically and a part already written with the same inputs and
-settings (``state.json``, ``pipeline.store.settle_label_state``) is skipped on a rerun. Each part
+settings (``state.json``, ``pipeline.core.store.settle_label_state``) is skipped on a rerun. Each part
 records what it was made from (``labels_{i}.json``: its metadata's keys digest and the centers'
-fingerprint, pipeline/provenance.py), written after it; assign's parts whose record names other
+fingerprint, pipeline/core/provenance.py), written after it; assign's parts whose record names other
 keys or centers are refused before any work.
 Cost: one pass over the metadata and the assign labels; tokenizing is the bulk (measured ~13k
 texts of 1-3 words per second on one core of a loaded 2-core machine, docs/REGIONS_EVAL.md).
@@ -29,7 +29,6 @@ texts of 1-3 words per second on one core of a loaded 2-core machine, docs/REGIO
 from __future__ import annotations
 
 import logging
-import re
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -37,12 +36,12 @@ from pathlib import Path
 import numpy as np
 import pyarrow.parquet as pq
 
-from pipeline.config import RunConfig, check, prepare_out_dir
-from pipeline.dist import DistContext
-from pipeline.entry import stage_cli, stage_main
-from pipeline.io import atomic_save_npy, atomic_write_json, clean_stale_tmp, load_npy, read_json
-from pipeline.provenance import centroids_fingerprint, keys_digest, label_mismatch, label_record
-from pipeline.store import (
+from pipeline.core.config import RunConfig, check, prepare_out_dir
+from pipeline.core.dist import DistContext
+from pipeline.core.entry import stage_cli, stage_main
+from pipeline.core.io import atomic_save_npy, atomic_write_json, clean_stale_tmp, load_npy, read_json
+from pipeline.core.provenance import centroids_fingerprint, keys_digest, label_mismatch, label_record
+from pipeline.core.store import (
     StoreError,
     labels_path,
     meta_path,
@@ -52,8 +51,8 @@ from pipeline.store import (
     record_path,
     settle_label_state,
 )
-from pipeline.topl import file_sha256
-from pipeline.tracking import Timer, progress
+from pipeline.core.topl import file_sha256
+from pipeline.core.tracking import Timer, progress
 
 log = logging.getLogger("mlcd.region_labels")
 
@@ -117,7 +116,7 @@ class Inputs:
     k: int
     state: dict             # what the labels depend on; a change relabels every part
     keys: dict[int, str] = field(default_factory=dict)  # part -> keys digest of its metadata
-    centroids_fp: str = ""  # pipeline/provenance.py: recorded per written part
+    centroids_fp: str = ""  # pipeline/core/provenance.py: recorded per written part
 
 
 def _metadata_parts(store: Path) -> list[int]:

@@ -16,10 +16,10 @@ from pathlib import Path
 
 import numpy as np
 
-from pipeline.images import is_image_name, load_rgb
-from pipeline.io import atomic_path, atomic_write_text
-from pipeline.shards import is_url, member_cap
-from pipeline.store import EmbeddingStore, LabelStore
+from pipeline.core.images import is_image_name, load_rgb
+from pipeline.core.io import atomic_path, atomic_write_text
+from pipeline.core.shards import is_url, member_cap
+from pipeline.core.store import EmbeddingStore, LabelStore
 
 log = logging.getLogger("mlcd.report")
 
@@ -190,10 +190,10 @@ def make_report(store_root: str, labels_dir: str | Path, report_dir: str | Path,
 
 
 def main(config: str | None = None, overrides=()) -> Path:
-    from pipeline.config import load_config
-    from pipeline.dist import DistContext
-    from pipeline.stages import schema
-    from pipeline.tracking import Tracker, setup_logging
+    from pipeline.core.config import load_config
+    from pipeline.core.dist import DistContext
+    from pipeline.core.stages import schema
+    from pipeline.core.tracking import Tracker, setup_logging
     # the report's settings are the assign section's (through the registry: assign imports us)
     run, cfg = load_config(config, list(overrides), "assign", schema("assign"))
     setup_logging()
@@ -206,7 +206,7 @@ def main(config: str | None = None, overrides=()) -> Path:
 
 
 def cli(argv=None) -> int:
-    from pipeline.entry import cli_main
+    from pipeline.core.entry import cli_main
     return cli_main(main, argv)
 
 

@@ -1,7 +1,7 @@
 """Exact (and approximate) top-l nearest centers by cosine similarity.
 
 Engines:
-- ``torch``: pipeline/topl.py's ExactTopL (blocked fp32 GEMM into one reused score tile + the
+- ``torch``: pipeline/core/topl.py's ExactTopL (blocked fp32 GEMM into one reused score tile + the
   two-pass partial top-l `top_l_grouped`); it lives in pipeline/ because stage 1 labels with
   the same kernel when it is given centers (fused embed -> assign).
 - ``faiss``: IndexFlatIP (on all GPUs when faiss has them).
@@ -22,7 +22,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from pipeline.topl import ExactTopL, tile_rows, top_l_grouped
+from pipeline.core.topl import ExactTopL, tile_rows, top_l_grouped
 
 __all__ = ["ENGINES", "TopK", "faiss_gpus", "nearest", "recall_at_l", "top_l_grouped"]
 ENGINES = ("auto", "torch", "faiss", "hnsw")

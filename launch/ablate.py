@@ -27,8 +27,8 @@ import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from pipeline.config import ConfigError, RunConfig, check, load_sections
-from pipeline.io import atomic_write_json, atomic_write_text, read_json
+from pipeline.core.config import ConfigError, RunConfig, check, load_sections
+from pipeline.core.io import atomic_write_json, atomic_write_text, read_json
 
 log = logging.getLogger("mlcd.ablate")
 ROOT = Path(__file__).resolve().parents[1]

@@ -1,6 +1,6 @@
 """`make bench`: every stage's benchmark in one run, printing ratios measured side by side.
 
-A stage's bench modules are named in the stage table (``Stage.bench``, pipeline/stages.py); each
+A stage's bench modules are named in the stage table (``Stage.bench``, pipeline/core/stages.py); each
 owns a ``run_bench(quick: bool) -> list[dict]`` (rows of measured numbers). This runs them in
 order and prints one table per module. `--only embed,cluster` picks stages; `--quick` shrinks
 sizes (used by the test that keeps the benchmarks runnable).
@@ -13,7 +13,7 @@ import json
 import sys
 import time
 
-from pipeline.stages import BENCHES
+from pipeline.core.stages import BENCHES
 
 
 def print_table(title: str, rows: list[dict]) -> None:

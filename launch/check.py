@@ -12,9 +12,9 @@ from pathlib import Path
 
 import yaml
 
-from pipeline.config import ConfigError, load_sections, named_instances, to_dict
-from pipeline.stages import schema
-from pipeline.stages import schemas as stage_schemas
+from pipeline.core.config import ConfigError, load_sections, named_instances, to_dict
+from pipeline.core.stages import schema
+from pipeline.core.stages import schemas as stage_schemas
 
 # section -> "module:Class", from the stage registry; each stage owns its schema.
 SCHEMAS = stage_schemas()
@@ -51,7 +51,7 @@ def write_defaults() -> None:
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(prog="mlcd check", description=(
-        "Validates every section of a run config (the stages of pipeline/stages.py: "
+        "Validates every section of a run config (the stages of pipeline/core/stages.py: "
         + ", ".join(SCHEMAS) + ") and prints the resolved config."))
     ap.add_argument("--config", "-c", default=None, help="run config YAML (default: the defaults)")
     ap.add_argument("--write-defaults", action="store_true",

@@ -1,6 +1,6 @@
-"""`mlcd`: one command for humans over the stages of the stage table (pipeline/stages.py); each
+"""`mlcd`: one command for humans over the stages of the stage table (pipeline/core/stages.py); each
 also runs as `python -m <module>`. `mlcd --help` is generated from the table; `mlcd STAGE --help`
-lists the stage's settings (pipeline/entry.py:stage_cli).
+lists the stage's settings (pipeline/core/entry.py:stage_cli).
 
 A stage that runs on ranks starts under torchrun (c10d rendezvous) with --nproc/--nnodes > 1;
 otherwise it runs in this process. `mlcd STAGE@NAME` runs the stage with the run file's named
@@ -15,7 +15,7 @@ import shlex
 import sys
 from pathlib import Path
 
-from pipeline.stages import STAGES, Stage
+from pipeline.core.stages import STAGES, Stage
 
 ROOT = Path(__file__).resolve().parents[1]
 # Older two-word spellings of the data stages (the Makefile and the demos use them).
@@ -60,7 +60,7 @@ def mlcd_child(args: list[str], nproc: int = 1) -> tuple[list[str], dict]:
 
 def run_torchrun(torchrun_args: list[str]) -> int:
     """torchrun in this process, so a stage's user error stays one line: the ranks print it and
-    exit 1/2 (pipeline/entry.py); the agent's failure report and traceback are replaced by the
+    exit 1/2 (pipeline/core/entry.py); the agent's failure report and traceback are replaced by the
     exit code, or one line naming the rank for anything else (a crash prints its own traceback
     from the worker; a signal is named here)."""
     import logging
@@ -103,7 +103,7 @@ def usage() -> str:
     rows = [f"  {n + (' *' if s.torchrun else ''):<{width}}  {s.help}"
             + (f" (also `mlcd {also[n]}`)" if n in also else "") for n, s in STAGES.items()]
     return "\n".join([
-        f"mlcd {version()}: the OpenMLCD pipeline, one command per stage (pipeline/stages.py)",
+        f"mlcd {version()}: the OpenMLCD pipeline, one command per stage (pipeline/core/stages.py)",
         "",
         "usage: mlcd COMMAND [--config F] [k=v ...]     (each command's own arguments: mlcd COMMAND --help)",
         "       mlcd STAGE@NAME ...   a named instance: the run file's `<section>@NAME:` over `<section>:`",
@@ -174,7 +174,7 @@ def main(argv: list[str] | None = None) -> int:
         return run_torchrun(cmd[3:])
     if stage.tool:  # parses its own arguments
         return importlib.import_module(stage.module).main(rest)
-    from pipeline.entry import stage_cli
+    from pipeline.core.entry import stage_cli
     more = (f"SLURM: sbatch -J mlcd-{stage.name} {stage.slurm} launch/slurm/stage.sbatch {stage.name} "
             "CONFIG [k=v ...]") if stage.shell else ""
     stage_cli(stage.name, rest, epilog=more)

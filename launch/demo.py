@@ -17,8 +17,8 @@ import sys
 import time
 from pathlib import Path
 
-from pipeline.config import ConfigError, load_config, load_run
-from pipeline.io import atomic_write_json, read_json
+from pipeline.core.config import ConfigError, load_config, load_run
+from pipeline.core.io import atomic_write_json, read_json
 
 log = logging.getLogger("mlcd.demo")
 AFTER_TRAIN = ("export", "eval")  # redone when training has moved on since they ran
@@ -54,7 +54,7 @@ class Demo:
 
     # ------------------------------------------------------------ stages
     def data(self):
-        from pipeline import demo_data
+        from pipeline.demo import demo_data
         demo_data.main(self.config, self.overrides)
 
     def embed(self):
@@ -71,7 +71,7 @@ class Demo:
 
     def train(self):
         from launch.cli import torchrun_cmd, torchrun_env
-        from pipeline.stages import module_of
+        from pipeline.core.stages import module_of
         cmd = torchrun_cmd(module_of("train"), ["--config", self.config, *self.overrides], self.nproc)
         env = torchrun_env(OMP_NUM_THREADS="1", DS_ACCELERATOR="cpu")
         log.info("+ %s", " ".join(cmd))

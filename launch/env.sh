@@ -58,8 +58,8 @@ launch_env_print() {
   done
 }
 
-# stage name -> python module, looked up in the one stage table (pipeline/stages.py).
+# stage name -> python module, looked up in the one stage table (pipeline/core/stages.py).
 launch_module() {
   local root; root=$(launch_root)
-  PYTHONPATH="$root${PYTHONPATH:+:$PYTHONPATH}" "$(launch_python)" -m pipeline.stages module "$1"
+  PYTHONPATH="$root${PYTHONPATH:+:$PYTHONPATH}" "$(launch_python)" -m pipeline.core.stages module "$1"
 }

@@ -21,8 +21,8 @@ import time
 
 import torch
 
-from pipeline.entry import run_distributed
-from pipeline.io import atomic_write_json
+from pipeline.core.entry import run_distributed
+from pipeline.core.io import atomic_write_json
 
 
 def report(ctx) -> dict:

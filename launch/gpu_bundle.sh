@@ -2,7 +2,7 @@
 # `make gpu-bundle`: everything `make gpu-check` needs on an offline CUDA box that already has
 # python3 (3.12, x86_64) with torch/torchvision/transformers/numpy/... but nothing else of ours:
 #   .gpu_bundle/wheels/  the missing packages as wheels (installed there with --no-index --no-deps)
-#   .gpu_bundle/run/data the demo shards + probe sets at small size, built by pipeline.demo_data
+#   .gpu_bundle/run/data the demo shards + probe sets at small size, built by pipeline.demo.demo_data
 # Run it here (with network and the Debian image packages from `make apt`). faiss is left out on
 # purpose: faiss-cpu/faiss-gpu wheels are tens of MB each and faiss-gpu-cu12 needs CUDA 12
 # libraries such a box lacks, so the check uses the torch k-means method there and records
@@ -31,7 +31,7 @@ if [ ! -f "$out/wheels/deepspeed-0.19.8-py3-none-any.whl" ]; then
 fi
 # Small real shards (a few hundred images) with the project's own demo-data code.
 if [ ! -f "$out/run/data/train/00000.tar" ]; then
-  PYTHONPATH=$PWD "$py" -m pipeline.demo_data --config configs/gpu_check.yaml run.out_dir="$out/run"
+  PYTHONPATH=$PWD "$py" -m pipeline.demo.demo_data --config configs/gpu_check.yaml run.out_dir="$out/run"
 fi
 ls -1 "$out/wheels"
 du -sh "$out/wheels" "$out/run/data" "$out"

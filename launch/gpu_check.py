@@ -174,7 +174,7 @@ def _stage_args(work: Path) -> tuple[str, list[str]]:
 def _stage(name: str, work: Path, extra: list[str]):
     import importlib
 
-    from pipeline.stages import module_of
+    from pipeline.core.stages import module_of
     config, ov = _stage_args(work)
     return importlib.import_module(module_of(name)).main(config, ov + extra)
 
@@ -219,7 +219,7 @@ def item_env(work: Path) -> dict:
 def item_collectives(work: Path) -> dict:
     import torch
 
-    from pipeline.dist import destroy, init_distributed
+    from pipeline.core.dist import destroy, init_distributed
     ctx = init_distributed()
     try:
         r, w = ctx.rank, ctx.world_size
@@ -256,7 +256,7 @@ def item_data(work: Path) -> dict:
     src = BUNDLE / "run" / "data"
     dst = work / "run" / "data"
     if not (src / "train" / "00000.tar").is_file():
-        from pipeline import demo_data  # needs the Debian image packages (make apt)
+        from pipeline.demo import demo_data  # needs the Debian image packages (make apt)
         config, ov = _stage_args(work)
         demo_data.main(config, ov)
     else:
@@ -394,7 +394,7 @@ def item_rate_kmeans(work: Path, p: dict) -> dict:
     import torch
 
     from clustering.kmeans import Checkpoint, train_torch
-    from pipeline.dist import destroy, init_distributed
+    from pipeline.core.dist import destroy, init_distributed
     ctx = init_distributed()
     try:
         dev = ctx.device if not on_cpu() else torch.device("cpu")
@@ -435,7 +435,7 @@ def _rate_train(work: Path, p: dict) -> dict:
     import deepspeed
     import torch
 
-    from pipeline.dist import init_distributed
+    from pipeline.core.dist import init_distributed
     from training.bench_model import vit_train_flops
     from training.loss import LossConfig
     from training.model import ModelConfig, build_model

@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from pipeline.io import atomic_write_text, read_json
+from pipeline.core.io import atomic_write_text, read_json
 
 
 def _read(path: Path):

@@ -21,8 +21,8 @@ import sys
 from pathlib import Path
 
 from launch.demo import Demo
-from pipeline.config import ConfigError, load_config
-from pipeline.io import atomic_write_text, read_json
+from pipeline.core.config import ConfigError, load_config
+from pipeline.core.io import atomic_write_text, read_json
 
 log = logging.getLogger("mlcd.rice_demo")
 ROOT = Path(__file__).resolve().parents[1]
@@ -62,7 +62,7 @@ class RiceDemo(Demo):
         self.mlcd("embed", *self._cfg())
 
     # stage 2 twice, both in the run file: `cluster:`/`assign:` (image level) and their
-    # `@regions` instances (region level, pipeline/config.py)
+    # `@regions` instances (region level, pipeline/core/config.py)
     def image_cluster(self):
         self.mlcd("cluster", *self._cfg())
 

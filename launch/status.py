@@ -5,10 +5,10 @@
 
 For every stage folder (one holding a ``config.<stage>.yaml``, at most three levels down) it
 reads the small files the stages write, never the data parts:
-- ``status.<stage>.json`` (pipeline/tracking.py StageStatus): done, failed with its one error
+- ``status.<stage>.json`` (pipeline/core/tracking.py StageStatus): done, failed with its one error
   line, or running; "running" whose pid is gone on this host is reported as stopped (killed);
-- ``.mlcd.lock`` (pipeline/lock.py): the owner of a running stage;
-- ``.progress/<desc>.rank<r>.json`` (pipeline/tracking.py Progress): done/total summed over
+- ``.mlcd.lock`` (pipeline/core/lock.py): the owner of a running stage;
+- ``.progress/<desc>.rank<r>.json`` (pipeline/core/tracking.py Progress): done/total summed over
   ranks, rate and ETA, and how old the newest record is;
 - training: ``metrics.jsonl``'s last record (step, loss, samples/s) against ``train.steps``, and
   the ETA from the step rate between its last two records.
@@ -26,8 +26,8 @@ from pathlib import Path
 
 import yaml
 
-from pipeline.lock import LOCK_NAME
-from pipeline.tracking import PROGRESS_DIR, fmt_duration, read_progress
+from pipeline.core.lock import LOCK_NAME
+from pipeline.core.tracking import PROGRESS_DIR, fmt_duration, read_progress
 
 
 def stage_dirs(root: Path, depth: int = 3) -> list[tuple[str, Path]]:

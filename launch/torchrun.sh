@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Starts one stage under torchrun, alone or as one node of many (run the same line on every node):
-#   launch/torchrun.sh STAGE [CONFIG] [key=value ...]      STAGE: `python -m pipeline.stages names --launch`
+#   launch/torchrun.sh STAGE [CONFIG] [key=value ...]      STAGE: `python -m pipeline.core.stages names --launch`
 #   launch/torchrun.sh STAGE@NAME CONFIG [key=value ...]   the run file's named instance `<section>@NAME:`
 #   launch/torchrun.sh export CHECKPOINT OUT_DIR            (one process, no torchrun)
 #   launch/torchrun.sh envcheck [--bytes N]                 (preflight: ranks, hosts, all-reduce GB/s)

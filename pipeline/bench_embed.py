@@ -21,12 +21,12 @@ from pathlib import Path
 
 import torch
 
-from pipeline.config import load_config
-from pipeline.dist import DistContext
+from pipeline.core.config import load_config
+from pipeline.core.dist import DistContext
+from pipeline.core.images import image_bytes, load_rgb
+from pipeline.core.shards import expand_shards, read_samples
 from pipeline.embed import EmbedConfig, embed, make_loader, read_caption
 from pipeline.encoders import build_encoder
-from pipeline.images import image_bytes, load_rgb
-from pipeline.shards import expand_shards, read_samples
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -35,7 +35,7 @@ def _shards(tmp: Path, quick: bool) -> list[str]:
     """Demo shards if built (`make data`), else the debug-size demo data built here."""
     src = ROOT / "runs/demo/data/train"
     if not src.is_dir() or not list(src.glob("*.tar")):
-        from pipeline import demo_data
+        from pipeline.demo import demo_data
         demo_data.main(str(ROOT / "configs/debug.yaml"), [f"run.out_dir={tmp}"])
         src = tmp / "data/train"
     shards = expand_shards(str(src))

@@ -9,13 +9,13 @@ differently on different ranks). Within a rank, DataLoader workers each read and
 shards (JPEG decode and resize in parallel, one tar stream per shard: ``pipe:`` sources are read
 once) and hand batches of one shard at a time to the main process, which runs the model (autocast
 on CUDA, pinned memory, ``prefetch_factor`` batches queued per worker) and writes each part with
-``pipeline.store.write_part`` as soon as its shard ends. The metadata parquet is written last and
+``pipeline.core.store.write_part`` as soon as its shard ends. The metadata parquet is written last and
 carries the part's sample/skip counts in its schema metadata, so a part is either complete with
 its counts or absent: a rerun after SIGKILL redoes only absent parts and ends with the same store.
 
 Fused embed -> assign (``embed.assign_centroids``: a centers file from stage 2's k-means, e.g.
 trained on a sample's embeddings): each part's ``assign_kind`` features are also labelled at the
-part's end with stage 2b's exact torch kernel (pipeline/topl.py: same row cleaning, blocks and
+part's end with stage 2b's exact torch kernel (pipeline/core/topl.py: same row cleaning, blocks and
 tiles as clustering/assign.py with ``engine=torch``, from the same ``dtype``-rounded features,
 so the labels and sims are bit-identical to embed-then-assign on the same device and threads)
 and written to ``labels_dir`` in the label-store layout (``labels_{i}.npy`` int32 N x l,
@@ -24,7 +24,7 @@ part is complete only with its labels. ``kinds`` may then be empty: only metadat
 written (the sample-then-label recipe, docs/SCALING.md). Stage 2b on the same centers and
 ``l`` (``assign.engine=torch``) finds these labels done.
 
-Each part records what it was made from (pipeline/provenance.py): its shard as given with size
+Each part records what it was made from (pipeline/core/provenance.py): its shard as given with size
 and mtime, and digests of the encoder and decode settings, in the metadata's ``mlcd_part`` JSON
 (the completion marker, so a part exists only with its record; fused labels get
 ``labels_{i}.json``). A rerun checks every finished part first (``check_parts``): another shard
@@ -52,14 +52,13 @@ import pyarrow.parquet as pq
 import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
-from pipeline.config import RESUMABLE, ConfigError, RunConfig, check, prepare_out_dir
-from pipeline.dist import DistContext
-from pipeline.encoders import EncoderConfig, build_encoder
-from pipeline.entry import StageError, stage_cli, stage_main
-from pipeline.guard import die_with_parent_fn
-from pipeline.images import IMAGE_EXTS, MAX_ASPECT, MAX_PIXELS, image_bytes, load_rgb
-from pipeline.io import atomic_write_json, clean_stale_tmp, load_npy, read_json
-from pipeline.provenance import (
+from pipeline.core.config import RESUMABLE, ConfigError, RunConfig, check, prepare_out_dir
+from pipeline.core.dist import DistContext
+from pipeline.core.entry import StageError, stage_cli, stage_main
+from pipeline.core.guard import die_with_parent_fn
+from pipeline.core.images import IMAGE_EXTS, MAX_ASPECT, MAX_PIXELS, image_bytes, load_rgb
+from pipeline.core.io import atomic_write_json, clean_stale_tmp, load_npy, read_json
+from pipeline.core.provenance import (
     PART_META_KEY,
     centroids_fingerprint,
     digest,
@@ -72,7 +71,7 @@ from pipeline.provenance import (
     shard_mismatch,
     shard_source,
 )
-from pipeline.shards import (
+from pipeline.core.shards import (
     ShardPolicyError,
     ShardSpecError,
     expand_shards,
@@ -80,7 +79,7 @@ from pipeline.shards import (
     read_samples,
     shard_stem,
 )
-from pipeline.store import (
+from pipeline.core.store import (
     KINDS,
     StoreError,
     labels_path,
@@ -92,8 +91,9 @@ from pipeline.store import (
     write_labels,
     write_part,
 )
-from pipeline.topl import ExactTopL, agreed_centroids, file_sha256, label_rows
-from pipeline.tracking import Tracker, progress
+from pipeline.core.topl import ExactTopL, agreed_centroids, file_sha256, label_rows
+from pipeline.core.tracking import Tracker, progress
+from pipeline.encoders import EncoderConfig, build_encoder
 
 log = logging.getLogger("mlcd.embed")
 # decode settings that change a part's rows (recorded per part as reader_sha256, with the encoder's)
@@ -270,7 +270,7 @@ def _write(out: Path, part: int, url: str, buf: _Part, stats: dict, enc, cfg: Em
             cols[f] = pa.array(vals)
         except (pa.ArrowInvalid, pa.ArrowTypeError):  # mixed types across samples: keep as JSON text
             cols[f] = pa.array([None if v is None else json.dumps(v) for v in vals], pa.string())
-    # the part's record (pipeline/provenance.py), in the completion marker itself
+    # the part's record (pipeline/core/provenance.py), in the completion marker itself
     info = {"part": part, **shard_source(url), **source_digests(cfg), "rows": len(c["key"]), **stats}
     if topl is not None:  # labelled from the features as stage 2b reads them: rounded to the store dtype
         labels, sims, bad = label_rows(emb[cfg.assign_kind].astype(cfg.dtype), topl, cfg.assign_block_rows)

@@ -33,8 +33,8 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from pipeline import netpolicy
-from pipeline.config import check
+from pipeline.core import netpolicy
+from pipeline.core.config import check
 
 log = logging.getLogger("mlcd.encoders")
 

@@ -25,10 +25,10 @@ least ``min_edge`` px (``ocr_min_edge`` for words: text lines are thin; full-siz
 call for a far larger ``min_edge``, e.g. 128 px, than the demo's 128 px scenes allow). Each kept
 region is cropped (``crop: square``: the square on the box's centre with the box's longer side,
 so a wide word is not cut by the encoder's centre crop, with some context, neighbours included;
-area outside the image white; ``box``: the box itself, which the encoder's centre crop trims), decoded by pipeline/images.py as in stage 1, preprocessed and embedded with the
+area outside the image white; ``box``: the box itself, which the encoder's centre crop trims), decoded by pipeline/core/images.py as in stage 1, preprocessed and embedded with the
 stage-1 encoder (``regions.encoder``, the same ``EncoderConfig`` as ``embed.encoder``), batched.
 
-Output (part i = shard i, pipeline/store.py's writers, so stage 2 reads it unchanged)::
+Output (part i = shard i, pipeline/core/store.py's writers, so stage 2 reads it unchanged)::
 
     {out_dir}/img_emb/img_emb_{i}.npy          N_i x D, L2-normalized
     {out_dir}/metadata/metadata_{i}.parquet    key (f"{image_key}.r{j}"), image_key, x0, y0, x1, y1,
@@ -58,17 +58,17 @@ import pyarrow.parquet as pq
 import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
-from pipeline.config import RESUMABLE, ConfigError, RunConfig, check, prepare_out_dir, to_dict
-from pipeline.dist import DistContext
+from pipeline.core.config import RESUMABLE, ConfigError, RunConfig, check, prepare_out_dir, to_dict
+from pipeline.core.dist import DistContext
+from pipeline.core.entry import StageError, stage_cli, stage_main
+from pipeline.core.guard import die_with_parent_fn
+from pipeline.core.images import IMAGE_EXTS, MAX_PIXELS, image_bytes, load_rgb
+from pipeline.core.io import atomic_write_json, clean_stale_tmp
+from pipeline.core.shards import ShardPolicyError, ShardSpecError, expand_shards, read_samples, shard_stem
+from pipeline.core.store import part_complete, write_part
+from pipeline.core.tracking import Tracker, progress
 from pipeline.embed import PART_META_KEY, _expected_rows, part_info
 from pipeline.encoders import EncoderConfig, build_encoder
-from pipeline.entry import StageError, stage_cli, stage_main
-from pipeline.guard import die_with_parent_fn
-from pipeline.images import IMAGE_EXTS, MAX_PIXELS, image_bytes, load_rgb
-from pipeline.io import atomic_write_json, clean_stale_tmp
-from pipeline.shards import ShardPolicyError, ShardSpecError, expand_shards, read_samples, shard_stem
-from pipeline.store import part_complete, write_part
-from pipeline.tracking import Tracker, progress
 
 log = logging.getLogger("mlcd.regions")
 KINDS = ("object", "ocr")

@@ -38,7 +38,7 @@ def torchrun(module_or_script: list[str], nproc: int, env: dict | None = None, t
 @pytest.fixture(scope="session")
 def demo_data(tmp_path_factory):
     """Tiny real demo shards (configs/debug.yaml sizes), built once per test session."""
-    from pipeline import demo_data as dd
+    from pipeline.demo import demo_data as dd
     out = tmp_path_factory.mktemp("run")
     summary = dd.main(str(ROOT / "configs/debug.yaml"), [f"run.out_dir={out}"])
     return out / "data", summary

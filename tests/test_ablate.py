@@ -82,13 +82,13 @@ def test_report_mean_std_and_paper_column(tmp_path):
 
 def test_bad_ablate_config_is_one_line():
     from launch.ablate import Ablation
-    from pipeline.config import ConfigError
+    from pipeline.core.config import ConfigError
     with pytest.raises(ConfigError, match=r"ablate\.sample_rates=\[0\.1, 2\.0\]: must be in \(0, 1\]"):
         Ablation(CONFIG, ["ablate.sample_rates=[0.1, 2.0]"], quick=False, dry_run=True)
 
 
 def test_fmnist_pool_is_disjoint_from_the_probe():
-    from pipeline.demo_data import DataConfig, fmnist_items
+    from pipeline.demo.demo_data import DataConfig, fmnist_items
     cfg = DataConfig(fmnist_train=300, fmnist_pool=500)
     probe = {it["url"] for it in fmnist_items(cfg, "train", cfg.fmnist_train, 0)}
     pool = {it["url"] for it in fmnist_items(cfg, "train", cfg.fmnist_pool, 0, skip=cfg.fmnist_train)}

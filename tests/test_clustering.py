@@ -1,5 +1,5 @@
 """Stage 2: k-means (faiss / two-level / distributed torch) and top-l assignment, on synthetic
-stores written with pipeline.store.write_part."""
+stores written with pipeline.core.store.write_part."""
 from __future__ import annotations
 
 import json
@@ -15,8 +15,8 @@ import pytest
 from conftest import ROOT, torchrun
 from sklearn.metrics import adjusted_rand_score
 
-from pipeline.config import ConfigError
-from pipeline.store import LabelStore, StoreError, write_part
+from pipeline.core.config import ConfigError
+from pipeline.core.store import LabelStore, StoreError, write_part
 
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
 
@@ -41,7 +41,7 @@ def make_store(root, n_parts=3, rows=600, d=32, k=16, noise=0.02, seed=0, shards
 
 
 def load_rows(store, kind="joint"):
-    from pipeline.store import EmbeddingStore
+    from pipeline.core.store import EmbeddingStore
     s = EmbeddingStore(store)
     return np.concatenate([s.load(kind, p, mmap=False).astype(np.float32) for p in s.parts(kind)])
 
@@ -90,7 +90,7 @@ def test_kmeans_recovers_clusters_and_assign_matches_bruteforce(tmp_path):
 def test_assign_engines_and_invalid_rows(tmp_path):
     make_store(tmp_path / "store", n_parts=2, rows=300, d=24, k=8, noise=0.3)
     # bad rows in part 1: NaN, inf, zero norm -> label -1, sims 0, counted
-    from pipeline.store import EmbeddingStore
+    from pipeline.core.store import EmbeddingStore
     s = EmbeddingStore(tmp_path / "store")
     x1 = s.load("joint", 1, mmap=False).copy()
     x1[3, 0], x1[7, 5], x1[11] = np.nan, np.inf, 0
@@ -172,7 +172,7 @@ def test_bad_inputs(tmp_path):
 def test_report_contact_sheets(tmp_path):
     from PIL import Image
 
-    from pipeline.shards import ShardWriter, encode_image
+    from pipeline.core.shards import ShardWriter, encode_image
     shards = []
     for p in range(2):
         w = ShardWriter(tmp_path / "shards", p)
@@ -189,7 +189,7 @@ def test_report_contact_sheets(tmp_path):
     sheets = sorted(rep.glob("sheet_*.png"))
     assert len(sheets) == 3 and (rep / "cluster_sizes.png").is_file() and (rep / "top1_similarity.png").is_file()
     from clustering.report import cluster_sizes
-    from pipeline.store import LabelStore
+    from pipeline.core.store import LabelStore
     sizes, sim_sums, hist = cluster_sizes(LabelStore(tmp_path / "clusters/labels"))
     assert sizes.sum() == hist.sum() == 80 and np.all(sim_sums <= sizes + 1e-6)  # every row once; sims <= 1
     assert all(s.name in page for s in sheets) and "img " in page

@@ -1,4 +1,4 @@
-"""Collectives go through DistContext (pipeline/dist.py), which stages tensors on the backend's
+"""Collectives go through DistContext (pipeline/core/dist.py), which stages tensors on the backend's
 device: NCCL has no CPU backend, and CI (gloo, CPU) cannot see a CPU tensor reaching NCCL. So the
 rule is checked statically here, and every collective of the context runs under real torchrun."""
 import ast
@@ -19,7 +19,7 @@ COLLECTIVES = {
 # The only direct callers allowed: the context itself, and the autograd Functions whose forward
 # and backward are collectives (their backward runs inside autograd, with tensors already on
 # the device of the forward's inputs).
-ALLOWED_FILES = {"pipeline/dist.py"}
+ALLOWED_FILES = {"pipeline/core/dist.py"}
 AUTOGRAD_FILES = {"training/partial_fc.py", "training/loss.py"}
 
 
@@ -102,14 +102,14 @@ def test_no_direct_collectives_outside_dist_context():
                 continue
             offenders += direct_collective_calls(path, allow_autograd=rel in AUTOGRAD_FILES)
     assert not offenders, ("torch.distributed collectives called directly (use the DistContext "
-                           "methods in pipeline/dist.py, which stage tensors on ctx.device):\n  "
+                           "methods in pipeline/core/dist.py, which stage tensors on ctx.device):\n  "
                            + "\n  ".join(offenders))
 
 
 COLLECTIVE_SCRIPT = """
 import json, os, sys
 import torch
-from pipeline.dist import init_distributed, destroy
+from pipeline.core.dist import init_distributed, destroy
 ctx = init_distributed()
 r, w = ctx.rank, ctx.world_size
 out = {"backend": ctx.backend, "comm_device": str(ctx.comm_device)}

@@ -9,8 +9,8 @@ import pytest
 import torch
 from PIL import Image, ImageFilter
 
-from pipeline.config import ConfigError
-from pipeline.images import ImageError
+from pipeline.core.config import ConfigError
+from pipeline.core.images import ImageError
 from training import decode as D
 from training.data import CLIP_MEAN, CLIP_STD, TrainDataConfig, decode_batch, normalize_uint8, to_tensor
 
@@ -135,10 +135,10 @@ def test_fast_path_pixels_vs_reference_draft():
 
 def test_torchvision_jpeg_decode_equals_pillow():
     """The CPU fast path decodes upright RGB/grayscale JPEGs with torchvision: same pixels as
-    pipeline/images.py's decode (same libjpeg-turbo settings), so only the resize differs."""
+    pipeline/core/images.py's decode (same libjpeg-turbo settings), so only the resize differs."""
     from torchvision.io import ImageReadMode, decode_jpeg
 
-    from pipeline.images import decode_rgb
+    from pipeline.core.images import decode_rgb
     for name, data in samples().items():
         if not name.startswith("jpg") or name in ("jpg_exif", "jpg_cmyk"):
             continue

@@ -24,8 +24,8 @@ import webdataset as wds
 from PIL import Image
 
 from pipeline import embed as E
-from pipeline.entry import stage_cli
-from pipeline.store import EmbeddingStore, StoreError
+from pipeline.core.entry import stage_cli
+from pipeline.core.store import EmbeddingStore, StoreError
 from tests.conftest import ROOT, torchrun
 
 TINY_CLIP = {"embed_dim": 16,
@@ -372,7 +372,7 @@ def test_fused_embed_assign_equals_embed_then_assign(tmp_path):
     (engine=torch) exactly; with kinds=[] only metadata and labels are written; a lost label part
     is redone on rerun (and only it)."""
     from clustering import assign as asg
-    from pipeline.store import LabelStore
+    from pipeline.core.store import LabelStore
     write_shards(tmp_path / "shards", 3, 12)
     spec = str(tmp_path / "shards" / "{00000..00002}.tar")
     base = tiny_args(tmp_path, spec, tmp_path / "store", "embed.workers=0")[2:]
@@ -418,7 +418,7 @@ def test_fused_embed_assign_equals_embed_then_assign(tmp_path):
 @pytest.mark.slow
 def test_fused_two_ranks_equal_assign(tiny):
     """2 ranks labelling in stage 1 == stage 2b over the 1-rank reference store (same threads)."""
-    from pipeline.store import LabelStore
+    from pipeline.core.store import LabelStore
     tmp, spec, ref = tiny
     c = np.random.default_rng(1).standard_normal((300, 16)).astype(np.float32)
     np.save(tmp / "fused_centroids.npy", c)

@@ -10,7 +10,7 @@ import torch
 from conftest import torchrun
 from PIL import Image
 
-from pipeline.shards import ShardWriter, encode_image
+from pipeline.core.shards import ShardWriter, encode_image
 from training.evaluation import probe
 from training.evaluation.features import EvalInputError, open_labeled
 
@@ -123,7 +123,7 @@ def colour_data(tmp_path_factory):
 
 
 def test_eval_cli_writes_results_and_reuses_cached_features(tmp_path, colour_data):
-    from pipeline.entry import stage_cli
+    from pipeline.core.entry import stage_cli
     from training.evaluation import evaluate as ev
     cfg = _eval_config(tmp_path, colour_data)
     report = ev.main(str(cfg), [])
@@ -154,7 +154,7 @@ def test_eval_cli_writes_results_and_reuses_cached_features(tmp_path, colour_dat
 def test_open_clip_and_hf_export_extractors(tmp_path, colour_data):
     """open_clip (random init, no download) and an HF folder saved by our export code both give
     finite features of the right width; the HF folder matches our model's pooled output."""
-    from pipeline.dist import DistContext
+    from pipeline.core.dist import DistContext
     from training.evaluation.evaluate import ModelSpec
     from training.evaluation.features import build_extractor, extract
     from training.hf import save_hf_folder
@@ -184,7 +184,7 @@ def test_open_clip_and_hf_export_extractors(tmp_path, colour_data):
 def test_distributed_extraction_equals_one_rank(tmp_path, colour_data):
     """2 ranks under torchrun (each takes a contiguous block of rows, gathered in order) give the
     same features as one in-process rank; 15 test rows do not split evenly (8 + 7)."""
-    from pipeline.dist import DistContext
+    from pipeline.core.dist import DistContext
     from training.evaluation.evaluate import ModelSpec
     from training.evaluation.features import build_extractor, extract
     cfg = _eval_config(tmp_path, colour_data)

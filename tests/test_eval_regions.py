@@ -10,8 +10,8 @@ import pytest
 import torch
 from PIL import Image
 
-from pipeline.dist import DistContext
-from pipeline.shards import ShardWriter, encode_image
+from pipeline.core.dist import DistContext
+from pipeline.core.shards import ShardWriter, encode_image
 from training.evaluation import regions as R
 from training.evaluation.features import EvalInputError, build_extractor
 
@@ -204,7 +204,7 @@ def test_bad_ground_truth_is_one_line_naming_the_file(tmp_path):
     pq.write_table(pa.Table.from_pylist(t), gt)
     with pytest.raises(EvalInputError, match="gt_00000.parquet: key '00001': bad region"):
         R.open_regions(str(tmp_path / "p"))
-    from pipeline.config import ConfigError
+    from pipeline.core.config import ConfigError
     with pytest.raises(ConfigError, match="models.0.kind"):
         R.RegionEvalConfig(models=[{"name": "c", "kind": "open_clip", "arch": "ViT-B-32"}])
 

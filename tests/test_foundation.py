@@ -8,7 +8,7 @@ import pyarrow.parquet as pq
 import pytest
 import webdataset as wds
 
-from pipeline.config import ConfigError, check, load_config, prepare_out_dir
+from pipeline.core.config import ConfigError, check, load_config, prepare_out_dir
 from tests.conftest import ROOT, torchrun
 
 
@@ -70,7 +70,7 @@ def test_missing_config_file_is_named(tmp_path):
 
 def test_cli_exit_code_2_and_one_line(tmp_path):
     p = _write(tmp_path, "data:\n  image_sise: 3\n")
-    r = subprocess.run([sys.executable, "-m", "pipeline.demo_data", "--config", str(p)],
+    r = subprocess.run([sys.executable, "-m", "pipeline.demo.demo_data", "--config", str(p)],
                        cwd=ROOT, capture_output=True, text=True)
     assert r.returncode == 2
     assert "data.image_sise" in r.stderr and "exp.yaml" in r.stderr
@@ -100,7 +100,7 @@ def test_default_config_dumps_match_schemas():
     for name, cfg in sections.items():
         path = ROOT / "configs" / "defaults" / f"{name}.yaml"
         assert path.is_file(), f"{path} missing: run `python -m launch.check --write-defaults`"
-        from pipeline.config import to_dict
+        from pipeline.core.config import to_dict
         assert yaml.safe_load(path.read_text()) == {name: to_dict(cfg)}, f"{path} is stale"
 
 
@@ -112,7 +112,7 @@ def test_every_shipped_config_validates():
 
 DIST_SCRIPT = """
 import torch, json, os, sys
-from pipeline.dist import init_distributed, destroy
+from pipeline.core.dist import init_distributed, destroy
 ctx = init_distributed()
 t = torch.tensor([float(ctx.rank + 1)])
 ctx.all_reduce_(t)
@@ -135,7 +135,7 @@ def test_distributed_context_under_torchrun(tmp_path):
 
 
 def test_single_process_context_without_launcher(monkeypatch):
-    from pipeline.dist import init_distributed
+    from pipeline.core.dist import init_distributed
     monkeypatch.delenv("WORLD_SIZE", raising=False)
     monkeypatch.delenv("RANK", raising=False)
     ctx = init_distributed()
@@ -167,7 +167,7 @@ def test_demo_shards_read_back(demo_data):
 def test_decompression_bomb_skipped_and_counted(tmp_path):
     from PIL import Image
 
-    from pipeline import demo_data as dd
+    from pipeline.demo import demo_data as dd
     src = tmp_path / "png" / "animals"
     src.mkdir(parents=True)
     Image.new("RGB", (40, 30), "red").save(src / "red_fox_01.png")

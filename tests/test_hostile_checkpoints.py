@@ -20,9 +20,9 @@ from conftest import ROOT
 from safetensors.torch import save as st_save
 from safetensors.torch import save_file
 
-from pipeline.config import ConfigError
-from pipeline.dist import DistContext
-from pipeline.errors import StageError
+from pipeline.core.config import ConfigError
+from pipeline.core.dist import DistContext
+from pipeline.core.errors import StageError
 from training.hf import save_hf_folder
 from training.model import ModelConfig, build_model
 from training.safe_load import UnsafeCheckpoint, WeightsError

@@ -9,7 +9,7 @@ import sys
 import pytest
 from conftest import ROOT
 
-from pipeline.config import ConfigError, load_config
+from pipeline.core.config import ConfigError, load_config
 from training.config import TrainConfig
 
 # 342 bytes that expand to 9^9 (~387M) strings: a "billion laughs" alias bomb

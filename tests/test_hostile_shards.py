@@ -109,7 +109,7 @@ def test_hostile_spec_is_refused_in_one_line(stage, case, tmp_path, good, listen
 def test_allowed_specs_open_as_classified(tmp_path, good, monkeypatch):
     """With the opt-in, ``PIPE:`` runs (scheme lower-cased for webdataset); a local file whose name
     looks like a URL (``http:x.tar``) is read as a file, never fetched."""
-    from pipeline.shards import expand_shards, is_url, read_samples
+    from pipeline.core.shards import expand_shards, is_url, read_samples
     monkeypatch.setenv("MLCD_ALLOW_PIPE", "1")
     monkeypatch.delenv("MLCD_ALLOW_REMOTE", raising=False)
     keys = [s["__key__"] for s in read_samples(str(good))]
@@ -119,7 +119,7 @@ def test_allowed_specs_open_as_classified(tmp_path, good, monkeypatch):
     assert not is_url("http:x.tar") and expand_shards("{http,http}:x.tar") == ["http:x.tar"] * 2
     assert [s["__key__"] for s in read_samples("http:x.tar")] == keys
     monkeypatch.setenv("MLCD_ALLOW_PIPE", "0")  # the reader checks again when it opens
-    from pipeline.shards import ShardPolicyError
+    from pipeline.core.shards import ShardPolicyError
     with pytest.raises(ShardPolicyError, match="run.allow_pipe=true"):
         next(read_samples(f"pipe:touch {tmp_path / 'pwned'}"))
     assert not (tmp_path / "pwned").exists()
@@ -169,7 +169,7 @@ def _bomb(path: Path, pieces: int = 64, piece: int = 16 << 20) -> int:
 
 PEAK = """
 import json, resource, sys
-from pipeline.shards import read_samples
+from pipeline.core.shards import read_samples
 import webdataset.tariterators  # imported before the baseline
 base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
 out = [[s["__key__"], s.get("__skip__"), sorted(k for k in s if not k.startswith("__"))]
@@ -214,7 +214,7 @@ def test_embed_counts_oversize_members(tmp_path, monkeypatch):
 
 KILLED_WRITER = """
 import os, signal, sys
-from pipeline.io import atomic_path
+from pipeline.core.io import atomic_path
 for p in sys.argv[1:]:
     tmp = atomic_path(p).__enter__()
     tmp.write_bytes(b"x" * 4096)
@@ -225,11 +225,11 @@ os.kill(os.getpid(), signal.SIGKILL)
 def test_stale_temps_removed_under_the_lock_only(tmp_path, monkeypatch):
     for var in ("MLCD_ALLOW_PIPE", "MLCD_ALLOW_REMOTE", "MLCD_ALLOW_DOWNLOAD", "MLCD_MAX_MEMBER_BYTES"):
         monkeypatch.delenv(var, raising=False)  # stage_guard sets them: restored after the test
-    from pipeline import lock
-    from pipeline.config import RunConfig
-    from pipeline.dist import DistContext
-    from pipeline.guard import stage_guard
-    from pipeline.io import UNTAGGED_STALE_S, atomic_path
+    from pipeline.core import lock
+    from pipeline.core.config import RunConfig
+    from pipeline.core.dist import DistContext
+    from pipeline.core.guard import stage_guard
+    from pipeline.core.io import UNTAGGED_STALE_S, atomic_path
     out = tmp_path / "clusters"
     (out / "labels").mkdir(parents=True)
     killed = [out / "centroids.npy", out / "checkpoints" / "latest", out / "labels" / "labels_0.npy",
@@ -243,7 +243,7 @@ def test_stale_temps_removed_under_the_lock_only(tmp_path, monkeypatch):
     fresh, other = out / ".meta.json.abcd1234.tmp", out / ".notes.tmp"  # fresh untagged; not ours
     fresh.write_text("x")
     other.write_text("x")
-    holder = subprocess.Popen([sys.executable, "-c", "import sys, time; from pipeline import lock; "
+    holder = subprocess.Popen([sys.executable, "-c", "import sys, time; from pipeline.core import lock; "
                                f"lock.acquire({str(out)!r}, 'holder'); print('held', flush=True); "
                                "time.sleep(120)"], cwd=ROOT, env=ENV, stdout=subprocess.PIPE, text=True)
     try:

@@ -1,7 +1,7 @@
 """Stores, labels and shard lists that do not belong together (issue 26, red-team findings): each
 case runs the real stage in-process through its CLI entry (``cli(argv)``: the line printed and the
 exit code are what a user gets) and asserts the one line, the exit code and that the data on disk
-is unchanged. Records: pipeline/provenance.py.
+is unchanged. Records: pipeline/core/provenance.py.
 
 One small real pipeline is built once: two demo shards (the ``demo_data`` fixture,
 configs/debug.yaml) embedded by a tiny random-init open_clip model, k-means centers drawn from
@@ -223,7 +223,7 @@ def test_hostile_case_is_one_line(name, base, tmp_path, capsys):
 
 
 def part_records(store: Path) -> list[dict]:
-    from pipeline.provenance import part_record
+    from pipeline.core.provenance import part_record
     return [part_record(p) for p in sorted((store / "metadata").glob("metadata_*.parquet"))]
 
 
@@ -271,8 +271,8 @@ def test_folder_without_records_warns_and_refreshes(base, tmp_path, caplog):
     """Label parts written before records were kept: training goes on with one warning naming how
     to refresh; rerunning assign writes the records (and the check then binds them)."""
     from clustering import assign
-    from pipeline.config import load_config
-    from pipeline.dist import DistContext
+    from pipeline.core.config import load_config
+    from pipeline.core.dist import DistContext
     from training.train import TrainConfig
     from training.validate import check_inputs
     b = copy_of(base, tmp_path)
@@ -294,13 +294,13 @@ def test_folder_without_records_warns_and_refreshes(base, tmp_path, caplog):
 def test_keys_digest_is_the_same_from_any_column_layout(tmp_path):
     """The vectorized digest of the key column equals the one of the Python key list (what stage 1
     records for fused labels) and the one of clip-retrieval's image_path column; order matters."""
-    from pipeline.provenance import keys_digest, keys_digest_of
+    from pipeline.core.provenance import keys_digest, keys_digest_of
     keys = ["a", "bb", "", "ccc", "ü"]
     pq.write_table(pa.table({"key": keys}), tmp_path / "k.parquet", row_group_size=2)
     pq.write_table(pa.table({"image_path": [f"/x/{k}.jpg" if k else "" for k in keys]}), tmp_path / "i.parquet")
     assert keys_digest(tmp_path / "k.parquet") == keys_digest_of(keys)
     assert keys_digest_of(["ab", "c"]) != keys_digest_of(["a", "bc"]) != keys_digest_of(["c", "ab"])
-    from pipeline.store import read_keys
+    from pipeline.core.store import read_keys
     assert keys_digest(tmp_path / "i.parquet") == keys_digest_of(read_keys(tmp_path / "i.parquet"))
 
 

@@ -1,5 +1,5 @@
 """Bounded memory on hostile pictures (issue 26): a legal 1 x 65,535 PNG of a few hundred bytes
-would need ~13 GB once stage 1 resizes its shortest side to 224 px. pipeline/images.py refuses
+would need ~13 GB once stage 1 resizes its shortest side to 224 px. pipeline/core/images.py refuses
 extreme aspect ratios from the header (`extreme_aspect`, counted like every skip) before any
 pixel is decoded; the peak memory of every stage's path on that file is measured in a fresh
 process (ru_maxrss) and must stay within 200 MB of the process's baseline."""
@@ -14,8 +14,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from pipeline.config import ConfigError
-from pipeline.images import MAX_ASPECT, load_rgb
+from pipeline.core.config import ConfigError
+from pipeline.core.images import MAX_ASPECT, load_rgb
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -51,7 +51,7 @@ import json, resource, sys
 import numpy as np
 from pipeline.embed import EmbedConfig
 from pipeline.encoders import image_transform
-from pipeline.images import load_rgb
+from pipeline.core.images import load_rgb
 from training import decode
 from training.data import TrainDataConfig, decode_batch
 data = open(sys.argv[1], "rb").read()

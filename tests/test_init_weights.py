@@ -8,8 +8,8 @@ import json
 import pytest
 import torch
 
-from pipeline.config import ConfigError
-from pipeline.dist import DistContext
+from pipeline.core.config import ConfigError
+from pipeline.core.dist import DistContext
 from training.hf import save_hf_folder
 from training.init_weights import FinetuneConfig, load_initial_weights, param_groups
 from training.model import ModelConfig, build_model

@@ -11,7 +11,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from pipeline.config import ConfigError
+from pipeline.core.config import ConfigError
 from tests.conftest import torchrun
 from training import export as ex
 from training.hf import (

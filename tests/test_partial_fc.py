@@ -212,7 +212,7 @@ def check_loss_and_grads(ctx) -> None:
 
 def check_full_step(ctx) -> None:
     """2 ranks x (2 micro-batches of 2) through DeepSpeed == one dense SGD step on 8 samples."""
-    from pipeline.config import RunConfig
+    from pipeline.core.config import RunConfig
     from training.config import DeepSpeedConfig, OptimConfig, TrainConfig
     from training.data import Batch, TrainDataConfig
     from training.loss import LossConfig, dense_mlcd_loss
@@ -274,7 +274,7 @@ def test_partial_fc_exact(ranks):
 
 def test_partial_fc_one_process_chunked():
     """No process group: chunked == unchunked == dense float64, both loss modes."""
-    from pipeline.dist import DistContext
+    from pipeline.core.dist import DistContext
     check_loss_and_grads(DistContext())
 
 
@@ -338,7 +338,7 @@ def test_sampled_negatives_are_uniform():
 
 
 def test_negative_count_and_too_few_classes():
-    from pipeline.config import ConfigError
+    from pipeline.core.config import ConfigError
     from training.loss import LossConfig
     from training.partial_fc import PartialFC, PartialFCConfig, floor_fraction
     assert int(0.29 * 100) == 28 and floor_fraction(0.29, 100) == 29
@@ -349,7 +349,7 @@ def test_negative_count_and_too_few_classes():
 
 if __name__ == "__main__":
     sys.path.insert(0, str(__import__("pathlib").Path(__file__).resolve().parents[1]))
-    from pipeline.dist import init_distributed
+    from pipeline.core.dist import init_distributed
     ctx = init_distributed()
     check_loss_and_grads(ctx)
     if ctx.world_size == 2:

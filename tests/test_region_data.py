@@ -7,9 +7,9 @@ import pytest
 import torch
 from PIL import Image
 
-from pipeline.io import atomic_save_npy
-from pipeline.shards import ShardWriter
-from pipeline.store import labels_path, write_labels, write_part
+from pipeline.core.io import atomic_save_npy
+from pipeline.core.shards import ShardWriter
+from pipeline.core.store import labels_path, write_labels, write_part
 from training.data import TrainDataConfig
 from training.model import CLIP_MEAN, CLIP_STD
 from training.region_data import (
@@ -26,7 +26,7 @@ PALETTE = np.array([[255, 0, 0], [0, 255, 0], [0, 0, 255], [255, 255, 0], [0, 25
 
 def build(root, shards=3, per_shard=8, seed=0):
     """Scenes W x H: black, coloured rectangles (class = colour) in the cells of a 4 x 2 grid; the
-    region store (spec layout, written with pipeline/store.py) lists them, the region label store
+    region store (spec layout, written with pipeline/core/store.py) lists them, the region label store
     labels them [c, -1] (objects) or [K + t, -1]... (a few "OCR" rows). The image label is the
     image's global index, so a test can find every batch row's truth. Image 1 of each shard has 5
     labeled regions (> R), image 2 none, image 3 one region with an all -1 label row. The last

@@ -1,6 +1,6 @@
 """Region labels (RICE): object rows carry assign's cluster ids, OCR rows K + the CLIP BPE ids of
 their text, the label space file, resume, and one-line errors on bad input. The region store is
-written here in the layout of the spec (pipeline.store writers), labelled by the real assign."""
+written here in the layout of the spec (pipeline.core.store writers), labelled by the real assign."""
 import json
 import subprocess
 import sys
@@ -10,9 +10,9 @@ import pyarrow as pa
 import pytest
 from conftest import ROOT
 
-from pipeline.config import ConfigError
-from pipeline.io import atomic_save_npy, load_npy
-from pipeline.store import StoreError, write_part
+from pipeline.core.config import ConfigError
+from pipeline.core.io import atomic_save_npy, load_npy
+from pipeline.core.store import StoreError, write_part
 
 K, D = 6, 8
 # (kind, text) per region; part 0 then part 1

@@ -1,6 +1,6 @@
-"""Stage 1b (pipeline.regions) and the RICE scenes (pipeline.rice_data): box file source with the
+"""Stage 1b (pipeline.regions) and the RICE scenes (pipeline.demo.rice_data): box file source with the
 min-edge rule and skip counts, the components source on composed scenes, Tesseract on rendered
-words, the store layout as pipeline/store.py reads it, resume per part, one-line bad settings.
+words, the store layout as pipeline/core/store.py reads it, resume per part, one-line bad settings.
 
 Scenes come from `mlcd data rice` at a tiny size (real openclipart drawings and Noto fonts from
 the Debian packages of `make apt`); the encoder is a tiny random-init open_clip model.
@@ -19,9 +19,9 @@ import pytest
 from PIL import Image
 
 from pipeline import regions as R
-from pipeline import rice_data as RD
-from pipeline.shards import ShardWriter, encode_image
-from pipeline.store import EmbeddingStore, read_keys
+from pipeline.core.shards import ShardWriter, encode_image
+from pipeline.core.store import EmbeddingStore, read_keys
+from pipeline.demo import rice_data as RD
 from tests.conftest import ROOT
 from tests.test_embed import TINY_CLIP
 
@@ -145,7 +145,7 @@ def test_tesseract_reads_a_rendered_word():
 
 @needs_tesseract
 def test_store_layout_ocr_and_resume(rice, tmp_path):
-    """The pool through file boxes + Tesseract: a store pipeline/store.py reads, row-aligned;
+    """The pool through file boxes + Tesseract: a store pipeline/core/store.py reads, row-aligned;
     words read back; deleting one part and rerunning rewrites only that part, identically."""
     _, root, _ = rice
     store = tmp_path / "store"

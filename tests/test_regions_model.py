@@ -5,7 +5,7 @@ import pytest
 import torch
 from conftest import torchrun
 
-from pipeline.config import ConfigError
+from pipeline.core.config import ConfigError
 from training.model import ModelConfig, build_model
 from training.regions import MLCDRegionEncoder, RegionHead, RegionHeadConfig, box_mask
 
@@ -256,6 +256,6 @@ def test_zero3_step_exact():
 
 if __name__ == "__main__":
     sys.path.insert(0, str(__import__("pathlib").Path(__file__).resolve().parents[1]))
-    from pipeline.dist import init_distributed
+    from pipeline.core.dist import init_distributed
     check_zero3_step(init_distributed())
     print(f"REGIONS_ZERO3_OK {__import__('os').environ['RANK']}", flush=True)

@@ -39,7 +39,7 @@ def clip_retrieval_store(root, n_parts=12, rows=40, d=16, k=4, seed=0):
 def test_clip_retrieval_padded_store_end_to_end(tmp_path):
     from clustering import assign as asg
     from clustering import kmeans as km
-    from pipeline.store import EmbeddingStore, LabelStore, emb_path, part_name
+    from pipeline.core.store import EmbeddingStore, LabelStore, emb_path, part_name
     from training.data import TrainDataConfig, find_parts, load_part_labels
 
     store = tmp_path / "store"
@@ -95,8 +95,8 @@ def test_folder_lock_refuses_second_writer_and_takes_over_stale(tmp_path):
     import subprocess
     import sys
 
-    from pipeline import lock
-    from pipeline.errors import InputError
+    from pipeline.core import lock
+    from pipeline.core.errors import InputError
     with lock.folder_lock(tmp_path / "out", "first") as path:
         owner = json.loads(path.read_text())
         assert owner["pid"] == os.getpid() and owner["host"] == socket.gethostname()
@@ -130,10 +130,10 @@ def test_stage_refuses_folder_held_by_live_run(tmp_path, capsys):
     from test_clustering import make_store
 
     from clustering import kmeans as km
-    from pipeline.entry import stage_cli
+    from pipeline.core.entry import stage_cli
     make_store(tmp_path / "store", n_parts=1, rows=200, d=8, k=4)
     folder = tmp_path / "clusters"
-    holder = subprocess.Popen([sys.executable, "-c", "import sys, time; from pipeline import lock; "
+    holder = subprocess.Popen([sys.executable, "-c", "import sys, time; from pipeline.core import lock; "
                                f"lock.acquire({str(folder)!r}, 'holder'); print('held', flush=True); "
                                "time.sleep(120)"], cwd=ROOT, env=ENV, stdout=subprocess.PIPE, text=True)
     try:
@@ -153,9 +153,9 @@ def test_stage_refuses_folder_held_by_live_run(tmp_path, capsys):
 # ---------------------------------------------------------------- shard specs and downloads
 
 def test_pipe_and_remote_specs_need_opt_in(tmp_path, monkeypatch):
-    from pipeline import netpolicy
-    from pipeline.config import ConfigError, RunConfig
-    from pipeline.shards import ShardSpecError, expand_shards
+    from pipeline.core import netpolicy
+    from pipeline.core.config import ConfigError, RunConfig
+    from pipeline.core.shards import ShardSpecError, expand_shards
     for var in ("MLCD_ALLOW_PIPE", "MLCD_ALLOW_REMOTE", "MLCD_ALLOW_DOWNLOAD", "HF_HUB_OFFLINE",
                 "TRANSFORMERS_OFFLINE", "HF_DATASETS_OFFLINE"):
         monkeypatch.delenv(var, raising=False)
@@ -229,10 +229,10 @@ def _train_inputs(tmp_path):
 
 
 def test_training_inputs_validated_up_front(tmp_path, caplog):
-    from pipeline.config import load_config
-    from pipeline.dist import DistContext
-    from pipeline.io import atomic_save_npy
-    from pipeline.shards import ShardSpecError
+    from pipeline.core.config import load_config
+    from pipeline.core.dist import DistContext
+    from pipeline.core.io import atomic_save_npy
+    from pipeline.core.shards import ShardSpecError
     from training.train import TrainConfig
     from training.validate import TrainInputError, check_inputs
     over = _train_inputs(tmp_path)
@@ -368,14 +368,14 @@ def test_sigkill_of_mlcd_group_takes_workers_down(tmp_path):
     finally:
         if proc.poll() is None:
             os.killpg(proc.pid, signal.SIGKILL)
-    from pipeline import lock as L
+    from pipeline.core import lock as L
     with L.folder_lock(tmp_path / "run/train", "rerun"):  # stale (dead pid): taken over
         pass
 
 
 def test_training_input_shard_with_labels_must_exist(tmp_path):
-    from pipeline.config import load_config
-    from pipeline.dist import DistContext
+    from pipeline.core.config import load_config
+    from pipeline.core.dist import DistContext
     from training.train import TrainConfig
     from training.validate import TrainInputError, check_inputs
     over = _train_inputs(tmp_path)

@@ -9,7 +9,14 @@ import pytest
 import torch
 from conftest import ROOT
 
-from pipeline.config import RESUMABLE, ConfigError, RunConfig, load_config, prepare_out_dir, resumable_keys
+from pipeline.core.config import (
+    RESUMABLE,
+    ConfigError,
+    RunConfig,
+    load_config,
+    prepare_out_dir,
+    resumable_keys,
+)
 from training.config import OptimConfig, TrainConfig, check_resume_schedule
 from training.trainer import lr_at, micro_batches
 

@@ -136,7 +136,7 @@ def test_heads_loss_checkpoint_and_a_third_head(tmp_path):
 
     from safetensors.torch import load_file, save_file
 
-    from pipeline.dist import DistContext
+    from pipeline.core.dist import DistContext
     from training.heads import Head, configured_heads, forward_kwargs, model_for, model_outputs, total_loss
     cfg, ctx = region_train_cfg(2, 4), DistContext()
 
@@ -211,7 +211,7 @@ def test_heads_loss_checkpoint_and_a_third_head(tmp_path):
 def region_trainer(ctx, root: Path, zero: int, steps: int, **changes):
     import dataclasses
 
-    from pipeline.config import RunConfig
+    from pipeline.core.config import RunConfig
     from training.trainer import CheckpointManager, Trainer
     cfg = dataclasses.replace(region_train_cfg(zero, steps), **changes)
     manager = CheckpointManager(root / "checkpoints", cfg.checkpoint, ctx, zero)
@@ -370,7 +370,7 @@ def build_region_store(root: Path, store: Path, k: int = K_CLUSTERS, v: int = V_
     some rows without a label)."""
     import pyarrow.parquet as pq
 
-    from pipeline.store import meta_path, write_labels, write_part
+    from pipeline.core.store import meta_path, write_labels, write_part
     rng = np.random.default_rng(0)
     part = 0
     while meta_path(store, part).is_file():
@@ -398,8 +398,8 @@ def build_region_store(root: Path, store: Path, k: int = K_CLUSTERS, v: int = V_
 def test_region_config_and_input_checks(tmp_path):
     from test_train import build_synthetic
 
-    from pipeline.config import ConfigError, load_config
-    from pipeline.dist import DistContext
+    from pipeline.core.config import ConfigError, load_config
+    from pipeline.core.dist import DistContext
     from training.config import RegionTrainConfig, TrainConfig
     from training.validate import TrainInputError, check_inputs, region_num_classes
     with pytest.raises(ConfigError, match="per_image"):
@@ -474,12 +474,12 @@ def test_masked_loss_matches_dense_reference(ranks):
 if __name__ == "__main__":  # worker: python tests/test_rice_train.py WHAT [ARGS] under torchrun
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
     sys.path.insert(0, str(Path(__file__).resolve().parent))
-    from pipeline.dist import init_distributed
+    from pipeline.core.dist import init_distributed
     ctx = init_distributed()
     if sys.argv[1] == "loss":
         check_masked_loss(ctx)
         print(f"RICE_LOSS_OK {ctx.rank}", flush=True)
     else:
-        from pipeline.tracking import setup_logging
+        from pipeline.core.tracking import setup_logging
         setup_logging(ctx)
         {"train2": train2, "one": one}[sys.argv[1]](ctx, Path(sys.argv[2]))

@@ -1,4 +1,4 @@
-"""The stage table (pipeline/stages.py) is the one list of stages: everything else that lists
+"""The stage table (pipeline/core/stages.py) is the one list of stages: everything else that lists
 stages is generated from it or checked against it here (mlcd's help and dispatch, the config
 sections, `mlcd check`, the Makefile's stage targets, the SLURM template, launch/env.sh, the
 bench runner, and every stage module's entry tail)."""
@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 import pytest
 from conftest import ROOT
 
-from pipeline.stages import BENCHES, STAGES, launchable, schema, schemas, sections
+from pipeline.core.stages import BENCHES, STAGES, launchable, schema, schemas, sections
 
 BASH = shutil.which("bash")
 CONFIG_STAGES = [n for n, s in STAGES.items() if s.section and not s.tool]
@@ -41,7 +41,7 @@ def test_table_entries_name_real_modules_and_schemas():
 
 def test_config_sections_and_check_come_from_the_table():
     from launch import check
-    from pipeline import config
+    from pipeline.core import config
     assert config.SECTIONS == sections() == tuple(schemas())
     assert "bench" not in config.SECTIONS  # had no schema
     assert set(check.schemas()) == set(sections())
@@ -116,7 +116,7 @@ def test_named_instance_and_ranks_reach_the_stage():
     """`mlcd cluster@regions --nproc 2 ...`: the cluster module under torchrun with
     `--instance regions`; in one process the same arguments reach the module's main."""
     from launch import cli
-    from pipeline.entry import stage_args
+    from pipeline.core.entry import stage_args
     stage, rest, nproc, nnodes = cli.plan(["cluster@regions", "--nproc", "2", "--config", "f.yaml", "cluster.k=3"])
     assert (stage.name, rest, nproc, nnodes) == ("cluster", ["--instance", "regions", "--config", "f.yaml",
                                                              "cluster.k=3"], 2, 1)
@@ -148,7 +148,7 @@ def test_unknown_flag_names_the_key_it_may_mean(argv, line, capsys):
 @pytest.mark.parametrize("name", CONFIG_STAGES)
 def test_stage_help_lists_every_key_of_its_section(name, capsys):
     from launch import cli
-    from pipeline.keys import keys
+    from pipeline.core.keys import keys
     with pytest.raises(SystemExit) as e:
         cli.main([name, "--help"])
     out = capsys.readouterr().out
@@ -186,7 +186,7 @@ class _Outer:
 
 
 def test_key_docs_come_from_the_dataclass():
-    from pipeline.keys import keys, suggest
+    from pipeline.core.keys import keys, suggest
     got = {k.name: (k.type, k.default, k.doc) for k in keys(_Outer, "s")}
     assert got == {"s.inner.plain": ("int", 1, "beside the field"),
                    "s.inner.above": ("str", "x", "above the field, on two lines"),

@@ -11,8 +11,8 @@ import time
 from conftest import ROOT
 from test_embed import run_embed, tiny_args, write_shards
 
-from pipeline.dist import DistContext
-from pipeline.tracking import Progress
+from pipeline.core.dist import DistContext
+from pipeline.core.tracking import Progress
 
 LINE = re.compile(r"work: (\d+)/50 img \(\d+\.\d%\) [\d.,]+ img/s ETA \S+ \| skipped (\d+)")
 
@@ -22,8 +22,8 @@ def test_progress_prints_periodic_lines_without_a_terminal(tmp_path):
     with done/total, rate, ETA and the stage's counters every log_every_s, and a final one."""
     code = (
         "import time\n"
-        "from pipeline.dist import DistContext\n"
-        "from pipeline.tracking import progress, setup_logging\n"
+        "from pipeline.core.dist import DistContext\n"
+        "from pipeline.core.tracking import progress, setup_logging\n"
         "setup_logging(None, 0.1)\n"
         f"bar = progress(50, 'work', DistContext(), share_dir={str(tmp_path)!r})\n"
         "for i in range(50):\n"

@@ -46,7 +46,7 @@ def closure(graph: dict[str, set[str]], start: str) -> set[str]:
 
 def test_no_import_cycles():
     graph = import_graph()
-    assert len(graph) > 30 and "pipeline.entry" in graph
+    assert len(graph) > 30 and "pipeline.core.entry" in graph
     cycles = sorted(m for m in graph if m in closure(graph, m))
     assert not cycles, f"modules on an import cycle: {cycles}"
 
@@ -58,6 +58,8 @@ def test_layer_directions():
         tops = {d.split(".")[0] for d in deps}
         if top == "pipeline":
             assert tops <= {"pipeline"}, (mod, deps)
+        if mod.startswith("pipeline.core"):  # the foundation: nothing of stage 1 or the demo data
+            assert all(d.startswith("pipeline.core") for d in deps), (mod, deps)
         if top in ("clustering", "training"):
             assert tops <= {top, "pipeline"}, (mod, deps)
     # evaluation reads models (model, hf, export, checkpoint), never the training loop
@@ -98,7 +100,7 @@ def test_stage1_and_stage3_decode_the_same_pixels():
     from PIL import Image
 
     from pipeline import embed
-    from pipeline.images import image_bytes
+    from pipeline.core.images import image_bytes
     from training import data
     cfg = data.TrainDataConfig(hflip=0.0)
     for ext, raw in _samples().items():
@@ -128,11 +130,11 @@ def test_stage1_and_stage3_decode_the_same_pixels():
 
 
 def test_agree_single_process_and_stage_error_codes():
-    from pipeline.config import ConfigError
-    from pipeline.dist import DistContext
-    from pipeline.entry import StageError, exit_code
-    from pipeline.shards import ShardSpecError
-    from pipeline.store import StoreError
+    from pipeline.core.config import ConfigError
+    from pipeline.core.dist import DistContext
+    from pipeline.core.entry import StageError, exit_code
+    from pipeline.core.shards import ShardSpecError
+    from pipeline.core.store import StoreError
     from training.evaluation.features import EvalInputError
     from training.export import ExportError
     ctx = DistContext()
@@ -147,8 +149,8 @@ def test_agree_single_process_and_stage_error_codes():
 
 AGREE_WORKER = """
 import sys
-from pipeline.dist import destroy, init_distributed
-from pipeline.store import StoreError
+from pipeline.core.dist import destroy, init_distributed
+from pipeline.core.store import StoreError
 ctx = init_distributed()
 assert ctx.agree(lambda: [ctx.rank, "from rank 0"]) == [0, "from rank 0"]
 def check():

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import pytest
 
-from pipeline.config import WandbConfig
-from pipeline.dist import DistContext
-from pipeline.tracking import Tracker
+from pipeline.core.config import WandbConfig
+from pipeline.core.dist import DistContext
+from pipeline.core.tracking import Tracker
 
 pytest.importorskip("wandb")
 
@@ -34,8 +34,8 @@ def test_wandb_id_is_kept_and_reused(tmp_path, monkeypatch):
 def test_wandb_follows_its_environment_unless_the_config_says(tmp_path, monkeypatch):
     """WANDB_MODE/PROJECT/ENTITY/DIR apply when the config leaves a key unset; a set key wins.
     One group per pipeline run (run.name, else the run folder's name), run names <name>-<stage>."""
-    from pipeline.config import RunConfig
-    from pipeline.tracking import wandb_settings
+    from pipeline.core.config import RunConfig
+    from pipeline.core.tracking import wandb_settings
     monkeypatch.setenv("WANDB_SILENT", "true")
     for k in ("WANDB_MODE", "WANDB_PROJECT", "WANDB_ENTITY", "WANDB_DIR"):
         monkeypatch.delenv(k, raising=False)

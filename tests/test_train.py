@@ -27,9 +27,9 @@ import pytest
 from conftest import ROOT, free_port, torchrun
 from PIL import Image
 
-from pipeline.io import atomic_save_npy
-from pipeline.shards import ShardWriter
-from pipeline.store import write_labels, write_part
+from pipeline.core.io import atomic_save_npy
+from pipeline.core.shards import ShardWriter
+from pipeline.core.store import write_labels, write_part
 
 TINY = ["train.model.name=vit_tiny_rope2d", "train.model.image_size=32", "train.model.patch_size=8",
         "train.model.width=32", "train.model.layers=1", "train.model.heads=2", "train.model.mlp_dim=64",
@@ -84,7 +84,7 @@ def run_train(run_dir: Path, nproc: int, extra: list[str], timeout: int = 300):
 def demo_labels(data: Path, root: Path) -> list[str]:
     """A store + labels for the debug demo shards: [category, first caption word bucket], so the
     labels carry signal. Returns the train overrides pointing at them."""
-    from pipeline.shards import expand_shards
+    from pipeline.core.shards import expand_shards
     shards = expand_shards(str(data / "train"))
     cats: dict[str, int] = {}
     for i, url in enumerate(shards):
@@ -354,9 +354,9 @@ def test_resume_on_one_rank(runs, tmp_path):
 
 if __name__ == "__main__":  # worker: python tests/test_train.py SPEC.json under torchrun
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-    from pipeline.config import load_config
-    from pipeline.dist import init_distributed
-    from pipeline.tracking import setup_logging
+    from pipeline.core.config import load_config
+    from pipeline.core.dist import init_distributed
+    from pipeline.core.tracking import setup_logging
     from training.train import TrainConfig, train
     ctx = init_distributed()
     setup_logging(ctx)

@@ -1,7 +1,7 @@
 """Stage 3 input benchmark (`make bench` runs it from training/bench_train.py, next to the model's
 samples/s): can the training data loader keep a GPU busy?
 
-Real webdataset shards built from the demo data (`pipeline.demo_data` at debug sizes, images
+Real webdataset shards built from the demo data (`pipeline.demo.demo_data` at debug sizes, images
 stored as JPEG with the longest side at 256 px, like img2dataset's LAION-400M shards), a metadata
 part and a random label part per shard (int32 N x 8, the label store's layout), then
 training/data.py's loader exactly as the Trainer builds it: tar read + decode + random resized crop
@@ -38,9 +38,9 @@ ANCHORS = {"A100 40% MFU": 4_700, "H100 50% MFU": 18_700}
 
 def build_data(tmp: Path) -> tuple[str, str, str, int, float]:
     """(shard spec, store dir, labels dir, samples, mean JPEG KB) from the demo data at debug sizes."""
-    from pipeline import demo_data
-    from pipeline.io import atomic_save_npy
-    from pipeline.shards import expand_shards, read_samples
+    from pipeline.core.io import atomic_save_npy
+    from pipeline.core.shards import expand_shards, read_samples
+    from pipeline.demo import demo_data
     demo_data.main(str(ROOT / "configs/debug.yaml"),
                    [f"run.out_dir={tmp}", f"data.image_size={STORED}", "data.workers=1"])
     shards = expand_shards(str(tmp / "data/train"))
@@ -140,8 +140,8 @@ def synthetic_data(tmp: Path, n: int, seed: int = 0) -> tuple[str, str, str]:
 
     from PIL import Image, ImageFilter
 
-    from pipeline.io import atomic_save_npy
-    from pipeline.shards import ShardWriter
+    from pipeline.core.io import atomic_save_npy
+    from pipeline.core.shards import ShardWriter
     rng = np.random.default_rng(seed)
     w = ShardWriter(tmp / "data", 0)
     for i in range(n):
@@ -182,8 +182,8 @@ def loader_rate(decode: str = "cpu", device: str = "cpu", n: int = 1024) -> dict
 
 def pixel_diffs(spec: str, decode: str, device) -> dict:
     """One batch of the shard's first samples through each path, same generator seed."""
-    from pipeline.images import image_bytes
-    from pipeline.shards import expand_shards, read_samples
+    from pipeline.core.images import image_bytes
+    from pipeline.core.shards import expand_shards, read_samples
     from training import decode as D
     from training.data import CLIP_MEAN, CLIP_STD, TrainDataConfig, decode_batch
     raw = [image_bytes(s) for s, _ in zip(read_samples(expand_shards(spec)[0]), range(BATCH))]

@@ -274,7 +274,7 @@ def fused_loss_rate(device: str | torch.device = "cuda", shape: dict | None = No
 
 
 def bench_throughput(quick: bool) -> list[dict]:
-    from pipeline.dist import free_port
+    from pipeline.core.dist import free_port
     port = free_port()
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--nnodes=1",
            "--rdzv_backend=c10d", f"--rdzv_endpoint=127.0.0.1:{port}", "-m", "training.bench_train",
@@ -318,8 +318,8 @@ def _throughput_worker(quick: bool) -> None:
     """Under torchrun: same model, same batch; the CHAIN's configs timed alternating."""
     import dataclasses
 
-    from pipeline.config import RunConfig
-    from pipeline.dist import init_distributed
+    from pipeline.core.config import RunConfig
+    from pipeline.core.dist import init_distributed
     from training.config import DeepSpeedConfig, OptimConfig, TrainConfig
     from training.data import Batch, TrainDataConfig
     from training.loss import LossConfig

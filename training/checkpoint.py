@@ -29,7 +29,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save as st_save
 
-from pipeline.io import atomic_write_bytes, atomic_write_json, atomic_write_text, read_json
+from pipeline.core.io import atomic_write_bytes, atomic_write_json, atomic_write_text, read_json
 from training.safe_load import WeightsError, check_torch_files, weights_only_loads
 
 log = logging.getLogger("mlcd.train.ckpt")

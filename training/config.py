@@ -6,7 +6,7 @@ import math
 from dataclasses import dataclass, field
 from typing import Any
 
-from pipeline.config import RESUMABLE, ConfigError, check
+from pipeline.core.config import RESUMABLE, ConfigError, check
 from training.data import TrainDataConfig
 from training.init_weights import FinetuneConfig
 from training.loss import LossConfig

@@ -28,12 +28,12 @@ import torch
 from PIL import Image
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
-from pipeline.config import RESUMABLE, check
-from pipeline.guard import die_with_parent_fn
-from pipeline.images import decode_rgb, image_bytes
-from pipeline.io import load_npy
-from pipeline.shards import expand_shards, read_samples
-from pipeline.store import labels_path, meta_path, read_keys
+from pipeline.core.config import RESUMABLE, check
+from pipeline.core.guard import die_with_parent_fn
+from pipeline.core.images import decode_rgb, image_bytes
+from pipeline.core.io import load_npy
+from pipeline.core.shards import expand_shards, read_samples
+from pipeline.core.store import labels_path, meta_path, read_keys
 from training import decode
 from training.decode import crop_box
 from training.model import CLIP_MEAN, CLIP_STD
@@ -138,7 +138,7 @@ def load_part_labels(part: ShardPart, num_labels: int, num_classes: int) -> dict
 
 
 def decode_image(data: bytes, size: int, cfg: TrainDataConfig, rng: np.random.Generator) -> torch.Tensor:
-    """Stage 1's decoder (pipeline/images.py: EXIF, 16-bit, palette+alpha repairs), then a random
+    """Stage 1's decoder (pipeline/core/images.py: EXIF, 16-bit, palette+alpha repairs), then a random
     resized crop and flip. Samples stage 1 could not decode have no labels and never get here."""
     img = decode_rgb(data, max_aspect=0)  # stage 1 applied its caps; the crop bounds the resize
     w, h = img.size

@@ -1,6 +1,6 @@
 """The fast train-time image path: bytes -> uint8 (B, 3, S, S) batches, normalised on the device.
 
-Same picture as stage 1 (pipeline/images.py opens, EXIF-rotates and repairs it), same random
+Same picture as stage 1 (pipeline/core/images.py opens, EXIF-rotates and repairs it), same random
 resized crop box and flip as training/data.py's `decode_image` (same generator calls in the same
 order), but per sample:
 - JPEG draft: when the crop box is >= 2x the output size on both sides, the JPEG is decoded at
@@ -28,7 +28,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from pipeline.images import ImageError, finish_rgb, open_image, orientation
+from pipeline.core.images import ImageError, finish_rgb, open_image, orientation
 
 JPEG_MAGIC = b"\xff\xd8\xff"
 
@@ -78,7 +78,7 @@ def decode_cpu(im, plan: Plan, size: int, draft: bool = True, data: bytes | None
     """An opened image + its plan -> uint8 (3, size, size). Upright RGB/grayscale JPEGs with no
     draft to apply go through torchvision's decode_jpeg when `data` is given (the same
     libjpeg-turbo settings as Pillow: equal pixels, tests/test_decode.py; no PIL image to copy
-    out); everything else through stage 1's repairs (pipeline/images.py)."""
+    out); everything else through stage 1's repairs (pipeline/core/images.py)."""
     s = draft_scale(plan.box, size) if draft and im.format == "JPEG" else 1
     if s == 1 and data is not None and gpu_decodable(data, im, o):
         from torchvision.io import ImageReadMode, decode_jpeg

@@ -40,9 +40,9 @@ from pathlib import Path
 
 import torch
 
-from pipeline.config import ConfigError
-from pipeline.entry import StageError, disk_full, report
-from pipeline.io import atomic_path, atomic_write_json, read_json
+from pipeline.core.config import ConfigError
+from pipeline.core.entry import StageError, disk_full, report
+from pipeline.core.io import atomic_path, atomic_write_json, read_json
 from training.checkpoint import STEP_RE, find_latest, load_backbone_state_dict
 from training.hf import from_hf_state_dict, load_state_file, save_hf_folder
 from training.model import PRESETS, ModelConfig

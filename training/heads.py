@@ -36,7 +36,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from pipeline.config import ConfigError
+from pipeline.core.config import ConfigError
 from training.checkpoint import load_centers, save_centers
 from training.data import Batch, find_parts, make_loader
 from training.model import MLCDEncoder, ModelConfig, build_model

@@ -21,7 +21,7 @@ from typing import Any
 import torch
 from safetensors.torch import save_file
 
-from pipeline.io import atomic_path, atomic_write_json
+from pipeline.core.io import atomic_path, atomic_write_json
 from training.model import CLIP_MEAN, CLIP_STD, PRESETS, MLCDEncoder, ModelConfig, build_model
 from training.safe_load import read_hf_weights, read_state_file
 

@@ -36,8 +36,8 @@ from typing import TYPE_CHECKING, NoReturn
 import torch
 from safetensors import safe_open
 
-from pipeline.config import ConfigError, check
-from pipeline.io import atomic_write_json, read_json
+from pipeline.core.config import ConfigError, check
+from pipeline.core.io import atomic_write_json, read_json
 from training.safe_load import WeightsError, every_rank_reads, weights_only_loads
 
 if TYPE_CHECKING:  # for annotations only (training.model is imported where it is used)

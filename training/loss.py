@@ -25,7 +25,7 @@ Every rank ends with the same per-sample loss; `_AllReduceSum`'s backward is the
 each rank back-propagates its own (identical) copy of that downstream graph.
 
 All collectives of the loss are the autograd Functions below; they take the run's DistContext
-(pipeline/dist.py) and expect tensors already on its device (NCCL has no CPU tensors).
+(pipeline/core/dist.py) and expect tensors already on its device (NCCL has no CPU tensors).
 
 `dense_mlcd_loss` (mlcd or mlc) / `dense_unicom_loss` are the single-process losses over all K
 centers (the benchmark's full-softmax baseline; tests also check them against literal
@@ -40,7 +40,7 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
-from pipeline.config import check
+from pipeline.core.config import check
 
 LOSS_MODES = ("mlcd", "mlc", "unicom")
 

@@ -23,7 +23,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from pipeline.config import check
+from pipeline.core.config import check
 
 _FIELDS = ("image_size", "patch_size", "width", "layers", "heads", "mlp_dim", "rope2d", "act",
            "embed_dim")

@@ -47,7 +47,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
-from pipeline.config import check
+from pipeline.core.config import check
 from training.fused_loss import distinct_sorted, fused_loss
 from training.loss import LossConfig, combine, local_terms, reduce_sum, target_mask
 

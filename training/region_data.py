@@ -28,11 +28,11 @@ import torch
 from PIL import Image
 from torch.utils.data import DataLoader
 
-from pipeline.config import check
-from pipeline.images import decode_rgb
-from pipeline.io import load_npy, read_json
-from pipeline.shards import expand_shards
-from pipeline.store import labels_path, meta_path
+from pipeline.core.config import check
+from pipeline.core.images import decode_rgb
+from pipeline.core.io import load_npy, read_json
+from pipeline.core.shards import expand_shards
+from pipeline.core.store import labels_path, meta_path
 from training.data import Batch, LabeledStream, ShardPart, TrainDataConfig, find_parts, loader, to_tensor
 
 log = logging.getLogger("mlcd.train.region_data")

@@ -22,7 +22,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from pipeline.config import check
+from pipeline.core.config import check
 from training.model import ACTS, EncoderLayer, MLCDEncoder, ModelConfig, init_block
 
 

@@ -34,8 +34,8 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file
 
-from pipeline.config import ConfigError
-from pipeline.errors import InputError, StageError
+from pipeline.core.config import ConfigError
+from pipeline.core.errors import InputError, StageError
 
 _FORCE = "TORCH_FORCE_WEIGHTS_ONLY_LOAD"
 STATE_SUFFIXES = (".safetensors", ".pt", ".pth", ".bin")
@@ -189,7 +189,7 @@ def check_torch_files(paths: Iterable[Path]) -> None:
 def every_rank_reads(ctx, fn: Callable[[], T]) -> T:
     """Every rank runs ``fn`` (reading its own files); if it fails on any rank with a user error
     (a WeightsError, ...), every rank raises the error of the lowest failing rank, marked
-    ``agreed`` so rank 0 alone prints it (pipeline/entry.py:report). No rank goes on to a
+    ``agreed`` so rank 0 alone prints it (pipeline/core/entry.py:report). No rank goes on to a
     collective a failed peer never reaches. Costs one all_gather_object per call."""
     if ctx is None or not ctx.distributed:  # one process (ctx None: a PartialFC built bare)
         return fn()

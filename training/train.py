@@ -22,9 +22,9 @@ from pathlib import Path
 
 import torch
 
-from pipeline.config import RunConfig, prepare_out_dir
-from pipeline.dist import DistContext, free_port
-from pipeline.entry import stage_cli, stage_main
+from pipeline.core.config import RunConfig, prepare_out_dir
+from pipeline.core.dist import DistContext, free_port
+from pipeline.core.entry import stage_cli, stage_main
 from training.checkpoint import find_latest, read_state
 from training.config import (  # noqa: F401 -- the `train` section's schema lives here for the registry
     CheckpointConfig,

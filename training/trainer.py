@@ -28,11 +28,11 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from pipeline.config import ConfigError, RunConfig, to_dict
-from pipeline.dist import DistContext
-from pipeline.entry import StageError
-from pipeline.io import atomic_write_text
-from pipeline.tracking import Tracker, fmt_duration, progress
+from pipeline.core.config import ConfigError, RunConfig, to_dict
+from pipeline.core.dist import DistContext
+from pipeline.core.entry import StageError
+from pipeline.core.io import atomic_write_text
+from pipeline.core.tracking import Tracker, fmt_duration, progress
 from training import checkpoint as ckpt
 from training.config import CheckpointConfig, OptimConfig, TrainConfig, schedule_phase
 from training.data import Batch, epoch_length, make_loader, normalize_uint8

@@ -11,7 +11,7 @@ Checked on rank 0, the verdict broadcast (every rank raises the same ``TrainInpu
 - the centroids file exists (also with ``partial_fc.num_classes`` set: the labels are checked
   against the centers they were assigned with); K equals its K unless ``partial_fc.num_classes``
   is set to something else on purpose (then a warning; labels must still fit);
-- every part is what its records say it was made from (``check_sources``, pipeline/provenance.py):
+- every part is what its records say it was made from (``check_sources``, pipeline/core/provenance.py):
   metadata part i was embedded from the i-th listed shard (same path, or same name, size and
   mtime; another size is refused, another mtime warned about), label part i from metadata part
   i's keys (order-sensitive digest: another store's labels or reordered rows are refused) and
@@ -36,17 +36,17 @@ from concurrent.futures import ThreadPoolExecutor
 import numpy as np
 import pyarrow.parquet as pq
 
-from pipeline.errors import InputError, StageError
-from pipeline.io import load_npy
-from pipeline.provenance import (
+from pipeline.core.errors import InputError, StageError
+from pipeline.core.io import load_npy
+from pipeline.core.provenance import (
     centroids_fingerprint,
     keys_digest,
     label_mismatch,
     part_record,
     shard_mismatch,
 )
-from pipeline.shards import ShardSpecError, expand_shards, is_url, local_path
-from pipeline.store import labels_path, meta_path, part_numbers, read_label_record, sims_path
+from pipeline.core.shards import ShardSpecError, expand_shards, is_url, local_path
+from pipeline.core.store import labels_path, meta_path, part_numbers, read_label_record, sims_path
 
 log = logging.getLogger("mlcd.train.validate")
 BLOCK_ROWS = 1 << 22

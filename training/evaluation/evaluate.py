@@ -29,11 +29,11 @@ from typing import Any
 import numpy as np
 import torch
 
-from pipeline.config import RESUMABLE, ConfigError, RunConfig, check, prepare_out_dir
-from pipeline.dist import DistContext
-from pipeline.entry import stage_cli, stage_main
-from pipeline.io import atomic_save_npy, atomic_write_json, atomic_write_text, load_npy, read_json
-from pipeline.tracking import Tracker
+from pipeline.core.config import RESUMABLE, ConfigError, RunConfig, check, prepare_out_dir
+from pipeline.core.dist import DistContext
+from pipeline.core.entry import stage_cli, stage_main
+from pipeline.core.io import atomic_save_npy, atomic_write_json, atomic_write_text, load_npy, read_json
+from pipeline.core.tracking import Tracker
 from training.evaluation import probe
 from training.evaluation.features import (
     KINDS,

@@ -37,12 +37,12 @@ import torch
 from PIL import Image
 from torch.utils.data import DataLoader, Dataset, Subset
 
-from pipeline import netpolicy
-from pipeline.dist import DistContext
-from pipeline.entry import StageError
-from pipeline.images import IMAGE_EXTS, decode_rgb, is_image_name
-from pipeline.shards import ShardSpecError, check_member_size, expand_shards
-from pipeline.tracking import progress
+from pipeline.core import netpolicy
+from pipeline.core.dist import DistContext
+from pipeline.core.entry import StageError
+from pipeline.core.images import IMAGE_EXTS, decode_rgb, is_image_name
+from pipeline.core.shards import ShardSpecError, check_member_size, expand_shards
+from pipeline.core.tracking import progress
 
 log = logging.getLogger("mlcd.eval")
 

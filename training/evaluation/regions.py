@@ -40,13 +40,13 @@ import pyarrow.parquet as pq
 import torch
 from torch.utils.data import DataLoader, Subset
 
-from pipeline.config import RESUMABLE, ConfigError, RunConfig, check, prepare_out_dir
-from pipeline.dist import DistContext
-from pipeline.entry import stage_cli, stage_main
-from pipeline.images import is_image_name
-from pipeline.io import atomic_write_json, atomic_write_text, read_json
-from pipeline.shards import ShardSpecError, check_member_size, expand_shards
-from pipeline.tracking import Tracker, progress
+from pipeline.core.config import RESUMABLE, ConfigError, RunConfig, check, prepare_out_dir
+from pipeline.core.dist import DistContext
+from pipeline.core.entry import stage_cli, stage_main
+from pipeline.core.images import is_image_name
+from pipeline.core.io import atomic_write_json, atomic_write_text, read_json
+from pipeline.core.shards import ShardSpecError, check_member_size, expand_shards
+from pipeline.core.tracking import Tracker, progress
 from training.evaluation import probe
 from training.evaluation.evaluate import (
     FeatureCache,

@@ -28,12 +28,12 @@ from typing import Any
 import numpy as np
 from tqdm import tqdm
 
-from pipeline.config import RESUMABLE, RunConfig, check, prepare_out_dir
-from pipeline.entry import stage_cli, stage_main
-from pipeline.images import load_rgb
-from pipeline.io import atomic_write_json
-from pipeline.rice_data import RiceConfig
-from pipeline.shards import InlinePool, ShardWriter, encode_image
+from pipeline.core.config import RESUMABLE, RunConfig, check, prepare_out_dir
+from pipeline.core.entry import stage_cli, stage_main
+from pipeline.core.images import load_rgb
+from pipeline.core.io import atomic_write_json
+from pipeline.core.shards import InlinePool, ShardWriter, encode_image
+from pipeline.demo.rice_data import RiceConfig
 
 log = logging.getLogger("mlcd.data")
 
@@ -61,7 +61,7 @@ class DataConfig:
     fmnist_test: int = 1000
     fmnist_pool: int = 0           # Fashion-MNIST training images added (unlabeled) to the pool,
     #                                disjoint from the probe's train images; test images never
-    rice: RiceConfig = field(default_factory=RiceConfig)  # `mlcd data rice` (pipeline/rice_data.py)
+    rice: RiceConfig = field(default_factory=RiceConfig)  # `mlcd data rice` (pipeline/demo/rice_data.py)
 
     def __post_init__(self):
         check(16 <= self.image_size <= 1024, "image_size", self.image_size, "must be in [16, 1024]")

@@ -1,7 +1,7 @@
 """The keys of a config section, read from its dataclass: dotted name, type, default and a one-line
 doc (the field's ``metadata["doc"]``, else the comment beside it, else the comment block above it).
 `mlcd <stage> --help` prints them and an unknown ``--flag`` is matched against them
-(pipeline/entry.py), so the dataclass stays the one place a setting is described.
+(pipeline/core/entry.py), so the dataclass stays the one place a setting is described.
 """
 from __future__ import annotations
 

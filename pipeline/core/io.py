@@ -21,7 +21,7 @@ from typing import Any, Iterator
 
 import numpy as np
 
-from pipeline.errors import disk_full
+from pipeline.core.errors import disk_full
 
 
 def _umask() -> int:
@@ -43,7 +43,7 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
         with open(tmp, "rb+") as f:
             os.fsync(f.fileno())
         os.replace(tmp, path)
-    except Exception as e:  # a full disk: one line naming the file (pipeline/errors.py)
+    except Exception as e:  # a full disk: one line naming the file (pipeline/core/errors.py)
         full = disk_full(e, path)
         if full is None:
             raise

@@ -12,7 +12,7 @@ Label store (stage 2 -> stage 3), row-aligned with ``metadata_{i}.parquet``::
 
     labels/labels_{i}.npy   int32 N_i x l, nearest center first (-1: row had no valid embedding)
     labels/sims_{i}.npy     float16 N_i x l cosine similarities
-    labels/labels_{i}.json  what the part was made from (keys digest, centers; pipeline/provenance.py)
+    labels/labels_{i}.json  what the part was made from (keys digest, centers; pipeline/core/provenance.py)
     labels/manifest.json
 
 ``{i}`` is the part number, zero-padded or not: clip-retrieval's writer pads it to
@@ -23,7 +23,7 @@ part they label (``part_name``), so both stay aligned.
 Metadata needs a ``key`` column (ours, img2dataset's) or clip-retrieval's ``image_path``.
 
 Parts are written file by file atomically; ``metadata`` is written last, so a part whose metadata
-file exists is complete (its schema carries the part's record: pipeline/provenance.py). Readers
+file exists is complete (its schema carries the part's record: pipeline/core/provenance.py). Readers
 never need the manifest.
 """
 from __future__ import annotations
@@ -38,8 +38,8 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from pipeline.errors import InputError
-from pipeline.io import atomic_path, atomic_save_npy, atomic_write_json, load_npy, read_json
+from pipeline.core.errors import InputError
+from pipeline.core.io import atomic_path, atomic_save_npy, atomic_write_json, load_npy, read_json
 
 log = logging.getLogger("mlcd.store")
 
@@ -207,7 +207,7 @@ def sims_path(root: str | os.PathLike, part: int | str) -> Path:
 
 
 def record_path(root: str | os.PathLike, part: int | str) -> Path:
-    """``labels_{i}.json``: what label part ``i`` was made from (pipeline/provenance.py)."""
+    """``labels_{i}.json``: what label part ``i`` was made from (pipeline/core/provenance.py)."""
     return part_file(root, "labels_", part, ".json")
 
 

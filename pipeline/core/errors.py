@@ -1,8 +1,8 @@
 """User-facing error classes of every stage (stdlib imports only: every layer may raise them).
 
 ``StageError``: ``str(e)`` is the one line printed, ``exit_code`` 1 (bad input) or 2 (bad
-config/arguments). ``pipeline/entry.py`` (``stage_cli``) turns them into that line and exit code;
-``pipeline.config.ConfigError`` is always 2. Modules subclass these for their own errors.
+config/arguments). ``pipeline/core/entry.py`` (``stage_cli``) turns them into that line and exit code;
+``pipeline.core.config.ConfigError`` is always 2. Modules subclass these for their own errors.
 A full disk (ENOSPC/EDQUOT, however a writer reports it) becomes ``DiskFull`` (exit 1).
 """
 from __future__ import annotations

@@ -8,7 +8,7 @@ Off unless the run config says so (``run.allow_download``, ``run.allow_pipe``,
   otherwise fetch them, some from plain URLs that ignore HF's offline switch);
 - ``pipe:`` shard specs (webdataset runs them with a shell), and remote shard URLs.
 
-``apply(run)`` is called once by each stage entry (``pipeline/guard.py``) before any work; it
+``apply(run)`` is called once by each stage entry (``pipeline/core/guard.py``) before any work; it
 records the policy in the environment, so DataLoader workers and subprocesses inherit it. A
 library caller that never calls ``apply`` gets the safe default: everything off.
 """
@@ -18,7 +18,7 @@ import os
 import sys
 from pathlib import Path
 
-from pipeline.config import ConfigError
+from pipeline.core.config import ConfigError
 
 _DOWNLOAD, _PIPE, _REMOTE = "MLCD_ALLOW_DOWNLOAD", "MLCD_ALLOW_PIPE", "MLCD_ALLOW_REMOTE"
 

@@ -14,9 +14,9 @@ from typing import Any
 
 from tqdm import tqdm
 
-from pipeline.config import RunConfig, WandbConfig
-from pipeline.dist import DistContext
-from pipeline.io import atomic_write_json, atomic_write_text
+from pipeline.core.config import RunConfig, WandbConfig
+from pipeline.core.dist import DistContext
+from pipeline.core.io import atomic_write_json, atomic_write_text
 
 log = logging.getLogger("mlcd")
 
@@ -238,11 +238,11 @@ def setup_logging(ctx: DistContext | None = None, log_every_s: float | None = No
 class StageStatus:
     """``{out_dir}/status.{stage}.json`` (rank 0): running (pid, host, start), then done, or failed
     with its one error line and exit code, so `mlcd status` can tell a stage's state from the files
-    alone. Entered by pipeline/entry.py's run_distributed inside the folder's lock; a killed run
+    alone. Entered by pipeline/core/entry.py's run_distributed inside the folder's lock; a killed run
     stays "running" with a dead pid, which `mlcd status` reports as stopped."""
 
     def __init__(self, out_dir: str | Path | None, module: str, ctx: DistContext):
-        from pipeline.stages import name_of_module
+        from pipeline.core.stages import name_of_module
         if module == "__main__":  # `python -m pipeline.embed`: the module's real name
             spec = getattr(sys.modules.get("__main__"), "__spec__", None)
             module = spec.name if spec is not None else module

@@ -39,8 +39,8 @@ import yaml
 from omegaconf import OmegaConf, open_dict
 from omegaconf.errors import OmegaConfBaseException
 
-from pipeline.io import atomic_write_text
-from pipeline.stages import sections
+from pipeline.core.io import atomic_write_text
+from pipeline.core.stages import sections
 
 # The sections a run file may hold: ``run`` and each stage's, from the stage table.
 SECTIONS = sections()
@@ -89,15 +89,15 @@ class RunConfig:
     resume: bool = field(default=False, metadata=RESUMABLE)
     overwrite: bool = field(default=False, metadata=RESUMABLE)
     log_every: int = field(default=10, metadata=RESUMABLE)  # steps/batches between metric records
-    # seconds between progress lines in non-interactive logs (batch jobs; pipeline/tracking.py)
+    # seconds between progress lines in non-interactive logs (batch jobs; pipeline/core/tracking.py)
     log_every_s: float = field(default=60.0, metadata=RESUMABLE)
     wandb: WandbConfig = field(default_factory=WandbConfig, metadata=RESUMABLE)
-    # Off unless set (pipeline/netpolicy.py): model downloads (HF hub, open_clip tags), shard
+    # Off unless set (pipeline/core/netpolicy.py): model downloads (HF hub, open_clip tags), shard
     # specs that run a shell command (`pipe:...`), and remote shard URLs (http://, s3://, ...).
     allow_download: bool = field(default=False, metadata=RESUMABLE)
     allow_pipe: bool = field(default=False, metadata=RESUMABLE)
     allow_remote: bool = field(default=False, metadata=RESUMABLE)
-    # Largest tar member any stage reads (pipeline/shards.py:read_samples): a larger one is skipped
+    # Largest tar member any stage reads (pipeline/core/shards.py:read_samples): a larger one is skipped
     # from its header, before reading, as `member_too_large` (a 1 MiB gzip can inflate to 1 GiB).
     max_member_bytes: int = field(default=64 << 20, metadata=RESUMABLE)
 

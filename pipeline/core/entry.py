@@ -1,7 +1,7 @@
 """The one entry path of every stage: ``python -m <stage>`` / ``mlcd <stage>`` -> ``stage_cli(name)``
 -> the module's ``main(config, overrides, instance)`` = ``stage_main(name, fn, ...)`` -> ``load_config``
 -> ``run_distributed(fn, run, cfg)`` -> ``fn(run, cfg, ctx)``. The stage's section, schema and
-whether it runs on ranks come from the stage table (pipeline/stages.py).
+whether it runs on ranks come from the stage table (pipeline/core/stages.py).
 
 - ``stage_cli`` parses ``--config FILE [--instance NAME] key=value ...`` (``stage_args``) and
   turns user errors into one line on stderr and an exit code: 2 for a bad config (``ConfigError``,
@@ -15,7 +15,7 @@ whether it runs on ranks come from the stage table (pipeline/stages.py).
 
 Per-stage setup that every stage needs goes in ``run_distributed``, before ``fn`` runs: it is
 the single place all stages pass through with a context in hand. Today: the network/shell policy
-and the output-folder lock (``pipeline/guard.py``).
+and the output-folder lock (``pipeline/core/guard.py``).
 """
 from __future__ import annotations
 
@@ -26,11 +26,11 @@ import sys
 from collections.abc import Callable, Sequence
 from typing import Any
 
-from pipeline.config import ConfigError, RunConfig, load_config
-from pipeline.dist import DistContext, destroy, init_distributed
-from pipeline.errors import InputError, StageError, disk_full  # noqa: F401 -- re-exported: the stages' error base
-from pipeline.guard import stage_guard
-from pipeline.tracking import StageStatus, setup_logging
+from pipeline.core.config import ConfigError, RunConfig, load_config
+from pipeline.core.dist import DistContext, destroy, init_distributed
+from pipeline.core.errors import InputError, StageError, disk_full  # noqa: F401 -- re-exported: the stages' error base
+from pipeline.core.guard import stage_guard
+from pipeline.core.tracking import StageStatus, setup_logging
 
 
 def exit_code(e: BaseException) -> int | None:
@@ -81,7 +81,7 @@ def stage_main(name: str, fn: Callable[..., Any], config: str | os.PathLike | No
     the stage's section (layered with ``<section>@<instance>:`` when an instance is named), runs
     ``setup()``, then ``fn(run, cfg, ctx)`` on every rank under ``run_distributed`` (the output
     folder ``cfg.out_dir`` locked), or ``fn(run, cfg)`` in this process for a one-process stage."""
-    from pipeline.stages import STAGES, schema
+    from pipeline.core.stages import STAGES, schema
     stage = STAGES[name]
     assert stage.section, f"stage {name} has no config section"
     named = {"instance": instance} if instance else {}  # a plain run calls load_config as before
@@ -95,8 +95,8 @@ def stage_main(name: str, fn: Callable[..., Any], config: str | os.PathLike | No
 
 def _flag_error(prog: str, argv: list[str], flag: str, section: str) -> str:
     """One line for an unknown ``--flag``: the keys it may mean (``--steps 10`` -> train.steps=10)."""
-    from pipeline.keys import suggest
-    from pipeline.stages import schema
+    from pipeline.core.keys import suggest
+    from pipeline.core.stages import schema
     value = flag.split("=", 1)[1] if "=" in flag else None
     i = argv.index(flag)
     if value is None and i + 1 < len(argv) and not argv[i + 1].startswith("-") and "=" not in argv[i + 1]:
@@ -111,8 +111,8 @@ def stage_args(name: str, argv: Sequence[str], prog: str | None = None,
     """``[--config FILE] [--instance NAME] [key=value ...]`` of a config stage -> config,
     instance, overrides. ``--help`` lists the section's keys (type, default, doc) and exits 0;
     an unknown ``--flag`` exits 2 with one line naming the key it may mean."""
-    from pipeline.keys import describe
-    from pipeline.stages import STAGES, schema
+    from pipeline.core.keys import describe
+    from pipeline.core.stages import STAGES, schema
     stage = STAGES[name]
     prog = prog or f"mlcd {name}"
     # DeepSpeed's launcher appends --local_rank=N (it also sets LOCAL_RANK, which the stages read)
@@ -142,7 +142,7 @@ def stage_cli(name: str, argv: Sequence[str] | None = None, prog: str | None = N
     """``python -m <module>`` and ``mlcd <name>`` of a config stage (arguments: ``stage_args``):
     the module's ``main(config, overrides[, instance])``. User errors exit 1/2 with one line
     (``SystemExit``); returns the stage's result."""
-    from pipeline.stages import STAGES
+    from pipeline.core.stages import STAGES
     args = stage_args(name, sys.argv[1:] if argv is None else argv, prog, epilog)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")  # no hub lookups unless run.allow_download
     module = importlib.import_module(STAGES[name].module)
@@ -155,7 +155,7 @@ def stage_cli(name: str, argv: Sequence[str] | None = None, prog: str | None = N
 
 def run_distributed(fn: Callable[..., Any], run, cfg, *, lock_dir=None, **kwargs) -> Any:
     """Builds the context once, logs per rank, runs ``fn(run, cfg, ctx)`` and always tears the
-    process group down (also on errors). The stage runs under ``pipeline.guard.stage_guard``:
+    process group down (also on errors). The stage runs under ``pipeline.core.guard.stage_guard``:
     the run's network/shell policy always (``run.allow_*``), and the lock on ``lock_dir`` (the
     stage's output folder) when given, so two runs never write into one folder."""
     ctx: DistContext = init_distributed()

@@ -38,11 +38,11 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 from tqdm import tqdm
 
-from pipeline.config import check, prepare_out_dir, to_dict
-from pipeline.entry import stage_cli, stage_main
-from pipeline.errors import InputError
-from pipeline.io import atomic_path, atomic_write_json
-from pipeline.shards import InlinePool, ShardWriter, encode_image
+from pipeline.core.config import check, prepare_out_dir, to_dict
+from pipeline.core.entry import stage_cli, stage_main
+from pipeline.core.errors import InputError
+from pipeline.core.io import atomic_path, atomic_write_json
+from pipeline.core.shards import InlinePool, ShardWriter, encode_image
 
 log = logging.getLogger("mlcd.data.rice")
 
@@ -146,7 +146,7 @@ def _pixels(path: Path) -> int:
 @functools.lru_cache(maxsize=512)
 def _drawing(path: str, size: int):
     """RGBA drawing, longest side ``size``, cropped to its visible pixels (None if unreadable).
-    Read with Pillow, not ``pipeline.images.load_rgb``: placing a drawing needs its alpha, which
+    Read with Pillow, not ``pipeline.core.images.load_rgb``: placing a drawing needs its alpha, which
     the stages' decoder composites away (the scene it lands in is then read by that decoder)."""
     from PIL import Image
     try:

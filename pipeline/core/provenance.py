@@ -11,7 +11,7 @@ mtime. Shards moved to another folder match by file name and size; a copy that l
 (``cp`` without ``-p``) is embedded again by stage 1 and warned about by training.
 
 Label part ``i`` (stage 2b, fused stage 1, region labels): ``labels_{i}.json`` beside
-``labels_{i}.npy``, written after it (``pipeline.store.write_labels``; a part is done only when its
+``labels_{i}.npy``, written after it (``pipeline.core.store.write_labels``; a part is done only when its
 record exists): ``keys_sha256``, an order-sensitive digest of the ``key`` column of the metadata
 part it labels (rows permuted or another store's part: another digest), and ``centroids_fp``, the
 fingerprint of the centers file (``centroids_fingerprint``).
@@ -82,11 +82,11 @@ def keys_digest_of(keys: list[str]) -> str:
 
 
 def keys_digest(meta: str | os.PathLike) -> str:
-    """sha256 of a metadata part's sample keys in row order (``pipeline.store.read_keys``' keys):
+    """sha256 of a metadata part's sample keys in row order (``pipeline.core.store.read_keys``' keys):
     the key lengths (int64), then their UTF-8 bytes. Vectorized on the ``key`` column (no Python
     string per row). A 10k-row part: ~8 ms to read the column + 0.7 ms to hash it, measured on
     the loaded 2-core CPU box (the Python-list path took twice as long in total)."""
-    from pipeline.store import read_keys
+    from pipeline.core.store import read_keys
     f = pq.ParquetFile(meta)  # opened once: the schema and the column
     if "key" not in f.schema_arrow.names:
         return keys_digest_of(read_keys(meta))  # clip-retrieval's image_path

@@ -1,11 +1,11 @@
 """The stage table: the one list of stages. Everything else that lists stages reads it or is
 checked against it (tests/test_stage_table.py):
 
-- `mlcd --help`, `mlcd <stage> --help` and the command dispatch (launch/cli.py, pipeline/entry.py);
-- the config sections a run file may hold (``pipeline.config.SECTIONS``) and `mlcd check`;
-- the shell launchers: launch/env.sh (``python -m pipeline.stages module NAME``), the one SLURM
+- `mlcd --help`, `mlcd <stage> --help` and the command dispatch (launch/cli.py, pipeline/core/entry.py);
+- the config sections a run file may hold (``pipeline.core.config.SECTIONS``) and `mlcd check`;
+- the shell launchers: launch/env.sh (``python -m pipeline.core.stages module NAME``), the one SLURM
   template launch/slurm/stage.sbatch, and the Makefile's stage targets
-  (``python -m pipeline.stages names --launch``);
+  (``python -m pipeline.core.stages names --launch``);
 - `make bench` (launch/bench.py runs each stage's ``bench`` modules).
 
 Only names (strings) live here: ``pipeline/`` imports no stage above it, and looking a stage up
@@ -26,7 +26,7 @@ class Stage:
     schema: str | None = None   # "module:Class" of that section
     torchrun: bool = False      # runs on any number of ranks: `--nproc N` starts it under torchrun
     tool: bool = False          # parses its own argv: the module's main(argv) -> exit code;
-    #                             otherwise main(config, overrides, instance) via pipeline.entry
+    #                             otherwise main(config, overrides, instance) via pipeline.core.entry
     shell: bool = False         # started by the shell launchers (torchrun.sh, stage.sbatch, make)
     slurm: str = ""             # suggested `sbatch` size for launch/slurm/stage.sbatch
     bench: tuple[str, ...] = ()  # modules with run_bench(quick) -> rows (`make bench`)
@@ -34,10 +34,10 @@ class Stage:
 
 
 STAGES: dict[str, Stage] = {s.name: s for s in (
-    Stage("data", "pipeline.demo_data", "build the offline demo shards (Debian clipart, fonts, Fashion-MNIST)",
-          "data", "pipeline.demo_data:DataConfig"),
-    Stage("data-rice", "pipeline.rice_data", "build the RICE demo scenes (objects + words, with boxes)",
-          "data", "pipeline.demo_data:DataConfig"),
+    Stage("data", "pipeline.demo.demo_data", "build the offline demo shards (Debian clipart, fonts, Fashion-MNIST)",
+          "data", "pipeline.demo.demo_data:DataConfig"),
+    Stage("data-rice", "pipeline.demo.rice_data", "build the RICE demo scenes (objects + words, with boxes)",
+          "data", "pipeline.demo.demo_data:DataConfig"),
     Stage("regions", "pipeline.regions", "stage 1b: region boxes and region embeddings (RICE)",
           "regions", "pipeline.regions:RegionsConfig", torchrun=True, shell=True,
           slurm="--nodes=4 --time=24:00:00"),
@@ -78,7 +78,7 @@ STAGES: dict[str, Stage] = {s.name: s for s in (
 )}
 
 # The shared section every stage reads, and who owns it.
-RUN_SCHEMA = "pipeline.config:RunConfig"
+RUN_SCHEMA = "pipeline.core.config:RunConfig"
 
 # `make bench`: stage -> modules with run_bench(quick) -> rows (launch/bench.py runs them in order).
 BENCHES: dict[str, tuple[str, ...]] = {n: s.bench for n, s in STAGES.items() if s.bench}
@@ -119,14 +119,14 @@ def launchable() -> list[str]:
 
 def main(argv: list[str] | None = None) -> int:
     """For the shell launchers and the Makefile:
-    ``python -m pipeline.stages module NAME`` (the module of a launchable stage) and
-    ``python -m pipeline.stages names --launch`` (the launchable stages, one line)."""
+    ``python -m pipeline.core.stages module NAME`` (the module of a launchable stage) and
+    ``python -m pipeline.core.stages names --launch`` (the launchable stages, one line)."""
     args = list(sys.argv[1:] if argv is None else argv)
     if args == ["names", "--launch"]:
         print(" ".join(launchable()))
         return 0
     if len(args) != 2 or args[0] != "module":
-        print("usage: python -m pipeline.stages module NAME | names --launch", file=sys.stderr)
+        print("usage: python -m pipeline.core.stages module NAME | names --launch", file=sys.stderr)
         return 2
     if args[1] not in launchable():
         print(f"unknown stage '{args[1]}' ({' '.join(launchable())})", file=sys.stderr)

@@ -22,9 +22,9 @@ import pyarrow.parquet as pq
 import webdataset as wds
 from braceexpand import braceexpand
 
-from pipeline import netpolicy
-from pipeline.errors import StageError
-from pipeline.io import atomic_path, atomic_write_json
+from pipeline.core import netpolicy
+from pipeline.core.errors import StageError
+from pipeline.core.io import atomic_path, atomic_write_json
 
 
 class ShardSpecError(StageError, ValueError):
@@ -99,7 +99,7 @@ def is_url(spec: str) -> bool:
 
 
 def check_spec(spec: str, where: str) -> str:
-    """``spec`` if the run's policy lets it be opened (pipeline/netpolicy.py), else one line naming
+    """``spec`` if the run's policy lets it be opened (pipeline/core/netpolicy.py), else one line naming
     it and ``where`` it came from: webdataset runs a ``pipe:`` spec with a shell and fetches
     remote URLs, so a line of a data file must not do either unless the config says so."""
     if local_path(spec) is not None:
@@ -142,7 +142,7 @@ _CAP_ENV = "MLCD_MAX_MEMBER_BYTES"
 
 def set_member_cap(n: int) -> None:
     """The run's cap on one tar member, for this process and its DataLoader workers (inherited
-    through the environment, like the network policy); set once per stage by pipeline/guard.py."""
+    through the environment, like the network policy); set once per stage by pipeline/core/guard.py."""
     os.environ[_CAP_ENV] = str(int(n))
 
 

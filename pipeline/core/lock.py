@@ -11,7 +11,7 @@ In a distributed stage only rank 0 takes it (``hold``); the outcome is broadcast
 stops with the same error. Cost: a few small file operations per stage run.
 
 Holding the lock, ``hold`` removes the temp files killed writers left in the folder's tree
-(``pipeline.io.clean_stale_tmp``: atomic-write temp names only, a live writer's kept, folders
+(``pipeline.core.io.clean_stale_tmp``: atomic-write temp names only, a live writer's kept, folders
 under another live lock skipped) before any rank starts work.
 """
 from __future__ import annotations
@@ -25,8 +25,8 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Iterator
 
-from pipeline.errors import InputError
-from pipeline.io import clean_stale_tmp
+from pipeline.core.errors import InputError
+from pipeline.core.io import clean_stale_tmp
 
 log = logging.getLogger("mlcd.lock")
 LOCK_NAME = ".mlcd.lock"

@@ -1,6 +1,6 @@
 """The guards every stage run enters once, before any work: the run's network/shell policy
-(pipeline/netpolicy.py), its cap on one tar member (``run.max_member_bytes``, read by
-pipeline/shards.py's reader) and the lock on its output folder (pipeline/lock.py, which also
+(pipeline/core/netpolicy.py), its cap on one tar member (``run.max_member_bytes``, read by
+pipeline/core/shards.py's reader) and the lock on its output folder (pipeline/core/lock.py, which also
 removes temp files a killed run left there).
 
     with stage_guard(run, cfg.out_dir, ctx, "cluster"):
@@ -27,7 +27,7 @@ from contextlib import contextmanager
 from functools import partial
 from typing import Callable, Iterator
 
-from pipeline import lock, netpolicy, shards
+from pipeline.core import lock, netpolicy, shards
 
 
 @contextmanager

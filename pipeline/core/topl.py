@@ -18,8 +18,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from pipeline.io import load_npy
-from pipeline.store import StoreError
+from pipeline.core.io import load_npy
+from pipeline.core.store import StoreError
 
 CPU_TILE_BYTES = 4 << 20  # CPU score tile per thread (2 threads: 8 MiB, stays in L3); measured
 #                           on 2 and 16 threads: smaller tiles lose on many threads (per-op cost)
