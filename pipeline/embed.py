@@ -274,7 +274,7 @@ def _write(out: Path, part: int, url: str, buf: _Part, stats: dict, enc, cfg: Em
     info = {"part": part, **shard_source(url), **source_digests(cfg), "rows": len(c["key"]), **stats}
     if topl is not None:  # labelled from the features as stage 2b reads them: rounded to the store dtype
         labels, sims, bad = label_rows(emb[cfg.assign_kind].astype(cfg.dtype), topl, cfg.assign_block_rows)
-        rec = label_record(keys_digest_of(c["key"]), len(c["key"]), centroids_fingerprint(cfg.assign_centroids))
+        rec = label_record(keys_digest_of(c["key"]), len(c["key"]), centroids_fingerprint(str(cfg.assign_centroids)))
         write_labels(cfg.labels_dir, part, labels, sims, rec)  # before the metadata: complete = labelled
         info["invalid_labels"] = bad
     table = pa.table(cols).replace_schema_metadata({PART_META_KEY: json.dumps(info).encode()})

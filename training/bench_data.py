@@ -148,7 +148,7 @@ def synthetic_data(tmp: Path, n: int, seed: int = 0) -> tuple[str, str, str]:
         side = int(rng.integers(150, STORED + 1))
         wh = (STORED, side) if i % 2 else (side, STORED)
         a = rng.integers(0, 256, (wh[1] // 8, wh[0] // 8, 3), dtype=np.uint8)
-        im = Image.fromarray(a).resize(wh, Image.BICUBIC).filter(ImageFilter.GaussianBlur(1))
+        im = Image.fromarray(a).resize(wh, Image.Resampling.BICUBIC).filter(ImageFilter.GaussianBlur(1))
         buf, fmt, kw = io.BytesIO(), "JPEG", {"quality": 85}
         if i % 50 == 7:
             fmt, kw = "PNG", {}
@@ -157,7 +157,7 @@ def synthetic_data(tmp: Path, n: int, seed: int = 0) -> tuple[str, str, str]:
         elif i % 50 == 21:
             exif = Image.Exif()
             exif[0x0112] = 6
-            kw["exif"] = exif
+            kw["exif"] = exif  # type: ignore[assignment]
         im.save(buf, fmt, **kw)
         w.write(f"{i:06d}", buf.getvalue(), "png" if fmt == "PNG" else "jpg", "x", {})
     w.close()
@@ -186,7 +186,7 @@ def pixel_diffs(spec: str, decode: str, device) -> dict:
     from pipeline.core.shards import expand_shards, read_samples
     from training import decode as D
     from training.data import CLIP_MEAN, CLIP_STD, TrainDataConfig, decode_batch
-    raw = [image_bytes(s) for s, _ in zip(read_samples(expand_shards(spec)[0]), range(BATCH))]
+    raw = [b for s, _ in zip(read_samples(expand_shards(spec)[0]), range(BATCH)) if (b := image_bytes(s)) is not None]
     cfg = TrainDataConfig(fast=False)
     seed = 3
     ref = decode_batch(raw, SIZE, cfg, np.random.default_rng(seed))

@@ -236,7 +236,12 @@ def _loss_worker(spec: dict) -> None:
         fwd_bwd()
         out["peak"] = _peak_end(dev, base)
     else:
-        fns = {str(c): (lambda c=c: (setattr(pfc.cfg, "chunk_rows", c), fwd_bwd())) for c in spec["chunks"]}
+        def at_chunk(c: int):
+            def run():
+                pfc.cfg.chunk_rows = c
+                fwd_bwd()
+            return run
+        fns = {str(c): at_chunk(c) for c in spec["chunks"]}
         fns["gemm"] = _bare_gemms(spec["B"], spec["D"], n, rows, dev)
         times = {k: [] for k in fns}
         for _ in range(spec["reps"]):  # alternating: load from other processes hits all alike
@@ -341,7 +346,7 @@ def _throughput_worker(quick: bool) -> None:
     images = torch.randn(B, 3, size, size, generator=g)
     labels = torch.randint(0, K, (B, 8), generator=g)
     trainer = Trainer(RunConfig(seed=0), cfg, ctx, num_classes=K)  # the stage's build, no files
-    pfc = trainer.head("image").pfc
+    pfc = trainer.head("image").pfc  # type: ignore[attr-defined]  # the image head is a ClassHead
 
     def ours(rho, mode):
         pfc.cfg = dataclasses.replace(pfc.cfg, sample_rate=rho)

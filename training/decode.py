@@ -97,8 +97,8 @@ def decode_cpu(im, plan: Plan, size: int, draft: bool = True, data: bytes | None
         raise ImageError("corrupt_image") from e
     if f != 1:  # drafted: the box has fractional corners; Pillow's resize takes them as they are
         from PIL import Image  # (rounding them shifts the picture by up to half a drafted pixel)
-        img = img.resize((size, size), Image.BICUBIC, box=tuple(v * f for v in plan.box))
-        return chw(img.transpose(Image.FLIP_LEFT_RIGHT) if plan.flip else img)[0]
+        img = img.resize((size, size), Image.Resampling.BICUBIC, box=tuple(v * f for v in plan.box))
+        return chw(img.transpose(Image.Transpose.FLIP_LEFT_RIGHT) if plan.flip else img)[0]
     return resize_crop(chw(img), plan.box, plan.flip, size)
 
 

@@ -32,6 +32,7 @@ because emb and w are L2-normalized; float32: scale <= ~77 at 41k columns): one 
 from __future__ import annotations
 
 import math
+from typing import Any
 
 import torch
 
@@ -88,7 +89,7 @@ class _Work:
         self.buf = emb.new_empty(r, self.n + 1)        # column n: where absent positives go
         self.mask = torch.empty(r, self.n - self.band, dtype=torch.bool, device=emb.device)
         self.wp = emb.new_empty(r * l, D)             # the rows' own positives' centers
-        self.outer = emb.new_empty(r * l, D) if needs else None  # their d_w terms
+        self.outer: Any = emb.new_empty(r * l, D) if needs else None  # their d_w terms
         self.cols_band = torch.arange(self.band, self.n, device=emb.device)
         self.w_ext = torch.cat([w, w.new_zeros(1, D)])  # row S: the absent-label row (zeros)
         self.w_dense = w[:self.n]
@@ -96,8 +97,8 @@ class _Work:
         # exp(z) with |z| <= scale needs no shift when neither it nor the row sum leaves the range
         self.shift = cfg.scale > min(math.log(fmax.max) - math.log(max(self.n, 1)) - 1,
                                      -math.log(fmax.tiny) - 1)
-        self.d_emb = torch.empty_like(emb) if needs else None
-        self.d_w = emb.new_zeros(self.S + 1, D) if needs else None  # row S: the absent-label sink
+        self.d_emb: Any = torch.empty_like(emb) if needs else None
+        self.d_w: Any = emb.new_zeros(self.S + 1, D) if needs else None  # row S: the absent-label sink
 
 
 def _forward(emb, w, cols, limit, valid, cfg, ctx, rows, needs):

@@ -203,4 +203,4 @@ def every_rank_reads(ctx, fn: Callable[[], T]) -> T:
     if first is not None:
         first.agreed = True
         raise first
-    return out
+    return out  # type: ignore[return-value]  # fn() returned (no rank raised)

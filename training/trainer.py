@@ -24,6 +24,7 @@ import shutil
 import time
 from collections.abc import Iterator, Sequence
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch import nn
@@ -79,7 +80,7 @@ def lr_at(step: int, cfg: OptimConfig, total: int) -> float:
 
 def make_backbone_optimizer(model: torch.nn.Module, cfg: OptimConfig, ft: FinetuneConfig | None = None
                             ) -> torch.optim.Optimizer:
-    groups = param_groups(model, cfg.weight_decay, ft)  # decay groups + fine-tune knobs (init_weights.py)
+    groups = param_groups(model, cfg.weight_decay, ft)  # type: ignore[arg-type]  # an MLCDEncoder; decay groups + fine-tune knobs (init_weights.py)
     if cfg.name == "sgd":
         return torch.optim.SGD(groups, lr=cfg.lr, momentum=0.9)
     return torch.optim.AdamW(groups, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), eps=cfg.eps)
@@ -87,7 +88,7 @@ def make_backbone_optimizer(model: torch.nn.Module, cfg: OptimConfig, ft: Finetu
 
 def deepspeed_config(cfg: TrainConfig) -> dict:
     ds = cfg.deepspeed
-    out = {
+    out: dict[str, Any] = {
         "train_micro_batch_size_per_gpu": cfg.data.batch_size,
         "gradient_accumulation_steps": ds.grad_accum,
         "gradient_clipping": ds.grad_clip,
@@ -222,12 +223,13 @@ class CheckpointManager:
 
     def backbone_weights(self) -> dict[str, torch.Tensor] | None:
         """Initial backbone weights when resuming onto another layout (None otherwise)."""
-        if not self.resume or self.exact:
+        resume = self.resume
+        if resume is None or self.exact:
             return None
         log.warning("resuming a %s-rank ZeRO-%s checkpoint on %d ranks: centers re-sharded, backbone "
                     "weights from the fp32 consolidation, backbone optimizer moments restart",
                     self.state.get("world_size"), self.state.get("zero_stage"), self.ctx.world_size)
-        return every_rank_reads(self.ctx, lambda: ckpt.load_backbone_state_dict(self.resume))
+        return every_rank_reads(self.ctx, lambda: ckpt.load_backbone_state_dict(resume))
 
     def load(self, engine, heads: Sequence[Head]) -> tuple[int, int]:
         """(step, samples_seen) after restoring the engine (exact resumes) and every head (its
@@ -235,18 +237,19 @@ class CheckpointManager:
         read, and a bad file on any rank stops every rank with that one line
         (training/safe_load.py:every_rank_reads) before DeepSpeed's loader, which talks to the
         other ranks, runs."""
-        if not self.resume:
+        resume = self.resume
+        if resume is None:
             return 0, 0
         world = int(self.state["world_size"])
-        centers = [(world, h.pfc.num_classes, h.pfc.weight.shape[1], h.folder) for h in heads
-                   if getattr(h, "pfc", None) is not None]
-        every_rank_reads(self.ctx, lambda: ckpt.check_resume(self.resume, self.ctx.rank, self.exact, centers))
+        pfcs = [(h.folder, p) for h in heads if (p := getattr(h, "pfc", None)) is not None]
+        centers = [(world, p.num_classes, p.weight.shape[1], folder) for folder, p in pfcs]
+        every_rank_reads(self.ctx, lambda: ckpt.check_resume(resume, self.ctx.rank, self.exact, centers))
 
         def restore() -> None:
             if self.exact:
-                ckpt.load_engine(engine, self.resume)  # weights-only, DeepSpeed's own files included
+                ckpt.load_engine(engine, resume)  # weights-only, DeepSpeed's own files included
             for h in heads:
-                h.load(self.resume, world)
+                h.load(resume, world)
         every_rank_reads(self.ctx, restore)
         step, seen = int(self.state["step"]), int(self.state["samples_seen"])
         log.info("resumed from %s (step %d, %d samples seen)", self.resume, step, seen)
@@ -323,13 +326,13 @@ class Trainer:
         """The one place initial backbone weights are set (after the seeded init, before the
         engine exists): a checkpoint resumed onto another layout, or, for a new run,
         `train.init_from` (training/init_weights.py; a checkpoint in the run folder wins)."""
-        if self._resuming:
+        if self.checkpoints is not None and self._resuming:
             self.init_from = self.checkpoints.state.get("init_from")
             sd = self.checkpoints.backbone_weights()
             if sd is not None:
                 model.load_state_dict(sd)
             return
-        self.init_from = load_initial_weights(model, self.cfg, self.num_classes, self.ctx,
+        self.init_from = load_initial_weights(model, self.cfg, self.num_classes, self.ctx,  # type: ignore[arg-type]
                                               self.out if self.out is not None else self.cfg.out_dir)
 
     def train_step(self, batches: list) -> dict[str, float]:
@@ -386,7 +389,8 @@ class Trainer:
         metrics.finish()
         saved = self.checkpoints.saved_at if self.checkpoints is not None else None
         summary = {"step": self.step, "samples_seen": self.samples_seen,
-                   "checkpoint": str(self.checkpoints.root / ckpt.tag_for(saved)) if saved is not None else None,
+                   "checkpoint": str(self.checkpoints.root / ckpt.tag_for(saved))
+                   if self.checkpoints is not None and saved is not None else None,
                    "last": last}
         if ctx.is_main:
             log.info("done: %s", json.dumps(summary))

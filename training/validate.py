@@ -89,10 +89,10 @@ def _centroids_k(path: str) -> int | None:
 def _check(cfg) -> None:
     d, need = cfg.data, cfg.loss.labels_used
     k_cent = _centroids_k(cfg.centroids)
-    k = cfg.partial_fc.num_classes or k_cent
     if k_cent is None:  # README: refused also with num_classes set (the labels are checked against it)
         raise TrainInputError(f"{cfg.centroids}: k-means centroids not found (train.centroids; run stage 2: "
                               f"needed also with train.partial_fc.num_classes set, to check the labels)")
+    k: int = cfg.partial_fc.num_classes or k_cent
     if k != k_cent:
         log.warning("train.partial_fc.num_classes=%d differs from the %d centroids in %s (kept: set on "
                     "purpose)", k, k_cent, cfg.centroids)
@@ -114,7 +114,7 @@ def _check(cfg) -> None:
         if not (m.is_file() and lab.is_file()):
             continue  # left out at start-up with a warning (training/data.py:find_parts)
         found += 1
-        if not is_url(url) and not os.path.isfile(local_path(url)):
+        if not is_url(url) and not os.path.isfile(local_path(url) or url):
             raise TrainInputError(f"{url}: shard not found, but it has labels {lab} "
                                   f"(listed by train.data.shards={d.shards!r})")
         _check_part(m, lab, sims_path(d.labels, i), need, k)

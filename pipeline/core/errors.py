@@ -48,7 +48,7 @@ _FULL_TEXT = ("No space left on device", "Disk quota exceeded", "os error 28", "
 _TORCH_WRITE = ("PytorchStreamWriter", "inline_container.cc", "iostream error", "file write failed")
 
 
-def disk_full(e: BaseException, path=None) -> DiskFull | None:
+def disk_full(e: BaseException | None, path=None) -> DiskFull | None:
     """The one-line DiskFull for an out-of-space error (``e`` or anything in its cause chain:
     an OSError with ENOSPC/EDQUOT, a library's message saying so, a torch write failure on a
     folder with < 1 MiB free), else None. ``path``: the file being written, when known."""

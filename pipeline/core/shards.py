@@ -60,7 +60,7 @@ def expand_shards(spec: str | Sequence[str]) -> list[str]:
         return [check_spec(s, f"{p}:{i + 1}") for i, ln in enumerate(lines)
                 if ln and not ln.startswith("#") for s in braceexpand(ln)]
     shards = [check_spec(s, f"shard spec {spec[:120]!r}") for s in braceexpand(spec)]
-    missing = [s for s in shards if local_path(s) is not None and not os.path.exists(local_path(s))]
+    missing = [s for s in shards if (lp := local_path(s)) is not None and not os.path.exists(lp)]
     if missing and len(missing) == len(shards):
         raise ShardSpecError(f"shard spec {spec!r} matches no file (first: {missing[0]})")
     return shards
@@ -169,7 +169,7 @@ class _CappedInfo(tarfile.TarInfo):
         if self.type in _EXT_HEADERS and self.size > MAX_HEADER_BYTES:
             raise tarfile.ReadError(f"extended header of {self.size} bytes before {self.name!r} "
                                     f"(more than {MAX_HEADER_BYTES})")
-        return super()._proc_member(tf)
+        return super()._proc_member(tf)  # type: ignore[misc]  # tarfile's private hook
 
 
 _EXT_HEADERS = (tarfile.GNUTYPE_LONGNAME, tarfile.GNUTYPE_LONGLINK, tarfile.XHDTYPE, tarfile.XGLTYPE,
@@ -192,7 +192,7 @@ def read_samples(url: str, max_member_bytes: int | None = None):
     cap = member_cap() if max_member_bytes is None else max_member_bytes
     raw = _Tail(open_shard(url))
     try:
-        tf = tarfile.open(fileobj=raw, mode="r|*", tarinfo=_CappedInfo)  # noqa: SIM115 -- closed via raw
+        tf = tarfile.open(fileobj=raw, mode="r|*", tarinfo=_CappedInfo)  # type: ignore[call-overload]  # reads like a file
         cur = None
         for info in tf:
             if not info.isreg():
