@@ -69,13 +69,14 @@ def _rate(spec: str, store: str, labels: str, workers: int, batches: int, fast: 
     parts = find_parts(cfg, num_labels=8)
     it = iter(make_loader(parts, cfg, SIZE, 8, 1000, seed=0, rank=0, epoch=0, num_batches=batches + 1,
                           device=device))
-    images, lab = next(it)[:2]
+    first = next(it)
+    images, lab = first.images, first.labels
     assert images.shape == (BATCH, 3, SIZE, SIZE) and lab.shape == (BATCH, 8)
     assert images.dtype == (torch.uint8 if fast else torch.float32)
     t0, c0 = time.perf_counter(), time.process_time()
     n = 0
     for b in it:
-        n += len(b[0])
+        n += len(b.labels)
     if decode == "gpu" and torch.cuda.is_available():
         torch.cuda.synchronize()
     wall, cpu = time.perf_counter() - t0, time.process_time() - c0
