@@ -130,21 +130,22 @@ def train_of(folder: Path) -> dict | None:
 
 def describe(stage: str, folder: Path) -> dict:
     st = _json(folder / f"status.{stage}.json") or {}
+    lock = _json(folder / LOCK_NAME)
     row: dict = {"stage": stage, "folder": str(folder), "state": st.get("state", "unknown")}
-    if st.get("state") == "running":
-        alive = _alive(st)
+    if lock:  # a run holds (or held, when killed) the folder
+        alive = _alive(lock)
         if alive is False:
             row["state"] = "stopped"
-            row["detail"] = f"pid {st.get('pid')} is gone (killed?); rerun the same command to resume"
+            row["detail"] = f"pid {lock.get('pid')} is gone (killed?); rerun the same command to resume"
         else:
-            lock = _json(folder / LOCK_NAME) or {}
-            row["owner"] = f"pid {lock.get('pid', st.get('pid'))} on {lock.get('host', st.get('host'))}"
-            row["running_for_s"] = time.time() - (st.get("started") or time.time())
+            row["state"] = "running"
+            row["owner"] = f"pid {lock.get('pid')} on {lock.get('host')}"
+            row["running_for_s"] = time.time() - (lock.get("start") or time.time())
     elif st.get("state") == "failed":
         row["detail"] = st.get("error")
         row["exit_code"] = st.get("exit_code")
     elif not st:
-        row["detail"] = "no status file (not started under this version, or started elsewhere)"
+        row["detail"] = "no status file: never finished here (or written before status files existed)"
     prog = progress_of(folder)
     if prog:
         row["progress"] = prog

@@ -68,7 +68,7 @@ def _status(run_dir) -> dict:
 
 def test_status_of_finished_killed_and_failed_stages(tmp_path, capsys):
     write_shards(tmp_path / "shards", 8, 16)
-    for d in ("done", "killed", "failed"):
+    for d in ("done", "killed", "failed", "fresh"):
         (tmp_path / d).mkdir()
     spec = str(tmp_path / "shards" / "{00000..00007}.tar")
     # finished
@@ -95,6 +95,8 @@ def test_status_of_finished_killed_and_failed_stages(tmp_path, capsys):
     assert 32 <= st["progress"]["done"] < 128  # total unknown: these shards have no parquet sidecar
     # failed: the one error line and its exit code
     failed = tmp_path / "failed"
+    (failed / "store").mkdir()
+    (failed / "store" / "notes.txt").write_text("a folder in use")  # a rerun into a used folder
     p = run_embed(tiny_args(failed, str(tmp_path / "nowhere" / "{00000..00001}.tar"), failed / "store"))
     assert p.wait(timeout=300) == 2  # a shard spec that matches no file: a config error
     st = _status(failed)["embed"]
@@ -104,3 +106,7 @@ def test_status_of_finished_killed_and_failed_stages(tmp_path, capsys):
     assert cli([str(tmp_path)]) == 0
     out = capsys.readouterr().out.splitlines()
     assert len(out) == 3 and {ln.split()[1] for ln in out} == {"done", "stopped", "failed"}
+    # a bad config caught before anything was written leaves no trace (the folder is removed)
+    p = run_embed(tiny_args(tmp_path / "fresh", str(tmp_path / "nowhere" / "{00000..00001}.tar"),
+                            tmp_path / "fresh" / "store"))
+    assert p.wait(timeout=300) == 2 and not (tmp_path / "fresh" / "store").exists()

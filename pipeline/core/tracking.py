@@ -236,10 +236,11 @@ def setup_logging(ctx: DistContext | None = None, log_every_s: float | None = No
 
 
 class StageStatus:
-    """``{out_dir}/status.{stage}.json`` (rank 0): running (pid, host, start), then done, or failed
-    with its one error line and exit code, so `mlcd status` can tell a stage's state from the files
-    alone. Entered by pipeline/core/entry.py's run_distributed inside the folder's lock; a killed run
-    stays "running" with a dead pid, which `mlcd status` reports as stopped."""
+    """``{out_dir}/status.{stage}.json`` (rank 0) when a stage run ends: done, or failed with its
+    one error line and exit code, so `mlcd status` can tell a stage's state from the files alone
+    (a running or killed one it tells from the folder's lock, pipeline/core/lock.py). A run that
+    fails before writing anything leaves nothing (the lock removes the folder it made). Entered
+    by pipeline/core/entry.py's run_distributed inside the folder's lock."""
 
     def __init__(self, out_dir: str | Path | None, module: str, ctx: DistContext):
         from pipeline.core.stages import name_of_module
@@ -263,14 +264,16 @@ class StageStatus:
     def __enter__(self) -> "StageStatus":
         import os
         import socket
-        self._write(state="running", pid=os.getpid(), host=socket.gethostname(), started=time.time(),
-                    ended=None, error=None, exit_code=None)
+        self.info = {"pid": os.getpid(), "host": socket.gethostname(), "started": time.time()}
         return self
 
     def __exit__(self, typ, e, tb) -> None:
         if e is None:
-            self._write(state="done", ended=time.time())
+            self._write(state="done", ended=time.time(), error=None, exit_code=None)
             return
+        from pipeline.core.lock import LOCK_NAME
+        if self.path is None or not any(p.name != LOCK_NAME for p in self.path.parent.iterdir()):
+            return  # nothing written here (bad input or config caught up front): leave nothing
         code = getattr(e, "exit_code", 2 if type(e).__name__ == "ConfigError" else None)
         line = (str(e).strip().splitlines() or [""])[-1][:500]
         self._write(state="failed", ended=time.time(), error=f"{type(e).__name__}: {line}", exit_code=code)
