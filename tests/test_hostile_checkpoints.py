@@ -313,8 +313,8 @@ def test_disk_full_export_is_one_line(tmp_path, small_disk, capsys):
     state = json.loads((step / "trainer_state.json").read_text())
     (step / "trainer_state.json").write_text(json.dumps({**state, "model_config": dataclasses.asdict(big.resolved())}))
     torch.save({"module": build_model(big).state_dict()}, step / "mp_rank_00_model_states.pt")
-    from training.export import cli
-    code = cli([str(step), str(out)])  # in-process: a traceback would fail the test
+    from training.export import main as export_main
+    code = export_main([str(step), str(out)])  # in-process: a traceback would fail the test
     p = subprocess.CompletedProcess([], code, "", capsys.readouterr().err)
     _one_line(p, 1, "no space left on device")
     assert "model.safetensors" in p.stderr
@@ -327,9 +327,9 @@ def test_disk_full_stage_is_one_line(tmp_path, small_disk, capsys):
     whose output folder is a 64 KiB filesystem: one line, exit 1, no traceback, no temp file."""
     from test_reliability import clip_retrieval_store
     clip_retrieval_store(tmp_path / "store", n_parts=2, rows=600, d=64, k=8)
-    from clustering.kmeans import cli
+    from pipeline.core.entry import stage_cli
     with pytest.raises(SystemExit) as e:  # in-process: a traceback would fail the test
-        cli([f"run.out_dir={small_disk}", f"cluster.store={tmp_path / 'store'}", "cluster.kind=img",
+        stage_cli("cluster", [f"run.out_dir={small_disk}", f"cluster.store={tmp_path / 'store'}", "cluster.kind=img",
              "cluster.k=512", "cluster.niter=1", "cluster.points_per_centroid=1"])
     _one_line(subprocess.CompletedProcess([], e.value.code, "", capsys.readouterr().err), 1,
               ".npy: no space left on device")  # the first array that does not fit

@@ -16,6 +16,8 @@ from pathlib import Path
 
 import pytest
 
+from pipeline.core.entry import stage_cli
+from pipeline.core.stages import name_of_module
 from tests.conftest import ROOT, free_port
 from tests.test_embed import tiny_args, write_shards
 
@@ -83,7 +85,6 @@ STAGES = {
 @pytest.mark.parametrize("stage", list(STAGES))
 @pytest.mark.parametrize("case", list(SPECS))
 def test_hostile_spec_is_refused_in_one_line(stage, case, tmp_path, good, listener, capsys, monkeypatch):
-    import importlib
     for var in ("MLCD_ALLOW_PIPE", "MLCD_ALLOW_REMOTE", "MLCD_MAX_MEMBER_BYTES"):
         monkeypatch.delenv(var, raising=False)  # the stage sets them: restored after the test
     for var, val in (("RANK", "0"), ("WORLD_SIZE", "1"), ("LOCAL_RANK", "0"), ("LOCAL_WORLD_SIZE", "1"),
@@ -95,7 +96,7 @@ def test_hostile_spec_is_refused_in_one_line(stage, case, tmp_path, good, listen
     spec = build(tmp_path, good, marker, port)
     module, args, key = STAGES[stage]
     with pytest.raises(SystemExit) as e:
-        importlib.import_module(module).cli(args(tmp_path, f"'{spec}'"))  # YAML-quoted, as in a config
+        stage_cli(name_of_module(module), args(tmp_path, f"'{spec}'"))  # YAML-quoted, as in a config
     err = [ln for ln in capsys.readouterr().err.splitlines() if ln.strip()]
     assert e.value.code == code, err
     assert len(err) == 1 and "Traceback" not in err[0], err

@@ -35,10 +35,11 @@ TRAIN_TINY = ["train.model.name=vit_tiny_rope2d", "train.model.image_size=32", "
 
 def cli(module: str, argv: list[str], capsys) -> tuple[int, list[str]]:
     """(exit code, the error lines printed) of ``python -m module argv``, run in this process."""
-    import importlib
+    from pipeline.core.entry import stage_cli
+    from pipeline.core.stages import name_of_module
     capsys.readouterr()
     try:
-        importlib.import_module(module).cli(argv)
+        stage_cli(name_of_module(module), argv)
         code = 0
     except SystemExit as e:
         code = e.code
