@@ -308,7 +308,8 @@ def test_embed_workers_die_with_killed_parent(tmp_path):
     torch's own parent check, made between batches, never runs)."""
     shard = write_shards(tmp_path / "src", 1, 16)[0]
     spec = tmp_path / "stalled.txt"
-    spec.write_text(f"pipe:cat {shard}; sleep 60\n" * 4)  # each stream stalls before its end
+    # each stream stalls before its end (four distinct specs: a shard listed twice is refused)
+    spec.write_text("".join(f"pipe:cat {shard}; sleep {60 + i}\n" for i in range(4)))
     p = subprocess.Popen([sys.executable, "-m", "pipeline.embed",
                           *tiny_args(tmp_path, str(spec), tmp_path / "store", "embed.workers=2",
                                      "embed.batch_size=4", "run.allow_pipe=true")],
