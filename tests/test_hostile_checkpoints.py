@@ -356,13 +356,15 @@ def test_two_rank_resume_with_one_bad_rank_file(tmp_path):
     shutil.copy(bad, tmp_path / "genuine.pt")
     marker = tmp_path / "pwned"
     torch.save({"optimizer_state_dict": Payload(marker)}, bad)
-    p = subprocess.run([*mlcd, "train.steps=2"], cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=400)
+    p = subprocess.run([*mlcd, "train.steps=2", "train.extend_schedule=true"], cwd=ROOT, env=ENV, capture_output=True,
+                       text=True, timeout=400)
     _one_line(p, 1, f"{bad}: refused to load the pickled global")
     assert not marker.exists() and not (step.parent / "step_00000002").exists()
     shutil.copy(tmp_path / "genuine.pt", bad)
     metrics = tmp_path / "run/train/metrics.jsonl"
     metrics.write_text(metrics.read_text() + '{"step": 2, "loss": 1.')  # a write torn by a kill
-    p = subprocess.run([*mlcd, "train.steps=2"], cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=400)
+    p = subprocess.run([*mlcd, "train.steps=2", "train.extend_schedule=true"], cwd=ROOT, env=ENV, capture_output=True,
+                       text=True, timeout=400)
     assert p.returncode == 0, p.stderr[-3000:]
     assert "not a metrics record (a torn last write?)" in p.stderr + p.stdout
     assert [json.loads(ln)["step"] for ln in metrics.read_text().splitlines()] == [1, 2]
