@@ -52,10 +52,10 @@ def test_stream_ignores_checkpoint_cadence_and_budget(tmp_path):
     assert len(resumed) == 7
     for a, b in zip(full[7:], resumed):
         assert len(a) == len(b) == 2
-        for (xa, ya, _), (xb, yb, _) in zip(a, b):
-            assert torch.equal(xa, xb) and torch.equal(ya, yb)
+        for ba, bb in zip(a, b):
+            assert torch.equal(ba.images, bb.images) and torch.equal(ba.labels, bb.labels) and ba.keys == bb.keys
     # and the stream is not constant: epoch 1 starts with other samples than epoch 0
-    assert not torch.equal(full[0][0][0], full[10][0][0])
+    assert not torch.equal(full[0][0].images, full[10][0].images)
 
 
 def test_resumable_keys_come_from_field_metadata(tmp_path):
