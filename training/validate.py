@@ -88,6 +88,14 @@ def _centroids_k(path: str) -> int | None:
 
 def _check(cfg) -> None:
     d, need = cfg.data, cfg.loss.labels_used
+    try:  # first: a spec the shard policy refuses is named before anything else is looked at
+        shards = expand_shards(d.shards)
+    except ShardSpecError as e:  # refused by the shard policy or matching nothing: name the key
+        raise type(e)(f"train.data.shards={d.shards!r}: {e}") from None
+    except OSError as e:
+        raise TrainInputError(f"train.data.shards={d.shards!r}: {e}") from None
+    if not shards:
+        raise TrainInputError(f"train.data.shards={d.shards!r}: no shards")
     k_cent = _centroids_k(cfg.centroids)
     if k_cent is None:  # README: refused also with num_classes set (the labels are checked against it)
         raise TrainInputError(f"{cfg.centroids}: k-means centroids not found (train.centroids; run stage 2: "
@@ -96,14 +104,6 @@ def _check(cfg) -> None:
     if k != k_cent:
         log.warning("train.partial_fc.num_classes=%d differs from the %d centroids in %s (kept: set on "
                     "purpose)", k, k_cent, cfg.centroids)
-    try:
-        shards = expand_shards(d.shards)
-    except ShardSpecError as e:  # refused by the shard policy or matching nothing: name the key
-        raise type(e)(f"train.data.shards={d.shards!r}: {e}") from None
-    except OSError as e:
-        raise TrainInputError(f"train.data.shards={d.shards!r}: {e}") from None
-    if not shards:
-        raise TrainInputError(f"train.data.shards={d.shards!r}: no shards")
     if not os.path.isdir(d.store):
         raise TrainInputError(f"{d.store}: embedding store not found (train.data.store)")
     if not os.path.isdir(d.labels):

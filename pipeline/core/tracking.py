@@ -275,6 +275,8 @@ class StageStatus:
         if self.path is None or not any(p.name != LOCK_NAME for p in self.path.parent.iterdir()):
             return  # nothing written here (bad input or config caught up front): leave nothing
         code = getattr(e, "exit_code", 2 if type(e).__name__ == "ConfigError" else None)
+        if code in (1, 2) and (read_progress(self.path) or {}).get("state") == "done":
+            return  # a rerun refused on its input or config changed nothing: the folder stays done
         line = (str(e).strip().splitlines() or [""])[-1][:500]
         self._write(state="failed", ended=time.time(), error=f"{type(e).__name__}: {line}", exit_code=code)
 
