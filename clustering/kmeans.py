@@ -316,7 +316,7 @@ def train_torch(x: torch.Tensor, init: torch.Tensor, niter: int, ckpt: Checkpoin
     c_np, start, obj, nsplit = ckpt.resume(niter)
     c = init if c_np is None else torch.from_numpy(c_np).to(x.device)
     k, d = c.shape
-    bar = progress(niter, "k-means", ctx, unit="it", initial=start, share_dir=ckpt.folder)
+    bar = progress(niter, "k-means", ctx, unit="it", initial=start, share_dir=ckpt.folder, replicated=True)
     for it in range(start, niter):
         ct = c.T.contiguous()
         sums = torch.zeros(k, d, dtype=torch.float32, device=x.device)

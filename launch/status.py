@@ -81,6 +81,8 @@ def progress_of(folder: Path) -> dict | None:
         return None
     newest = max(recs, key=lambda x: x[1].get("time", 0))[0]
     mine = [r for d, r in recs if d == newest]
+    if any(r.get("replicated") for r in mine):  # every rank ran the same steps: one rank's count
+        mine = mine[:1]
     done = sum(r["done"] for r in mine)
     totals = [r.get("total") for r in mine]
     total = sum(totals) if None not in totals else None

@@ -54,10 +54,14 @@ def test_rank_zero_sums_the_ranks_progress_files(tmp_path):
     r1.update(30)
     r0.update(10)
     assert r0.line().startswith("embed: 40/160 img (25.0%)")
+    same = Progress(50, "train", DistContext(rank=0, world_size=2), unit="step", share_dir=tmp_path, every_s=0,
+                    replicated=True)  # every rank runs the same steps: never summed
+    same.update(5)
+    assert same.line().startswith("train: 5/50 step (10.0%)")
     alone = Progress(100, "assign", DistContext(rank=0, world_size=2), unit="row", every_s=0)
     alone.update(10)  # no share dir: its own share times the world size, said so
     assert alone.line().startswith("assign: 20/200 row") and "(rank 0 x 2, estimated)" in alone.line()
-    for b in (r0, r1, alone):
+    for b in (r0, r1, same, alone):
         b.close()
 
 

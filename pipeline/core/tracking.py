@@ -110,8 +110,9 @@ class Progress:
     killed stage's progress. Cost: one time check per update, one file write per interval."""
 
     def __init__(self, total: int | None, desc: str, ctx: DistContext, unit: str = "img", initial: int = 0,
-                 share_dir: str | Path | None = None, every_s: float | None = None):
+                 share_dir: str | Path | None = None, every_s: float | None = None, replicated: bool = False):
         self.total, self.desc, self.ctx, self.unit = total, desc, ctx, unit
+        self.replicated = replicated  # every rank does the same steps (training, k-means): no sum
         self.done, self.initial = initial, initial
         self.counters: dict[str, Any] = {}
         self.every_s = _EVERY_S if every_s is None else every_s
@@ -147,14 +148,14 @@ class Progress:
             atomic_write_json(self.dir / f"{self.desc}.rank{self.ctx.rank}.json", {
                 "done": self.done, "total": self.total, "unit": self.unit, "initial": self.initial,
                 "elapsed_s": round(time.perf_counter() - self.t0, 3), "time": time.time(), "final": final,
-                "world_size": self.ctx.world_size, "counters": self.counters})
+                "world_size": self.ctx.world_size, "counters": self.counters, "replicated": self.replicated})
         except OSError as e:  # progress is advice: never stop a stage for it
             log.debug("progress file not written: %s", e)
 
     def _global(self) -> tuple[float, float | None, str]:
         """(done, total, note) over all ranks: the ranks' files, else rank 0's share x world size."""
         w = self.ctx.world_size
-        if w == 1:
+        if w == 1 or self.replicated:
             return self.done, self.total, ""
         if self.dir is not None:
             seen = [read_progress(self.dir / f"{self.desc}.rank{r}.json") for r in range(w)]
@@ -168,7 +169,7 @@ class Progress:
     def line(self, final: bool = False) -> str:
         done, total, note = self._global()
         el = time.perf_counter() - self.t0
-        rate = (done - self.initial * self.ctx.world_size) / el if el > 0 else 0.0
+        rate = (done - self.initial * (1 if self.replicated else self.ctx.world_size)) / el if el > 0 else 0.0
         head = f"{self.desc}: {done:,.0f}" + (f"/{total:,.0f} {self.unit}" if total else f" {self.unit}")
         if total:
             head += f" ({100 * done / total:.1f}%)"
@@ -220,9 +221,9 @@ def _fmt(v: Any) -> str:
 
 
 def progress(total: int | None, desc: str, ctx: DistContext, unit: str = "img", initial: int = 0,
-             share_dir: str | Path | None = None) -> Progress:
-    """The stage's progress reporter (see Progress)."""
-    return Progress(total, desc, ctx, unit=unit, initial=initial, share_dir=share_dir)
+             share_dir: str | Path | None = None, replicated: bool = False) -> Progress:
+    """The stage's progress reporter (see Progress); replicated: every rank runs the same steps."""
+    return Progress(total, desc, ctx, unit=unit, initial=initial, share_dir=share_dir, replicated=replicated)
 
 
 def setup_logging(ctx: DistContext | None = None, log_every_s: float | None = None) -> None:
