@@ -47,7 +47,6 @@ ROOT = Path(__file__).resolve().parents[1]
 BUNDLE = Path(os.environ.get("GPU_CHECK_BUNDLE", ROOT / ".gpu_bundle"))
 SITE = Path(os.environ.get("GPU_CHECK_SITE", "/tmp/site"))  # where the bundle's wheels are installed
 CONFIG = ROOT / "configs" / "gpu_check.yaml"
-DATASHEET_BF16 = {"H200": 989e12, "H100": 989e12, "A100": 312e12}  # dense, NVIDIA datasheets
 
 
 @dataclass
@@ -419,9 +418,11 @@ def item_rate_kmeans(work: Path, p: dict) -> dict:
 def _mfu(work: Path, flops_per_s: float, fp32: bool = False) -> dict:
     """Achieved FLOP/s against the datasheet peak and against the `env` item's measured matmul of
     the same precision (bf16 for the models, fp32 for the k-means/assign GEMMs)."""
+    from training.trainer import DATASHEET_BF16_TFLOPS  # the one table (the trainer's MFU uses it too)
     env = _read(work, "env")
     name = env.get("device_name", "")
-    sheet = None if fp32 else next((v for k, v in DATASHEET_BF16.items() if k in name), None)
+    tflops = None if fp32 else next((v for k, v in DATASHEET_BF16_TFLOPS.items() if k in name), None)
+    sheet = tflops * 1e12 if tflops else None
     out = {}
     if sheet:
         out["vs_datasheet_bf16"] = round(flops_per_s / sheet, 3)
