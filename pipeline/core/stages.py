@@ -38,6 +38,8 @@ STAGES: dict[str, Stage] = {s.name: s for s in (
           "data", "pipeline.demo.demo_data:DataConfig"),
     Stage("data-rice", "pipeline.demo.rice_data", "build the RICE demo scenes (objects + words, with boxes)",
           "data", "pipeline.demo.demo_data:DataConfig"),
+    Stage("data-shards", "pipeline.make_shards", "an image folder or image list as img2dataset shards",
+          tool=True, usage="SRC OUT [--per-shard N] [--workers W]"),
     Stage("regions", "pipeline.regions", "stage 1b: region boxes and region embeddings (RICE)",
           "regions", "pipeline.regions:RegionsConfig", torchrun=True, shell=True,
           slurm="--nodes=4 --time=24:00:00"),
