@@ -10,7 +10,7 @@ SRC is read by pipeline/core/sources.py (an image folder, class sub-folders givi
 stats file is written last and marks the shard complete. Every picture is decoded by
 pipeline/core/images.py (the repairs and caps every stage applies) and written as JPEG, so
 training streams exactly what stage 1 would decode; a file that cannot be read is counted by
-reason (``file_missing``, ``corrupt_image``, ``too_large``, ...), never fatal.
+reason (``file_missing``, ``not_an_image``, ``extreme_aspect``, ...), never fatal.
 
 Resumable: a complete shard made from the same files (``source_part`` in its stats) is skipped on
 rerun; a half-written one (no stats) is rewritten whole; one made from other files (SRC changed:

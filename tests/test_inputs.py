@@ -150,25 +150,28 @@ def test_data_shards_from_folder_resumable_and_counts_bad_images(tmp_path, capsy
     assert M.main([str(cf), str(out), "--per-shard", "4"]) == 0
     totals = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert totals["shards"] == 3 and totals["count"] == 11 and totals["successes"] == 9
-    assert totals["status_dict"] == {"success": 9, "corrupt_image": 1, "extreme_aspect": 1}
+    assert totals["status_dict"] == {"success": 9, "not_an_image": 1, "extreme_aspect": 1}
     assert json.loads((out / "classes.json").read_text()) == ["blue", "green", "red"]
     samples = [s for url in expand_shards(str(out)) for s in read_samples(url)]
     assert len(samples) == 9 and all({"jpg", "txt", "json"} <= set(s) for s in samples)
     cls = {s["__key__"]: json.loads(s["json"])["cls"] for s in samples}
     assert cls["blue/img0"] == 0 and cls["red/img2"] == 2 and "red/broken" not in cls
     assert Image.open(__import__("io").BytesIO(samples[0]["jpg"])).size == (20, 18)
-    st = json.loads((out / "00002_stats.json").read_text())
-    assert st["status_dict"].get("corrupt_image") == 1 and st["source_part"].startswith("files:")
-    assert pq.read_table(out / "00002.parquet").num_rows == st["count"]
+    st = json.loads((out / "00001_stats.json").read_text())  # green/img1, img2, thin; red/broken
+    assert st["status_dict"] == {"success": 2, "not_an_image": 1, "extreme_aspect": 1}
+    assert st["source_part"].startswith("files:")
+    rows = pq.read_table(out / "00001.parquet").to_pylist()
+    assert [(r["key"], r["error_message"]) for r in rows][2:] == [("green/thin", "extreme_aspect"),
+                                                                  ("red/broken", "not_an_image")]
     # eval reads the shards as a probe set (cls + classes.json)
     assert open_labeled(str(out)).labels.tolist() == sorted(cls.values())
     # resumable: finished shards are kept, a removed one is rewritten identically
     mtimes = {p.name: p.stat().st_mtime_ns for p in out.iterdir()}
-    before = (out / "00001.tar").read_bytes()
+    before = list(read_samples(str(out / "00001.tar")))
     (out / "00001_stats.json").unlink()
     (out / "00001.tar").unlink()
     assert M.main([str(cf), str(out), "--per-shard", "4"]) == 0
-    assert (out / "00001.tar").read_bytes() == before
+    assert list(read_samples(str(out / "00001.tar"))) == before  # same samples (tar times differ)
     assert (out / "00000.tar").stat().st_mtime_ns == mtimes["00000.tar"]
     assert json.loads(capsys.readouterr().out.strip().splitlines()[-1])["written"] == 1
     # the source changed under finished shards: refused in one line, exit 1
