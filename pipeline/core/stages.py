@@ -59,7 +59,7 @@ STAGES: dict[str, Stage] = {s.name: s for s in (
           "train", "training.train:TrainConfig", torchrun=True, shell=True,
           slurm="--nodes=10 --time=48:00:00", bench=("training.bench_model", "training.bench_train")),
     Stage("export", "training.export", "a checkpoint as a HF transformers folder", tool=True, shell=True,
-          usage="CHECKPOINT OUT_DIR [--model NAME] [--with-head] [--dtype D]"),
+          usage="CHECKPOINT OUT_DIR [--model NAME] [--with-head] [--dtype D] [--eval F] [--push-to-hub REPO]"),
     Stage("eval", "training.evaluation.evaluate", "linear probe and k-NN of a checkpoint or export",
           "eval", "training.evaluation.evaluate:EvalConfig", torchrun=True, shell=True,
           slurm="--nodes=1 --time=4:00:00"),
