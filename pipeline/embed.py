@@ -3,7 +3,8 @@
     python -m pipeline.embed --config configs/demo.yaml [embed.batch_size=128 ...]
     torchrun --nproc_per_node 8 -m pipeline.embed --config ...     (any number of nodes)
 
-Part i of the store is the i-th shard of ``expand_shards(embed.input)``. Ranks take the
+Part i of the store is the i-th shard of ``expand_input(embed.input)`` (an image folder or list:
+its i-th run of ``files_per_part`` files, pipeline/core/sources.py). Ranks take the
 unfinished parts round-robin (rank 0 lists them once and broadcasts, so a rerun cannot split work
 differently on different ranks). Within a rank, DataLoader workers each read and decode whole
 shards (JPEG decode and resize in parallel, one tar stream per shard: ``pipe:`` sources are read

@@ -93,7 +93,7 @@ def list_files(spec: str) -> Listing:
     p = Path(spec)
     listing = _folder(p) if p.is_dir() else _list_file(p)
     if not listing.items:
-        raise SourceError(f"{spec}: no image files ({', '.join(IMAGE_EXTS)})")
+        raise SourceError(f"{spec}: no .tar shards and no image files ({', '.join(IMAGE_EXTS)})")
     keys = [it.key for it in listing.items]
     if len(set(keys)) != len(keys):
         dup = next(k for k in keys if keys.count(k) > 1)
