@@ -125,12 +125,12 @@ def main(argv=None) -> int:
     try:
         totals = make_shards(args.src, args.out, args.per_shard, args.workers, args.quality, args.max_aspect)
     except StageError as e:
-        return report(e)
+        return report(e) or 1
     except OSError as e:
         full = disk_full(e, args.out)
         if full is None:
             raise
-        return report(full)
+        return report(full) or 1
     print(json.dumps(totals))
     return 0
 

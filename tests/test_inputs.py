@@ -15,8 +15,8 @@ from pipeline import make_shards as M
 from pipeline.core.shards import expand_shards, read_samples
 from pipeline.core.sources import SourceError, expand_input, is_file_source, list_files
 from pipeline.core.store import EmbeddingStore
-from tests.conftest import ROOT
-from tests.test_embed import TINY_CLIP
+from tests.conftest import ROOT, torchrun
+from tests.test_embed import TINY_CLIP, assert_same_store
 from training.evaluation.features import EvalInputError, open_labeled
 
 COLOURS = {"blue": (30, 30, 220), "green": (30, 200, 30), "red": (220, 30, 30)}
@@ -138,6 +138,18 @@ def test_embed_flat_folder_and_lists_give_the_same_store(tmp_path):
     Image.new("RGB", (16, 16)).save(ff / "a00.jpg")
     with pytest.raises(Exception, match="the shard list changed"):
         E.main(str(ROOT / "configs/debug.yaml"), args)
+
+
+@pytest.mark.slow
+def test_two_ranks_embed_a_folder_like_one_rank(tmp_path):
+    """Every rank lists the folder itself; the parts (and DataLoader workers reading them) agree."""
+    ff = flat_folder(tmp_path / "flat", n=10)
+    one, two = tmp_path / "one", tmp_path / "two"
+    E.main(str(ROOT / "configs/debug.yaml"), embed_args(tmp_path, ff, one, "embed.files_per_part=3"))
+    args = embed_args(tmp_path, ff, two, "embed.files_per_part=3", "embed.workers=1")
+    torchrun(["-m", "pipeline.embed", "--config", str(ROOT / "configs/debug.yaml"), *args], nproc=2)
+    assert_same_store(one, two, exact=False)
+    assert json.loads((two / "manifest.json").read_text())["num_parts"] == 4
 
 
 # ---------------------------------------------------------------- mlcd data shards

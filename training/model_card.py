@@ -20,13 +20,12 @@ CARD_NAME = "README.md"
 def find_eval_table(state: dict, explicit: str | None) -> Path | None:
     """``--eval FILE`` if given, else the training run's ``eval/results.md`` when it exists."""
     if explicit:
-        p = Path(explicit)
-        if not p.is_file():
+        if not Path(explicit).is_file():
             raise ConfigError(f"--eval {explicit!r}: no such file (an eval results.md)")
-        return p
+        return Path(explicit)
     out = ((state.get("config") or {}).get("run") or {}).get("out_dir")
-    p = Path(out) / "eval" / "results.md" if out else None
-    return p if p is not None and p.is_file() else None
+    found = Path(out) / "eval" / "results.md" if out else None
+    return found if found is not None and found.is_file() else None
 
 
 def _arch_rows(mc: dict, params: int | None) -> list[str]:

@@ -140,10 +140,11 @@ def _list_file(p: Path) -> Listing:
         raw = str(r[pcol] or "")
         path = raw if os.path.isabs(raw) else str(p.parent / raw)
         key = str(r[kcol]) if kcol and r.get(kcol) not in (None, "") else f"{i:09d}"
+        label = r.get(lcol) if lcol else None
         try:
-            cls = int(r[lcol]) if lcol and r.get(lcol) not in (None, "") else None
+            cls = int(label) if label not in (None, "") else None
         except ValueError:
-            raise SourceError(f"{p}: row {i + 1}: {lcol}={r[lcol]!r} is not an integer class") from None
+            raise SourceError(f"{p}: row {i + 1}: {lcol}={label!r} is not an integer class") from None
         items.append(FileItem(path, key, None if ccol is None else str(r[ccol] or ""), cls))
     return Listing(str(p), tuple(items), ())
 
