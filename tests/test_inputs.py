@@ -157,6 +157,7 @@ def test_two_ranks_embed_a_folder_like_one_rank(tmp_path):
 def test_data_shards_from_folder_resumable_and_counts_bad_images(tmp_path, capsys):
     cf = class_folder(tmp_path / "classes", per_class=3)
     (cf / "red" / "broken.jpg").write_bytes(b"\xff\xd8\xffnot a jpeg")
+    os.rename(cf / "red" / "img2.jpg", cf / "red" / "img2.v2.jpg")  # a dot in the name: key red/img2_v2
     Image.new("RGB", (400, 4)).save(cf / "green" / "thin.png")  # 100:1, over max_aspect 32
     out = tmp_path / "shards"
     assert M.main([str(cf), str(out), "--per-shard", "4"]) == 0
@@ -167,7 +168,7 @@ def test_data_shards_from_folder_resumable_and_counts_bad_images(tmp_path, capsy
     samples = [s for url in expand_shards(str(out)) for s in read_samples(url)]
     assert len(samples) == 9 and all({"jpg", "txt", "json"} <= set(s) for s in samples)
     cls = {s["__key__"]: json.loads(s["json"])["cls"] for s in samples}
-    assert cls["blue/img0"] == 0 and cls["red/img2"] == 2 and "red/broken" not in cls
+    assert cls["blue/img0"] == 0 and cls["red/img2_v2"] == 2 and "red/broken" not in cls
     assert Image.open(__import__("io").BytesIO(samples[0]["jpg"])).size == (20, 18)
     st = json.loads((out / "00001_stats.json").read_text())  # green/img1, img2, thin; red/broken
     assert st["status_dict"] == {"success": 2, "not_an_image": 1, "extreme_aspect": 1}
