@@ -50,7 +50,7 @@ log = logging.getLogger("mlcd.eval")
 @dataclass
 class DatasetSpec:
     name: str = ""
-    train: str = ""   # shard folder/spec with `cls` in each .json, or an image folder per class
+    train: str = ""   # shard folder/spec with `cls` in each .json, an image folder per class, or a .csv/.parquet list with cls
     test: str = ""
     enabled: bool = True
 
