@@ -100,3 +100,101 @@ def test_transient_errors_are_retried(monkeypatch):
     assert fs.RETRIES["write"] == before + 2
     with pytest.raises(ValueError):  # not transient: raised at once
         fs._retry("write", "s3://b/k", lambda: (_ for _ in ()).throw(ValueError("bad")))
+
+
+def _clip_retrieval_read(root: str):
+    """A store read the way clip-retrieval's consumers read it (not our reader): list
+    ``img_emb/`` and ``metadata/`` through fsspec, pair files by sorted name, take the
+    ``image_path`` column; names must be ``img_emb_`` + the part number zero-padded to
+    int(log10(number of parts)) + 1 digits."""
+    import math
+
+    import fsspec
+    import pyarrow.parquet as pq
+    fsys, path = fsspec.core.url_to_fs(root)
+    embs = sorted(fsys.ls(path + "/img_emb", detail=False))
+    metas = sorted(fsys.ls(path + "/metadata", detail=False))
+    width = int(math.log10(len(embs))) + 1
+    assert [e.rsplit("/", 1)[1] for e in embs] == [f"img_emb_{str(i).zfill(width)}.npy" for i in range(len(embs))]
+    assert [m.rsplit("/", 1)[1] for m in metas] == [f"metadata_{str(i).zfill(width)}.parquet" for i in range(len(embs))]
+    rows = []
+    for e, m in zip(embs, metas):
+        with fsys.open(e, "rb") as f:
+            arr = np.load(f)
+        with fsys.open(m, "rb") as f:
+            names = pq.read_table(f).column("image_path").to_pylist()
+        assert arr.shape[0] == len(names)
+        rows += list(zip(names, arr[:, 0].tolist()))
+    return rows
+
+
+def _write_store(root, parts=12, rows=3):
+    import pyarrow as pa
+
+    from pipeline.core import store
+    width = store.part_width(parts)
+    want = []
+    for i in range(parts):
+        keys = [f"{i:03d}{r:02d}" for r in range(rows)]
+        emb = np.zeros((rows, 4), np.float32)
+        emb[:, 0] = [i * 10 + r for r in range(rows)]
+        table = pa.table({"key": keys, "caption": ["c"] * rows, "shard": [f"s3://b/{i:05d}.tar"] * rows})
+        store.write_part(root, i, {"img": emb}, table, dtype=np.float32, width=width)
+        want += list(zip(keys, emb[:, 0].tolist()))
+    return want
+
+
+@pytest.mark.parametrize("where", ["s3", "local"])
+def test_store_reads_back_like_clip_retrieval(where, s3_bucket, remote_on, tmp_path):
+    from pipeline.core import store
+    root = f"{s3_bucket}/run/store" if where == "s3" else f"file://{tmp_path}/store"
+    want = _write_store(root)
+    assert _clip_retrieval_read(root) == want  # 12 parts: padded, paired by sorted name
+    st = store.EmbeddingStore(root)
+    parts, dim, dtype, counts = st.check("img")
+    assert parts == list(range(12)) and dim == 4 and counts == [3] * 12
+    assert store.read_keys(store.meta_path(root, 11)) == ["01100", "01101", "01102"]
+    assert store.part_name(root, 7) == "07"
+    meta = st.metadata(11)
+    assert meta.column("image_path").to_pylist() == meta.column("key").to_pylist()
+    assert meta.column("shard")[0].as_py() == "s3://b/00011.tar"
+    got = [b for _, _, b in st.iter_blocks("img", 2)]
+    assert np.concatenate(got)[:, 0].tolist() == [v for _, v in want]
+    assert store.part_complete(root, 3, ["img"]) and not store.part_complete(root, 12, ["img"])
+
+
+def test_label_store_on_s3(s3_bucket, remote_on):
+    from pipeline.core import store
+    root = f"{s3_bucket}/run/labels"
+    lab = np.arange(12, dtype=np.int32).reshape(6, 2)
+    store.write_labels(root, "03", lab, lab.astype(np.float16) / 10, record={"part": 3})
+    ls = store.LabelStore(root)
+    assert ls.parts() == [3]
+    got, sims = ls.load(3)
+    assert (got == lab).all() and sims.dtype == np.float16
+    assert store.read_label_record(root, 3) == {"part": 3}
+    store.settle_label_state(root, {"k": 2}, None, overwrite=False)
+    assert fs.ls(root) == ["labels_03.json", "labels_03.npy", "sims_03.npy", "state.json"]
+    store.settle_label_state(root, {"k": 3}, {"k": 2}, overwrite=False)  # changed: parts dropped
+    assert fs.ls(root) == ["state.json"]
+
+
+def test_written_files_follow_the_umask(tmp_path):
+    """Every file a stage writes gets the umask's mode (0644 under 022), including a file the
+    writer replaced inside atomic_path (safetensors' save_file): before, it kept mkstemp's 0600."""
+    import torch
+    from safetensors.torch import save_file
+
+    from pipeline.core import io
+    mask = os.umask(0o022)
+    try:
+        io.atomic_save_npy(tmp_path / "a.npy", np.zeros(3))
+        io.atomic_write_json(tmp_path / "a.json", {"a": 1})
+        with io.atomic_path(tmp_path / "model.safetensors") as tmp:
+            save_file({"w": torch.zeros(2)}, str(tmp))
+        _write_store(tmp_path / "store", parts=2, rows=1)
+    finally:
+        os.umask(mask)
+    files = [p for p in tmp_path.rglob("*") if p.is_file()]
+    assert len(files) == 7
+    assert {p.name: oct(stat.S_IMODE(p.stat().st_mode)) for p in files} == {p.name: "0o644" for p in files}

@@ -35,6 +35,7 @@ import collections
 import errno
 import logging
 import os
+import re
 import time
 from pathlib import Path
 from typing import IO, Any, Callable, TypeVar
@@ -64,9 +65,22 @@ def _scheme(url: str) -> str:
         return "?"
 
 
+_PATHLIB = re.compile(r"^([A-Za-z][A-Za-z0-9+.-]+):/(?!/)")  # s3:/b/k: a URL pathlib joined
+
+
+def url_of(url: str | os.PathLike) -> str:
+    """``url`` as a string, with ``//`` restored where ``pathlib.Path`` collapsed it
+    (``Path("s3://b") / "k"`` is ``s3:/b/k``), so store code may join parts with ``/``."""
+    s = str(url)
+    m = _PATHLIB.match(s)
+    if m and m.group(1).lower() != "file" and not os.path.exists(s):
+        return f"{m.group(1)}://{s[m.end():]}"
+    return s
+
+
 def local(url: str | os.PathLike) -> str | None:
     """The local path ``url`` names (a plain path, or a ``file://`` URL), else ``None``."""
-    url = str(url)
+    url = url_of(url)
     sch = _scheme(url)
     if sch == "" or os.path.exists(url) or len(sch) == 1:  # len 1: a Windows drive letter
         return url
@@ -83,7 +97,7 @@ def join(base: str | os.PathLike, *names: str) -> str:
     """``base/names...`` for a local path or a URL (a URL keeps its scheme and uses ``/``)."""
     if not is_remote(base):
         return str(Path(str(base), *names))
-    return "/".join([str(base).rstrip("/"), *(n.strip("/") for n in names)])
+    return "/".join([url_of(base).rstrip("/"), *(n.strip("/") for n in names)])
 
 
 _BUSY = {errno.EBUSY, errno.EAGAIN, errno.ETIMEDOUT, errno.ECONNRESET, 121}  # 121: EREMOTEIO (5xx)
@@ -171,7 +185,7 @@ _CHECKED: set[str] = set()
 
 def check(url: str | os.PathLike, what: str = "path", write: bool = False) -> str:
     """``url`` if this run may use it and its bucket answers; else one ``FsError`` line."""
-    url = str(url)
+    url = url_of(url)
     if not is_remote(url):
         return url
     if not netpolicy.remote_allowed():
@@ -200,14 +214,14 @@ def exists(url: str | os.PathLike) -> bool:
     p = local(url)
     if p is not None:
         return os.path.exists(p)
-    return _call("exists", str(url), lambda fs, path: fs.exists(path))
+    return _call("exists", url_of(url), lambda fs, path: fs.exists(path))
 
 
 def isfile(url: str | os.PathLike) -> bool:
     p = local(url)
     if p is not None:
         return os.path.isfile(p)
-    return _call("isfile", str(url), lambda fs, path: fs.isfile(path))
+    return _call("isfile", url_of(url), lambda fs, path: fs.isfile(path))
 
 
 def isdir(url: str | os.PathLike) -> bool:
@@ -216,14 +230,14 @@ def isdir(url: str | os.PathLike) -> bool:
     p = local(url)
     if p is not None:
         return os.path.isdir(p)
-    return _call("isdir", str(url), lambda fs, path: fs.isdir(path))
+    return _call("isdir", url_of(url), lambda fs, path: fs.isdir(path))
 
 
 def size(url: str | os.PathLike) -> int:
     p = local(url)
     if p is not None:
         return os.path.getsize(p)
-    return int(_call("size", str(url), lambda fs, path: fs.size(path)))
+    return int(_call("size", url_of(url), lambda fs, path: fs.size(path)))
 
 
 def ls(url: str | os.PathLike) -> list[str]:
@@ -237,11 +251,12 @@ def ls(url: str | os.PathLike) -> list[str]:
             return sorted(e.rstrip("/").rsplit("/", 1)[-1] for e in fs.ls(path, detail=False))
         except FileNotFoundError:
             return []
-    return _call("list", str(url), names)
+    return _call("list", url_of(url), names)
 
 
 def glob(pattern: str) -> list[str]:
     """Sorted paths/URLs matching a ``*``/``?`` pattern (URLs keep their scheme)."""
+    pattern = url_of(pattern)
     p = local(pattern)
     if p is not None:
         import glob as _glob
@@ -255,14 +270,14 @@ def open_read(url: str | os.PathLike) -> IO[bytes]:
     p = local(url)
     if p is not None:
         return open(p, "rb")  # noqa: SIM115 -- the caller closes it
-    return _call("read", str(url), lambda fs, path: fs.open(path, "rb"))
+    return _call("read", url_of(url), lambda fs, path: fs.open(path, "rb"))
 
 
 def read_bytes(url: str | os.PathLike) -> bytes:
     p = local(url)
     if p is not None:
         return Path(p).read_bytes()
-    return _call("read", str(url), lambda fs, path: fs.cat_file(path))
+    return _call("read", url_of(url), lambda fs, path: fs.cat_file(path))
 
 
 # ---------------------------------------------------------------- writing
@@ -274,7 +289,7 @@ def write_bytes(url: str | os.PathLike, data: bytes) -> None:
         from pipeline.core.io import atomic_write_bytes
         atomic_write_bytes(p, data)
         return
-    _call("write", str(url), lambda fs, path: fs.pipe_file(path, data))
+    _call("write", url_of(url), lambda fs, path: fs.pipe_file(path, data))
 
 
 def put_file(src: str | os.PathLike, url: str | os.PathLike) -> None:
@@ -288,7 +303,7 @@ def put_file(src: str | os.PathLike, url: str | os.PathLike) -> None:
         with atomic_path(p) as tmp:
             shutil.copyfile(src, tmp)
         return
-    _call("write", str(url), lambda fs, path: fs.put_file(str(src), path))
+    _call("write", url_of(url), lambda fs, path: fs.put_file(str(src), path))
 
 
 def makedirs(url: str | os.PathLike) -> None:
@@ -312,4 +327,4 @@ def rm(url: str | os.PathLike, missing_ok: bool = True) -> None:
         except FileNotFoundError:
             if not missing_ok:
                 raise
-    _call("remove", str(url), remove)
+    _call("remove", url_of(url), remove)
