@@ -1,5 +1,7 @@
 """Object storage through pipeline/core/fs.py, against a real S3 API server (moto's standalone
 server on 127.0.0.1, tests/conftest.py:s3_server)."""
+import io
+import json
 import os
 import stat
 
@@ -7,6 +9,7 @@ import numpy as np
 import pytest
 
 from pipeline.core import fs
+from tests.conftest import ROOT
 
 
 @pytest.fixture
@@ -198,3 +201,104 @@ def test_written_files_follow_the_umask(tmp_path):
     files = [p for p in tmp_path.rglob("*") if p.is_file()]
     assert len(files) == 7
     assert {p.name: oct(stat.S_IMODE(p.stat().st_mode)) for p in files} == {p.name: "0o644" for p in files}
+
+
+# ---------------------------------------------------------------- stages on the bucket
+
+def _s3_count(url: str, suffix: str) -> int:
+    try:
+        return sum(n.endswith(suffix) for n in fs.ls(url))
+    except fs.FsError:
+        return 0
+
+
+@pytest.fixture
+def s3_shards(s3_bucket, remote_on, tmp_path):
+    """12 tiny shards (tests/test_embed.py's) uploaded to the bucket, and a reference store
+    embedded from their local copies."""
+    from tests.test_embed import run_embed, tiny_args, write_shards
+    local = write_shards(tmp_path / "shards", 12, 16)
+    for p in local:
+        fs.put_file(p, f"{s3_bucket}/data/{os.path.basename(p)}")
+    ref = tmp_path / "ref"
+    p = run_embed(tiny_args(tmp_path, str(tmp_path / "shards"), ref, "embed.workers=1"))
+    _, err = p.communicate(timeout=300)
+    assert p.returncode == 0, err[-3000:]
+    return tmp_path, ref
+
+
+@pytest.mark.slow
+def test_embed_on_s3_killed_and_resumed_equals_local(s3_bucket, s3_shards):
+    """embed reads shards from the bucket and writes its store there; SIGKILL mid-run, rerun:
+    only the parts without their marker are redone, and the store equals the local one."""
+    import signal
+    import time
+
+    from tests.test_embed import run_embed, tiny_args
+    tmp, ref = s3_shards
+    store = f"{s3_bucket}/run/store"
+    args = tiny_args(tmp, f"{s3_bucket}/data/", store, "embed.workers=1", "run.allow_remote=true")
+    p = run_embed(args, start_new_session=True)
+    deadline = time.time() + 240
+    while _s3_count(f"{store}/metadata", ".parquet") < 2 and p.poll() is None and time.time() < deadline:
+        time.sleep(0.01)
+    assert p.poll() is None, "run finished before it could be killed: " + p.stderr.read()[-2000:]
+    os.killpg(p.pid, signal.SIGKILL)
+    p.wait()
+    n_killed = _s3_count(f"{store}/metadata", ".parquet")
+    assert 2 <= n_killed < 12 and not fs.exists(f"{store}/manifest.json")
+    p = run_embed(args)
+    _, err = p.communicate(timeout=300)
+    assert p.returncode == 0, err[-3000:]
+    assert f"{n_killed} done, {12 - n_killed} to do" in err
+    assert "testing-secret" not in err
+    _assert_same_store(ref, store)
+    names = fs.ls(f"{store}/img_emb")
+    assert names == [f"img_emb_{i:02d}.npy" for i in range(12)]  # 12 parts: padded to 2 digits
+    meta = store_meta(store, 3)
+    assert meta["shard"][0] == f"{s3_bucket}/data/00003.tar" and meta["image_path"] == meta["key"]
+    manifest = json.loads(fs.read_bytes(f"{store}/manifest.json"))
+    assert manifest["complete"] and manifest["part_digits"] == 2 and "testing-secret" not in json.dumps(manifest)
+
+    # stage 2 on the bucket: k-means and assign read the store there and write centers, labels
+    # and the report (contact sheets from the shards in the bucket) there; same as on disk
+    from pipeline.core.store import LabelStore
+    clusters = f"{s3_bucket}/run/clusters"
+    _cluster_and_assign(store, clusters, tmp / "run-s3")
+    _cluster_and_assign(str(ref), str(tmp / "clusters"), tmp / "run-local")
+    np.testing.assert_array_equal(np.load(io.BytesIO(fs.read_bytes(f"{clusters}/centroids.npy"))),
+                                  np.load(tmp / "clusters" / "centroids.npy"))
+    la, lb = LabelStore(f"{clusters}/labels"), LabelStore(tmp / "clusters" / "labels")
+    assert la.parts() == lb.parts() == list(range(12))
+    assert fs.ls(f"{clusters}/labels")[:3] == ["config.assign.yaml", "labels_00.json", "labels_00.npy"]
+    for p in la.parts():
+        for x, y in zip(la.load(p), lb.load(p)):
+            np.testing.assert_array_equal(x, y)
+    report = fs.ls(f"{clusters}/report")
+    assert "index.html" in report and sum(n.startswith("sheet_") for n in report) == 4
+    assert fs.ls(f"{clusters}/report") == sorted(os.listdir(tmp / "clusters" / "report"))
+
+
+def store_meta(root, part):
+    from pipeline.core.store import EmbeddingStore
+    return EmbeddingStore(root).metadata(part).to_pydict()
+
+
+def _assert_same_store(a, b):
+    from pipeline.core.store import EmbeddingStore
+    sa, sb = EmbeddingStore(a), EmbeddingStore(b)
+    assert sa.parts("img") == sb.parts("img") == list(range(12))
+    for p in sa.parts("img"):
+        assert sa.metadata(p).column("key").to_pylist() == sb.metadata(p).column("key").to_pylist()
+        for k in sa.kinds:
+            np.testing.assert_array_equal(np.asarray(sa.load(k, p)), np.asarray(sb.load(k, p)))
+
+
+def _cluster_and_assign(store: str, out: str, run_dir) -> None:
+    from clustering import assign, kmeans
+    common = [f"run.out_dir={run_dir}", "run.allow_remote=true"]
+    kmeans.main(str(ROOT / "configs/debug.yaml"), [*common, f"cluster.store={store}", f"cluster.out_dir={out}",
+                                                   "cluster.k=8", "cluster.points_per_centroid=1000"])
+    assign.main(str(ROOT / "configs/debug.yaml"), [*common, f"assign.store={store}", "assign.l=2",
+                                                   f"assign.centroids={out}/centroids.npy",
+                                                   f"assign.out_dir={out}/labels", f"assign.report_dir={out}/report"])

@@ -18,7 +18,7 @@ API (stable; every stage reads and writes data through it or through ``io``/``st
   (the store's metadata file, a label part's record) exists, written last; a killed run resumes
   by redoing the parts without a marker.
 - ``makedirs`` (a no-op on object stores: prefixes need no folder, and a missing bucket is an
-  error, never created), ``rm(url)``.
+  error, never created), ``rm(url)``, ``rmtree(url)``.
 - Transient errors (dropped connections, timeouts, throttling) are retried ``ATTEMPTS`` times with
   exponential backoff; ``RETRIES`` counts them per operation (logged once per retry, no data lost:
   a retried write rewrites the whole object).
@@ -327,4 +327,20 @@ def rm(url: str | os.PathLike, missing_ok: bool = True) -> None:
         except FileNotFoundError:
             if not missing_ok:
                 raise
+    _call("remove", url_of(url), remove)
+
+
+def rmtree(url: str | os.PathLike) -> None:
+    """Removes a folder (a URL: every object under the prefix); nothing if absent."""
+    p = local(url)
+    if p is not None:
+        import shutil
+        shutil.rmtree(p, ignore_errors=True)
+        return
+
+    def remove(fs, path):
+        try:
+            fs.rm(path, recursive=True)
+        except FileNotFoundError:
+            pass
     _call("remove", url_of(url), remove)
