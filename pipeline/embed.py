@@ -462,8 +462,7 @@ def _embed_parts(mine: list, shards: list[str], out: Path, cfg: EmbedConfig, run
     if not mine:
         return failures, written, rows_done, skipped
     loader = make_loader(mine, cfg, enc.preprocess, enc.image_size, ctx.device.type == "cuda")
-    bar = progress(_expected_rows([u for _, u in mine]), "embed", ctx,
-                   share_dir=None if fs.is_remote(out) else out)  # a URL: no per-rank progress files
+    bar = progress(_expected_rows([u for _, u in mine]), "embed", ctx, share_dir=out)
     width = part_digits(out, len(shards))
     bufs: dict[int, _Part] = {}
     for step, b in enumerate(loader):

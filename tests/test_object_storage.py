@@ -271,12 +271,15 @@ def test_embed_on_s3_killed_and_resumed_equals_local(s3_bucket, s3_shards):
     la, lb = LabelStore(f"{clusters}/labels"), LabelStore(tmp / "clusters" / "labels")
     assert la.parts() == lb.parts() == list(range(12))
     assert fs.ls(f"{clusters}/labels")[:3] == ["config.assign.yaml", "labels_00.json", "labels_00.npy"]
+    assert fs.ls(f"{clusters}/labels") == sorted(n for n in os.listdir(tmp / "clusters" / "labels")
+                                                 if not n.startswith("."))  # .progress, .lock: local only
     for p in la.parts():
         for x, y in zip(la.load(p), lb.load(p)):
             np.testing.assert_array_equal(x, y)
     report = fs.ls(f"{clusters}/report")
     assert "index.html" in report and sum(n.startswith("sheet_") for n in report) == 4
     assert fs.ls(f"{clusters}/report") == sorted(os.listdir(tmp / "clusters" / "report"))
+    _train_export_eval(s3_bucket, tmp)
 
 
 def store_meta(root, part):
@@ -302,3 +305,49 @@ def _cluster_and_assign(store: str, out: str, run_dir) -> None:
     assign.main(str(ROOT / "configs/debug.yaml"), [*common, f"assign.store={store}", "assign.l=2",
                                                    f"assign.centroids={out}/centroids.npy",
                                                    f"assign.out_dir={out}/labels", f"assign.report_dir={out}/report"])
+
+
+def _train_export_eval(s3_bucket: str, tmp) -> None:
+    """Stage 3 from the bucket: train reads the shards, the store, the labels and the centers
+    there (checkpoints stay on a POSIX path); export writes the HF folder to the bucket; eval
+    writes its results there."""
+    import textwrap
+
+    from tests.conftest import torchrun
+    from tests.test_train import TINY
+    run, clusters = f"{s3_bucket}/run", f"{s3_bucket}/run/clusters"
+    data = [f"train.data.shards={s3_bucket}/data/", f"train.data.store={run}/store",
+            f"train.data.labels={clusters}/labels", f"train.centroids={clusters}/centroids.npy"]
+    common = [f"run.out_dir={tmp / 'run-s3'}", "run.allow_remote=true", *TINY, "train.loss.num_labels=2",
+              "train.steps=4", f"train.out_dir={tmp / 'train'}"]
+    torchrun(["-m", "training.train", *common, *data], 1, timeout=400)
+    assert (tmp / "train" / "metrics.jsonl").is_file()
+    bad = torchrun(["-m", "training.train", *common[:-1], f"train.out_dir={run}/train", *data], 1,
+                   timeout=200, check=False)
+    assert bad.returncode == 2 and "DeepSpeed checkpoints need a POSIX path" in bad.stderr
+
+    from training.export import export
+    export(str(tmp / "train"), f"{run}/export")
+    assert {"config.json", "model.safetensors", "mlcd_export.json"} <= set(fs.ls(f"{run}/export"))
+
+    from training.evaluation import evaluate as ev
+    cfg = tmp / "eval.yaml"
+    cfg.write_text(textwrap.dedent(f"""
+        run: {{out_dir: {tmp / 'run-eval'}, allow_remote: true}}
+        eval:
+          out_dir: {run}/eval
+          datasets:
+            - {{name: boxes, train: {tmp / 'shards'}, test: {tmp / 'shards'}}}
+          models:
+            - {{name: ours, kind: checkpoint, path: {tmp / 'train'},
+                model: {{name: vit_tiny_rope2d, image_size: 32, patch_size: 8, width: 32, layers: 1,
+                        heads: 2, mlp_dim: 64, embed_dim: 16}}}}
+          linear: {{c_grid: [1.0]}}
+          knn: {{ks: [2]}}
+          batch_size: 32
+          workers: 0
+        """))
+    ev.main(str(cfg), [])
+    res = json.loads(fs.read_bytes(f"{run}/eval/results.json"))
+    assert [(r["model"], r["dataset"]) for r in res["results"]] == [("ours", "boxes")]
+    assert "results.md" in fs.ls(f"{run}/eval")

@@ -117,6 +117,9 @@ class Progress:
         self.done, self.initial = initial, initial
         self.counters: dict[str, Any] = {}
         self.every_s = _EVERY_S if every_s is None else every_s
+        from pipeline.core import fs
+        if share_dir is not None and fs.is_remote(share_dir):
+            share_dir = None  # a URL: no per-rank files (a PUT per rank per interval, listed by nobody)
         self.dir = Path(share_dir) / PROGRESS_DIR if share_dir is not None else None
         self.t0 = self.t_last = time.perf_counter()
         tty = sys.stderr.isatty()
