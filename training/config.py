@@ -127,6 +127,8 @@ class TrainConfig:
 
     def __post_init__(self):
         check(self.steps >= 1, "steps", self.steps, "must be >= 1")
+        check("://" not in self.out_dir, "out_dir", self.out_dir,
+              "DeepSpeed checkpoints need a POSIX path (local or shared filesystem), not a URL")
         check(self.time_budget_s >= 0, "time_budget_s", self.time_budget_s, "must be >= 0")
         check(self.peak_tflops >= 0, "peak_tflops", self.peak_tflops, "must be >= 0 (0 = the device's datasheet)")
 

@@ -47,6 +47,8 @@ def expand_shards(spec: str | Sequence[str]) -> list[str]:
     list file and line number). Nothing is opened or run here."""
     if not isinstance(spec, str):
         return [s for item in spec for s in expand_shards(item)]
+    if scheme(spec) in FS_SCHEMES and local_path(spec) is None:
+        return _expand_object_store(spec)
     p = Path(spec)
     if p.is_dir():
         shards = sorted(str(x) for x in p.glob("*.tar"))
@@ -66,9 +68,37 @@ def expand_shards(spec: str | Sequence[str]) -> list[str]:
     return shards
 
 
+# Object stores read through fsspec (pipeline/core/fs.py): listing, globs, list files, streams.
+FS_SCHEMES = frozenset({"s3", "gs", "gcs"})
+
+
+def _expand_object_store(spec: str) -> list[str]:
+    """An object-store spec: a list file (``.txt``), a glob (``*``), a prefix (its ``*.tar``), or
+    a brace pattern of objects; checked (run.allow_remote, the bucket) before anything is read."""
+    from pipeline.core import fs
+    check_spec(spec, f"shard spec {spec[:120]!r}")
+    try:
+        fs.check(spec, "shard spec")
+        if spec.endswith(".txt") and fs.isfile(spec):
+            lines = [ln.strip() for ln in fs.read_bytes(spec).decode(errors="replace").splitlines()]
+            return [check_spec(s, f"{spec}:{i + 1}") for i, ln in enumerate(lines)
+                    if ln and not ln.startswith("#") for s in braceexpand(ln)]
+        if "*" in spec or "?" in spec:
+            shards = fs.glob(spec)
+        elif not spec.endswith(".tar") and "{" not in spec and fs.isdir(spec):
+            shards = [fs.join(spec, n) for n in fs.ls(spec) if n.endswith(".tar")]
+        else:
+            return [check_spec(s, f"shard spec {spec[:120]!r}") for s in braceexpand(spec)]
+    except fs.FsError as e:
+        raise ShardPolicyError(str(e)) from None
+    if not shards:
+        raise ShardSpecError(f"shard spec {spec!r} matches no .tar object")
+    return shards
+
+
 # Schemes webdataset's gopen opens itself (plus object stores it reaches through AIS): remote.
 REMOTE_SCHEMES = frozenset({"http", "https", "ftp", "ftps", "sftp", "scp", "s3", "gs", "htgs", "ais",
-                            "hf", "az", "abfs", "aws"})
+                            "hf", "az", "abfs", "aws", "gcs"})
 
 
 def scheme(spec: str) -> str:
@@ -128,8 +158,11 @@ def open_shard(spec: str):
     path = local_path(check_spec(spec, "shard"))
     if path is not None:
         return open(path, "rb")  # noqa: SIM115 -- the caller closes it
-    import webdataset as wds
     sch = scheme(spec)
+    if sch in FS_SCHEMES:  # fsspec's stream, read ahead in blocks; credentials from the standard chain
+        from pipeline.core import fs
+        return fs.open_read(sch + spec[len(sch):])
+    import webdataset as wds
     return wds.gopen(sch + spec[len(sch):])
 
 
