@@ -19,7 +19,7 @@ from pipeline.core.stages import STAGES, Stage
 
 ROOT = Path(__file__).resolve().parents[1]
 # Older two-word spellings of the data stages (the Makefile and the demos use them).
-ALIASES = {("data", "demo"): "data", ("data", "rice"): "data-rice"}
+ALIASES = {("data", "demo"): "data", ("data", "rice"): "data-rice", ("data", "shards"): "data-shards"}
 
 
 class UsageError(Exception):

@@ -3,7 +3,8 @@
     python -m pipeline.embed --config configs/demo.yaml [embed.batch_size=128 ...]
     torchrun --nproc_per_node 8 -m pipeline.embed --config ...     (any number of nodes)
 
-Part i of the store is the i-th shard of ``expand_shards(embed.input)``. Ranks take the
+Part i of the store is the i-th shard of ``expand_input(embed.input)`` (an image folder or list:
+its i-th run of ``files_per_part`` files, pipeline/core/sources.py). Ranks take the
 unfinished parts round-robin (rank 0 lists them once and broadcasts, so a rerun cannot split work
 differently on different ranks). Within a rank, DataLoader workers each read and decode whole
 shards (JPEG decode and resize in parallel, one tar stream per shard: ``pipe:`` sources are read
@@ -75,11 +76,10 @@ from pipeline.core.provenance import (
 from pipeline.core.shards import (
     ShardPolicyError,
     ShardSpecError,
-    expand_shards,
     is_url,
-    read_samples,
     shard_stem,
 )
+from pipeline.core.sources import expand_input, read_source
 from pipeline.core.store import (
     KINDS,
     StoreError,
@@ -105,7 +105,8 @@ READER_FIELDS = ("dtype", "max_pixels", "image_exts", "caption_ext", "skip_missi
 
 @dataclass
 class EmbedConfig:
-    input: str = "${run.out_dir}/data/train"  # brace pattern, list file (.txt), directory, pipe:/URL
+    input: str = "${run.out_dir}/data/train"  # shards (brace pattern, .txt list, folder of .tar, pipe:/URL), an image folder or a .txt/.csv/.parquet image list
+    files_per_part: int = 10000        # image folder/list input: files per store part (pipeline/core/sources.py)
     out_dir: str = "${run.out_dir}/store"
     encoder: EncoderConfig = field(default_factory=EncoderConfig)
     kinds: list[str] = field(default_factory=lambda: list(KINDS))  # features written per part ([]: labels only)
@@ -128,6 +129,7 @@ class EmbedConfig:
 
     def __post_init__(self):
         check(self.batch_size > 0, "batch_size", self.batch_size, "must be > 0")
+        check(self.files_per_part > 0, "files_per_part", self.files_per_part, "must be > 0")
         check(self.workers >= 0, "workers", self.workers, "must be >= 0")
         check(self.prefetch_factor > 0, "prefetch_factor", self.prefetch_factor, "must be > 0")
         check(self.max_pixels > 0, "max_pixels", self.max_pixels, "must be > 0")
@@ -185,7 +187,7 @@ class ShardSamples(IterableDataset):
         skipped, fixed, seen = collections.Counter(), collections.Counter(), set()
         rows, n = [], 0
         try:
-            for row, s in enumerate(read_samples(url)):
+            for row, s in enumerate(read_source(url)):
                 n = row + 1
                 key = s["__key__"]
                 if key in seen:
@@ -503,7 +505,7 @@ def _embed_parts(mine: list, shards: list[str], out: Path, cfg: EmbedConfig, run
 def embed(run: RunConfig, cfg: EmbedConfig, ctx: DistContext) -> dict:
     out = Path(cfg.out_dir)
     try:
-        shards = expand_shards(cfg.input)
+        shards = expand_input(cfg.input, cfg.files_per_part)
     except ShardPolicyError as e:  # exit 1: the input names something the run may not open
         raise ShardPolicyError(f"embed.input={cfg.input!r}: {e}") from None
     except ShardSpecError as e:

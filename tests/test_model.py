@@ -343,3 +343,67 @@ def test_export_loads_in_transformers_4x(exported, name, tmp_path):
         a = ours.vision_model(x, output_hidden_states=True)
     torch.testing.assert_close(got["pool"], a.pooler_output, atol=1e-5, rtol=0)
     torch.testing.assert_close(got["hs"], torch.stack(a.hidden_states), atol=1e-5, rtol=0)
+
+
+def test_export_folder_is_usable_by_others(exported, tmp_path, capsys):
+    """Modes follow the umask, config.json is clean, README.md is a model card, and
+    --push-to-hub is refused (before any work) unless run.allow_upload=true."""
+    ours, _ = exported["vit_tiny_clip"]
+    state = tmp_path / "model.safetensors"
+    save_file({k: v.contiguous() for k, v in ours.state_dict().items()}, str(state))
+    results = tmp_path / "results.md"
+    results.write_text("| model | colours linear |\n|---|---|\n| tiny | 97.5 |\n")
+    out = tmp_path / "export"
+    old = os.umask(0o022)
+    try:
+        assert ex.main([str(state), str(out), "--model", "vit_tiny_clip", "--dtype", "bfloat16",
+                        "--eval", str(results)]) == 0
+    finally:
+        os.umask(old)
+    files = sorted(p.name for p in out.iterdir())
+    assert files == ["README.md", "config.json", "mlcd_export.json", "model.safetensors",
+                     "preprocessor_config.json"]
+    modes = {p.name: oct(p.stat().st_mode & 0o777) for p in out.iterdir() if p.name != "model.safetensors"}
+    assert set(modes.values()) == {"0o644"}, modes  # what any written file gets under umask 022
+    conf = json.loads((out / "config.json").read_text())
+    assert "dtype" not in conf and None not in conf.values() and conf["torch_dtype"] == "bfloat16"
+    card = (out / "README.md").read_text()
+    assert card.startswith("---\nlicense: other")
+    r = ours.config.resolved()
+    assert f"| width / layers / heads | {r.width} / {r.layers} / {r.heads} |" in card
+    assert "| tiny | 97.5 |" in card and f"mlcd export {state} {out}" in card
+    assert "no training record" in card  # a bare state file: nothing about its training is claimed
+    assert _auto_model(out).config.hidden_size == r.width  # transformers still reads it
+    # push-to-hub: refused in one line, exit 2, nothing written
+    assert ex.main([str(state), str(tmp_path / "up"), "--model", "vit_tiny_clip",
+                    "--push-to-hub", "me/tiny"]) == 2
+    assert "refused unless run.allow_upload=true" in capsys.readouterr().err
+    assert not (tmp_path / "up").exists()
+
+
+@pytest.mark.xfail(strict=False, reason="safetensors' save_file leaves the atomic temp 0600; fixed by "
+                   "pipeline/core/io.py atomic_path setting the umask mode just before the rename (helper s3)")
+def test_export_weights_mode_follows_umask(exported, tmp_path):
+    ours, _ = exported["vit_tiny_clip"]
+    old = os.umask(0o022)
+    try:
+        save_hf_folder(ours, ours.config, tmp_path / "export")
+    finally:
+        os.umask(old)
+    assert oct((tmp_path / "export" / "model.safetensors").stat().st_mode & 0o777) == "0o644"
+
+
+def test_model_card_of_a_training_checkpoint():
+    from training.model_card import model_card
+    state = {"step": 120, "samples_seen": 3840, "num_classes": 500, "global_batch": 32, "world_size": 2,
+             "config": {"train": {"loss": {"mode": "mlcd", "scale": 64.0, "margin": 0.3, "margin_type": "arc",
+                                           "num_labels": 8},
+                                  "data": {"shards": "/d/{00000..00009}.tar", "labels": "/r/clusters/labels"}}}}
+    info = {"model_config": dataclasses.asdict(ModelConfig(name="vit_tiny_rope2d").resolved()),
+            "source": "/r/train", "step": 120, "dtype": "float32", "params": 123456}
+    card = model_card(info, state, None, "mlcd export /r/train /e")
+    for row in ("| K (classes) | 500 |", "| l (labels per image) | 8 |", "| steps | 120 |",
+                "| loss | mlcd (scale 64.0, margin 0.3 arc) |", "| data (shards) | /d/{00000..00009}.tar |",
+                "| position encoding | 2D RoPE (MLCD) |", "| backbone parameters | 0.12 M |"):
+        assert row in card, row
+    assert "No eval results were found" in card and "mlcd export /r/train /e" in card

@@ -1,6 +1,7 @@
 """Export a trained MLCD encoder as a HF transformers folder (`mlcd export`, `make export`):
 
     python -m training.export CHECKPOINT OUT_DIR [--model NAME|config.json] [--with-head] [--dtype D]
+        [--eval results.md] [--push-to-hub REPO [--config F] run.allow_upload=true]
 
 CHECKPOINT is one of
 - a training run folder (`${train.out_dir}`) or its `checkpoints/` folder: the step named by
@@ -12,7 +13,8 @@ CHECKPOINT is one of
   (`vision_model.*`, `head.weight`) or HF's; needs --model (a preset name, or a JSON file holding
   a ModelConfig dict or a trainer_state.json).
 
-OUT_DIR gets config.json, model.safetensors (`vision_model.`-prefixed keys: transformers 4.5x and
+OUT_DIR gets README.md (a model card: architecture, data, K, l, steps, loss, the eval table
+when found, the command; training/model_card.py), config.json, model.safetensors (`vision_model.`-prefixed keys: transformers 4.5x and
 5.x both load it) and preprocessor_config.json (CLIPImageProcessor), so
 `AutoModel.from_pretrained(OUT_DIR)` / `AutoProcessor.from_pretrained(OUT_DIR)` work offline.
 The training head is left out unless --with-head (CLIP family: CLIPVisionModelWithProjection).
@@ -35,17 +37,19 @@ import argparse
 import dataclasses
 import json
 import logging
+import shlex
 import sys
 from pathlib import Path
 
 import torch
 
-from pipeline.core.config import ConfigError
+from pipeline.core.config import ConfigError, load_run
 from pipeline.core.entry import StageError, disk_full, report
-from pipeline.core.io import atomic_path, atomic_write_json, read_json
+from pipeline.core.io import atomic_path, atomic_write_json, atomic_write_text, read_json
 from training.checkpoint import STEP_RE, find_latest, load_backbone_state_dict
 from training.hf import from_hf_state_dict, load_state_file, save_hf_folder
 from training.model import PRESETS, ModelConfig
+from training.model_card import CARD_NAME, check_upload, find_eval_table, model_card, push_to_hub
 from training.safe_load import STATE_SUFFIXES, WeightsError
 
 log = logging.getLogger(__name__)
@@ -139,7 +143,8 @@ def _strip_module(sd: dict) -> dict:
 
 
 def export(checkpoint: str | Path, out_dir: str | Path, model: str | None = None,
-           with_head: bool = False, dtype: str = "float32") -> Path:
+           with_head: bool = False, dtype: str = "float32", eval_table: str | None = None,
+           command: str = "") -> Path:
     src = Path(checkpoint)
     info: dict = {"source": str(src)}
     if src.is_file():
@@ -168,8 +173,11 @@ def export(checkpoint: str | Path, out_dir: str | Path, model: str | None = None
     for prefix, part in extra.items():
         if part:  # e.g. info["region_head"]: the config written beside the HF files
             info[prefix.rstrip(".")] = EXTRA_PARTS[prefix](part, cfg, state, out, DTYPES[dtype], src)
-    info.update(model_config=dataclasses.asdict(cfg), with_head=with_head, dtype=dtype)
+    info.update(model_config=dataclasses.asdict(cfg), with_head=with_head, dtype=dtype,
+                params=sum(v.numel() for k, v in sd.items() if k.startswith("vision_model.")))
     atomic_write_json(Path(out) / "mlcd_export.json", info)  # provenance; HF ignores it
+    card = model_card(info, state, find_eval_table(state, eval_table), command or f"mlcd export {src} {out_dir}")
+    atomic_write_text(Path(out) / CARD_NAME, card)
     return out
 
 
@@ -227,10 +235,22 @@ def main(argv=None) -> int:
     ap.add_argument("--with-head", action="store_true",
                     help="also export the training head (CLIP family: as visual_projection)")
     ap.add_argument("--dtype", default="float32", choices=sorted(DTYPES))
+    ap.add_argument("--eval", default=None, help="an eval results.md for the model card (default: the "
+                    "training run's eval/results.md, if any)")
+    ap.add_argument("--push-to-hub", default=None, metavar="REPO",
+                    help="upload the folder to this hub repo (needs run.allow_upload=true)")
+    ap.add_argument("--config", default=None, help="run file whose `run` section applies (allow_upload)")
+    ap.add_argument("overrides", nargs="*", help="run.k=v overrides (run.allow_upload=true)")
     args = ap.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    command = shlex.join(["mlcd", "export", *(sys.argv[1:] if argv is None else argv)])
     try:
-        out = export(args.checkpoint, args.out_dir, args.model, args.with_head, args.dtype)
+        run = load_run(args.config, args.overrides)
+        if args.push_to_hub:  # refused before any work
+            check_upload(args.push_to_hub, run.allow_upload)
+        out = export(args.checkpoint, args.out_dir, args.model, args.with_head, args.dtype, args.eval, command)
+        if args.push_to_hub:
+            log.info("uploaded: %s", push_to_hub(Path(out), args.push_to_hub, run.allow_upload))
     except (StageError, ConfigError) as e:  # a bad file (exit 1) or argument (exit 2): one line
         return report(e)
     except (FileNotFoundError, ValueError, KeyError) as e:

@@ -58,7 +58,8 @@ def hf_config_dict(cfg: ModelConfig, with_head: bool = False) -> dict:
     else:
         hf = CLIPVisionConfig(**common, projection_dim=cfg.embed_dim or cfg.width)
     hf.architectures = [architecture(cfg, with_head)]
-    d = hf.to_dict()
+    # unset fields (5.x's `dtype: null`, `problem_type: null`) are left out: a reader sees one dtype
+    d = {k: v for k, v in hf.to_dict().items() if v is not None}
     d.setdefault("torch_dtype", "float32")  # 4.5x's name; 5.x reads `dtype` and accepts this
     if cfg.rope2d:
         # 4.5x's AutoConfig knows MLCD only as "mlcd" (DeepGlint's hub configs say so too);

@@ -97,6 +97,7 @@ class RunConfig:
     allow_download: bool = field(default=False, metadata=RESUMABLE)
     allow_pipe: bool = field(default=False, metadata=RESUMABLE)
     allow_remote: bool = field(default=False, metadata=RESUMABLE)
+    allow_upload: bool = field(default=False, metadata=RESUMABLE)  # `mlcd export --push-to-hub` may upload
     # Largest tar member any stage reads (pipeline/core/shards.py:read_samples): a larger one is skipped
     # from its header, before reading, as `member_too_large` (a 1 MiB gzip can inflate to 1 GiB).
     max_member_bytes: int = field(default=64 << 20, metadata=RESUMABLE)

@@ -118,7 +118,10 @@ def parquet_file(meta: str | os.PathLike) -> pq.ParquetFile:
 def shard_source(url: str) -> dict:
     """The identity of a shard as recorded for its part: the spec, and size/mtime of a local file."""
     rec: dict = {"shard": url}
-    if os.path.isfile(url):
+    if url.startswith("files:"):  # a virtual part of an image folder/list (pipeline/core/sources.py)
+        from pipeline.core.sources import source_stat
+        rec.update(source_stat(url))
+    elif os.path.isfile(url):
         st = os.stat(url)
         rec.update(shard_size=st.st_size, shard_mtime_ns=st.st_mtime_ns)
     return rec

@@ -53,7 +53,8 @@ def expand_shards(spec: str | Sequence[str]) -> list[str]:
     if p.is_dir():
         shards = sorted(str(x) for x in p.glob("*.tar"))
         if not shards:
-            raise ShardSpecError(f"no .tar shards in directory {spec}")
+            raise ShardSpecError(f"no .tar shards in directory {spec} (an image folder: `mlcd data shards` "
+                                 f"converts it)")
         return shards
     if p.suffix == ".txt" and p.is_file():
         # Lines are taken as given (braces expanded): a listed shard that is missing becomes a

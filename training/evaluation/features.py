@@ -26,6 +26,7 @@ import hashlib
 import json
 import logging
 import math
+import os
 import tarfile
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -40,8 +41,9 @@ from torch.utils.data import DataLoader, Dataset, Subset
 from pipeline.core import netpolicy
 from pipeline.core.dist import DistContext
 from pipeline.core.entry import StageError
-from pipeline.core.images import IMAGE_EXTS, decode_rgb, is_image_name
+from pipeline.core.images import decode_rgb, is_image_name
 from pipeline.core.shards import ShardSpecError, check_member_size, expand_shards
+from pipeline.core.sources import SourceError, is_file_source, list_files
 from pipeline.core.tracking import progress
 
 log = logging.getLogger("mlcd.eval")
@@ -133,8 +135,8 @@ def open_labeled(spec: str) -> LabeledImages:
     """A labeled image set from a shard folder / shard spec (``cls`` in each .json) or an image
     folder with one sub-folder per class."""
     p = Path(spec)
-    if p.is_dir() and not any(p.glob("*.tar")):
-        return _image_folder(p)
+    if is_file_source(spec):
+        return _image_files(spec)
     try:
         shards = expand_shards(spec)
     except ShardSpecError as e:
@@ -159,16 +161,22 @@ def open_labeled(spec: str) -> LabeledImages:
     return LabeledImages(str(spec), items, labels, [str(c) for c in classes])
 
 
-def _image_folder(root: Path) -> LabeledImages:
-    from torchvision.datasets.folder import find_classes, make_dataset
-    exts = tuple(f".{e}" for e in IMAGE_EXTS)
+def _image_files(spec: str) -> LabeledImages:
+    """An image folder with one sub-folder per class, or an image list with a cls/label column
+    (pipeline/core/sources.py lists both)."""
     try:
-        classes, idx = find_classes(str(root))
-        samples = make_dataset(str(root), idx, extensions=exts)
-    except (FileNotFoundError, OSError) as e:
-        raise EvalInputError(f"dataset {root}: {e}") from None
-    items = [(path, -1, -1) for path, _ in samples]
-    return LabeledImages(str(root), items, np.asarray([c for _, c in samples]), classes)
+        list_files.cache_clear()  # list it as it is now
+        listing = list_files(os.path.abspath(spec))
+    except SourceError as e:
+        raise EvalInputError(f"dataset {spec}: {e}") from None
+    unlabeled = [it for it in listing.items if it.cls is None]
+    if unlabeled:
+        raise EvalInputError(f"dataset {spec}: {unlabeled[0].path} has no class (eval needs class "
+                             "sub-folders, or a cls/label column in the list)")
+    labels = np.asarray([it.cls for it in listing.items], dtype=np.int64)
+    classes = list(listing.classes) or [str(i) for i in range(int(labels.max()) + 1)]
+    items = [(it.path, -1, -1) for it in listing.items]
+    return LabeledImages(str(spec), items, labels, classes)
 
 
 # ---------------------------------------------------------------------------------- extractors
