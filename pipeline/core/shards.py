@@ -254,7 +254,7 @@ def _header(block: bytes, at: int) -> tuple[str, bytes, int]:
     if len(block) < 512:
         raise tarfile.ReadError(f"truncated or corrupt tar: no end-of-archive marker at byte {at}")
     chk = _number(block[148:156], at)
-    if chk != 256 + sum(block[:148]) + sum(block[156:]) and \
+    if chk != 256 + sum(block) - sum(block[148:156]) and \
             chk != 256 + sum(struct.unpack_from("148b8x356b", block)):
         raise tarfile.ReadError(f"invalid tar header at byte {at} (bad checksum)")
     name = block[:100].split(b"\0", 1)[0].decode("utf-8", "surrogateescape")
