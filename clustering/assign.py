@@ -27,6 +27,7 @@ import torch
 from clustering.data import open_store
 from clustering.report import make_report
 from clustering.topk import ENGINES, TopK, recall_at_l
+from pipeline.core import fs
 from pipeline.core.config import RESUMABLE, RunConfig, check, prepare_out_dir
 from pipeline.core.dist import DistContext
 from pipeline.core.entry import stage_cli, stage_main
@@ -85,7 +86,7 @@ def part_done(out: Path, part: int | str, rows: int, l: int, record: dict | None
     write, a ``labels_{i}.json`` with the same keys digest and centers (no record: not done, so a
     rerun also refreshes folders written before records were kept)."""
     lp = labels_path(out, part)
-    if not (lp.is_file() and sims_path(out, part).is_file()):
+    if not (fs.isfile(lp) and fs.isfile(sims_path(out, part))):
         return False
     try:
         if tuple(load_npy(lp, mmap=True).shape) != (rows, l):
@@ -117,7 +118,7 @@ def run_assign(run: RunConfig, cfg: AssignConfig, ctx: DistContext) -> dict:
     # wandb's run folder goes beside the labels, not among them
     track_dir = Path(cfg.report_dir)
     if ctx.is_main:
-        track_dir.mkdir(parents=True, exist_ok=True)
+        fs.makedirs(track_dir)
     tracker = Tracker(run, ctx, str(track_dir), "assign", {"run": asdict(run), "assign": asdict(cfg)})
     t0 = Timer()
     topk = topk or TopK(c, cfg.l, engine, device, cfg.block_rows, cfg.hnsw_m, cfg.hnsw_ef_search)
@@ -176,7 +177,7 @@ def settle_engine(run: RunConfig, cfg: AssignConfig, rows: int, c, out: Path,
     topk, engine, old = None, cfg.engine, None
     if ctx.is_main:
         clean_stale_tmp(out)
-        old = read_json(st_path) if st_path.is_file() else None
+        old = read_json(st_path) if fs.isfile(st_path) else None
         if engine == "auto" and rows < AUTO_PROBE_MIN_ROWS:
             engine = "torch"  # the probe (~6 x 8k rows) would cost a noticeable share of the job
         if engine == "auto":

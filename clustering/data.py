@@ -11,8 +11,9 @@ import logging
 from dataclasses import dataclass, field
 
 import numpy as np
-import pyarrow.parquet as pq
 
+from pipeline.core import fs
+from pipeline.core.provenance import parquet_file
 from pipeline.core.store import EmbeddingStore, StoreError, emb_path, meta_path
 from pipeline.core.topl import clean_rows  # one definition, shared with stage 1
 
@@ -50,7 +51,7 @@ def open_store(root: str, kind: str, need_metadata: bool = False,
     incomplete, keep_parts, keep_counts = [], [], []
     for p, n in zip(parts, counts):
         mp = meta_path(root, p)
-        if not mp.is_file():
+        if not fs.isfile(mp):
             if need_metadata and not skip_incomplete:
                 raise StoreError(f"missing metadata {mp} for {emb_path(root, kind, p)} (incomplete part; "
                                  f"set skip_incomplete=true to skip it)")
@@ -58,7 +59,7 @@ def open_store(root: str, kind: str, need_metadata: bool = False,
                 incomplete.append(p)
                 continue
         elif need_metadata:
-            m = pq.ParquetFile(mp).metadata.num_rows
+            m = parquet_file(mp).metadata.num_rows
             if m != n:
                 raise StoreError(f"{mp}: {m} rows but {emb_path(root, kind, p)} has {n}")
         keep_parts.append(p)

@@ -26,7 +26,6 @@ import hashlib
 import json
 import logging
 import math
-import shutil
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -36,6 +35,7 @@ import torch
 
 from clustering.data import StoreInfo, draw_sample, open_store
 from clustering.topk import faiss_gpus, nearest
+from pipeline.core import fs
 from pipeline.core.config import ConfigError, RunConfig, check, prepare_out_dir
 from pipeline.core.dist import DistContext
 from pipeline.core.entry import stage_cli, stage_main
@@ -96,7 +96,7 @@ class Checkpoint:
 
     def load(self, name: str = "state") -> tuple[np.ndarray | None, dict]:
         p = self.folder / f"{name}.json"
-        if not p.is_file():
+        if not fs.isfile(p):
             return None, {}
         st = read_json(p)
         if st.get("key") != self.key:
@@ -117,12 +117,12 @@ class Checkpoint:
         if not self.enabled:
             return
         old = self.folder / f"{name}.json"
-        old_file = read_json(old).get("file") if old.is_file() else None
+        old_file = read_json(old).get("file") if fs.isfile(old) else None
         fname = f"{name}_{tag}.npy"
         atomic_save_npy(self.folder / fname, arr)
         atomic_write_json(old, {**state, "key": self.key, "file": fname})
         if old_file and old_file != fname:
-            (self.folder / old_file).unlink(missing_ok=True)
+            fs.rm(self.folder / old_file)
 
 
 # ---------------------------------------------------------------- methods
@@ -196,7 +196,7 @@ def train_two_level(x: np.ndarray, k: int, k1: int, niter: int, seed: int, ckpt:
     alloc = allocate(sizes, k)
     bounds = np.concatenate([[0], np.cumsum(sizes)])
     sub_dir = ckpt.folder / "level2"
-    sub_dir.mkdir(parents=True, exist_ok=True)
+    fs.makedirs(sub_dir)
     out, obj2 = [], np.zeros(niter)
     bar = progress(k1, "level-2 k-means", ctx, unit="group")
     for g in range(k1):
@@ -388,10 +388,10 @@ def previous_result(run: RunConfig, out: Path, key: str, ctx: DistContext) -> di
     if run.overwrite:
         ctx.barrier()  # every rank has read the out dir before rank 0 clears it
         if ctx.is_main:
-            done.unlink(missing_ok=True)
-            shutil.rmtree(out / "ckpt", ignore_errors=True)
+            fs.rm(done)
+            fs.rmtree(out / "ckpt")
         ctx.barrier()
-    elif done.is_file() and read_json(done).get("key") == key:
+    elif fs.isfile(done) and read_json(done).get("key") == key:
         log.info("%s is complete (same config); nothing to do", done)
         return read_json(done)
     return None
@@ -425,7 +425,7 @@ def write_result(out: Path, c: np.ndarray, sizes: np.ndarray, result: dict, trac
     atomic_save_npy(out / "centroids.npy", c)
     atomic_save_npy(out / "sizes_sample.npy", sizes.astype(np.int64))
     atomic_write_json(out / "clustering.json", result)
-    shutil.rmtree(out / "ckpt", ignore_errors=True)
+    fs.rmtree(out / "ckpt")
     tracker.log({"kmeans/final_objective": result["objective_final"],
                  "kmeans/empty": result["cluster_sizes"]["empty"], "kmeans/wall_s": result["wall_s"]})
     log.info("k-means: K=%d D=%d sample=%d in %.1f s (train %.1f s); empty %d; -> %s", result["k"],

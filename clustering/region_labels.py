@@ -10,11 +10,19 @@ placed after the K cluster ids. Here, per part ``i`` of the region store::
 
     {out_dir}/labels_{i}.npy   int64 N_i x L (L = width), row-aligned with metadata_{i}.parquet
         object rows: their assign labels (top-l cluster ids, nearest first), -1 padded
-        ocr rows:    K + CLIP BPE token ids of their text (no start/end token, distinct, first
-                     max_tokens), -1 padded
+        ocr rows:    K + j, j = the compact index of each CLIP BPE token of their text (no
+                     start/end token, distinct, first max_tokens), -1 padded
+                     (compact_tokens=false: j = the CLIP id itself, V = 49,408)
         rows without a usable label (empty text, an object row assign marked invalid): all -1
     {out_dir}/label_space.json  {"clusters": K, "tokens": V, "num_classes": K + V, "tokenizer",
-                                 "width": L, counts}; written last, so its presence = complete
+                                 "width": L, "token_ids": [CLIP id of class K + j for j < V],
+                                 counts}; written last, so its presence = complete
+
+Compact token space (the default): only the CLIP ids that occur in the store's OCR texts are
+classes, sorted by id and remapped to 0..V-1; ``token_ids`` in label_space.json is the mapping back
+(training/region_data.py ``LabelSpace`` reads it). At demo scale this is ~hundreds of classes
+instead of 49,408, so every token class sees positives and the region PartialFC scores them all.
+It costs one more pass over the texts (tokenizing, before any part is written).
 
 The tokenizer is open_clip's CLIP BPE (``SimpleTokenizer``, 49,408 ids), whose vocabulary file
 ships inside the package: no network. Inputs are checked before any work (one line naming the
@@ -70,6 +78,7 @@ class RegionLabelsConfig:
     width: int = 8           # L: label slots per region (object rows use min(l, L) of them)
     max_tokens: int = 8      # tokens kept per OCR text (the first distinct ones; at most width)
     ocr: bool = True         # false: OCR rows get no labels (cluster-only ablation)
+    compact_tokens: bool = True  # token classes = only the CLIP ids that occur (label_space.json token_ids)
 
     def __post_init__(self):
         check(self.width >= 1, "width", self.width, "must be >= 1")
@@ -92,8 +101,9 @@ class Tokens:
 
 
 def label_part(kinds: list[str], texts: list[str], assigned: np.ndarray, k: int, width: int,
-               tokens: Tokens | None) -> np.ndarray:
-    """int64 (N, width) label rows for one part (module docstring); ``tokens=None``: no OCR labels."""
+               tokens: Tokens | None, remap: dict[int, int] | None = None) -> np.ndarray:
+    """int64 (N, width) label rows for one part (module docstring); ``tokens=None``: no OCR labels;
+    ``remap``: CLIP id -> compact index (None: the CLIP id is the index)."""
     out = np.full((len(kinds), width), -1, dtype=np.int64)
     kinds_a = np.asarray(kinds, dtype=object)
     obj = kinds_a == "object"
@@ -102,8 +112,22 @@ def label_part(kinds: list[str], texts: list[str], assigned: np.ndarray, k: int,
     if tokens is not None:
         for r in np.flatnonzero(kinds_a == "ocr"):
             ids = tokens(texts[r])
+            if remap is not None:
+                ids = [remap[i] for i in ids]
             out[r, :len(ids)] = k + np.asarray(ids, dtype=np.int64)
     return out
+
+
+def token_vocab(store: str | Path, parts: list[int], tokens: Tokens) -> list[int]:
+    """The compact token space: sorted distinct CLIP ids of every OCR text in the store (the same
+    ``tokens`` that labels them, so each id a label needs is in it)."""
+    ids: set[int] = set()
+    for p in parts:
+        meta = pq.read_table(meta_path(store, p), columns=["kind", "text"])
+        for kind, text in zip(meta.column("kind").to_pylist(), meta.column("text").to_pylist()):
+            if kind == "ocr":
+                ids.update(tokens(text))
+    return sorted(ids)
 
 
 # ------------------------------------------------------------------------------------ inputs
@@ -190,7 +214,7 @@ def check_inputs(cfg: RegionLabelsConfig) -> Inputs:
     keys, cfp = check_records(store, labels, names, cpath)
     sha = assign_state.get("centroids_sha256") or file_sha256(cpath)
     state = {"k": k, "centroids_sha256": sha, "width": cfg.width, "max_tokens": cfg.max_tokens,
-             "ocr": cfg.ocr, "tokenizer": TOKENIZER, "inputs": ids}
+             "ocr": cfg.ocr, "compact_tokens": cfg.compact_tokens, "tokenizer": TOKENIZER, "inputs": ids}
     return Inputs(parts, names, rows, k, state, keys, cfp)
 
 
@@ -256,7 +280,10 @@ def run_region_labels(run: RunConfig, cfg: RegionLabelsConfig, ctx: DistContext)
     todo = [p for p in mine if not part_done(out, inp.names[p], inp.rows[p], cfg.width, inp.keys[p])]
     if len(todo) < len(mine):
         log.info("resuming: %d of this rank's %d parts already labeled", len(mine) - len(todo), len(mine))
-    tokens = Tokens(min(cfg.max_tokens, cfg.width)) if (todo and cfg.ocr) else None
+    tokens = Tokens(min(cfg.max_tokens, cfg.width)) if cfg.ocr else None
+    # every rank needs the whole vocabulary (its parts' labels index into it); rank 0 reads it once
+    vocab = ctx.agree(lambda: token_vocab(cfg.store, inp.parts, tokens)) if (tokens is not None and cfg.compact_tokens) else None
+    remap = {t: j for j, t in enumerate(vocab)} if vocab is not None else None
     bar = progress(sum(inp.rows[p] for p in mine), "region-labels", ctx, unit="region",
                    initial=sum(inp.rows[p] for p in mine if p not in todo))
     for p in todo:
@@ -268,17 +295,18 @@ def run_region_labels(run: RunConfig, cfg: RegionLabelsConfig, ctx: DistContext)
         assigned = load_npy(labels_path(cfg.labels, inp.names[p]))
         record_path(out, inp.names[p]).unlink(missing_ok=True)
         atomic_save_npy(labels_path(out, inp.names[p]),
-                        label_part(kinds, texts, assigned, inp.k, cfg.width, tokens))
+                        label_part(kinds, texts, assigned, inp.k, cfg.width, tokens, remap))
         atomic_write_json(record_path(out, inp.names[p]),  # last: the part is done with its record
                           label_record(inp.keys[p], len(kinds), inp.centroids_fp))
         bar.update(len(kinds))
     bar.close()
     ctx.barrier()
-    space = ctx.agree(lambda: write_label_space(out, cfg, inp, timer.elapsed()))
+    space = ctx.agree(lambda: write_label_space(out, cfg, inp, timer.elapsed(), vocab))
     return space
 
 
-def write_label_space(out: Path, cfg: RegionLabelsConfig, inp: Inputs, wall_s: float) -> dict:
+def write_label_space(out: Path, cfg: RegionLabelsConfig, inp: Inputs, wall_s: float,
+                      vocab: list[int] | None = None) -> dict:
     """Counted from the written files (right after any number of resumes); written last."""
     counts = {"regions": 0, "object": 0, "ocr": 0, "object_labeled": 0, "ocr_labeled": 0,
               "unlabeled": 0, "token_labels": 0}
@@ -293,8 +321,10 @@ def write_label_space(out: Path, cfg: RegionLabelsConfig, inp: Inputs, wall_s: f
         counts["regions"] += len(kinds)
         counts["unlabeled"] += int((~has).sum())
         counts["token_labels"] += int((lab >= inp.k).sum())
-    vocab = Tokens(1).vocab if cfg.ocr else 0  # no OCR labels: the space is the clusters alone
-    space = {"clusters": inp.k, "tokens": vocab, "num_classes": inp.k + vocab, "tokenizer": TOKENIZER,
+    # no OCR labels: the space is the clusters alone; compact: the occurring ids only
+    v = (len(vocab) if vocab is not None else Tokens(1).vocab) if cfg.ocr else 0
+    space = {"clusters": inp.k, "tokens": v, "num_classes": inp.k + v, "tokenizer": TOKENIZER,
+             **({"token_ids": vocab} if vocab is not None else {}),
              "width": cfg.width, "max_tokens": cfg.max_tokens, "ocr": cfg.ocr, "counts": counts,
              "parts": len(inp.parts), "store": str(cfg.store), "labels": str(cfg.labels),
              "centroids": str(cfg.centroids), "wall_s": round(wall_s, 2)}

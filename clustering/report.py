@@ -16,9 +16,10 @@ from pathlib import Path
 
 import numpy as np
 
+from pipeline.core import fs
 from pipeline.core.images import is_image_name, load_rgb
-from pipeline.core.io import atomic_path, atomic_write_text
-from pipeline.core.shards import is_url, member_cap
+from pipeline.core.io import atomic_path, atomic_write_text, load_npy
+from pipeline.core.shards import FS_SCHEMES, is_url, member_cap, open_shard, scheme
 from pipeline.core.store import EmbeddingStore, LabelStore
 
 log = logging.getLogger("mlcd.report")
@@ -101,10 +102,10 @@ def fetch_images(wanted: dict[str, set[str]]) -> dict[tuple[str, str], bytes]:
     """{(shard, key): image bytes}, one sequential pass over each needed local tar."""
     out = {}
     for shard, keys in wanted.items():
-        if is_url(shard) or not os.path.isfile(shard):
-            log.warning("contact sheets: cannot open shard %s (not a local file); skipped", shard)
+        if not _readable(shard):
+            log.warning("contact sheets: cannot open shard %s (not a local file or object); skipped", shard)
             continue
-        with tarfile.open(shard) as tf:
+        with open_shard(shard) as raw, tarfile.open(fileobj=raw, mode="r|*") as tf:
             for ti in tf:
                 base = os.path.basename(ti.name)
                 key = base.partition(".")[0]
@@ -113,6 +114,16 @@ def fetch_images(wanted: dict[str, set[str]]) -> dict[tuple[str, str], bytes]:
                     if f is not None:
                         out[(shard, key)] = f.read()
     return out
+
+
+def _readable(shard: str) -> bool:
+    """A local tar, or an object-store URL the run may read (``open_shard`` streams it)."""
+    if not is_url(shard):
+        return os.path.isfile(shard)
+    try:
+        return scheme(shard) in FS_SCHEMES and fs.isfile(fs.check(shard, "shard"))
+    except fs.FsError:
+        return False
 
 
 def contact_sheet(images: list[bytes | None], thumb: int, path: Path) -> None:
@@ -134,10 +145,10 @@ def contact_sheet(images: list[bytes | None], thumb: int, path: Path) -> None:
 def make_report(store_root: str, labels_dir: str | Path, report_dir: str | Path, n_clusters: int,
                 n_members: int, seed: int, tracker=None, thumb: int = 96) -> Path:
     report = Path(report_dir)
-    report.mkdir(parents=True, exist_ok=True)
+    fs.makedirs(report)
     store, labels = EmbeddingStore(store_root), LabelStore(labels_dir)
-    k = int(np.load(Path(labels_dir).parent / "centroids.npy", mmap_mode="r", allow_pickle=False).shape[0]) \
-        if (Path(labels_dir).parent / "centroids.npy").is_file() else 0
+    centroids = Path(labels_dir).parent / "centroids.npy"
+    k = int(load_npy(centroids, mmap=True).shape[0]) if fs.isfile(centroids) else 0
     sizes, sim_sums, sim_hist = cluster_sizes(labels)
     k = max(k, len(sizes))
     plot_histogram(sizes, k, report / "cluster_sizes.png")

@@ -33,6 +33,9 @@ class Demo:
         self.out.mkdir(parents=True, exist_ok=True)
         self.state_path = self.out / "demo_state.json"
         self.state = read_json(self.state_path) if self.state_path.exists() else {"stages": {}}
+        if "run_id" not in self.state:  # names this run in its report and PNGs (launch/report.py)
+            self.state["run_id"] = f"{run.name or self.out.name}@{time.strftime('%Y%m%dT%H%M%SZ', time.gmtime())}"
+            atomic_write_json(self.state_path, self.state)
 
     def stage(self, name: str, fn) -> None:
         """Runs a stage unless recorded done. A stage after training records the step it saw, so a
@@ -136,6 +139,8 @@ def main(argv=None) -> int:
     ap.add_argument("--config", default=str(ROOT / "configs" / "demo.yaml"))
     ap.add_argument("--nproc", type=int, default=2, help="training ranks (torchrun)")
     ap.add_argument("--only", default=None, help="run one stage (data, embed, ..., report)")
+    ap.add_argument("--docs", default=None, metavar="DIR",
+                    help="after the report, copy it and its PNGs (stamped with the run) to DIR, e.g. docs/demo")
     ap.add_argument("overrides", nargs="*")
     args = ap.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
@@ -149,6 +154,10 @@ def main(argv=None) -> int:
                 demo.stage(args.only, getattr(demo, args.only))
         else:
             demo.all()
+        if args.docs:
+            from launch.report import publish
+            for p in publish(demo.out, Path(args.docs)):
+                log.info("published %s", p)
     except ConfigError as e:
         print(f"config error: {e}", file=sys.stderr)
         return 2

@@ -1,11 +1,46 @@
-"""The demo's report: ``report.md`` + PNGs (loss curve, probe bar chart; the clustering stage
-writes the cluster-size histogram and contact sheets) from what each stage left on disk."""
+"""The demo's report: ``report.md`` + PNGs (loss curve, accuracy during training, probe bar chart;
+the clustering stage writes the cluster-size histogram and contact sheets) from what each stage
+left on disk.
+
+Every PNG and the report carry the run they came from (``source_id``: the demo's run id and the
+training step): report.md states it, each PNG holds it as a ``OpenMLCD-Run`` text chunk.
+``publish(out, docs)`` copies the report and the README's pictures together (contact sheets
+re-stamped), and tests/test_report.py checks that docs/demo's PNGs match docs/demo/report.md.
+"""
 from __future__ import annotations
 
 import json
 from pathlib import Path
 
-from pipeline.core.io import atomic_write_text, read_json
+from pipeline.core.io import atomic_path, atomic_write_text, read_json
+
+STAMP = "OpenMLCD-Run"  # the PNG text chunk naming the source run
+
+
+def source_id(state: dict) -> str:
+    """The run's id (demo_state.json's run_id) and the training step its numbers are from."""
+    step = state.get("stages", {}).get("train", {}).get("steps_done")
+    return f"{state.get('run_id', 'unknown')} step {step if step is not None else '?'}"
+
+
+def read_stamp(png: Path) -> str | None:
+    from PIL import Image
+    with Image.open(png) as im:
+        return im.text.get(STAMP)  # type: ignore[attr-defined]  # PngImageFile
+
+
+def _save(fig, png: Path, source: str | None) -> None:
+    with atomic_path(png) as tmp:
+        fig.savefig(tmp, format="png", metadata={STAMP: source} if source else None)
+
+
+def stamp_copy(src: Path, dst: Path, source: str) -> None:
+    """A copy of the PNG ``src`` with the source run in its text chunk (pixels unchanged)."""
+    from PIL import Image, PngImagePlugin
+    info = PngImagePlugin.PngInfo()
+    info.add_text(STAMP, source)
+    with Image.open(src) as im, atomic_path(dst) as tmp:
+        im.save(tmp, format="PNG", pnginfo=info)
 
 
 def _read(path: Path):
@@ -18,7 +53,7 @@ def _metrics(path: Path) -> list[dict]:
     return [json.loads(ln) for ln in path.read_text().splitlines() if ln.strip()]
 
 
-def loss_curve(metrics: list[dict], png: Path) -> bool:
+def loss_curve(metrics: list[dict], png: Path, source: str | None = None) -> bool:
     pts = [(m["step"], m["loss"]) for m in metrics if "loss" in m and "step" in m]
     if not pts:
         return False
@@ -37,12 +72,52 @@ def loss_curve(metrics: list[dict], png: Path) -> bool:
     ax.legend()
     ax.grid(alpha=0.3)
     fig.tight_layout()
-    fig.savefig(png)
+    _save(fig, png, source)
     plt.close(fig)
     return True
 
 
-def probe_chart(rows: list[dict], png: Path) -> bool:
+def eval_series(metrics: list[dict]) -> tuple[list[str], list[tuple[int, dict]]]:
+    """Evaluation during training (train.eval_every): the keys (eval/<set>/<probe>) and
+    (step, {key: top-1}) for each step that has them."""
+    rows = [(m["step"], {k: v for k, v in m.items() if k.startswith("eval/") and k.endswith("_top1")})
+            for m in metrics if "step" in m]
+    rows = [(s, r) for s, r in rows if r]
+    keys = list(dict.fromkeys(k for _, r in rows for k in r))
+    return keys, rows
+
+
+def eval_section(metrics: list[dict], png: Path, source: str | None = None) -> list[str]:
+    keys, rows = eval_series(metrics)
+    if not rows:
+        return []
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    fig, ax = plt.subplots(figsize=(6, 3.5), dpi=110)
+    for k in keys:
+        pts = [(s, 100 * r[k]) for s, r in rows if k in r]
+        ax.plot(*zip(*pts), marker="o", lw=1.2, label=k.removeprefix("eval/"))
+    ax.set_xlabel("step")
+    ax.set_ylabel("top-1 (%)")
+    ax.set_title("held-out accuracy during training")
+    ax.legend(fontsize=8)
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    _save(fig, png, source)
+    plt.close(fig)
+    secs = [m["eval/seconds"] for m in metrics if "eval/seconds" in m]
+    names = [k.removeprefix("eval/") for k in keys]
+    lines = ["## Accuracy during training", "",
+             f"`train.eval_every`: the backbone being trained, on evenly spaced rows of the held-out sets "
+             f"(`train.eval_max_images` per split), every few steps; {sum(secs):.1f} s of evaluation in "
+             f"all ({sum(secs) / len(secs):.1f} s each).", "",
+             "| step | " + " | ".join(names) + " |", "|---:|" + "---:|" * len(names)]
+    lines += [f"| {s} | " + " | ".join(f"{100 * r[k]:.1f}" if k in r else "" for k in keys) + " |" for s, r in rows]
+    return lines + ["", f"![accuracy during training]({png.name})", ""]
+
+
+def probe_chart(rows: list[dict], png: Path, source: str | None = None) -> bool:
     if not rows:
         return False
     import matplotlib
@@ -64,7 +139,7 @@ def probe_chart(rows: list[dict], png: Path) -> bool:
         ax.grid(axis="y", alpha=0.3)
         ax.legend(fontsize=8)
     fig.tight_layout()
-    fig.savefig(png)
+    _save(fig, png, source)
     plt.close(fig)
     return True
 
@@ -72,8 +147,10 @@ def probe_chart(rows: list[dict], png: Path) -> bool:
 def write_report(out: Path, state: dict, config: str, overrides: list[str]) -> str:
     """Writes ``{out}/report.md`` (+ PNGs) and returns its text."""
     out = Path(out)
+    source = source_id(state)
     lines = ["# OpenMLCD demo report", "",
-             f"Config `{config}` {' '.join(overrides)}; everything below was measured in this run.", ""]
+             f"Config `{config}` {' '.join(overrides)}; everything below was measured in this run.", "",
+             f"Source run: `{source}` (the `{STAMP}` text chunk of every PNG of this report).", ""]
     # stage timings
     lines += ["## Stages", "", "| stage | seconds | throughput |", "|---|---:|---|"]
     store = _read(out / "store" / "manifest.json") or {}
@@ -120,7 +197,7 @@ def write_report(out: Path, state: dict, config: str, overrides: list[str]) -> s
     # training
     if metrics:
         png = out / "loss_curve.png"
-        loss_curve(metrics, png)
+        loss_curve(metrics, png, source)
         last = metrics[-1]
         k = max(1, len(metrics) // 10)
         head = sum(m["loss"] for m in metrics[:k]) / k
@@ -136,13 +213,14 @@ def write_report(out: Path, state: dict, config: str, overrides: list[str]) -> s
         lines += [f"{last.get('step')} steps, {last.get('samples_seen', '?')} samples seen; mean loss of the "
                   f"first / last {k} logged steps: {head:.2f} -> {tail:.2f}.", "",
                   "![loss curve](loss_curve.png)", ""]
+        lines += eval_section(metrics, out / "eval_curve.png", source)
     # probes
     ev = _read(out / "eval" / "results.json")
     if ev:
         from training.evaluation.evaluate import markdown_table
         rows = [{"model": r["model"], "dataset": r["dataset"], "linear": 100 * r["linear"]["top1"],
                  "knn": 100 * r["knn"]["top1"]} for r in ev["results"]]
-        probe_chart(rows, out / "probe.png")
+        probe_chart(rows, out / "probe.png", source)
         lines += ["## Linear probe and k-NN on held-out sets", "", markdown_table(ev), "",
                   "![probe accuracy](probe.png)", ""]
     lines += ["## What this scale can and cannot show", "",
@@ -154,3 +232,28 @@ def write_report(out: Path, state: dict, config: str, overrides: list[str]) -> s
     text = "\n".join(lines)
     atomic_write_text(out / "report.md", text)
     return text
+
+
+def publish(out: Path, docs: Path) -> list[Path]:
+    """Copies report.md and its pictures to ``docs`` (the README's docs/demo): loss_curve.png,
+    eval_curve.png, probe.png, and the report's contact sheets as contact_sheet.png,
+    contact_sheet_2.png and contact_sheet_3.png, every PNG stamped with the report's source run. Returns what it wrote."""
+    out, docs = Path(out), Path(docs)
+    text = (out / "report.md").read_text()
+    source = text.split("Source run: `", 1)[1].split("`", 1)[0] if "Source run: `" in text else None
+    if source is None:
+        raise ValueError(f"{out / 'report.md'}: no 'Source run' line (written by an older report)")
+    docs.mkdir(parents=True, exist_ok=True)
+    rep = out / "clusters" / "report"
+    sheets = sorted(rep.glob("sheet_*.png")) if rep.is_dir() else []
+    pngs = {n: out / n for n in ("loss_curve.png", "eval_curve.png", "probe.png") if (out / n).is_file()}
+    # the sheets the report shows (sheets[:3] above)
+    pngs.update({name: p for name, p in zip(("contact_sheet.png", "contact_sheet_2.png", "contact_sheet_3.png"),
+                                            sheets)})
+    written = []
+    for name, src in pngs.items():
+        stamp_copy(src, docs / name, source)
+        written.append(docs / name)
+        text = text.replace(f"]({src.relative_to(out)})", f"]({name})")  # links to the copies
+    atomic_write_text(docs / "report.md", text)
+    return written + [docs / "report.md"]

@@ -11,6 +11,11 @@ only) -> export both to HF -> eval-regions: object-region probe and OCR-word rec
 box-pooled patch features of RICE, MLCD and random init -> report.md.
 
 Every stage resumes by itself; a finished stage (rice_demo_state.json) is skipped on a rerun.
+
+--seeds S1 S2 ...: the data and stage 1-2 are made once; the trainings, exports and eval-regions run
+once per seed (run.seed = S: initialization, data order, probe split; random init takes the same
+seed) under ``seed{S}/``, each seed trained and evaluated in turn; report.md gives the mean and
+spread over seeds next to each seed's table (launch/rice_seeds.py).
 """
 from __future__ import annotations
 
@@ -37,12 +42,14 @@ ORDER = ("data", "embed", "image_cluster", "image_assign", "regions", "region_cl
 
 
 class RiceDemo(Demo):
-    def __init__(self, config: str, overrides: list[str], nproc: int, image_k: int | None):
+    def __init__(self, config: str, overrides: list[str], nproc: int, image_k: int | None,
+                 seeds: list[int] | None = None):
         # --image-k: the image level's K (the run file's `cluster.k`); the region level is
         # `cluster@regions:`, which keeps its own k
         super().__init__(config, overrides + ([f"cluster.k={image_k}"] if image_k else []), nproc)
         self.state_path = self.out / "rice_demo_state.json"
         self.state = read_json(self.state_path) if self.state_path.exists() else {"stages": {}}
+        self.seeds = seeds
 
     def mlcd(self, *args: str, nproc: int = 1) -> None:
         """One stage as its own `mlcd` process (training under torchrun with `nproc` ranks)."""
@@ -101,6 +108,9 @@ class RiceDemo(Demo):
         print(text)
 
     def all(self):
+        if self.seeds:
+            from launch.rice_seeds import run_seeds
+            return run_seeds(self, ORDER[:ORDER.index("train_rice")], self.seeds)
         steps = {"train_rice": lambda: self._train("rice"), "export_rice": lambda: self._export("rice"),
                  "train_mlcd": lambda: self._train("mlcd"), "export_mlcd": lambda: self._export("mlcd")}
         for name in ORDER:
@@ -114,11 +124,13 @@ def main(argv=None) -> int:
     ap.add_argument("--nproc", type=int, default=2, help="training ranks (torchrun)")
     ap.add_argument("--image-k", type=int, default=None,
                     help="clusters of the whole-scene store (image loss; default: the run file's cluster.k)")
+    ap.add_argument("--seeds", type=int, nargs="+", default=None,
+                    help="train and evaluate once per seed (data and clusters made once)")
     ap.add_argument("overrides", nargs="*")
     args = ap.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
     try:
-        RiceDemo(args.config, args.overrides, args.nproc, args.image_k).all()
+        RiceDemo(args.config, args.overrides, args.nproc, args.image_k, args.seeds).all()
     except ConfigError as e:
         print(f"config error: {e}", file=sys.stderr)
         return 2

@@ -53,6 +53,7 @@ import pyarrow.parquet as pq
 import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
+from pipeline.core import fs
 from pipeline.core.config import RESUMABLE, ConfigError, RunConfig, check, prepare_out_dir
 from pipeline.core.dist import DistContext
 from pipeline.core.entry import StageError, stage_cli, stage_main
@@ -86,7 +87,9 @@ from pipeline.core.store import (
     meta_path,
     part_complete,
     part_numbers,
+    part_width,
     read_label_record,
+    read_parquet_schema,
     settle_label_state,
     write_labels,
     write_part,
@@ -258,13 +261,14 @@ class _Part:
         self.cols = {"key": [], "caption": [], "url": [], "shard_row": [], "extra": []}
 
 
-def _write(out: Path, part: int, url: str, buf: _Part, stats: dict, enc, cfg: EmbedConfig, topl=None):
+def _write(out: Path, part: int, url: str, buf: _Part, stats: dict, enc, cfg: EmbedConfig, topl=None,
+           width: int | None = None):
     dims = {"img": enc.img_dim, "text": enc.text_dim, "joint": enc.joint_dim}
     emb = {k: (torch.cat(buf.feats[k]).cpu().numpy() if buf.feats[k] else np.zeros((0, dims[k]), np.float32))
            for k in _needed(cfg)}
     c = buf.cols
     cols = {"key": pa.array(c["key"], pa.string()), "caption": pa.array(c["caption"], pa.string()),
-            "url": pa.array(c["url"], pa.string()), "shard": pa.array([url] * len(c["key"]), pa.string()),
+            "url": pa.array(c["url"], pa.string()), "shard": pa.array([_as_given(url)] * len(c["key"]), pa.string()),
             "shard_row": pa.array(c["shard_row"], pa.int64())}
     for f in cfg.extra_fields:
         vals = [e[f] for e in c["extra"]]
@@ -280,8 +284,28 @@ def _write(out: Path, part: int, url: str, buf: _Part, stats: dict, enc, cfg: Em
         write_labels(cfg.labels_dir, part, labels, sims, rec)  # before the metadata: complete = labelled
         info["invalid_labels"] = bad
     table = pa.table(cols).replace_schema_metadata({PART_META_KEY: json.dumps(info).encode()})
-    write_part(out, part, {k: emb[k] for k in cfg.kinds}, table, dtype=np.dtype(cfg.dtype))
+    write_part(out, part, {k: emb[k] for k in cfg.kinds}, table, dtype=np.dtype(cfg.dtype), width=width)
     return info
+
+
+def _as_given(url: str) -> str:
+    """The shard as a reader elsewhere finds it: a URL or ``pipe:`` as given, a path absolute."""
+    return url if is_url(url) else os.path.abspath(url)
+
+
+def part_digits(out: Path, count: int) -> int | None:
+    """The zero-padding of part numbers: clip-retrieval's (``part_width``) for a new store; an
+    existing store keeps its own (an unpadded one, written before padding: None), so a resumed
+    run never writes a part under a second name."""
+    names = fs.ls(out / "metadata")
+    digits = [n[len("metadata_"):-len(".parquet")] for n in names
+              if n.startswith("metadata_") and n.endswith(".parquet")]
+    padded = [d for d in digits if len(d) > 1 and d.startswith("0")]
+    if padded:
+        return len(padded[0])
+    if any(len(d) == 1 for d in digits) and part_width(count) > 1:
+        return None
+    return part_width(count)
 
 
 def _needed(cfg: EmbedConfig) -> list[str]:
@@ -295,11 +319,11 @@ def _labelled(cfg: EmbedConfig, out: Path, part: int) -> bool:
     if not cfg.assign_centroids:
         return True
     lp = labels_path(cfg.labels_dir, part)
-    if not lp.is_file():  # written after its sims: present means both are
+    if not fs.isfile(lp):  # written after its sims: present means both are
         return False
     mp = meta_path(out, part)
     try:
-        if tuple(load_npy(lp, mmap=True).shape) != (pq.read_metadata(mp).num_rows, cfg.assign_l):
+        if tuple(load_npy(lp, mmap=True).shape) != (_num_rows(mp), cfg.assign_l):
             return False
         return label_mismatch(read_label_record(cfg.labels_dir, part), keys_digest(mp),
                               centroids_fingerprint(cfg.assign_centroids)) is None
@@ -324,9 +348,9 @@ def check_parts(out: Path, shards: list[str], cfg: EmbedConfig) -> list[int]:
     was rewritten since (size/mtime) is dropped here and embedded again. Returns the dropped parts."""
     _refuse_duplicate_shards(shards, cfg.input)
     folder = out / "metadata"
-    done = part_numbers(folder, "metadata_", ".parquet") if folder.is_dir() else []
+    done = part_numbers(folder, "metadata_", ".parquet")
     for k in cfg.kinds:
-        if (out / f"{k}_emb").is_dir():
+        if fs.isdir(out / f"{k}_emb"):
             part_numbers(out / f"{k}_emb", f"{k}_emb_", ".npy")  # duplicates refused by name
     want, unrecorded, redo = source_digests(cfg), 0, []
     for i in done:
@@ -348,7 +372,7 @@ def check_parts(out: Path, shards: list[str], cfg: EmbedConfig) -> list[int]:
                                   f"run.overwrite=true to start over")
         if bad:  # this shard, rewritten: its part is embedded again (metadata first: incomplete)
             log.warning("%s: part %d %s; embedding it again", mp, i, bad[1])
-            mp.unlink()
+            fs.rm(mp, missing_ok=False)
             redo.append(i)
     if unrecorded:
         log.warning("%d finished part(s) of %s were written before per-part records (shard size/mtime, "
@@ -371,15 +395,13 @@ def start_over(out: Path) -> None:
     """``run.overwrite=true``: removes every part (metadata, the completion markers, first: a
     kill midway leaves incomplete parts, which are redone) and the manifest, under the lock."""
     n = 0
-    if (out / "metadata").is_dir():
-        for p in (out / "metadata").glob("metadata_*.parquet"):
-            p.unlink()
-            n += 1
-    for k in KINDS:
-        if (out / f"{k}_emb").is_dir():
-            for p in (out / f"{k}_emb").glob(f"{k}_emb_*.npy"):
-                p.unlink()
-    (out / "manifest.json").unlink(missing_ok=True)
+    for folder, prefix, suffix in [("metadata", "metadata_", ".parquet"),
+                                   *((f"{k}_emb", f"{k}_emb_", ".npy") for k in KINDS)]:
+        for name in fs.ls(out / folder):
+            if name.startswith(prefix) and name.endswith(suffix):
+                fs.rm(out / folder / name)
+                n += folder == "metadata"
+    fs.rm(out / "manifest.json")
     if n:
         log.warning("run.overwrite=true: removed the %d parts in %s; embedding every shard again", n, out)
 
@@ -396,17 +418,24 @@ def _label_state(run: RunConfig, cfg: EmbedConfig) -> dict:
     state = {"centroids_sha256": file_sha256(path), "k": k, "l": cfg.assign_l, "kind": cfg.assign_kind,
              "engine": "torch"}
     st_path = lab / "state.json"
-    old = read_json(st_path) if st_path.is_file() else None
+    old = read_json(st_path) if fs.isfile(st_path) else None
     settle_label_state(lab, state, old, run.overwrite)
     return state
 
 
 def part_info(out: Path, part: int) -> dict:
     """A finished part's counts, from its metadata parquet's schema (no data read)."""
-    md = pq.read_schema(meta_path(out, part)).metadata or {}
+    md = read_parquet_schema(meta_path(out, part)).metadata or {}
     if PART_META_KEY in md:
         return json.loads(md[PART_META_KEY])
-    return {"part": part, "rows": pq.read_metadata(meta_path(out, part)).num_rows}
+    return {"part": part, "rows": _num_rows(meta_path(out, part))}
+
+
+def _num_rows(path: Path) -> int:
+    if fs.is_remote(path):
+        with fs.open_read(path) as f:
+            return pq.read_metadata(f).num_rows
+    return pq.read_metadata(path).num_rows
 
 
 def _expected_rows(shards: list[str]) -> int | None:
@@ -436,6 +465,7 @@ def _embed_parts(mine: list, shards: list[str], out: Path, cfg: EmbedConfig, run
         return failures, written, rows_done, skipped
     loader = make_loader(mine, cfg, enc.preprocess, enc.image_size, ctx.device.type == "cuda")
     bar = progress(_expected_rows([u for _, u in mine]), "embed", ctx, share_dir=out)
+    width = part_digits(out, len(shards))
     bufs: dict[int, _Part] = {}
     for step, b in enumerate(loader):
         part = b["part"]
@@ -459,7 +489,7 @@ def _embed_parts(mine: list, shards: list[str], out: Path, cfg: EmbedConfig, run
             rows_done += len(b["key"])
             bar.update(len(b["key"]))
         if b["end"]:
-            info = _write(out, part, shards[part], bufs.pop(part), b["stats"], enc, cfg, topl)
+            info = _write(out, part, shards[part], bufs.pop(part), b["stats"], enc, cfg, topl, width)
             written.append(info)
             skipped.update(info["skipped"])
             bar.set(parts=f"{len(written)}/{len(mine)}", skipped=sum(skipped.values()))
@@ -550,7 +580,7 @@ def write_manifest(out: Path, shards: list[str], cfg: EmbedConfig, run: RunConfi
         "format": "clip-retrieval", "complete": len(parts) == len(shards),
         "encoder": enc.describe(), "kinds": list(cfg.kinds),
         "dims": {k: dims[k] for k in cfg.kinds}, "dtype": cfg.dtype,
-        "num_shards": len(shards), "num_parts": len(parts), "num_rows": sum(p["rows"] for p in parts),
+        "num_shards": len(shards), "num_parts": len(parts), "part_digits": part_digits(out, len(shards)), "num_rows": sum(p["rows"] for p in parts),
         "skipped": dict(sorted(skipped.items())), "fixed": dict(sorted(fixed.items())),
         "failed_shards": failures, "parts": parts, "labels_dir": cfg.labels_dir if cfg.assign_centroids else None,
         "config": {"run": _plain(run), "embed": _plain(cfg)},

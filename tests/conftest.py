@@ -42,3 +42,41 @@ def demo_data(tmp_path_factory):
     out = tmp_path_factory.mktemp("run")
     summary = dd.main(str(ROOT / "configs/debug.yaml"), [f"run.out_dir={out}"])
     return out / "data", summary
+
+
+@pytest.fixture(scope="session")
+def s3_server():
+    """A real S3 API server (moto's standalone server) on 127.0.0.1 for the session. The
+    endpoint and dummy credentials go where botocore's standard chain reads them (env), so
+    subprocesses inherit them; remote access itself stays off until a test allows it."""
+    import logging
+
+    from moto.server import ThreadedMotoServer
+    logging.getLogger("werkzeug").setLevel(logging.ERROR)
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=free_port(), verbose=False)
+    server.start()
+    host, port = server.get_host_and_port()
+    env = {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing-secret-0123",
+           "AWS_DEFAULT_REGION": "us-east-1", "AWS_ENDPOINT_URL": f"http://{host}:{port}"}
+    old = {k: os.environ.get(k) for k in env}
+    os.environ.update(env)
+    try:
+        yield env
+    finally:
+        server.stop()
+        for k, v in old.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+
+
+@pytest.fixture
+def s3_bucket(s3_server, request):
+    """A fresh, empty bucket on the moto server: its ``s3://`` URL."""
+    import re
+
+    import boto3
+    name = re.sub(r"[^a-z0-9-]", "-", f"t-{request.node.name.lower()}")[:50].strip("-") + f"-{os.getpid()}"
+    boto3.client("s3").create_bucket(Bucket=name)
+    return f"s3://{name}"

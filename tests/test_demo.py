@@ -1,7 +1,10 @@
 """A CI-sized demo through the same code path as `make demo` (configs/debug.yaml:
 a few hundred real images, a tiny 2D-RoPE ViT, a few dozen steps on 2 torchrun ranks)."""
 import json
+import os
+import struct
 import time
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -10,14 +13,77 @@ from PIL import Image
 
 from tests.conftest import ROOT
 
+# the demo run also logs to wandb offline (read back from its files) and evaluates during training
+WANDB = ["run.wandb.mode=offline", "train.eval_every=10", "train.eval_max_images=40"]
+
 
 @pytest.fixture(scope="module")
 def demo_run(tmp_path_factory):
     from launch import demo
     out = tmp_path_factory.mktemp("demo")
+    saved = {k: os.environ.get(k) for k in ("WANDB_DIR", "WANDB_SILENT")}
+    os.environ.update(WANDB_DIR=str(out / "wandb_dir"), WANDB_SILENT="true")  # stage subprocesses inherit it
+    (out / "wandb_dir").mkdir()
     t0 = time.perf_counter()
-    rc = demo.main(["--config", str(ROOT / "configs/debug.yaml"), f"run.out_dir={out}"])
+    try:
+        rc = demo.main(["--config", str(ROOT / "configs/debug.yaml"), f"run.out_dir={out}", *WANDB])
+    finally:
+        for k, v in saved.items():
+            os.environ.pop(k) if v is None else os.environ.__setitem__(k, v)
     return out, rc, time.perf_counter() - t0
+
+
+def wandb_records(path: Path):
+    """The records of a wandb offline run file (`run-<id>.wandb`): wandb's transaction log, the
+    LevelDB log layout (a 7-byte ':W&B' header, 32 KiB blocks of crc/length/type-framed chunks)
+    holding protobuf `Record`s (wandb.proto.wandb_internal_pb2), read here without wandb's sync."""
+    from wandb.proto import wandb_internal_pb2 as pb
+    data, block = path.read_bytes(), 32768
+    ident, magic, _ = struct.unpack("<4sHB", data[:7])
+    assert ident == b":W&B" and magic == 0xBEE1, f"{path}: not a wandb transaction log"
+    pos, buf = 7, b""
+    while pos + 7 <= len(data):
+        left = block - pos % block
+        _, length, kind = struct.unpack("<IHB", data[pos:pos + 7]) if left >= 7 else (0, 0, 0)
+        if kind == 0:  # the zero padding at a block's end
+            pos += left
+            continue
+        chunk = data[pos + 7:pos + 7 + length]
+        pos += 7 + length
+        buf = chunk if kind in (1, 2) else buf + chunk  # FULL/FIRST start a record, MIDDLE/LAST extend it
+        if kind in (1, 4):
+            rec = pb.Record()
+            rec.ParseFromString(buf)
+            yield rec
+
+
+@pytest.mark.slow
+def test_demo_wandb_offline_run_has_one_group_namespaced_keys_and_eval_series(demo_run):
+    out, rc, _ = demo_run
+    assert rc == 0
+    runs = {}
+    for f in sorted((out / "wandb_dir").rglob("*.wandb")):
+        recs = list(wandb_records(f))
+        run = next(r.run for r in recs if r.WhichOneof("record_type") == "run")
+        hist = [{i.key or "/".join(i.nested_key): json.loads(i.value_json) for i in r.history.item}
+                for r in recs if r.WhichOneof("record_type") == "history"]
+        runs[run.job_type] = (run, hist)
+    assert {"embed", "cluster", "assign", "train", "eval"} <= set(runs), sorted(runs)
+    assert len({run.run_group for run, _ in runs.values()}) == 1 and runs["train"][0].run_group
+    train = runs["train"][1]
+    keys = {k for h in train for k in h if not k.startswith("_")}
+    assert {"train/loss", "train/lr", "data/data_wait_share", "sys/samples_per_s_per_device"} <= keys, keys
+    assert all(k.split("/")[0] in ("train", "data", "sys", "eval") for k in keys), keys
+    evals = [(h["_step"], h["eval/openclipart/knn_top1"]) for h in train if "eval/openclipart/knn_top1" in h]
+    assert [s for s, _ in evals] == [10, 20] and all(0 <= v <= 1 for _, v in evals), evals
+    # the same series in metrics.jsonl and in the report (table + plot, stamped with the run)
+    metrics = [json.loads(x) for x in (out / "train" / "metrics.jsonl").read_text().splitlines()]
+    assert [(m["step"], m["eval/openclipart/knn_top1"]) for m in metrics if "eval/fmnist/knn_top1" in m] == evals
+    report = (out / "report.md").read_text()
+    assert "## Accuracy during training" in report and "| 20 |" in report.split("## Accuracy during training")[1]
+    from launch.report import read_stamp
+    src = report.split("Source run: `")[1].split("`")[0]
+    assert read_stamp(out / "eval_curve.png") == read_stamp(out / "loss_curve.png") == src
 
 
 @pytest.mark.slow

@@ -181,7 +181,10 @@ def test_eval_regions_writes_results_for_a_separable_case_and_reuses_its_cache(t
     b = np.load(out / "features/exported/regions_train.npy")
     assert a.shape == (90, 32) and np.allclose(a, b, atol=1e-4)
     md = (out / "results.md").read_text()
-    assert "| model | object linear | object k-NN | word linear | word k-NN |" in md
+    assert "| model | feature | object linear | object k-NN | word linear | word k-NN |" in md
+    # neither model has region layers: their region-head rows say so, no region_head features
+    assert "| exported | region head: none (no region layers) |" in md
+    assert {r["feature"] for r in report["results"]} == {"patch_mean"}
     assert "object: 60 train / 24 test regions, 3 classes" in md
     assert json.loads((out / "results.json").read_text())["results"] == report["results"]
     # a rerun reuses the features and the probe rows
@@ -189,6 +192,51 @@ def test_eval_regions_writes_results_for_a_separable_case_and_reuses_its_cache(t
     again = R.main(None, over)
     assert (out / "features/exported/regions_test.npy").stat().st_mtime_ns == mtime
     assert again["results"] == report["results"]
+
+
+def test_region_head_embeddings_of_a_rice_export(tmp_path):
+    """An export with RICE's region head is probed twice: pooled patch tokens and the head's own
+    region embeddings (one row per box, the head's forward on the processed image, not the pooled
+    feature); a model without region layers keeps the pooled row only."""
+    from training.export import save_region_head
+    from training.hf import save_hf_folder
+    from training.model import ModelConfig
+    from training.regions import MLCDRegionEncoder, RegionHeadConfig
+    _probe_scenes(tmp_path / "probe/train", 12, 1)
+    _probe_scenes(tmp_path / "probe/test", 6, 2)
+    cfg = ModelConfig(**{**TINY, "name": "vit_tiny_rope2d", "embed_dim": 16})
+    torch.manual_seed(0)
+    model = MLCDRegionEncoder(cfg, RegionHeadConfig(layers=1)).eval()
+    sd = {k[len("region_head."):]: v for k, v in model.state_dict().items() if k.startswith("region_head.")}
+    save_hf_folder({k: v for k, v in model.state_dict().items() if not k.startswith("region_head.")}, cfg,
+                   tmp_path / "export")
+    save_region_head(sd, cfg.resolved(), {}, tmp_path / "export", torch.float32, tmp_path)
+    models = json.dumps([{"name": "rice", "kind": "hf", "path": str(tmp_path / "export")},
+                         {"name": "random_init", "kind": "random", "model": TINY, "seed": 0}])
+    over = [f"run.out_dir={tmp_path}", f"eval_regions.train={tmp_path}/probe/train",
+            f"eval_regions.test={tmp_path}/probe/test", f"eval_regions.models={models}",
+            "eval_regions.workers=0", "eval_regions.linear.c_grid=[1.0]", "eval_regions.knn.ks=[1,5]"]
+    report = R.main(None, over)
+    keys = {(r["model"], r["feature"], r["task"]) for r in report["results"]}
+    assert keys == {("rice", f, t) for f in ("patch_mean", "region_head") for t in ("object", "word")} | {
+        ("random_init", "patch_mean", t) for t in ("object", "word")}
+    assert report["models"]["rice"]["features"] == ["patch_mean", "region_head"]
+    feats = tmp_path / "eval_regions/features/rice"
+    head, pooled = np.load(feats / "region_head_train.npy"), np.load(feats / "regions_train.npy")
+    assert head.shape == (36, 16) and pooled.shape == (36, 32)  # one row per box: 12 scenes x 3
+    assert np.allclose(np.linalg.norm(head, axis=1), 1, atol=1e-5)
+    # the head's rows are its forward on the processed image and the mapped boxes
+    rs = R.open_regions(str(tmp_path / "probe/train"))
+    ex = build_extractor(R.ModelSpec(name="r", kind="hf", path=str(tmp_path / "export")), torch.device("cpu"))
+    img = rs.images.with_transform(ex.transform)[0][0]  # 48 px scene -> 32 px input
+    boxes = torch.as_tensor(rs.boxes[:3], dtype=torch.float32) * 32 / 48
+    with torch.no_grad():
+        _, want = model(img[None], boxes[None], torch.ones(1, 3, dtype=torch.bool))
+    assert np.allclose(head[:3], torch.nn.functional.normalize(want, dim=1).numpy(), atol=1e-4)
+    assert not np.allclose(head[0], head[1], atol=1e-3)  # each box its own embedding
+    md = (tmp_path / "eval_regions/results.md").read_text()
+    assert "| rice | region head |" in md and "| rice | patch mean |" in md
+    assert "| random_init | region head: none (no region layers) |" in md
 
 
 def test_bad_ground_truth_is_one_line_naming_the_file(tmp_path):

@@ -211,6 +211,71 @@ def test_embed_counts_oversize_members(tmp_path, monkeypatch):
     assert m["num_rows"] == 3 and m["skipped"] == {"member_too_large": 1}, m
 
 
+# ---------------------------------------------------------------- our tar parser vs Python's tarfile
+
+def _tarfile_samples(path: Path) -> list[tuple[str, bytes]]:
+    """What Python's tarfile reads: (name, data) of the regular members, in order."""
+    with tarfile.open(path, "r|*") as tf:
+        return [(m.name, tf.extractfile(m).read()) for m in tf if m.isreg()]
+
+
+def _tar(path: Path, fmt: int, mode: str = "w") -> Path:
+    """Members a shard may hold: plain, ustar-prefix, GNU long and pax (non-ASCII) names, a
+    directory, a symlink, an empty file, members of 512 and 513 bytes, keys with dots."""
+    import io
+    names = ["000.jpg", "000.txt", "d/" + "p" * 120 + "/001.jpg", "d/" + "l" * 150 + ".json",
+             "caf\u00e9/002.jpg", "003.seg.png", "004.txt", "005.bin"]
+    with tarfile.open(path, mode, format=fmt) as tf:
+        ti = tarfile.TarInfo("adir")
+        ti.type = tarfile.DIRTYPE
+        tf.addfile(ti)
+        for i, n in enumerate(names):
+            if (fmt != tarfile.PAX_FORMAT and not n.isascii()) or \
+                    (fmt == tarfile.USTAR_FORMAT and len(n.rpartition("/")[2]) > 100):
+                continue
+            data = bytes([i]) * [7, 0, 512, 513, 3000, 1, 2, 0][i]
+            ti = tarfile.TarInfo(n)
+            ti.size = len(data)
+            tf.addfile(ti, io.BytesIO(data))
+        link = tarfile.TarInfo("006.jpg")
+        link.type, link.linkname = tarfile.SYMTYPE, "000.jpg"
+        tf.addfile(link)
+    return path
+
+
+@pytest.mark.parametrize("fmt", [tarfile.GNU_FORMAT, tarfile.PAX_FORMAT, tarfile.USTAR_FORMAT])
+@pytest.mark.parametrize("comp", ["", "gz", "bz2", "xz"])
+def test_tar_parser_reads_what_tarfile_reads(tmp_path, fmt, comp):
+    """shards.py parses tar headers itself (speed): same members, names and bytes as tarfile."""
+    from pipeline.core.shards import _Blocks, _decompressed, _members
+    path = _tar(tmp_path / ("x.tar" + ("." + comp if comp else "")), fmt, "w:" + comp if comp else "w")
+    want = _tarfile_samples(path)
+    with open(path, "rb") as f:
+        got = list(_members(_Blocks(_decompressed(f)), cap=1 << 20))
+    assert got == want and len(want) >= 6
+    with open(path, "rb") as f:  # members over the cap: named, not read
+        capped = list(_members(_Blocks(_decompressed(f)), cap=600))
+    assert capped == [(n, None if len(d) > 600 else d) for n, d in want]
+
+
+@pytest.mark.parametrize("damage", ["cut_in_data", "cut_at_header", "no_end_marker", "bad_checksum",
+                                    "garbage_after_end", "huge_pax_header", "empty"])
+def test_tar_parser_refuses_damaged_tars(tmp_path, damage):
+    """A cut-off, corrupt or hostile tar raises tarfile.ReadError (never a silently short part)."""
+    from pipeline.core.shards import MAX_HEADER_BYTES, read_samples
+    good = _tar(tmp_path / "good.tar", tarfile.GNU_FORMAT).read_bytes()
+    h = good.index(b"003.seg.png")  # a member header; the member before it has 513 bytes
+    pax = tarfile.TarInfo("././@PaxHeader")
+    pax.type, pax.size = tarfile.XHDTYPE, MAX_HEADER_BYTES + 1
+    bad = {"cut_in_data": good[:h - 600], "cut_at_header": good[:h + 100], "no_end_marker": good[:h],
+           "bad_checksum": good[:h] + b"x" + good[h + 1:], "garbage_after_end": good + b"\1" * 512,
+           "huge_pax_header": pax.tobuf(tarfile.USTAR_FORMAT) + bytes(2 * MAX_HEADER_BYTES), "empty": b""}
+    path = tmp_path / "bad.tar"
+    path.write_bytes(bad[damage])
+    with pytest.raises(tarfile.ReadError):
+        list(read_samples(str(path)))
+
+
 # ---------------------------------------------------------------- leftovers of a killed run
 
 KILLED_WRITER = """

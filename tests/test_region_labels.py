@@ -22,6 +22,7 @@ REGIONS = [
     [("ocr", "the quick brown fox jumps over"), ("object", ""), ("object", ""), ("ocr", "hello")],
 ]
 HELLO, WORLD = 3306, 1002  # CLIP BPE ids of "hello</w>" and "world</w>"
+FULL = "region_labels.compact_tokens=false"  # token class = CLIP id (49,408 classes)
 
 
 def _metadata(part: int, rows: list[tuple[str, str]]) -> pa.Table:
@@ -64,7 +65,7 @@ def _expected_tokens(text: str, n: int) -> list[int]:
 
 
 def test_label_store_content_and_label_space(run_dir):
-    space = _run(run_dir, "region_labels.width=5", "region_labels.max_tokens=4")
+    space = _run(run_dir, FULL, "region_labels.width=5", "region_labels.max_tokens=4")
     out = run_dir / "regions/labels"
     for p, rows in enumerate(REGIONS):
         lab = load_npy(out / f"labels_{p}.npy")
@@ -92,31 +93,61 @@ def test_label_store_content_and_label_space(run_dir):
 
 def test_resume_skips_finished_parts_and_settings_change_relabels(run_dir):
     out = run_dir / "regions/labels"
-    _run(run_dir)
+    _run(run_dir, FULL)
     m0, m1 = ((out / f"labels_{p}.npy").stat().st_mtime_ns for p in (0, 1))
     first = load_npy(out / "labels_1.npy")
     # a kill after part 0: part 1 and the completion marker missing -> only part 1 is redone
     (out / "labels_1.npy").unlink()
     (out / "label_space.json").unlink()
-    _run(run_dir)
+    _run(run_dir, FULL)
     assert (out / "labels_0.npy").stat().st_mtime_ns == m0
     assert (out / "labels_1.npy").stat().st_mtime_ns != m1
     assert np.array_equal(load_npy(out / "labels_1.npy"), first) and (out / "label_space.json").is_file()
     # a different setting: refused without resume/overwrite; with resume every part is relabeled
     with pytest.raises(ConfigError, match="different config"):
-        _run(run_dir, "region_labels.width=2", "region_labels.max_tokens=1")
-    _run(run_dir, "region_labels.width=2", "region_labels.max_tokens=1", "run.resume=true")
+        _run(run_dir, FULL, "region_labels.width=2", "region_labels.max_tokens=1")
+    _run(run_dir, FULL, "region_labels.width=2", "region_labels.max_tokens=1", "run.resume=true")
     lab = load_npy(out / "labels_0.npy")
     assert lab.shape == (5, 2) and (out / "labels_0.npy").stat().st_mtime_ns != m0
     assert lab[1].tolist() == [K + HELLO, -1]
     assert json.loads((out / "label_space.json").read_text())["width"] == 2
-    _run(run_dir, "region_labels.width=1", "run.resume=true")  # max_tokens 8 > width: width wins
+    _run(run_dir, FULL, "region_labels.width=1", "run.resume=true")  # max_tokens 8 > width: width wins
     assert load_npy(out / "labels_0.npy")[1].tolist() == [K + HELLO]
     # OCR labels off: OCR rows unlabeled, the label space is the clusters alone
-    _run(run_dir, "region_labels.ocr=false", "run.overwrite=true")
+    _run(run_dir, FULL, "region_labels.ocr=false", "run.overwrite=true")
     js = json.loads((out / "label_space.json").read_text())
     assert js["num_classes"] == K and js["counts"]["ocr_labeled"] == 0
     assert (load_npy(out / "labels_0.npy")[[1, 3, 4]] == -1).all()
+
+
+def test_compact_token_space_round_trip(run_dir):
+    """Default: token classes are only the CLIP ids that occur, remapped to 0..V-1; label_space.json
+    records the mapping and training's LabelSpace decodes every label back to its CLIP id."""
+    from training.region_data import LabelSpace, region_num_classes
+    space = _run(run_dir, "region_labels.width=5", "region_labels.max_tokens=4")
+    out = run_dir / "regions/labels"
+    occurring = sorted({t for rows in REGIONS for kind, text in rows if kind == "ocr"
+                        for t in _expected_tokens(text, 4)})
+    assert space["token_ids"] == occurring and space["tokens"] == len(occurring) < 49408
+    assert space["num_classes"] == K + len(occurring) == region_num_classes(out)
+    ls = LabelSpace.read(out)
+    for p, rows in enumerate(REGIONS):
+        lab = load_npy(out / f"labels_{p}.npy")
+        assert lab.max() < space["num_classes"]
+        for r, (kind, text) in enumerate(rows):
+            decoded = [ls.decode(int(c)) for c in lab[r] if c >= 0]
+            if kind == "ocr":  # round trip: label -> CLIP id, in the text's token order
+                assert decoded == [("token", t) for t in _expected_tokens(text, 4)], text
+            else:
+                assert all(kind == "cluster" and 0 <= c < K for kind, c in decoded)
+    # every token class is used by some region (the space holds no never-seen token)
+    used = set(np.concatenate([load_npy(out / f"labels_{p}.npy").ravel() for p in range(2)]).tolist())
+    assert set(range(K, space["num_classes"])) <= used
+    # a label space whose mapping does not add up is refused by the loader
+    bad = dict(space, token_ids=occurring[:-1])
+    (out / "label_space.json").write_text(json.dumps(bad))
+    with pytest.raises(ValueError, match="token_ids"):
+        LabelSpace.read(out)
 
 
 def _break(root, how):

@@ -41,5 +41,29 @@ def test_rice_demo_end_to_end(tmp_path):
     res = json.loads((out / "eval_regions" / "results.json").read_text())["results"]
     assert {(r["model"], r["task"]) for r in res} == {
         (m, t) for m in ("rice", "mlcd_image_only", "random_init") for t in ("object", "word")}
+    # RICE's own region embeddings are probed too; the models without region layers have none
+    assert {r["model"] for r in res if r["feature"] == "region_head"} == {"rice"}
+    assert space["tokens"] == len(space["token_ids"]) < 49408  # compact token space
     report = (out / "report.md").read_text()
     assert "| rice |" in report and "train_rice" in report
+
+
+def test_seeds_move_the_exports_and_average_the_tables(tmp_path):
+    """--seeds: each seed's eval reads its own exports and random init takes its seed; the report
+    averages each (model, feature, column) cell over seeds (std with ddof 1)."""
+    from launch.rice_demo import RiceDemo
+    from launch.rice_seeds import seed_overrides, seeds_table
+    demo = RiceDemo(str(ROOT / "configs/rice_seeds.yaml"), [f"run.out_dir={tmp_path}"], 1, None, [3, 4])
+    over = seed_overrides(demo, 4)
+    assert "run.seed=4" in over and f"eval_regions.out_dir={tmp_path}/seed4/eval_regions" in over
+    assert f"eval_regions.models.0.path={tmp_path}/seed4/export_rice" in over
+    assert f"eval_regions.models.1.path={tmp_path}/seed4/export_mlcd" in over
+    assert "eval_regions.models.2.seed=4" in over
+
+    def res(a, b):
+        return {"results": [{"model": "rice", "feature": "region_head", "task": "word",
+                             "linear": {"top1": a}, "knn": {"top1": b}},
+                            {"model": "mlcd", "feature": "patch_mean", "task": "word", "skipped": "x"}]}
+    table = seeds_table({3: res(0.10, 0.2), 4: res(0.30, 0.2)})
+    assert "| rice [region_head] | 20.0 ± 14.1 | 20.0 ± 0.0 |" in table
+    assert "mlcd" not in table  # a skipped probe has no cell

@@ -8,6 +8,7 @@ from typing import Any
 
 from pipeline.core.config import RESUMABLE, ConfigError, check
 from training.data import TrainDataConfig
+from training.evaluation.evaluate import DatasetSpec, KnnConfig, _spec
 from training.init_weights import FinetuneConfig
 from training.loss import LossConfig
 from training.model import ModelConfig
@@ -124,10 +125,31 @@ class TrainConfig:
     #                               the same K; "" = fresh centers
     finetune: FinetuneConfig = field(default_factory=FinetuneConfig)
     regions: RegionTrainConfig = field(default_factory=RegionTrainConfig)  # RICE, off by default
+    # Evaluation during training (training/eval_hook.py): every eval_every steps (and at the last
+    # step) k-NN top-1 of the backbone being trained on each of eval_sets (name/train/test: the
+    # labeled sets `mlcd eval` reads), logged as eval/<set>/knn_top1 to wandb and metrics.jsonl.
+    # 0 = off. None of it changes the trained weights (RNG and data order are left as they were).
+    eval_every: int = field(default=0, metadata=RESUMABLE)
+    eval_sets: list[DatasetSpec] = field(default_factory=list, metadata=RESUMABLE)
+    eval_max_images: int = field(default=400, metadata=RESUMABLE)  # rows per split (evenly spaced);
+    #                               cost ~ 2 x this many forwards per set, on all ranks together
+    eval_linear: bool = field(default=False, metadata=RESUMABLE)  # also the linear probe (eval/<set>/
+    #                               linear_top1; ~7 L-BFGS fits, rank 0)
+    eval_knn: KnnConfig = field(default_factory=KnnConfig, metadata=RESUMABLE)
 
     def __post_init__(self):
         check(self.steps >= 1, "steps", self.steps, "must be >= 1")
+        check("://" not in self.out_dir, "out_dir", self.out_dir,
+              "DeepSpeed checkpoints need a POSIX path (local or shared filesystem), not a URL")
         check(self.time_budget_s >= 0, "time_budget_s", self.time_budget_s, "must be >= 0")
+        self.eval_sets = [_spec(DatasetSpec, v, f"eval_sets.{i}") for i, v in enumerate(self.eval_sets)]
+        names = [d.name for d in self.eval_sets]
+        check(self.eval_every >= 0, "eval_every", self.eval_every, "must be >= 0 (0 = off)")
+        check(not self.eval_every or bool(names), "eval_sets", names, "must name a set when eval_every > 0")
+        check(all(n and "/" not in n for n in names) and len(set(names)) == len(names), "eval_sets", names,
+              "names must be unique, non-empty and without '/' (they name wandb keys)")
+        check(all(d.train and d.test for d in self.eval_sets), "eval_sets", names, "each needs train and test")
+        check(self.eval_max_images >= 2, "eval_max_images", self.eval_max_images, "must be >= 2")
         check(self.peak_tflops >= 0, "peak_tflops", self.peak_tflops, "must be >= 0 (0 = the device's datasheet)")
 
 

@@ -28,6 +28,7 @@ import torch
 from PIL import Image
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
+from pipeline.core import fs
 from pipeline.core.config import RESUMABLE, check
 from pipeline.core.guard import die_with_parent_fn
 from pipeline.core.images import decode_rgb, image_bytes
@@ -87,10 +88,10 @@ def find_parts(cfg: TrainDataConfig, num_labels: int = 1) -> list[ShardPart]:
     parts, missing = [], []
     for i, url in enumerate(shards):
         m, lab = meta_path(cfg.store, i), labels_path(cfg.labels, i)
-        if m.is_file() and lab.is_file():
-            parts.append(ShardPart(url, str(m), str(lab)))
+        if fs.isfile(m) and fs.isfile(lab):
+            parts.append(ShardPart(url, fs.url_of(m), fs.url_of(lab)))
         else:
-            missing.append(f"{url} (needs {m if not m.is_file() else lab})")
+            missing.append(f"{url} (needs {fs.url_of(m if not fs.isfile(m) else lab)})")
     if missing:
         log.warning("%d of %d shards have no labels yet and are left out, e.g. %s",
                     len(missing), len(shards), missing[0])
@@ -298,7 +299,7 @@ class DeviceDecoded:
 def num_classes_from_centroids(path: str | Path) -> int:
     """K from the k-means output's header (memory-mapped; no data read)."""
     p = Path(path)
-    if not p.is_file():
+    if not fs.isfile(path):
         raise FileNotFoundError(f"{p}: k-means centroids not found; run stage 2 or set "
                                 f"train.partial_fc.num_classes")
     return int(load_npy(p, mmap=True).shape[0])

@@ -21,6 +21,7 @@ from typing import Any
 import torch
 from safetensors.torch import save_file
 
+from pipeline.core import fs
 from pipeline.core.io import atomic_path, atomic_write_json
 from training.model import CLIP_MEAN, CLIP_STD, PRESETS, MLCDEncoder, ModelConfig, build_model
 from training.safe_load import read_hf_weights, read_state_file
@@ -182,7 +183,7 @@ def save_hf_folder(model_or_sd: MLCDEncoder | dict, cfg: ModelConfig, out_dir: s
     """Writes config.json, model.safetensors (prefixed `vision_model.` keys) and
     preprocessor_config.json; each file atomically (weights last: a folder with weights is whole)."""
     out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
+    fs.makedirs(out)  # a URL (s3://...): no folder; each file is one upload
     sd = model_or_sd.state_dict() if isinstance(model_or_sd, torch.nn.Module) else model_or_sd
     cfg = cfg.resolved()
     if with_head and cfg.rope2d and cfg.embed_dim:

@@ -110,14 +110,41 @@ def _check_region_part(part: RegionPart, regions: RegionSpec) -> None:
 
 def region_num_classes(labels: str | Path) -> int:
     """num_classes (clusters + tokens) from the region label store's label_space.json."""
-    p = Path(labels) / "label_space.json"
-    if not p.is_file():
-        raise FileNotFoundError(f"{p}: region label space not found; run mlcd region-labels or set "
-                                f"train.regions.labels")
-    n = read_json(p).get("num_classes")
-    if not isinstance(n, int) or isinstance(n, bool) or n < 1:
-        raise ValueError(f"{p}: num_classes={n!r} must be an int >= 1")
-    return n
+    return LabelSpace.read(labels).num_classes
+
+
+@dataclass
+class LabelSpace:
+    """label_space.json (clustering/region_labels.py): class c < K is cluster c; class K + j is
+    token ``token_ids[j]`` (a CLIP BPE id) in a compact space, or token j itself in the full one."""
+    clusters: int
+    num_classes: int
+    token_ids: list[int] | None  # compact space: CLIP id of class K + j; None: full vocabulary
+
+    @classmethod
+    def read(cls, labels: str | Path) -> LabelSpace:
+        p = Path(labels) / "label_space.json"
+        if not p.is_file():
+            raise FileNotFoundError(f"{p}: region label space not found; run mlcd region-labels or set "
+                                    f"train.regions.labels")
+        js = read_json(p)
+        n, k, ids = js.get("num_classes"), js.get("clusters", 0), js.get("token_ids")
+        if not isinstance(n, int) or isinstance(n, bool) or n < 1:
+            raise ValueError(f"{p}: num_classes={n!r} must be an int >= 1")
+        if ids is not None and (not isinstance(ids, list) or not isinstance(k, int) or k + len(ids) != n
+                                or not all(isinstance(t, int) and t >= 0 for t in ids)):
+            raise ValueError(f"{p}: token_ids must list one CLIP id per token class "
+                             f"(clusters {k} + {len(ids) if isinstance(ids, list) else ids!r} != num_classes {n})")
+        return cls(int(k), n, ids)
+
+    def decode(self, label: int) -> tuple[str, int]:
+        """("cluster", id) or ("token", CLIP id) of one class."""
+        if not 0 <= label < self.num_classes:
+            raise ValueError(f"label {label} outside [0, {self.num_classes})")
+        if label < self.clusters:
+            return "cluster", int(label)
+        j = label - self.clusters
+        return "token", int(self.token_ids[j] if self.token_ids is not None else j)
 
 
 def load_part_regions(part: RegionPart, regions: RegionSpec) -> dict[str, tuple[np.ndarray, np.ndarray]]:

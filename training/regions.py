@@ -167,11 +167,17 @@ class MLCDRegionEncoder(MLCDEncoder):
               f"must be {tuple(boxes.shape[:2])}")
         out = self.vision_model(pixel_values)
         image_emb = self.head(out.pooler_output)
-        p = self.config.patch_size
-        gh, gw = pixel_values.shape[-2] // p, pixel_values.shape[-1] // p
-        mask = box_mask(boxes, valid, gh, gw, p)
-        x = out.last_hidden_state
-        # class_pos_emb is read again here, outside vision_model's forward; under ZeRO-3 the
-        # trainer registers it on the root (zero3_register_direct_params; tested exact).
-        region = self.region_head(x[:, 0], x[:, 1:], mask, self.vision_model.rope(gh, gw, x.device))
+        region = region_embeddings(self.vision_model, self.region_head, out.last_hidden_state, pixel_values,
+                                   boxes, valid, self.config.patch_size)
         return image_emb, region.reshape(-1, region.shape[-1])
+
+
+def region_embeddings(vision_model, head: RegionHead, hidden: torch.Tensor, pixel_values: torch.Tensor,
+                      boxes: torch.Tensor, valid: torch.Tensor, patch: int) -> torch.Tensor:
+    """(B, R, out_dim) region embeddings from the backbone's last_hidden_state ``hidden`` (class
+    token first): what training's region loss reads, and what eval-regions probes."""
+    gh, gw = pixel_values.shape[-2] // patch, pixel_values.shape[-1] // patch
+    mask = box_mask(boxes, valid, gh, gw, patch)
+    # class_pos_emb is read again here, outside vision_model's forward; under ZeRO-3 the
+    # trainer registers it on the root (zero3_register_direct_params; tested exact).
+    return head(hidden[:, 0], hidden[:, 1:], mask, vision_model.rope(gh, gw, hidden.device))

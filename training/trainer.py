@@ -37,6 +37,7 @@ from pipeline.core.tracking import Tracker, fmt_duration, progress
 from training import checkpoint as ckpt
 from training.config import CheckpointConfig, OptimConfig, TrainConfig, schedule_phase
 from training.data import Batch, epoch_length, make_loader, normalize_uint8
+from training.eval_hook import EvalDuringTraining
 from training.heads import (
     Head,
     configured_heads,
@@ -289,6 +290,7 @@ class Trainer:
             cfg.model, grad_checkpointing=cfg.model.grad_checkpointing or cfg.deepspeed.activation_checkpointing)
         self.global_batch = cfg.data.batch_size * cfg.deepspeed.grad_accum * ctx.world_size
         self.step, self.samples_seen = 0, 0
+        self.evals = EvalDuringTraining(cfg, self.model_cfg, ctx, run.seed)  # train.eval_every (0: off)
         self.build()
 
     def build(self) -> None:
@@ -378,7 +380,9 @@ class Trainer:
             self.samples_seen += self.global_batch
             bar.update(1)
             stopping = self._over_budget(t_start)
-            metrics.add(last, batches, wait_s=t1 - t0, step_s=time.perf_counter() - t1, final=stopping)
+            step_s = time.perf_counter() - t1
+            evals = self.evals.after_step(self.engine.module, self.step, stopping)  # {} unless due
+            metrics.add(last, batches, wait_s=t1 - t0, step_s=step_s, final=stopping, evals=evals)
             if self.checkpoints is not None and self.checkpoints.due(self.step, cfg.steps, stopping):
                 self.checkpoints.save(self.step, self.engine, self.heads, self.state(last))
             if stopping:
@@ -425,24 +429,27 @@ class _Metrics:
                                {"run": to_dict(trainer.run), "train": to_dict(trainer.cfg)})
         self.t_start = self.t_log = time.perf_counter()
         self.n = self.skipped = self.steps = 0
-        self.loss_sum = self.wait_s = self.step_s = 0.0
+        self.loss_sum = self.wait_s = self.step_s = self.eval_s = 0.0
         model = trainer.model_cfg
         self.flops_per_sample = 3 * forward_flops(model, head=False)  # backward = 2x forward
         self.peak = _peak_flops(trainer.cfg.peak_tflops, ctx.device)
 
     def add(self, last: dict, batches: list[Batch], wait_s: float = 0.0, step_s: float = 0.0,
-            final: bool = False) -> None:
+            final: bool = False, evals: dict | None = None) -> None:
+        """evals: eval/ keys of this step (training/eval_hook.py): logged now, in this step's
+        record; their time is left out of the window's throughput."""
         t = self.t
+        self.eval_s += (evals or {}).get("eval/seconds", 0.0)
         self.n += t.global_batch
         self.steps += 1
         self.skipped += sum(int(b.skipped) for b in batches)
         self.loss_sum += last["loss"]
         self.wait_s += wait_s
         self.step_s += step_s
-        if t.step % t.run.log_every and t.step != t.cfg.steps and not final:
+        if t.step % t.run.log_every and t.step != t.cfg.steps and not final and not evals:
             return
         now = time.perf_counter()
-        dt, w = now - self.t_log, t.ctx.world_size
+        dt, w = now - self.t_log - self.eval_s, t.ctx.world_size
         rate = self.n / dt
         last.update(loss_avg=self.loss_sum / self.steps, samples_per_s=rate, samples_per_s_per_device=rate / w,
                     data_wait_s=self.wait_s / self.steps, step_s=self.step_s / self.steps,
@@ -453,8 +460,9 @@ class _Metrics:
             last["mfu"] = rate / w * self.flops_per_sample / self.peak
         if torch.cuda.is_available():
             last["max_mem_gb"] = torch.cuda.max_memory_allocated() / 2**30
+        last.update(evals or {})
         self.n = self.steps = self.skipped = 0
-        self.loss_sum = self.wait_s = self.step_s = 0.0
+        self.loss_sum = self.wait_s = self.step_s = self.eval_s = 0.0
         self.t_log = now
         self.tracker.log(namespaced(last), t.step)
         if t.ctx.is_main:
@@ -487,8 +495,9 @@ SYS_KEYS = ("max_mem_gb", "mfu", "samples_per_s_per_device", "elapsed_s", "eta_s
 
 
 def namespaced(last: dict) -> dict:
-    """wandb's keys: data/ (loader), sys/ (device, time), train/ (the rest)."""
-    return {(f"data/{k}" if k in DATA_KEYS else f"sys/{k}" if k in SYS_KEYS else f"train/{k}"): v
+    """wandb's keys: data/ (loader), sys/ (device, time), eval/ as they are, train/ (the rest)."""
+    return {(k if k.startswith("eval/") else f"data/{k}" if k in DATA_KEYS else f"sys/{k}" if k in SYS_KEYS
+             else f"train/{k}"): v
             for k, v in last.items()}
 
 

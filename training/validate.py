@@ -34,14 +34,15 @@ import os
 from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
-import pyarrow.parquet as pq
 
+from pipeline.core import fs
 from pipeline.core.errors import InputError, StageError
 from pipeline.core.io import load_npy
 from pipeline.core.provenance import (
     centroids_fingerprint,
     keys_digest,
     label_mismatch,
+    parquet_file,
     part_record,
     shard_mismatch,
 )
@@ -78,7 +79,7 @@ def _npy(path, what: str) -> np.ndarray:
 
 
 def _centroids_k(path: str) -> int | None:
-    if not os.path.isfile(path):
+    if not fs.isfile(fs.check(path, "train.centroids")):
         return None
     a = _npy(path, "centroids")
     if a.ndim != 2:
@@ -104,14 +105,14 @@ def _check(cfg) -> None:
     if k != k_cent:
         log.warning("train.partial_fc.num_classes=%d differs from the %d centroids in %s (kept: set on "
                     "purpose)", k, k_cent, cfg.centroids)
-    if not os.path.isdir(d.store):
+    if not fs.isdir(fs.check(d.store, "train.data.store")):
         raise TrainInputError(f"{d.store}: embedding store not found (train.data.store)")
-    if not os.path.isdir(d.labels):
+    if not fs.isdir(fs.check(d.labels, "train.data.labels")):
         raise TrainInputError(f"{d.labels}: label folder not found (train.data.labels)")
     found = 0
     for i, url in enumerate(shards):
         m, lab = meta_path(d.store, i), labels_path(d.labels, i)
-        if not (m.is_file() and lab.is_file()):
+        if not (fs.isfile(m) and fs.isfile(lab)):
             continue  # left out at start-up with a warning (training/data.py:find_parts)
         found += 1
         if not is_url(url) and not os.path.isfile(local_path(url) or url):
@@ -130,13 +131,13 @@ def check_sources(cfg, shards: list[str]) -> None:
     """Each part training joins (shard i, metadata part i, label part i) against the records of
     what it was made from (module docstring); one line naming the part and both sources."""
     d = cfg.data
-    for folder, prefix, suffix in ((os.path.join(d.store, "metadata"), "metadata_", ".parquet"),
+    for folder, prefix, suffix in ((fs.join(d.store, "metadata"), "metadata_", ".parquet"),
                                    (d.labels, "labels_", ".npy")):
-        if os.path.isdir(folder):
+        if fs.isdir(folder):
             part_numbers(folder, prefix, suffix)  # two files of one part: refused by name
     cfp, unrecorded = centroids_fingerprint(cfg.centroids), {"shard": 0, "labels": 0}
     joined = [(i, url, meta_path(d.store, i), labels_path(d.labels, i)) for i, url in enumerate(shards)]
-    joined = [j for j in joined if j[2].is_file() and j[3].is_file()]
+    joined = [j for j in joined if fs.isfile(j[2]) and fs.isfile(j[3])]
     with ThreadPoolExecutor(min(16, os.cpu_count() or 1)) as pool:  # parquet reads release the GIL
         keys = list(pool.map(_keys_digest, [m for _, _, m, _ in joined]))
     for (i, url, m, lab), key_sha in zip(joined, keys):
@@ -217,14 +218,14 @@ def _check_regions(cfg) -> None:
 
 def _check_part(meta, lab, sims, need: int, k: int) -> None:
     _check_labels(meta, lab, need, k)
-    if not sims.is_file():
+    if not fs.isfile(sims):
         raise TrainInputError(f"{sims}: missing (written with {lab} by stage 2)")
 
 
 def _check_labels(meta, lab, need: int, k: int, width_key: str = "train.loss.num_labels",
                   k_is: str = "K = train.partial_fc.num_classes or the centroids' count") -> None:
     try:
-        rows = pq.ParquetFile(meta).metadata.num_rows
+        rows = parquet_file(meta).metadata.num_rows
     except Exception as e:  # noqa: BLE001 (pyarrow raises several types for a bad file)
         raise TrainInputError(f"{meta}: unreadable metadata ({str(e).splitlines()[0]})") from None
     a = _npy(lab, "labels")

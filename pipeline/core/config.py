@@ -387,12 +387,13 @@ def prepare_out_dir(out_dir: str | os.PathLike, run: RunConfig, sections: dict[s
     outputs. If a different config is already there, refuse unless ``run.resume`` or
     ``run.overwrite``. Keys allowed to change between reruns: the schemas' resumable fields
     (``resumable_keys``) plus ``ignore`` (dotted keys, for cases only known at run time)."""
+    from pipeline.core import fs  # fs -> netpolicy -> config: imported here
     out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
+    fs.makedirs(out)  # a URL: no folder needed (and the bucket is never created)
     target = out / f"config.{name}.yaml"
     text = dump_yaml(sections)
-    if target.exists() and not (run.resume or run.overwrite):
-        old = yaml.safe_load(target.read_text()) or {}
+    if fs.exists(target) and not (run.resume or run.overwrite):
+        old = yaml.safe_load(fs.read_bytes(target)) or {}
         new = yaml.safe_load(text)
         diff = _diff(old, new, ignore=tuple(ignore) + resumable_keys(sections))
         if diff:

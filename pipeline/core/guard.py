@@ -27,7 +27,7 @@ from contextlib import contextmanager
 from functools import partial
 from typing import Callable, Iterator
 
-from pipeline.core import lock, netpolicy, shards
+from pipeline.core import fs, lock, netpolicy, shards
 
 
 @contextmanager
@@ -36,6 +36,10 @@ def stage_guard(run, out_dir: str | os.PathLike | None, ctx, what: str = "") -> 
     shards.set_member_cap(getattr(run, "max_member_bytes", shards.MAX_MEMBER_BYTES))
     _die_with_agent()
     if out_dir is None:
+        yield
+        return
+    if fs.is_remote(out_dir):  # object stores have no lock: one writer per prefix is the rule
+        ctx.agree(lambda: fs.check(out_dir, f"{what} output folder", write=True))
         yield
         return
     with lock.hold(out_dir, ctx, what):

@@ -4,7 +4,15 @@ leaves either the old file or the new one, never half of one.
 A temp is named ``.{name}.{random}.{pid}-{host}.tmp`` (``host``: 8 hex digits of the host name's
 CRC32), so a later run can tell a killed writer's leftover (``clean_stale_tmp``) from a live
 writer's file: SIGKILL runs no ``finally``, and a leftover can be as large as the file it was
-meant to become (k-means centroids at K = 1M: 3 GB)."""
+meant to become (k-means centroids at K = 1M: 3 GB).
+
+Every file written gets the mode the umask gives a new file (0644 under the usual 022), set on
+the temp right before the rename: a writer that replaces the temp (safetensors' ``save_file``
+does) would otherwise leave mkstemp's 0600.
+
+A URL (``s3://``, ``gs://``: ``pipeline/core/fs.py``) is written by one upload under its final
+name (``atomic_path`` yields a local temp in ``$TMPDIR`` and uploads it when the block succeeds)
+and read into memory (``load_npy``'s ``mmap`` does not apply)."""
 from __future__ import annotations
 
 import io
@@ -30,18 +38,58 @@ def _umask() -> int:
     return mask
 
 
+def _local(path: str | os.PathLike) -> str | os.PathLike:
+    """A ``file:`` URL as its path (``file:///x``, or ``file:/x`` after pathlib); else as given."""
+    if str(path)[:5].lower() != "file:":
+        return path
+    from pipeline.core import fs
+    return fs.local(path) or path
+
+
+def _remote(path: str | os.PathLike) -> bool:
+    """A URL for pipeline/core/fs.py (imported lazily: fs -> netpolicy -> config -> io)."""
+    s = str(path)
+    if ":/" not in s or s.lower().startswith("file:"):
+        return False
+    from pipeline.core import fs
+    return fs.is_remote(s)
+
+
+def fs_url(path: str | os.PathLike) -> str:
+    from pipeline.core import fs
+    return fs.url_of(path)
+
+
+@contextmanager
+def _remote_path(url: str) -> Iterator[Path]:
+    from pipeline.core import fs
+    fd, tmp = tempfile.mkstemp(prefix=".mlcd-upload.", suffix=f".{os.getpid()}-{_HOST}.tmp")
+    os.close(fd)
+    try:
+        yield Path(tmp)
+        fs.put_file(tmp, url)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+
+
 @contextmanager
 def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
-    """Yields a temp path next to ``path``; renames it onto ``path`` if the block succeeds."""
-    path = Path(path)
+    """Yields a temp path next to ``path``; renames it onto ``path`` if the block succeeds (a
+    URL: uploads it as ``path``)."""
+    if _remote(path):
+        with _remote_path(fs_url(path)) as tmp:
+            yield tmp
+        return
+    path = Path(_local(path))
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=f".{os.getpid()}-{_HOST}.tmp", dir=path.parent)
     os.close(fd)
-    os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes 0600; outputs are shared like any written file
     try:
         yield Path(tmp)
         with open(tmp, "rb+") as f:
-            os.fsync(f.fileno())
+            os.fchmod(f.fileno(), 0o666 & ~_umask())  # mkstemp makes 0600; set after the block,
+            os.fsync(f.fileno())                      # which may have replaced the file
         os.replace(tmp, path)
     except Exception as e:  # a full disk: one line naming the file (pipeline/core/errors.py)
         full = disk_full(e, path)
@@ -54,6 +102,10 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
 
 
 def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
+    if _remote(path):
+        from pipeline.core import fs
+        fs.write_bytes(path, data)
+        return
     with atomic_path(path) as tmp:
         Path(tmp).write_bytes(data)
 
@@ -73,11 +125,17 @@ def atomic_save_npy(path: str | os.PathLike, array: np.ndarray) -> None:
 
 
 def load_npy(path: str | os.PathLike, mmap: bool = False) -> np.ndarray:
-    return np.load(path, mmap_mode="r" if mmap else None, allow_pickle=False)
+    if _remote(path):
+        from pipeline.core import fs
+        return np.load(io.BytesIO(fs.read_bytes(path)), allow_pickle=False)
+    return np.load(_local(path), mmap_mode="r" if mmap else None, allow_pickle=False)
 
 
 def read_json(path: str | os.PathLike) -> Any:
-    with open(path) as f:
+    if _remote(path):
+        from pipeline.core import fs
+        return json.loads(fs.read_bytes(path))
+    with open(_local(path)) as f:
         return json.load(f)
 
 

@@ -21,6 +21,7 @@ Folders written before records were kept still read: the checks warn once, namin
 from __future__ import annotations
 
 import hashlib
+import io
 import json
 import os
 from pathlib import Path
@@ -46,6 +47,9 @@ _FP_CACHE: dict[tuple, str] = {}
 
 def centroids_fingerprint(path: str | os.PathLike) -> str:
     """``_fingerprint`` once per (file, size, mtime) in this process."""
+    from pipeline.core import fs
+    if fs.is_remote(path):  # no mtime to key the cache on: fingerprinted each time (~4 MiB read)
+        return _fingerprint(path)
     st = os.stat(path)
     key = (os.path.realpath(path), st.st_size, st.st_mtime_ns)
     if key not in _FP_CACHE:
@@ -59,9 +63,10 @@ def _fingerprint(path: str | os.PathLike) -> str:
     (3.07 GB, in the page cache; the loaded 2-core CPU box): 0.05-0.08 s, against 48 s for a
     sha256 of the whole file, so training checks it at start-up for free. It tells apart centers of different k-means runs (every row differs);
     an edit of a few rows between sampled blocks is not seen. Files under 64 MiB are hashed whole."""
-    size = os.path.getsize(path)
+    from pipeline.core import fs
+    size = fs.size(path)
     h = hashlib.sha256(f"size={size};".encode())
-    with open(path, "rb") as f:
+    with fs.open_read(path) as f:
         if size <= FP_FULL_BELOW:
             for chunk in iter(lambda: f.read(1 << 24), b""):
                 h.update(chunk)
@@ -87,7 +92,7 @@ def keys_digest(meta: str | os.PathLike) -> str:
     string per row). A 10k-row part: ~8 ms to read the column + 0.7 ms to hash it, measured on
     the loaded 2-core CPU box (the Python-list path took twice as long in total)."""
     from pipeline.core.store import read_keys
-    f = pq.ParquetFile(meta)  # opened once: the schema and the column
+    f = parquet_file(meta)  # opened once: the schema and the column
     if "key" not in f.schema_arrow.names:
         return keys_digest_of(read_keys(meta))  # clip-retrieval's image_path
     col = f.read(columns=["key"]).column("key")
@@ -98,6 +103,14 @@ def keys_digest(meta: str | os.PathLike) -> str:
     h = hashlib.sha256(np.diff(off).astype("<i8").tobytes())
     h.update(memoryview(arr.buffers()[2])[off[0]:off[-1]] if arr.buffers()[2] is not None else b"")
     return h.hexdigest()
+
+
+def parquet_file(meta: str | os.PathLike) -> pq.ParquetFile:
+    """A metadata part, local or a URL (read whole into memory: parts are small)."""
+    from pipeline.core import fs
+    if fs.is_remote(meta):
+        return pq.ParquetFile(io.BytesIO(fs.read_bytes(meta)))
+    return pq.ParquetFile(fs.local(meta))
 
 
 # ---------------------------------------------------------------- embedding parts
@@ -117,10 +130,10 @@ def shard_source(url: str) -> dict:
 def part_record(meta: str | os.PathLike) -> dict:
     """An embedding part's ``mlcd_part`` JSON ({} for a store written by clip-retrieval). Stores of
     ours from before this schema key still name their shard in the ``shard`` column."""
-    md = pq.read_schema(meta).metadata or {}
+    f = parquet_file(meta)
+    md = f.schema_arrow.metadata or {}
     if PART_META_KEY in md:
         return json.loads(md[PART_META_KEY])
-    f = pq.ParquetFile(meta)
     if "shard" in f.schema_arrow.names and f.metadata.num_rows:
         return {"shard": str(f.read_row_group(0, columns=["shard"]).column(0)[0])}
     return {}

@@ -7,10 +7,10 @@ policy applied to every spec after expansion) and one tar reader (``read_samples
 """
 from __future__ import annotations
 
-import collections
 import io
 import json
 import os
+import struct
 import tarfile
 from pathlib import Path
 from typing import Sequence
@@ -47,6 +47,8 @@ def expand_shards(spec: str | Sequence[str]) -> list[str]:
     list file and line number). Nothing is opened or run here."""
     if not isinstance(spec, str):
         return [s for item in spec for s in expand_shards(item)]
+    if scheme(spec) in FS_SCHEMES and local_path(spec) is None:
+        return _expand_object_store(spec)
     p = Path(spec)
     if p.is_dir():
         shards = sorted(str(x) for x in p.glob("*.tar"))
@@ -67,9 +69,37 @@ def expand_shards(spec: str | Sequence[str]) -> list[str]:
     return shards
 
 
+# Object stores read through fsspec (pipeline/core/fs.py): listing, globs, list files, streams.
+FS_SCHEMES = frozenset({"s3", "gs", "gcs"})
+
+
+def _expand_object_store(spec: str) -> list[str]:
+    """An object-store spec: a list file (``.txt``), a glob (``*``), a prefix (its ``*.tar``), or
+    a brace pattern of objects; checked (run.allow_remote, the bucket) before anything is read."""
+    from pipeline.core import fs
+    check_spec(spec, f"shard spec {spec[:120]!r}")
+    try:
+        fs.check(spec, "shard spec")
+        if spec.endswith(".txt") and fs.isfile(spec):
+            lines = [ln.strip() for ln in fs.read_bytes(spec).decode(errors="replace").splitlines()]
+            return [check_spec(s, f"{spec}:{i + 1}") for i, ln in enumerate(lines)
+                    if ln and not ln.startswith("#") for s in braceexpand(ln)]
+        if "*" in spec or "?" in spec:
+            shards = fs.glob(spec)
+        elif not spec.endswith(".tar") and "{" not in spec and fs.isdir(spec):
+            shards = [fs.join(spec, n) for n in fs.ls(spec) if n.endswith(".tar")]
+        else:
+            return [check_spec(s, f"shard spec {spec[:120]!r}") for s in braceexpand(spec)]
+    except fs.FsError as e:
+        raise ShardPolicyError(str(e)) from None
+    if not shards:
+        raise ShardSpecError(f"shard spec {spec!r} matches no .tar object")
+    return shards
+
+
 # Schemes webdataset's gopen opens itself (plus object stores it reaches through AIS): remote.
 REMOTE_SCHEMES = frozenset({"http", "https", "ftp", "ftps", "sftp", "scp", "s3", "gs", "htgs", "ais",
-                            "hf", "az", "abfs", "aws"})
+                            "hf", "az", "abfs", "aws", "gcs"})
 
 
 def scheme(spec: str) -> str:
@@ -129,8 +159,11 @@ def open_shard(spec: str):
     path = local_path(check_spec(spec, "shard"))
     if path is not None:
         return open(path, "rb")  # noqa: SIM115 -- the caller closes it
-    import webdataset as wds
     sch = scheme(spec)
+    if sch in FS_SCHEMES:  # fsspec's stream, read ahead in blocks; credentials from the standard chain
+        from pipeline.core import fs
+        return fs.open_read(sch + spec[len(sch):])
+    import webdataset as wds
     return wds.gopen(sch + spec[len(sch):])
 
 
@@ -162,19 +195,11 @@ def check_member_size(info: tarfile.TarInfo, shard: str, error: type[Exception])
                     f"run.max_member_bytes={member_cap()}")
 
 
-class _CappedInfo(tarfile.TarInfo):
-    """Refuses a long-name/pax header larger than MAX_HEADER_BYTES before tarfile reads it whole
-    (a hostile tar could otherwise put a gigabyte name in front of a member)."""
-
-    def _proc_member(self, tf):
-        if self.type in _EXT_HEADERS and self.size > MAX_HEADER_BYTES:
-            raise tarfile.ReadError(f"extended header of {self.size} bytes before {self.name!r} "
-                                    f"(more than {MAX_HEADER_BYTES})")
-        return super()._proc_member(tf)  # type: ignore[misc]  # tarfile's private hook
-
-
 _EXT_HEADERS = (tarfile.GNUTYPE_LONGNAME, tarfile.GNUTYPE_LONGLINK, tarfile.XHDTYPE, tarfile.XGLTYPE,
                 tarfile.SOLARIS_XHDTYPE)
+_NO_DATA = (tarfile.LNKTYPE, tarfile.SYMTYPE, tarfile.CHRTYPE, tarfile.BLKTYPE, tarfile.DIRTYPE,
+            tarfile.FIFOTYPE)  # tarfile reads no data after these whatever their size field says
+_ZERO_BLOCK = bytes(512)
 
 
 def read_samples(url: str, max_member_bytes: int | None = None):
@@ -187,23 +212,15 @@ def read_samples(url: str, max_member_bytes: int | None = None):
     the run's ``run.max_member_bytes``) is not read; its sample is yielded with
     ``"__skip__": "member_too_large"`` (still one sample, so row numbers stay those of the tar) and
     its data is read past in 4 MiB pieces. Errors opening/reading propagate, and so does a tar
-    that stops early: Python's tarfile silently ends iteration at a truncated or invalid header
-    after the first member, which would turn a cut-off download into a short part."""
+    that stops early or has an invalid header (``tarfile.ReadError``): a cut-off download must
+    not turn into a short part."""
     from webdataset.tariterators import base_plus_ext
     cap = member_cap() if max_member_bytes is None else max_member_bytes
-    raw = _Tail(open_shard(url))
+    raw = open_shard(url)
     try:
-        tf = tarfile.open(fileobj=raw, mode="r|*", tarinfo=_CappedInfo)  # type: ignore[call-overload]  # reads like a file
         cur = None
-        for info in tf:
-            if not info.isreg():
-                continue
-            key, ext = base_plus_ext(info.name)
-            too_big = info.size > cap
-            data = None if too_big else tf.extractfile(info).read()
-            if too_big:
-                _skip_to(tf.fileobj, tf.offset)
-            tf.members = []  # stream mode keeps every TarInfo otherwise
+        for name, data in _members(_Blocks(_decompressed(raw)), cap):
+            key, ext = base_plus_ext(name)
             if key is None:
                 continue
             ext = ext.lower()
@@ -211,57 +228,198 @@ def read_samples(url: str, max_member_bytes: int | None = None):
                 if cur is not None:
                     yield cur
                 cur = {"__key__": key}
-            if too_big:
+            if data is None:
                 cur["__skip__"] = "member_too_large"
             cur[ext] = data
-        if getattr(tf.fileobj, "comptype", None) == "tar":  # offsets are raw offsets: check the end
-            raw.check_end(tf.offset)
         if cur is not None:
             yield cur
     finally:
         raw.close()  # a pipe: source checks its command's exit status here
 
 
-def _skip_to(stream, end: int, chunk: int = 4 << 20) -> None:
-    """Reads a tar stream up to ``end`` (the next header) in ``chunk`` pieces: tarfile's own skip
-    reads 10 KiB at a time and re-copies its inflated buffer on every read (minutes for a member
-    of zeros that inflates to 1 GiB, seconds this way); memory stays at a few chunks."""
-    while (left := end - stream.tell()) > 0:
-        if not stream.read(min(left, chunk)):
-            return  # cut off: the next header read reports it
+def _members(f: _Blocks, cap: int):
+    """(name, bytes | None when over ``cap``) of a tar's regular files, parsing the 512-byte
+    headers directly (Python's tarfile costs ~0.25 ms a member in Python-level header handling,
+    more than decoding a small JPEG). What tarfile reads: ustar/GNU/pax names (prefix field, GNU
+    long names, pax ``path``/``size``, global pax headers), octal and base-256 numbers, both
+    checksum conventions. Extended headers over MAX_HEADER_BYTES are refused before being read."""
+    glob: dict[str, str] = {}
+    pax: dict[str, str] = {}
+    longname = None
+    while True:
+        at, block = f.pos_total, f.take(512)
+        if block == _ZERO_BLOCK:
+            return f.check_end(at)
+        name, typ, size = _header(block, at)
+        if typ in _EXT_HEADERS:
+            if size > MAX_HEADER_BYTES:
+                raise tarfile.ReadError(f"extended header of {size} bytes before {name!r} "
+                                        f"(more than {MAX_HEADER_BYTES})")
+            body = f.take(size + (-size % 512))[:size]
+            if len(body) < size:
+                raise tarfile.ReadError(f"truncated tar: extended header at byte {at}")
+            if typ == tarfile.GNUTYPE_LONGNAME:
+                longname = body.split(b"\0", 1)[0].decode("utf-8", "surrogateescape")
+            elif typ in (tarfile.XHDTYPE, tarfile.SOLARIS_XHDTYPE):
+                pax.update(_pax(body, at))
+            elif typ == tarfile.XGLTYPE:
+                glob.update(_pax(body, at))
+            continue
+        name, size = pax.get("path", longname or name), _pax_size(pax, size, at)
+        regular = typ in (tarfile.REGTYPE, tarfile.AREGTYPE, tarfile.CONTTYPE) and not name.endswith("/")
+        pax, longname = dict(glob), None
+        if not regular and typ in _NO_DATA:
+            continue
+        padded = size + (-size % 512)
+        if not regular or size > cap:
+            if not f.skip(padded):
+                raise tarfile.ReadError(f"truncated tar: member {name!r} at byte {at}")
+            if regular:
+                yield name, None
+            continue
+        data = f.take(padded)
+        if len(data) < padded:
+            raise tarfile.ReadError(f"truncated tar: member {name!r} at byte {at}")
+        yield name, data[:size]
 
 
-class _Tail:
-    """Read-through wrapper keeping the last chunks read, to check a tar's end-of-archive marker:
-    everything from the end of the last member to EOF must be zero blocks (at least one)."""
-    WINDOW = 1 << 16  # tarfile reads 10 KiB records: the end marker is always within this
-    MAX_PAD = 1 << 20  # more trailing bytes than this is not padding
+def _header(block: bytes, at: int) -> tuple[str, bytes, int]:
+    """(name, type byte, size) of one 512-byte header; ReadError for a short or invalid one."""
+    if len(block) < 512:
+        raise tarfile.ReadError(f"truncated or corrupt tar: no end-of-archive marker at byte {at}")
+    chk = _number(block[148:156], at)
+    if chk != 256 + sum(block) - sum(block[148:156]) and \
+            chk != 256 + sum(struct.unpack_from("148b8x356b", block)):
+        raise tarfile.ReadError(f"invalid tar header at byte {at} (bad checksum)")
+    name = block[:100].split(b"\0", 1)[0].decode("utf-8", "surrogateescape")
+    typ = block[156:157]
+    prefix = block[345:500].split(b"\0", 1)[0]
+    if prefix and typ not in (tarfile.GNUTYPE_LONGNAME, tarfile.GNUTYPE_LONGLINK, tarfile.GNUTYPE_SPARSE):
+        name = prefix.decode("utf-8", "surrogateescape") + "/" + name
+    size = _number(block[124:136], at)
+    if size < 0:
+        raise tarfile.ReadError(f"invalid tar header at byte {at} (negative size)")
+    return name, typ, size
+
+
+def _number(field: bytes, at: int) -> int:
+    """tarfile's ``nti``: NUL/space-terminated octal, or GNU base-256 (first byte 0x80 or 0xff)."""
+    if field[:1] in (b"\x80", b"\xff"):
+        n = int.from_bytes(field[1:], "big")
+        return n - (256 ** (len(field) - 1)) if field[0] == 0xFF else n
+    try:
+        return int(field.split(b"\0", 1)[0].strip() or b"0", 8)
+    except ValueError:
+        raise tarfile.ReadError(f"invalid tar header at byte {at} (bad number {field!r})") from None
+
+
+def _pax_size(pax: dict[str, str], size: int, at: int) -> int:
+    try:
+        size = int(pax.get("size", size))
+    except ValueError:
+        raise tarfile.ReadError(f"invalid pax size at byte {at}") from None
+    if size < 0:
+        raise tarfile.ReadError(f"invalid tar header at byte {at} (negative size)")
+    return size
+
+
+def _pax(body: bytes, at: int) -> dict[str, str]:
+    """pax records ``"<len> <key>=<value>\\n"`` -> {key: value} (utf-8, as tarfile decodes them)."""
+    out, pos = {}, 0
+    while pos < len(body) and body[pos:pos + 1] != b"\0":
+        sp = body.find(b" ", pos)
+        try:
+            n = int(body[pos:sp])
+        except ValueError:
+            raise tarfile.ReadError(f"invalid pax header at byte {at}") from None
+        if sp < 0 or n <= sp - pos:
+            raise tarfile.ReadError(f"invalid pax header at byte {at}")
+        key, _, value = body[sp + 1:pos + n - 1].partition(b"=")
+        out[key.decode("utf-8", "surrogateescape")] = value.decode("utf-8", "surrogateescape")
+        pos += n
+    return out
+
+
+class _Blocks:
+    """A byte stream read in 1 MiB pieces: exact-size ``take``s out of one buffer (no per-member
+    read call), ``skip`` in bounded memory, and the end-of-archive check."""
+    CHUNK = 1 << 20
+    MAX_PAD = 1 << 20  # more trailing bytes than this after the end marker is not padding
 
     def __init__(self, f):
-        self.f, self.pos, self.chunks, self.kept = f, 0, collections.deque(), 0
+        self.f, self.buf, self.pos, self.base = f, b"", 0, 0
 
-    def read(self, n=-1):
-        b = self.f.read(n)
-        if b:
-            self.chunks.append((self.pos, b))
-            self.pos += len(b)
-            self.kept += len(b)
-            while self.kept - len(self.chunks[0][1]) >= self.WINDOW:
-                self.kept -= len(self.chunks.popleft()[1])
+    @property
+    def pos_total(self) -> int:
+        return self.base + self.pos
+
+    def take(self, n: int) -> bytes:
+        """The next ``n`` bytes (fewer only at the end of the stream)."""
+        if len(self.buf) - self.pos < n:
+            parts, have = [self.buf[self.pos:]], len(self.buf) - self.pos
+            while have < n and (c := self.f.read(max(self.CHUNK, n - have))):
+                parts.append(c)
+                have += len(c)
+            self.base += self.pos
+            self.buf, self.pos = b"".join(parts), 0
+        b = self.buf[self.pos:self.pos + n]
+        self.pos += len(b)
         return b
 
-    def check_end(self, end: int):
-        pad = 0
-        while pad <= self.MAX_PAD and (b := self.read(1 << 16)):
-            pad += len(b)
-        tail = b"".join(c for _, c in self.chunks)
-        start = self.chunks[0][0] if self.chunks else self.pos
-        ok = start <= end and len(tail) - (end - start) >= 512 and not tail[end - start:].strip(b"\0")
-        if not ok or pad > self.MAX_PAD:
+    def skip(self, n: int, chunk: int = 4 << 20) -> bool:
+        """Reads past ``n`` bytes, ``chunk`` at a time (a member of zeros that inflates to 1 GiB
+        costs seconds and a few chunks of memory); False if the stream ends first."""
+        while n > 0:
+            if self.pos == len(self.buf):
+                self.base += len(self.buf)
+                self.buf, self.pos = self.f.read(min(n, chunk)), 0
+                if not self.buf:
+                    return False
+            k = min(n, len(self.buf) - self.pos)
+            self.pos, n = self.pos + k, n - k
+        return True
+
+    def check_end(self, end: int) -> None:
+        """Everything after the zero block at ``end`` must be zeros (padding), at most MAX_PAD."""
+        rest = self.buf[self.pos:]
+        pad = len(rest)
+        while pad <= self.MAX_PAD and not rest.strip(b"\0") and (rest := self.f.read(1 << 16)):
+            pad += len(rest)
+        if rest.strip(b"\0") or pad > self.MAX_PAD:
             raise tarfile.ReadError(f"truncated or corrupt tar: no end-of-archive marker at byte {end}")
 
-    def close(self):
-        self.f.close()
+
+def _decompressed(raw):
+    """``raw``, or a decompressing reader over it when it starts with a gzip, bzip2 or xz magic
+    (the compressions tarfile's ``r|*`` detects)."""
+    head = raw.read(6)
+    f = _Prefixed(head, raw)
+    if head.startswith(b"\x1f\x8b\x08"):
+        import gzip
+        return gzip.GzipFile(fileobj=f, mode="rb")
+    if head.startswith(b"BZh91"):
+        import bz2
+        return bz2.BZ2File(f)
+    if head.startswith((b"\x5d\x00\x00\x80", b"\xfd7zXZ")):
+        import lzma
+        return lzma.LZMAFile(f)
+    return f
+
+
+class _Prefixed:
+    """A stream with bytes already read put back in front."""
+
+    def __init__(self, head: bytes, f):
+        self.head, self.f = head, f
+
+    def read(self, n: int = -1) -> bytes:
+        if not self.head:
+            return self.f.read(n)
+        if n is None or n < 0:
+            b, self.head = self.head + self.f.read(), b""
+            return b
+        b, self.head = self.head[:n], self.head[n:]
+        return b + self.f.read(n - len(b)) if len(b) < n else b
 
 
 def shard_stem(url: str) -> str:

@@ -39,8 +39,9 @@ def clean_rows(x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
 
 
 def file_sha256(path: str | Path) -> str:
+    from pipeline.core import fs
     h = hashlib.sha256()
-    with open(path, "rb") as f:
+    with fs.open_read(path) as f:
         for chunk in iter(lambda: f.read(1 << 24), b""):
             h.update(chunk)
     return h.hexdigest()
@@ -48,9 +49,10 @@ def file_sha256(path: str | Path) -> str:
 
 def load_centroids(path: str, dim: int, l: int, key: str = "assign") -> np.ndarray:
     """Unit-norm float32 K x D centers; one line naming the file (or ``{key}.l``) when unusable."""
+    from pipeline.core import fs
     p = Path(path)
-    if not p.is_file():
-        raise StoreError(f"centroids file {p} does not exist (run clustering.kmeans first)")
+    if not fs.isfile(fs.check(path, "centroids")):
+        raise StoreError(f"centroids file {path} does not exist (run clustering.kmeans first)")
     c = load_npy(p)
     if c.ndim != 2 or c.shape[1] != dim:
         raise StoreError(f"{p}: centroids of shape {c.shape} don't match the store's dim {dim}")

@@ -16,6 +16,7 @@ from tqdm import tqdm
 
 from pipeline.core.config import RunConfig, WandbConfig
 from pipeline.core.dist import DistContext
+from pipeline.core.errors import InputError
 from pipeline.core.io import atomic_write_json, atomic_write_text
 
 log = logging.getLogger("mlcd")
@@ -116,6 +117,9 @@ class Progress:
         self.done, self.initial = initial, initial
         self.counters: dict[str, Any] = {}
         self.every_s = _EVERY_S if every_s is None else every_s
+        from pipeline.core import fs
+        if share_dir is not None and fs.is_remote(share_dir):
+            share_dir = None  # a URL: no per-rank files (a PUT per rank per interval, listed by nobody)
         self.dir = Path(share_dir) / PROGRESS_DIR if share_dir is not None else None
         self.t0 = self.t_last = time.perf_counter()
         tty = sys.stderr.isatty()
@@ -200,8 +204,9 @@ class Progress:
 
 def read_progress(path: Path) -> dict | None:
     try:
-        return json.loads(Path(path).read_text())
-    except (OSError, ValueError):
+        from pipeline.core import fs
+        return json.loads(fs.read_bytes(path))
+    except (OSError, ValueError, InputError):
         return None
 
 
@@ -272,8 +277,9 @@ class StageStatus:
         if e is None:
             self._write(state="done", ended=time.time(), error=None, exit_code=None)
             return
+        from pipeline.core import fs
         from pipeline.core.lock import LOCK_NAME
-        if self.path is None or not any(p.name != LOCK_NAME for p in self.path.parent.iterdir()):
+        if self.path is None or not any(n != LOCK_NAME for n in fs.ls(self.path.parent)):
             return  # nothing written here (bad input or config caught up front): leave nothing
         code = getattr(e, "exit_code", 2 if type(e).__name__ == "ConfigError" else None)
         if code in (1, 2) and (read_progress(self.path) or {}).get("state") == "done":

@@ -29,6 +29,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from pipeline.core import fs
 from pipeline.core.config import RESUMABLE, ConfigError, RunConfig, check, prepare_out_dir
 from pipeline.core.dist import DistContext
 from pipeline.core.entry import stage_cli, stage_main
@@ -180,7 +181,7 @@ class FeatureCache:
 
     def get(self, model: str, dataset: str, split: str, fp: str) -> tuple[np.ndarray | None, dict]:
         npy, meta = self.paths(model, dataset, split)
-        if not (npy.is_file() and meta.is_file()):
+        if not (fs.isfile(npy) and fs.isfile(meta)):
             return None, {}
         try:
             info = read_json(meta)
@@ -219,7 +220,7 @@ def evaluate(run: RunConfig, cfg: EvalConfig, ctx: DistContext, tracker: Tracker
             raise EvalInputError(f"dataset {name}: train ({d.train}) and test ({d.test}) class lists differ")
         data[name] = (tr, te)
     results_path = out / "results.json"
-    prev = read_json(results_path) if results_path.is_file() and ctx.is_main else {}
+    prev = read_json(results_path) if ctx.is_main and fs.isfile(results_path) else {}
     prev_rows = {(r["model"], r["dataset"]): r for r in prev.get("results", [])}
     report = {"datasets": {}, "models": {}, "results": []}
     for name, (tr, te) in data.items():

@@ -223,9 +223,6 @@ def _our_model(cfg, state: dict | None, seed: int, feature: str, info: dict) -> 
     """Our MLCDEncoder (training.model) with ``state`` (None = random init with ``seed``) and the
     export's own image processor (training.hf.processor_config): checkpoint features equal the
     exported folder's."""
-    from transformers import CLIPImageProcessor
-
-    from training.hf import processor_config
     from training.model import ModelConfig, build_model
     if isinstance(cfg, dict):
         try:
@@ -244,18 +241,33 @@ def _our_model(cfg, state: dict | None, seed: int, feature: str, info: dict) -> 
         bad = [k for k in missing if not k.startswith("head.")] + list(unexpected)
         if bad:
             raise EvalInputError(f"{info.get('weights')}: state dict does not match {cfg.name}: {bad[:4]}")
+    return model_extractor(model, cfg, feature, info)
+
+
+def model_extractor(model: torch.nn.Module, cfg, feature: str = "pooled", info: dict | None = None,
+                    dtype: torch.dtype | None = None, module: bool = True) -> Extractor:
+    """An Extractor over a built MLCDEncoder (also the one being trained: training/eval_hook.py),
+    with the export's own image processor. dtype: what the model's weights are (bf16 training),
+    the float pixels are cast to it. module=False: the model stays where it is (no .to/.eval)."""
+    from transformers import CLIPImageProcessor
+
+    from training.hf import processor_config
+
+    def cast(x):
+        return x if dtype is None else x.to(dtype)
     if feature == "head":
-        fwd = model
+        def fwd(x):
+            return model(cast(x))
     else:
         def fwd(x):
-            return model.vision_model(x).pooler_output
+            return model.vision_model(cast(x)).pooler_output
     proc = CLIPImageProcessor(**{k: v for k, v in processor_config(cfg).items()
                                  if k != "image_processor_type"})
 
     def tokens(x):
-        return patch_grid(model.vision_model(x).last_hidden_state, x, cfg.resolved().patch_size)
-    return Extractor(fwd, processor_transform(proc), model,
-                     {**info, "model_config": dict(vars(cfg.resolved())), "feature": feature},
+        return patch_grid(model.vision_model(cast(x)).last_hidden_state, x, cfg.resolved().patch_size)
+    return Extractor(fwd, processor_transform(proc), model if module else None,
+                     {**(info or {}), "model_config": dict(vars(cfg.resolved())), "feature": feature},
                      tokens, proc)
 
 

@@ -258,28 +258,57 @@ def _collate(batch):
             torch.tensor([b[1] for b in batch]))
 
 
+def patch_mean_fn(ex: Extractor):
+    """x, boxes per image (input pixels) -> per image (pooled features, kept): the feature every
+    model has (mean of the patch tokens under the box)."""
+    def fn(x, boxes):
+        grid = ex.patch_tokens(x)  # (B, gh, gw, C)
+        patch = x.shape[-1] // grid.shape[2]
+        return [pool_regions(g, b, patch) for g, b in zip(grid, boxes)]
+    return fn
+
+
+def region_head_fn(ex: Extractor):
+    """The same, from RICE's own region head (training/evaluation/region_head.py); kept is the
+    pooled feature's (a box outside the input is dropped from both)."""
+    from training.evaluation.region_head import head_features
+
+    def fn(x, boxes):
+        patch = ex.module.config.resolved().patch_size
+        gh, gw = x.shape[-2] // patch, x.shape[-1] // patch
+        out = []
+        for f, b in zip(head_features(ex, x, boxes), boxes):
+            kept = cell_mask(b.to(torch.float64), gh, gw, patch)[1].to(f.device)
+            out.append((f * kept[:, None], kept))
+        return out
+    return fn
+
+
 def _image_features(ex: Extractor, rs: RegionSet, starts: np.ndarray, lo: int, hi: int,
-                    batch_size: int, workers: int, device, desc: str, ctx: DistContext) -> torch.Tensor:
-    """(regions of images [lo, hi), C + 1): pooled features, then the kept flag."""
+                    batch_size: int, workers: int, device, desc: str, ctx: DistContext,
+                    fn=None) -> torch.Tensor:
+    """(regions of images [lo, hi), C + 1): features (``fn``: patch_mean_fn by default), then
+    the kept flag."""
+    fn = fn or patch_mean_fn(ex)
     sub = Subset(rs.images.with_transform(_sized(ex.transform)), range(lo, hi))
     loader = DataLoader(sub, batch_size=batch_size, num_workers=workers, collate_fn=_collate)
     out = []
     with progress(hi - lo, desc, ctx) as bar:
         for x, wh, idx in loader:
-            grid = ex.patch_tokens(x.to(device, non_blocking=True))  # (B, gh, gw, C)
-            patch = x.shape[-1] // grid.shape[2]
-            for g, (w, h), i in zip(grid, wh.tolist(), idx.tolist()):
+            boxes = []
+            for (w, h), i in zip(wh.tolist(), idx.tolist()):
                 sx, sy, ox, oy = box_geometry(ex.processor, w, h)
-                b = (torch.as_tensor(rs.boxes[starts[i]:starts[i + 1]]) * torch.tensor([sx, sy, sx, sy])
-                     - torch.tensor([ox, oy, ox, oy]))
-                f, k = pool_regions(g, b, patch)
+                boxes.append(torch.as_tensor(rs.boxes[starts[i]:starts[i + 1]]) * torch.tensor([sx, sy, sx, sy])
+                             - torch.tensor([ox, oy, ox, oy]))
+            for f, k in fn(x.to(device, non_blocking=True), boxes):
                 out.append(torch.cat([f, k[:, None].to(f.dtype)], 1).cpu())
             bar.update(len(x))
     return torch.cat(out) if out else torch.zeros(0, 0)
 
 
 def extract_regions(ex: Extractor, rs: RegionSet, ctx: DistContext, batch_size: int = 32, workers: int = 0,
-                    device: torch.device | None = None, desc: str = "regions") -> tuple[np.ndarray, np.ndarray]:
+                    device: torch.device | None = None, desc: str = "regions",
+                    fn=None) -> tuple[np.ndarray, np.ndarray]:
     """(R, C) float32 region features in region order and (R,) kept, on every rank. Rank r takes
     the images [r*ceil(N/W), (r+1)*ceil(N/W)) (their regions are contiguous: regions are listed
     image by image); the padded blocks are all-gathered (one collective per split)."""
@@ -289,7 +318,7 @@ def extract_regions(ex: Extractor, rs: RegionSet, ctx: DistContext, batch_size: 
     per = math.ceil(n / world)
     bounds = [(min(r * per, n), min((r + 1) * per, n)) for r in range(world)]
     lo, hi = bounds[ctx.rank]
-    local = _image_features(ex, rs, starts, lo, hi, batch_size, workers, device, desc, ctx)
+    local = _image_features(ex, rs, starts, lo, hi, batch_size, workers, device, desc, ctx, fn)
     if not ctx.distributed:
         return local[:, :-1].numpy(), local[:, -1].numpy() > 0
     counts = [int(starts[b] - starts[a]) for a, b in bounds]
@@ -337,14 +366,38 @@ def probe_task(feats: dict[str, np.ndarray], rows: dict, cfg: RegionEvalConfig, 
             "probe_s": round(time.perf_counter() - t0, 2)}
 
 
-def _features(spec: ModelSpec, data: dict[str, RegionSet], cache: FeatureCache, cfg: RegionEvalConfig,
-              ctx: DistContext, device, state: dict) -> tuple[dict, dict, dict]:
+# feature -> (cache dataset name, fingerprint tag, extractor builder, per-batch function)
+FEATURES = {
+    "patch_mean": ("regions", "patch_mean_v1", lambda spec, device, ctx: build_extractor(spec, device, ctx),
+                   patch_mean_fn),
+    "region_head": ("region_head", "region_head_v1", None, region_head_fn),
+}
+
+
+def model_features(spec: ModelSpec) -> list[str]:
+    """The features a model has: pooled patch tokens always; RICE's own region embeddings when the
+    export holds its region head (training/evaluation/region_head.py)."""
+    from training.evaluation.region_head import has_region_head
+    return ["patch_mean"] + (["region_head"] if has_region_head(spec) else [])
+
+
+def _build(feature: str, spec: ModelSpec, device, ctx: DistContext) -> Extractor:
+    if feature == "region_head":
+        from training.evaluation.region_head import build_region_head
+        from training.safe_load import every_rank_reads
+        return every_rank_reads(ctx, lambda: build_region_head(spec, device))
+    return FEATURES[feature][2](spec, device, ctx)
+
+
+def _features(spec: ModelSpec, feature: str, data: dict[str, RegionSet], cache: FeatureCache,
+              cfg: RegionEvalConfig, ctx: DistContext, device, state: dict) -> tuple[dict, dict, dict]:
     """Per split: features and kept mask (from the cache when its fingerprint matches), timing."""
     feats, kept, timing = {}, {}, {}
     mkey = _model_key(spec)
+    dataset, tag, _, fn = FEATURES[feature]
     for split, rs in data.items():
-        fp = _hash({"model": mkey, "data": rs.fingerprint(), "feature": "patch_mean_v1"})
-        x, meta = cache.get(spec.name, "regions", split, fp) if ctx.is_main else (None, {})
+        fp = _hash({"model": mkey, "data": rs.fingerprint(), "feature": tag})
+        x, meta = cache.get(spec.name, dataset, split, fp) if ctx.is_main else (None, {})
         hit = ctx.broadcast_object(x is not None)
         if hit:
             x, k = (x, np.asarray(meta["kept"], bool)) if ctx.is_main else (None, None)
@@ -352,17 +405,17 @@ def _features(spec: ModelSpec, data: dict[str, RegionSet], cache: FeatureCache, 
         else:
             if "ex" not in state:
                 t0 = time.perf_counter()
-                state["ex"] = build_extractor(spec, device, ctx)
+                state["ex"] = _build(feature, spec, device, ctx)
                 state["info"] = to_jsonable(state["ex"].info)
-                log.info("built %s (%s) in %.1f s", spec.name, spec.kind, time.perf_counter() - t0)
+                log.info("built %s (%s, %s) in %.1f s", spec.name, spec.kind, feature, time.perf_counter() - t0)
             t0 = time.perf_counter()
             x, k = extract_regions(state["ex"], rs, ctx, cfg.batch_size, cfg.workers, device,
-                                   f"{spec.name}/regions/{split}")
+                                   f"{spec.name}/{dataset}/{split}", fn(state["ex"]))
             dt = time.perf_counter() - t0
             timing[split] = {"seconds": round(dt, 2), "images_per_s": round(len(rs.images) / max(dt, 1e-9), 1)}
             if ctx.is_main:
-                cache.put(spec.name, "regions", split, fp, x, {"model": spec.name, "split": split,
-                                                               "kept": k.tolist(), **timing[split]})
+                cache.put(spec.name, dataset, split, fp, x, {"model": spec.name, "split": split, "feature": feature,
+                                                             "kept": k.tolist(), **timing[split]})
         feats[split], kept[split] = x, k
     return feats, kept, timing
 
@@ -390,6 +443,34 @@ def _summary(data: dict[str, RegionSet]) -> dict:
     return out
 
 
+def _probe_rows(spec: ModelSpec, feature: str, feats, kept, data, cache: FeatureCache, cfg: RegionEvalConfig,
+                prev_rows: dict, probe_key: dict, seed: int) -> list[dict]:
+    """Rank 0: one row per task (reused from results.json while features and probe settings match)."""
+    dataset = FEATURES[feature][0]
+    mt = [cache.paths(spec.name, dataset, s)[0].stat().st_mtime_ns for s in ("train", "test")]
+    rows = []
+    for task in cfg.tasks:
+        rkey = _hash({"features": mt, "probe": probe_key, "task": task, "feature": feature})
+        row = prev_rows.get((spec.name, feature, task))
+        if row is None or row.get("key") != rkey:
+            row = to_jsonable({"model": spec.name, "feature": feature, "task": task, "key": rkey,
+                               "dim": int(feats["train"].shape[1]),
+                               **probe_task(feats, task_rows(data, kept, task), cfg, seed)})
+        rows.append(row)
+    return rows
+
+
+def _log_rows(rows: list[dict], tracker: Tracker | None) -> None:
+    for r in rows:
+        if "linear" in r:
+            log.info("%s [%s] %s: linear %.1f%%, k-NN %.1f%% (%d train / %d test regions, %d classes)",
+                     r["model"], r["feature"], r["task"], 100 * r["linear"]["top1"], 100 * r["knn"]["top1"],
+                     r["counts"]["n_train"], r["counts"]["n_test"], r["counts"]["classes"])
+            if tracker is not None:
+                pre = f"eval_regions/{r['task']}/{r['model']}/{r['feature']}"
+                tracker.log({f"{pre}/linear_top1": r["linear"]["top1"], f"{pre}/knn_top1": r["knn"]["top1"]})
+
+
 def evaluate_regions(run: RunConfig, cfg: RegionEvalConfig, ctx: DistContext,
                      tracker: Tracker | None = None) -> dict:
     out = Path(cfg.out_dir)
@@ -401,70 +482,67 @@ def evaluate_regions(run: RunConfig, cfg: RegionEvalConfig, ctx: DistContext,
     data = _open_data(cfg, ctx)
     res_path = out / "results.json"
     prev = read_json(res_path) if res_path.is_file() and ctx.is_main else {}
-    prev_rows = {(r["model"], r["task"]): r for r in prev.get("results", [])}
+    prev_rows = {(r["model"], r.get("feature", "patch_mean"), r["task"]): r for r in prev.get("results", [])}
     report = {"train": cfg.train, "test": cfg.test, "data": _summary(data), "models": {}, "results": []}
     probe_key = {"val_fraction": cfg.val_fraction, "linear": asdict(cfg.linear), "knn": asdict(cfg.knn),
                  "seed": run.seed}
     for spec in models:
-        state: dict = {}
-        feats, kept, timing = _features(spec, data, cache, cfg, ctx, device, state)
-        info = state.get("info") or prev.get("models", {}).get(spec.name, {}).get("info")
-        report["models"][spec.name] = {"kind": spec.kind, "spec": to_jsonable(asdict(spec)), "info": info,
-                                       "extract": timing}
-
-        def probe_rows():  # rank 0 probes; an error there stops every rank (no one waits)
-            mt = [cache.paths(spec.name, "regions", s)[0].stat().st_mtime_ns for s in ("train", "test")]
-            rows = []
-            for task in cfg.tasks:
-                rkey = _hash({"features": mt, "probe": probe_key, "task": task})
-                row = prev_rows.get((spec.name, task))
-                if row is None or row.get("key") != rkey:
-                    row = to_jsonable({"model": spec.name, "task": task, "key": rkey,
-                                       "dim": int(feats["train"].shape[1]),
-                                       **probe_task(feats, task_rows(data, kept, task), cfg, run.seed)})
-                rows.append(row)
-            return rows
-        rows = ctx.agree(probe_rows)
-        if ctx.is_main:
-            for r in rows:
-                if "linear" in r:
-                    log.info("%s %s: linear %.1f%%, k-NN %.1f%% (%d train / %d test regions, %d classes)",
-                             r["model"], r["task"], 100 * r["linear"]["top1"], 100 * r["knn"]["top1"],
-                             r["counts"]["n_train"], r["counts"]["n_test"], r["counts"]["classes"])
-                    if tracker is not None:
-                        tracker.log({f"eval_regions/{r['task']}/{r['model']}/linear_top1": r["linear"]["top1"],
-                                     f"eval_regions/{r['task']}/{r['model']}/knn_top1": r["knn"]["top1"]})
-            report["results"] += rows
-            _write(out, report)
-        ctx.barrier()
-        state.clear()  # frees the model before the next one is built
+        features = ctx.agree(lambda: model_features(spec))
+        report["models"][spec.name] = {"kind": spec.kind, "spec": to_jsonable(asdict(spec)), "features": features,
+                                       "extract": {}}
+        for feature in features:
+            state: dict = {}
+            feats, kept, timing = _features(spec, feature, data, cache, cfg, ctx, device, state)
+            info = state.get("info") or prev.get("models", {}).get(spec.name, {}).get("info")
+            if feature == "patch_mean":
+                report["models"][spec.name]["info"] = info
+            report["models"][spec.name]["extract"][feature] = timing
+            rows = ctx.agree(lambda: _probe_rows(spec, feature, feats, kept, data, cache, cfg, prev_rows,
+                                                 probe_key, run.seed))
+            if ctx.is_main:
+                _log_rows(rows, tracker)
+                report["results"] += rows
+                _write(out, report)
+            ctx.barrier()
+            state.clear()  # frees the model before the next one is built
     return report
 
 
+FEATURE_NAMES = {"patch_mean": "patch mean", "region_head": "region head"}
+
+
 def markdown_table(report: dict) -> str:
-    """model x {object linear, object k-NN, word linear, word k-NN} top-1 (%), then baselines and counts."""
+    """(model, feature) x {object linear, object k-NN, word linear, word k-NN} top-1 (%), then
+    baselines and counts. A model without region layers gets a "region head" row saying so."""
     tasks = list(dict.fromkeys(r["task"] for r in report["results"]))
-    cells = {(r["model"], r["task"]): r for r in report["results"]}
-    lines = ["| model | " + " | ".join(f"{t} linear | {t} k-NN" for t in tasks) + " |",
-             "|---|" + "---:|---:|" * len(tasks)]
-    for m in report["models"]:
-        row = [m]
-        for t in tasks:
-            r = cells.get((m, t), {})
-            row += ([f"{100 * r['linear']['top1']:.1f}", f"{100 * r['knn']['top1']:.1f}"] if "linear" in r
-                    else ["n/a", "n/a"])
-        lines.append("| " + " | ".join(row) + " |")
-    base, notes = ["chance / majority"], []
+    cells = {(r["model"], r.get("feature", "patch_mean"), r["task"]): r for r in report["results"]}
+    lines = ["| model | feature | " + " | ".join(f"{t} linear | {t} k-NN" for t in tasks) + " |",
+             "|---|---|" + "---:|---:|" * len(tasks)]
+    for m, minfo in report["models"].items():
+        for f in FEATURE_NAMES:
+            if f not in minfo.get("features", ["patch_mean"]):
+                lines.append(f"| {m} | {FEATURE_NAMES[f]}: none (no region layers) | "
+                             + " | ".join(["n/a"] * 2 * len(tasks)) + " |")
+                continue
+            row = [m, FEATURE_NAMES[f]]
+            for t in tasks:
+                r = cells.get((m, f, t), {})
+                row += ([f"{100 * r['linear']['top1']:.1f}", f"{100 * r['knn']['top1']:.1f}"] if "linear" in r
+                        else ["n/a", "n/a"])
+            lines.append("| " + " | ".join(row) + " |")
+    base, notes = ["chance / majority", ""], []
     for t in tasks:
-        r = next((cells[(m, t)] for m in report["models"] if "linear" in cells.get((m, t), {})), None)
+        r = next((c for k, c in cells.items() if k[2] == t and "linear" in c), None)
         base += [f"{100 * r['chance']:.1f} / {100 * r['majority']:.1f}" if r else "", ""]
-        c = next(cells[(m, t)]["counts"] for m in report["models"] if (m, t) in cells)
+        c = next(c["counts"] for k, c in cells.items() if k[2] == t)
         notes.append(f"{t}: {c['n_train']} train / {c['n_test']} test regions, {c['classes']} classes"
                      + (f", {c['unseen_test']} test regions of classes unseen in train left out"
                         if c["unseen_test"] else ""))
     lines.append("| " + " | ".join(base) + " |")
-    return ("Region recognition, top-1 accuracy (%) on probe/test. Feature: mean of the last_hidden_state "
-            "patch tokens whose cell overlaps the box, L2-normalized. Linear: L-BFGS logistic regression, "
+    return ("Region recognition, top-1 accuracy (%) on probe/test. Features: patch mean = mean of the "
+            "last_hidden_state patch tokens whose cell overlaps the box (every model); region head = "
+            "the model's own Region Transformer output for the box (RICE only: plain MLCD and random "
+            "init have no region layers); both L2-normalized. Linear: L-BFGS logistic regression, "
             "C chosen on a validation split of train; k-NN: cosine, T = 0.07, k chosen on the same split.\n"
             f"({'; '.join(notes)})\n\n" + "\n".join(lines) + "\n")
 
