@@ -90,6 +90,8 @@ def per_core_rates(spec: str, store: str, labels: str, batches: int, rounds: int
     torch.set_num_threads(1)
     rates: dict[str, list[float]] = {"reference": [], "fast": []}
     try:
+        for name in rates:  # warm-up, untimed: the first run of the process paid lazy imports and
+            _rate(spec, store, labels, 0, 1, fast=name == "fast")  # cold caches (always the reference's)
         for _ in range(rounds):
             for name in ("reference", "fast"):
                 rates[name].append(_rate(spec, store, labels, 0, batches, fast=name == "fast",
