@@ -211,7 +211,8 @@ def pixel_diffs(spec: str, decode: str, device) -> dict:
 def fast_path_costs(spec: str, rounds: int = 3) -> dict[str, float]:
     """Microseconds per image (CPU time, 1 torch thread, best of `rounds`) of the fast path's
     parts on `spec`'s JPEGs: tar reading, header + plan, decode_jpeg, the resize (crop, mirror,
-    copy into the batch), and the whole `decode_batch_cpu`. Where to look next, not a ratio."""
+    copy into the batch), the page faults of writing a new batch (the resize's reuses one), and
+    the whole `decode_batch_cpu`. Where to look next, not a ratio."""
     from pipeline.core.images import image_bytes
     from pipeline.core.shards import expand_shards, read_samples
     from training import decode as D
@@ -234,6 +235,7 @@ def fast_path_costs(spec: str, rounds: int = 3) -> dict[str, float]:
              "decode_jpeg": lambda: [decode_jpeg(torch.frombuffer(bytearray(d), dtype=torch.uint8),
                                                  mode=ImageReadMode.RGB) for d in raw],
              "resize + copy": resize,
+             "a fresh batch, first touch": lambda: torch.empty((len(raw), 3, SIZE, SIZE), dtype=torch.uint8).fill_(0),
              "decode_batch_cpu (all but tar)": lambda: D.decode_batch_cpu(raw, SIZE, 0.5, 0.5, rng)}
     best = {k: math.inf for k in parts}
     try:
