@@ -219,7 +219,7 @@ def fast_path_costs(spec: str, rounds: int = 3) -> dict[str, float]:
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     urls = expand_shards(spec)
-    raw = [b for u in urls for s in read_samples(u) if (b := image_bytes(s)) is not None]
+    raw = [b for u in urls for s in read_samples(u) if (b := image_bytes(s)) is not None and b[:3] == D.JPEG_MAGIC]
     rng = np.random.default_rng(0)
     from torchvision.io import ImageReadMode, decode_jpeg
     opened = [D.open_and_plan(d, SIZE, 0.5, 0.5, rng) for d in raw]
