@@ -30,3 +30,13 @@ def test_loader_rate_cpu():
     assert 0 < r["pixel_max_abs_diff_vs_reference"] <= 128
     assert r["pixel_mean_abs_diff_vs_reference"] <= 0.3
     assert "pixel_max_abs_diff_vs_cpu" not in r
+
+
+def test_fast_path_costs_parts(tmp_path):
+    """The fast path's parts per image exist and are positive (their sizes are the README's)."""
+    from training.bench_data import fast_path_costs, synthetic_data
+    spec, _, _ = synthetic_data(tmp_path, 12)
+    costs = fast_path_costs(spec, rounds=1)
+    assert set(costs) == {"tar read", "header + plan", "decode_jpeg", "resize + copy",
+                          "a fresh batch, first touch", "decode_batch_cpu (all but tar)"}
+    assert all(v > 0 for v in costs.values()), costs

@@ -17,6 +17,7 @@ GPU needs = its training rate / the per-core rate. `loader_rate(decode, device, 
 """
 from __future__ import annotations
 
+import math
 import os
 import tempfile
 import time
@@ -90,6 +91,8 @@ def per_core_rates(spec: str, store: str, labels: str, batches: int, rounds: int
     torch.set_num_threads(1)
     rates: dict[str, list[float]] = {"reference": [], "fast": []}
     try:
+        for name in rates:  # warm-up, untimed: the first run of the process paid lazy imports and
+            _rate(spec, store, labels, 0, 1, fast=name == "fast")  # cold caches (always the reference's)
         for _ in range(rounds):
             for name in ("reference", "fast"):
                 rates[name].append(_rate(spec, store, labels, 0, batches, fast=name == "fast",
@@ -203,3 +206,44 @@ def pixel_diffs(spec: str, decode: str, device) -> dict:
                    pixel_mean_abs_diff_vs_cpu=float((gpu - cpu).abs().mean()),
                    cpu_fallback_samples=len(raw) - len(enc.jpegs))
     return out
+
+
+def fast_path_costs(spec: str, rounds: int = 3) -> dict[str, float]:
+    """Microseconds per image (CPU time, 1 torch thread, best of `rounds`) of the fast path's
+    parts on `spec`'s JPEGs: tar reading, header + plan, decode_jpeg, the resize (crop, mirror,
+    copy into the batch), the page faults of writing a new batch (the resize's reuses one), and
+    the whole `decode_batch_cpu`. Where to look next, not a ratio."""
+    from pipeline.core.images import image_bytes
+    from pipeline.core.shards import expand_shards, read_samples
+    from training import decode as D
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    urls = expand_shards(spec)
+    raw = [b for u in urls for s in read_samples(u) if (b := image_bytes(s)) is not None and b[:3] == D.JPEG_MAGIC]
+    rng = np.random.default_rng(0)
+    from torchvision.io import ImageReadMode, decode_jpeg
+    opened = [D.open_and_plan(d, SIZE, 0.5, 0.5, rng) for d in raw]
+    D.decode_batch_cpu(raw[:8], SIZE, 0.5, 0.5, rng)  # warm-up: lazy imports
+    full = [decode_jpeg(torch.frombuffer(bytearray(d), dtype=torch.uint8), mode=ImageReadMode.RGB) for d in raw]
+    out = torch.empty((len(raw), 3, SIZE, SIZE), dtype=torch.uint8)
+
+    def resize():
+        for i, (x, (_, _, p)) in enumerate(zip(full, opened)):
+            out[i] = D.resize_crop(x[None], p.box, p.flip, SIZE)
+    parts = {"tar read": lambda: [s for u in urls for s in read_samples(u)],
+             "header + plan": lambda: [D.open_and_plan(d, SIZE, 0.5, 0.5, rng) for d in raw],
+             "decode_jpeg": lambda: [decode_jpeg(torch.frombuffer(bytearray(d), dtype=torch.uint8),
+                                                 mode=ImageReadMode.RGB) for d in raw],
+             "resize + copy": resize,
+             "a fresh batch, first touch": lambda: torch.empty((len(raw), 3, SIZE, SIZE), dtype=torch.uint8).fill_(0),
+             "decode_batch_cpu (all but tar)": lambda: D.decode_batch_cpu(raw, SIZE, 0.5, 0.5, rng)}
+    best = {k: math.inf for k in parts}
+    try:
+        for _ in range(rounds):  # interleaved: each part sees the same drift of the machine's load
+            for k, fn in parts.items():
+                c = time.process_time()
+                fn()
+                best[k] = min(best[k], (time.process_time() - c) / len(raw) * 1e6)
+    finally:
+        torch.set_num_threads(threads)
+    return {k: round(v, 1) for k, v in best.items()}
