@@ -190,7 +190,7 @@ def run_bench(quick: bool = False) -> list[dict]:
         rounds = _efficiency_rounds(run, cfg, ctx, enc, parts, tmp, 3 if quick else 2)
         med = {k: statistics.median(r[k] for r in rounds) for k in ("a", "b", "c", "eff")}
         effs = ", ".join(f"{r['eff']:.2f}" for r in rounds)
-        parts = ", ".join(f"{r['parts']:.2f}" for r in rounds)
+        alone = ", ".join(f"{r['parts']:.2f}" for r in rounds)
         rows = [{"what": "(a) decode+preprocess only", "images": rounds[0]["n"], "images_per_s": med["a"],
                  "note": f"{min(cfg.workers, len(parts))} DataLoader workers; median of {len(rounds)} rounds"},
                 {"what": "(b) model only (pre-decoded)", "images": rounds[0]["n"], "images_per_s": med["b"],
@@ -198,7 +198,7 @@ def run_bench(quick: bool = False) -> list[dict]:
                 {"what": "(c) full stage", "images": rounds[0]["rows"], "images_per_s": med["c"],
                  "note": f"efficiency = model busy share of (c)'s wall, per round {effs}: median "
                          f"{med['eff']:.2f} (<= 1 by construction; target >= 0.9); c/min(a,b) of the "
-                         f"parts alone: {parts}"}]
+                         f"parts alone: {alone}"}]
 
         t0 = time.perf_counter()  # (d)
         nv = _naive(shards, cfg, enc)

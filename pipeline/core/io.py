@@ -83,8 +83,10 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
         return
     path = Path(_local(path))
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=f".{os.getpid()}-{_HOST}.tmp", dir=path.parent)
+    fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=f".{os.getpid()}-{_HOST}.tmp",
+                                    dir=path.parent)
     os.close(fd)
+    tmp = Path(tmp_name)
     try:
         yield Path(tmp)
         with open(tmp, "rb+") as f:

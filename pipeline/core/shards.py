@@ -13,7 +13,7 @@ import os
 import struct
 import tarfile
 from pathlib import Path
-from typing import Sequence
+from typing import IO, Any, Sequence, cast
 from urllib.parse import urlparse
 from urllib.request import url2pathname
 
@@ -389,20 +389,20 @@ class _Blocks:
             raise tarfile.ReadError(f"truncated or corrupt tar: no end-of-archive marker at byte {end}")
 
 
-def _decompressed(raw):
+def _decompressed(raw) -> Any:
     """``raw``, or a decompressing reader over it when it starts with a gzip, bzip2 or xz magic
     (the compressions tarfile's ``r|*`` detects)."""
     head = raw.read(6)
     f = _Prefixed(head, raw)
     if head.startswith(b"\x1f\x8b\x08"):
         import gzip
-        return gzip.GzipFile(fileobj=f, mode="rb")
+        return gzip.GzipFile(fileobj=cast(IO[bytes], f), mode="rb")
     if head.startswith(b"BZh91"):
         import bz2
-        return bz2.BZ2File(f)
+        return bz2.BZ2File(cast(IO[bytes], f))
     if head.startswith((b"\x5d\x00\x00\x80", b"\xfd7zXZ")):
         import lzma
-        return lzma.LZMAFile(f)
+        return lzma.LZMAFile(cast(IO[bytes], f))
     return f
 
 
