@@ -9,7 +9,7 @@ API (stable; every stage reads and writes data through it or through ``io``/``st
   failed: an unknown scheme, a backend that is not installed, remote access the run does not
   allow (``run.allow_remote``, ``pipeline/core/netpolicy.py``), a missing bucket, a wrong endpoint,
   denied credentials (the bucket is probed once per process). Local paths pass unchanged.
-- ``exists``, ``isfile``, ``isdir``, ``size``, ``ls(url) -> sorted child names``,
+- ``exists``, ``isfile``, ``isdir``, ``size``, ``mtime_ns``, ``ls(url) -> sorted child names``,
   ``glob(pattern) -> sorted URLs``, ``open_read(url)`` (a binary stream), ``read_bytes``.
 - ``write_bytes(url, data)`` / ``put_file(local_path, url)``: commit semantics per backend. Local:
   temp file + fsync + rename (``pipeline/core/io.py``), mode from the umask. Object store: one
@@ -238,6 +238,21 @@ def size(url: str | os.PathLike) -> int:
     if p is not None:
         return os.path.getsize(p)
     return int(_call("size", url_of(url), lambda fs, path: fs.size(path)))
+
+
+def mtime_ns(url: str | os.PathLike) -> int:
+    """When the file was last written (an object: its upload time, as the store reports it)."""
+    p = local(url)
+    if p is not None:
+        return os.stat(p).st_mtime_ns
+    info = _call("size", url_of(url), lambda fs, path: fs.info(path))
+    t = info.get("LastModified") or info.get("mtime") or info.get("updated")
+    if hasattr(t, "timestamp"):
+        return int(t.timestamp() * 1e9)
+    if isinstance(t, str):  # an ISO time stamp
+        from datetime import datetime
+        return int(datetime.fromisoformat(t.replace("Z", "+00:00")).timestamp() * 1e9)
+    return int(float(t or 0) * 1e9)
 
 
 def ls(url: str | os.PathLike) -> list[str]:
