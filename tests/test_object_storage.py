@@ -48,17 +48,19 @@ def test_put_file_and_local_paths(s3_bucket, remote_on, tmp_path):
     src.write_bytes(os.urandom(10_000))
     fs.put_file(src, f"{s3_bucket}/x/w.bin")
     assert fs.read_bytes(f"{s3_bucket}/x/w.bin") == src.read_bytes()
-    # plain paths and file:// URLs are local files, written atomically with the umask's mode
-    fs.put_file(src, f"file://{tmp_path}/copy/w.bin")
-    assert (tmp_path / "copy" / "w.bin").read_bytes() == src.read_bytes()
-    assert not fs.is_remote(f"file://{tmp_path}") and fs.local(f"file://{tmp_path}") == str(tmp_path)
-    assert fs.ls(tmp_path / "copy") == ["w.bin"]
+    # plain paths and file:// URLs are local files: io writes them (atomically, the umask's mode)
+    from pipeline.core import io as mio
+    with pytest.raises(ValueError, match="a local path"):
+        fs.put_file(src, f"file://{tmp_path}/copy/w.bin")
     mask = os.umask(0o022)
     try:
-        fs.write_bytes(tmp_path / "m.bin", b"x")
+        mio.atomic_write_bytes(f"file://{tmp_path}/copy/w.bin", src.read_bytes())
     finally:
         os.umask(mask)
-    assert stat.S_IMODE((tmp_path / "m.bin").stat().st_mode) == 0o644
+    assert (tmp_path / "copy" / "w.bin").read_bytes() == src.read_bytes()
+    assert stat.S_IMODE((tmp_path / "copy" / "w.bin").stat().st_mode) == 0o644
+    assert not fs.is_remote(f"file://{tmp_path}") and fs.local(f"file://{tmp_path}") == str(tmp_path)
+    assert fs.ls(tmp_path / "copy") == ["w.bin"]
 
 
 def test_bad_urls_stop_with_one_line(s3_server, s3_bucket, monkeypatch):
