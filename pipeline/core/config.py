@@ -39,6 +39,8 @@ import yaml
 from omegaconf import OmegaConf, open_dict
 from omegaconf.errors import OmegaConfBaseException
 
+from pipeline.core import fs
+from pipeline.core.errors import ConfigError  # noqa: F401 -- defined beside StageError, imported from here
 from pipeline.core.io import atomic_write_text
 from pipeline.core.stages import sections
 
@@ -50,10 +52,6 @@ INSTANCE_RE = re.compile(r"^([a-z_]+)@([A-Za-z0-9_]+)$")  # `cluster@regions`
 MAX_FILE_BYTES = 256 << 10        # a run file is a few KiB (PyYAML parses ~0.1 MiB/s here)
 MAX_NODES = 100_000               # scalars + containers after alias expansion (alias bombs)
 MAX_DEPTH = 32                    # nesting levels (a run file uses ~5)
-
-
-class ConfigError(ValueError):
-    """A bad configuration: the message is a single line for the user."""
 
 
 def check(cond: bool, key: str, value: Any, why: str) -> None:
@@ -387,7 +385,6 @@ def prepare_out_dir(out_dir: str | os.PathLike, run: RunConfig, sections: dict[s
     outputs. If a different config is already there, refuse unless ``run.resume`` or
     ``run.overwrite``. Keys allowed to change between reruns: the schemas' resumable fields
     (``resumable_keys``) plus ``ignore`` (dotted keys, for cases only known at run time)."""
-    from pipeline.core import fs  # fs -> netpolicy -> config: imported here
     out = Path(out_dir)
     fs.makedirs(out)  # a URL: no folder needed (and the bucket is never created)
     target = out / f"config.{name}.yaml"

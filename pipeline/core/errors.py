@@ -75,3 +75,9 @@ def _free_bytes(path) -> int:
         if p.exists():
             return shutil.disk_usage(p).free
     return 1 << 62
+
+
+class ConfigError(ValueError):
+    """A bad configuration: the message is a single line for the user (exit 2). Defined here so
+    that modules below config (netpolicy, fs) need no import of config; use it as
+    ``pipeline.core.config.ConfigError``."""

@@ -9,11 +9,12 @@ API (stable; every stage reads and writes data through it or through ``io``/``st
   failed: an unknown scheme, a backend that is not installed, remote access the run does not
   allow (``run.allow_remote``, ``pipeline/core/netpolicy.py``), a missing bucket, a wrong endpoint,
   denied credentials (the bucket is probed once per process). Local paths pass unchanged.
-- ``exists``, ``isfile``, ``isdir``, ``size``, ``ls(url) -> sorted child names``,
+- ``exists``, ``isfile``, ``isdir``, ``size``, ``mtime_ns``, ``ls(url) -> sorted child names``,
   ``glob(pattern) -> sorted URLs``, ``open_read(url)`` (a binary stream), ``read_bytes``.
-- ``write_bytes(url, data)`` / ``put_file(local_path, url)``: commit semantics per backend. Local:
-  temp file + fsync + rename (``pipeline/core/io.py``), mode from the umask. Object store: one
-  upload under the final name (S3 shows an object only once its PUT or multipart upload has
+- ``write_bytes(url, data)`` / ``put_file(local_path, url)``: the object-store writers (a local
+  path is refused: ``pipeline/core/io.py``'s ``atomic_*`` write any path, local ones by temp file
+  + fsync + rename with the umask's mode, URLs through these). Object store: one upload under the
+  final name (S3 shows an object only once its PUT or multipart upload has
   completed, so a reader never sees half of one). A multi-file part is "done" only once its marker
   (the store's metadata file, a label part's record) exists, written last; a killed run resumes
   by redoing the parts without a marker.
@@ -240,6 +241,21 @@ def size(url: str | os.PathLike) -> int:
     return int(_call("size", url_of(url), lambda fs, path: fs.size(path)))
 
 
+def mtime_ns(url: str | os.PathLike) -> int:
+    """When the file was last written (an object: its upload time, as the store reports it)."""
+    p = local(url)
+    if p is not None:
+        return os.stat(p).st_mtime_ns
+    info = _call("size", url_of(url), lambda fs, path: fs.info(path))
+    t = info.get("LastModified") or info.get("mtime") or info.get("updated")
+    if hasattr(t, "timestamp"):
+        return int(t.timestamp() * 1e9)
+    if isinstance(t, str):  # an ISO time stamp
+        from datetime import datetime
+        return int(datetime.fromisoformat(t.replace("Z", "+00:00")).timestamp() * 1e9)
+    return int(float(t or 0) * 1e9)
+
+
 def ls(url: str | os.PathLike) -> list[str]:
     """Sorted names (not paths) of the entries directly in a folder/prefix; ``[]`` if none."""
     p = local(url)
@@ -282,28 +298,21 @@ def read_bytes(url: str | os.PathLike) -> bytes:
 
 # ---------------------------------------------------------------- writing
 
+def _remote_only(url: str | os.PathLike) -> str:
+    if local(url) is not None:
+        raise ValueError(f"{url}: a local path; write it with pipeline.core.io (atomic temp + rename)")
+    return url_of(url)
+
+
 def write_bytes(url: str | os.PathLike, data: bytes) -> None:
-    """Commits ``data`` as ``url``: local temp + rename, or one upload under the final name."""
-    p = local(url)
-    if p is not None:
-        from pipeline.core.io import atomic_write_bytes
-        atomic_write_bytes(p, data)
-        return
-    _call("write", url_of(url), lambda fs, path: fs.pipe_file(path, data))
+    """Commits ``data`` as the object ``url`` by one upload under its final name."""
+    _call("write", _remote_only(url), lambda fs, path: fs.pipe_file(path, data))
 
 
 def put_file(src: str | os.PathLike, url: str | os.PathLike) -> None:
     """Copies the local file ``src`` to ``url`` with ``write_bytes``' commit rule (a large file
     goes up as one multipart upload, visible only when complete)."""
-    p = local(url)
-    if p is not None:
-        import shutil
-
-        from pipeline.core.io import atomic_path
-        with atomic_path(p) as tmp:
-            shutil.copyfile(src, tmp)
-        return
-    _call("write", url_of(url), lambda fs, path: fs.put_file(str(src), path))
+    _call("write", _remote_only(url), lambda fs, path: fs.put_file(str(src), path))
 
 
 def makedirs(url: str | os.PathLike) -> None:

@@ -29,6 +29,7 @@ from typing import Any, Iterator
 
 import numpy as np
 
+from pipeline.core import fs
 from pipeline.core.errors import disk_full
 
 
@@ -42,27 +43,23 @@ def _local(path: str | os.PathLike) -> str | os.PathLike:
     """A ``file:`` URL as its path (``file:///x``, or ``file:/x`` after pathlib); else as given."""
     if str(path)[:5].lower() != "file:":
         return path
-    from pipeline.core import fs
     return fs.local(path) or path
 
 
 def _remote(path: str | os.PathLike) -> bool:
-    """A URL for pipeline/core/fs.py (imported lazily: fs -> netpolicy -> config -> io)."""
+    """A URL for pipeline/core/fs.py."""
     s = str(path)
     if ":/" not in s or s.lower().startswith("file:"):
         return False
-    from pipeline.core import fs
     return fs.is_remote(s)
 
 
 def fs_url(path: str | os.PathLike) -> str:
-    from pipeline.core import fs
     return fs.url_of(path)
 
 
 @contextmanager
 def _remote_path(url: str) -> Iterator[Path]:
-    from pipeline.core import fs
     fd, tmp = tempfile.mkstemp(prefix=".mlcd-upload.", suffix=f".{os.getpid()}-{_HOST}.tmp")
     os.close(fd)
     try:
@@ -105,7 +102,6 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
 
 def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
     if _remote(path):
-        from pipeline.core import fs
         fs.write_bytes(path, data)
         return
     with atomic_path(path) as tmp:
@@ -128,14 +124,12 @@ def atomic_save_npy(path: str | os.PathLike, array: np.ndarray) -> None:
 
 def load_npy(path: str | os.PathLike, mmap: bool = False) -> np.ndarray:
     if _remote(path):
-        from pipeline.core import fs
         return np.load(io.BytesIO(fs.read_bytes(path)), allow_pickle=False)
     return np.load(_local(path), mmap_mode="r" if mmap else None, allow_pickle=False)
 
 
 def read_json(path: str | os.PathLike) -> Any:
     if _remote(path):
-        from pipeline.core import fs
         return json.loads(fs.read_bytes(path))
     with open(_local(path)) as f:
         return json.load(f)

@@ -18,7 +18,7 @@ import os
 import sys
 from pathlib import Path
 
-from pipeline.core.config import ConfigError
+from pipeline.core.errors import ConfigError
 
 _DOWNLOAD, _PIPE, _REMOTE = "MLCD_ALLOW_DOWNLOAD", "MLCD_ALLOW_PIPE", "MLCD_ALLOW_REMOTE"
 

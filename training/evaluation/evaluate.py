@@ -261,7 +261,7 @@ def evaluate(run: RunConfig, cfg: EvalConfig, ctx: DistContext, tracker: Tracker
                 feats[split] = x
 
             def probe_row():  # rank 0 probes; an error there stops every rank (no one waits)
-                rkey = _hash({"features": [cache.paths(mname, dname, s)[0].stat().st_mtime_ns
+                rkey = _hash({"features": [fs.mtime_ns(cache.paths(mname, dname, s)[0])
                                            for s in ("train", "test")], "probe": probe_key})
                 row = prev_rows.get((mname, dname))
                 if row is None or row.get("key") != rkey:
