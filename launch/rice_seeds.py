@@ -74,8 +74,8 @@ def seeds_table(per_seed: dict[int, dict]) -> str:
         vals = []
         for col in cols:
             v = [c[(row, col)] for c in cells if (row, col) in c]
-            vals.append("n/a" if len(v) < len(cells) else
-                        f"{np.mean(v):.1f} ± {np.std(v, ddof=1) if len(v) > 1 else 0.0:.1f}")
+            vals.append("n/a" if len(v) < len(cells) else  # one seed: no spread to show
+                        f"{np.mean(v):.1f}" + (f" ± {np.std(v, ddof=1):.1f}" if len(v) > 1 else ""))
         lines.append(f"| {row} | " + " | ".join(vals) + " |")
     return "\n".join(lines) + "\n"
 
@@ -91,7 +91,8 @@ def report(demo, seeds: list[int]) -> str:
     text = [f"# RICE vs MLCD over seeds {', '.join(map(str, seeds))}: {demo.out}\n",
             f"Stage times (s, this machine; sum {total:.0f} s):\n\n| stage | s |\n|---|---:|\n{times}\n"]
     if per_seed:
-        text.append(f"Top-1 accuracy (%) on probe/test, mean ± std over seeds {sorted(per_seed)}:\n\n"
+        text.append(f"Top-1 accuracy (%) on probe/test, mean ± std over the seeds evaluated so far "
+                    f"{sorted(per_seed)}:\n\n"
                     + seeds_table(per_seed))
     for s in seeds:
         md = demo.out / f"seed{s}" / "eval_regions" / "results.md"
