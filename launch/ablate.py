@@ -17,7 +17,9 @@ depends only on the stages' command lines and output files.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import itertools
+import json
 import logging
 import os
 import statistics
@@ -59,6 +61,11 @@ class AblateConfig:
     losses: list[str] = field(default_factory=lambda: ["mlcd", "mlc"])
     negative_rules: list[str] = field(default_factory=lambda: ["sampled", "batch"])
     unicom: bool = True
+    # compare (configs/compare.yaml): MLCD (the base cell) vs UNICOM vs CLIP (train.objective=clip,
+    # training/clip_head.py) instead of the knob grid, plus MLCD and CLIP again at each
+    # budget_factors x train.steps; reference rows (random init, stage-1 encoder) per seed
+    compare: bool = False
+    budget_factors: list[int] = field(default_factory=lambda: [2])
     # --quick: labels x sample_rates crossed, other factors at the base, plus these overrides
     quick_labels: list[int] = field(default_factory=lambda: [1, 8])
     quick_sample_rates: list[float] = field(default_factory=lambda: [0.1, 1.0])
@@ -78,6 +85,7 @@ class AblateConfig:
         check(set(self.losses) <= {"mlcd", "mlc"}, "losses", self.losses, "must be mlcd / mlc")
         check(set(self.negative_rules) <= {"sampled", "batch"}, "negative_rules", self.negative_rules,
               "must be sampled / batch")
+        check(all(f >= 2 for f in self.budget_factors), "budget_factors", self.budget_factors, "must be >= 2")
 
 
 @dataclass(frozen=True)
@@ -86,23 +94,39 @@ class Cell:
     l: int
     rho: float
     k: int
-    loss: str         # mlcd | mlc | unicom
+    loss: str         # mlcd | mlc | unicom | clip (the contrastive baseline)
     negatives: str
+    steps: int = 0    # train.steps of this cell; 0 = the config's
 
     @property
     def name(self) -> str:
-        return f"l{self.l}_rho{self.rho:g}_k{self.k}_{self.loss}_{self.negatives}"
+        budget = f"_steps{self.steps}" if self.steps else ""
+        if self.loss == "clip":
+            return f"clip{budget}"
+        return f"l{self.l}_rho{self.rho:g}_k{self.k}_{self.loss}_{self.negatives}{budget}"
 
     def train_overrides(self) -> list[str]:
-        return [f"train.loss.mode={self.loss}", f"train.loss.num_labels={self.l}",
+        # clip: the base cell's settings (same labeled-key stream, so the same images in the same
+        # order), the contrastive head instead of MLCD's in the loss
+        mode = "mlcd" if self.loss == "clip" else self.loss
+        return [f"train.loss.mode={mode}", f"train.loss.num_labels={self.l}",
                 f"train.partial_fc.sample_rate={self.rho}", f"train.partial_fc.negatives={self.negatives}",
-                "train.partial_fc.num_classes=0"]  # K from the centroids file of this K
+                "train.partial_fc.num_classes=0",  # K from the centroids file of this K
+                *(["train.objective=clip"] if self.loss == "clip" else []),
+                *([f"train.steps={self.steps}", f"train.checkpoint.every={self.steps}"] if self.steps else [])]
 
 
-def grid(cfg: AblateConfig, base_k: int, quick: bool = False) -> list[Cell]:
-    """The cells in report order, each once (the base cell is shared by every factor)."""
+def grid(cfg: AblateConfig, base_k: int, quick: bool = False, steps: int = 0) -> list[Cell]:
+    """The cells in report order, each once (the base cell is shared by every factor). steps:
+    train.steps (compare's budget cells run budget_factors x it)."""
     base = Cell("base", cfg.l, cfg.rho, base_k, cfg.loss, cfg.negatives)
     cells = [base]
+    if cfg.compare:
+        clip = Cell("clip", cfg.l, cfg.rho, base_k, "clip", cfg.negatives)
+        cells += [Cell("unicom", 1, cfg.rho, base_k, "unicom", cfg.negatives), clip]
+        for f in cfg.budget_factors:
+            cells += [dataclasses.replace(c, factor=f"{f}x steps", steps=f * steps) for c in (base, clip)]
+        return cells
 
     def add(c: Cell):
         if all((c.l, c.rho, c.k, c.loss, c.negatives) != (d.l, d.rho, d.k, d.loss, d.negatives) for d in cells):
@@ -138,7 +162,8 @@ class Ablation:
         self.root = Path(self.run.out_dir)
         self.base_k = int(self._section_value("cluster", "k"))
         self.seeds = self.cfg.quick_seeds if quick else self.cfg.seeds
-        self.cells = grid(self.cfg, self.base_k, quick)
+        self.train_cfg = self._section_value("train", None)
+        self.cells = grid(self.cfg, self.base_k, quick, self.train_cfg.steps)
         self.l_max = max(c.l for c in self.cells)
         self.state_path = self.root / "ablate_state.json"
         self.state = read_json(self.state_path) if self.state_path.exists() else {"done": {}}
@@ -147,7 +172,7 @@ class Ablation:
         """A value of another stage's section, as that stage's own schema resolves it."""
         from launch.check import schemas
         sec = load_sections(self.config, self.overrides, {"run": RunConfig, section: schemas()[section]})
-        return getattr(sec[section], key)
+        return sec[section] if key is None else getattr(sec[section], key)
 
     # ------------------------------------------------------------ running stages
     def mlcd(self, *args: str, nproc: int = 1) -> None:
@@ -198,6 +223,7 @@ class Ablation:
         self.mlcd("train", "--config", c, *o, f"run.seed={seed}", f"train.out_dir={d}/train",
                   f"train.data.labels={k_dir}/labels", f"train.centroids={k_dir}/centroids.npy",
                   *cell.train_overrides(), nproc=self.cfg.nproc)
+        train_s = time.perf_counter() - t0
         self.mlcd("export", str(d / "train"), str(d / "export"))
         self.mlcd("eval", "--config", c, *o, f"run.seed={seed}", f"eval.out_dir={d}/eval",
                   f"eval.models=[{{name: trained, kind: hf, path: '{d}/export'}}]")
@@ -205,6 +231,7 @@ class Ablation:
             return
         res = read_json(d / "eval" / "results.json")["results"]
         atomic_write_json(d / "cell.json", {"cell": asdict(cell), "seed": seed, "seconds": round(time.perf_counter() - t0, 1),
+                                            **compute(d / "train", cell, self.train_cfg, self.cfg.nproc, train_s),
                                             "results": {r["dataset"]: {"linear": r["linear"]["top1"], "knn": r["knn"]["top1"]}
                                                         for r in res if r["model"] == "trained"}})
 
@@ -215,14 +242,17 @@ class Ablation:
         if (d / "cell.json").exists():
             return
         export = self.cell_dir(self.cells[0], self.seeds[0]) / "export"
+        # compare: one random init per seed (the arms' seeds); the stage-1 encoder has no seed
+        inits = [f"random_init_s{s}" for s in self.seeds] if self.cfg.compare else ["random_init"]
+        models = [f"{{name: {m}, kind: random, path: '{export}', seed: {self.seeds[i] if self.cfg.compare else 0}}}"
+                  for i, m in enumerate(inits)]
         self.mlcd("eval", "--config", self.config, *self.overrides, f"eval.out_dir={d}/eval",
-                  f"eval.models=[{{name: random_init, kind: random, path: '{export}', seed: 0}},"
-                   " {name: stage1_encoder, kind: encoder, model: '${embed.encoder}'}]")
+                  f"eval.models=[{', '.join(models)}, {{name: stage1_encoder, kind: encoder, model: '${{embed.encoder}}'}}]")
         if not self.dry_run:
             res = read_json(d / "eval" / "results.json")["results"]
             atomic_write_json(d / "cell.json", {m: {r["dataset"]: {"linear": r["linear"]["top1"], "knn": r["knn"]["top1"]}
                                                     for r in res if r["model"] == m}
-                                                for m in ("random_init", "stage1_encoder")})
+                                                for m in (*inits, "stage1_encoder")})
 
     def all(self) -> str:
         self.root.mkdir(parents=True, exist_ok=True)
@@ -240,9 +270,28 @@ class Ablation:
         return "" if self.dry_run else (self.root / "report.md").read_text()
 
     def write_report(self) -> None:
+        if self.cfg.compare:
+            from launch.compare import compare_report
+            atomic_write_text(self.root / "report.md", compare_report(self.root, self.cells, self.seeds,
+                                                                             self.train_cfg.steps))
+            return
         text = report(self.root, self.cells, self.seeds, self.quick)
         atomic_write_text(self.root / "report.md", text)
         plot(self.root, self.cells, self.seeds)
+
+
+def compute(train_dir: Path, cell: Cell, train_cfg, nproc: int, train_s: float) -> dict:
+    """What a cell's training cost: wall-clock (the train command, and per step from its metrics:
+    the loop's own clock, no start-up) and model FLOPs per optimizer step (launch/compare.py)."""
+    from launch.compare import step_flops
+    out = {"train_seconds": round(train_s, 1), "flops_per_step": step_flops(cell, train_cfg, nproc)}
+    path = train_dir / "metrics.jsonl"
+    if path.exists():
+        # each line: its window's mean step time + data wait (windows of run.log_every steps)
+        rows = [json.loads(ln) for ln in path.read_text().splitlines() if ln.strip()]
+        if rows:
+            out["s_per_step"] = statistics.fmean(r["step_s"] + r["data_wait_s"] for r in rows)
+    return out
 
 
 def _mean_std(xs: list[float]) -> str:

@@ -93,3 +93,46 @@ def test_fmnist_pool_is_disjoint_from_the_probe():
     probe = {it["url"] for it in fmnist_items(cfg, "train", cfg.fmnist_train, 0)}
     pool = {it["url"] for it in fmnist_items(cfg, "train", cfg.fmnist_pool, 0, skip=cfg.fmnist_train)}
     assert len(probe) == 300 and len(pool) == 500 and not probe & pool
+
+
+def test_compare_grid_and_report(tmp_path):
+    """configs/compare.yaml: MLCD (base), UNICOM, CLIP + MLCD and CLIP at 2x steps; the report's
+    means, the MLCD - CLIP gaps per budget, per-seed random init rows and the compute columns."""
+    from launch.ablate import AblateConfig, Ablation, grid
+    from launch.compare import compare_report, step_flops
+    cfg = AblateConfig(compare=True, budget_factors=[2], rho=1.0)
+    cells = grid(cfg, 256, steps=150)
+    assert [(c.loss, c.steps) for c in cells] == [("mlcd", 0), ("unicom", 0), ("clip", 0), ("mlcd", 300), ("clip", 300)]
+    clip2 = cells[4]
+    assert "train.objective=clip" in clip2.train_overrides() and "train.steps=300" in clip2.train_overrides()
+    assert "train.objective=clip" not in cells[0].train_overrides()
+    # the CLIP cell keeps the base cell's stream settings (same images, same order)
+    assert [o for o in cells[2].train_overrides() if "objective" not in o] == cells[0].train_overrides()
+    ab = Ablation(str(ROOT / "configs" / "compare.yaml"), [f"run.out_dir={tmp_path}"], quick=False, dry_run=True)
+    assert [c.name for c in ab.cells] == [c.name for c in grid(ab.cfg, ab.base_k, steps=ab.train_cfg.steps)]
+    f_mlcd, f_clip = (step_flops(c, ab.train_cfg, 2) for c in ab.cells[::2][:2])
+    assert f_clip > f_mlcd > 0  # the text tower costs FLOPs the class centers do not
+    acc = {cells[0].name: [0.50, 0.54, 0.58], cells[2].name: [0.40, 0.42, 0.44],
+           cells[3].name: [0.60, 0.60, 0.60], cells[4].name: [0.50]}
+    for name, vals in acc.items():
+        for s, v in enumerate(vals):
+            d = tmp_path / "cells" / name / f"s{s}"
+            d.mkdir(parents=True)
+            (d / "cell.json").write_text(json.dumps({"results": {"fmnist": {"linear": v, "knn": v / 2}},
+                                                     "s_per_step": 0.5 + s, "flops_per_step": 2e9,
+                                                     "train_seconds": 100.0}))
+    ref = tmp_path / "cells" / "random_init"
+    ref.mkdir(parents=True)
+    (ref / "cell.json").write_text(json.dumps({"random_init_s0": {"fmnist": {"linear": 0.2, "knn": 0.1}},
+                                               "random_init_s1": {"fmnist": {"linear": 0.3, "knn": 0.1}},
+                                               "stage1_encoder": {"fmnist": {"linear": 0.7, "knn": 0.6}}}))
+    text = compare_report(tmp_path, cells, [0, 1, 2], base_steps=150)
+    rows = [ln for ln in text.splitlines() if ln.startswith("| ")]
+    assert rows[1].startswith("| MLCD | 150 | 3 | 54.0 +- 4.0 | 27.0 +- 2.0 | 1.5 +- 1.0 | 2.0 | 100.0 +- 0.0 |")
+    assert rows[2].startswith("| UNICOM | 150 | 0 | - | - |")
+    assert rows[3].startswith("| CLIP | 150 | 3 | 42.0 +- 2.0 |")
+    assert "| random init | 0 | 2 | 25.0 +- 7.1 | 10.0 +- 0.0 |" in text
+    assert "| stage1 encoder | 0 | 1 | 70.0 | 60.0 |" in text
+    assert "- steps 150: fmnist linear +12.0, fmnist knn +6.0" in text
+    assert "- steps 300: fmnist linear +10.0, fmnist knn +5.0" in text
+    assert (tmp_path / "report.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

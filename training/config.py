@@ -97,6 +97,23 @@ class RegionTrainConfig:
 
 
 @dataclass
+class ClipConfig:
+    """train.clip: the CLIP baseline's text tower (train.objective=clip, training/clip_head.py)."""
+    width: int = 128              # text transformer width
+    layers: int = 2
+    heads: int = 4
+    context_length: int = 32      # tokens per caption (BOS + BPE + EOS, truncated)
+    vocab_size: int = 49408       # open_clip's SimpleTokenizer vocabulary
+
+    def __post_init__(self):
+        check(self.width >= 8 and self.width % self.heads == 0, "width", self.width,
+              "must be >= 8 and divisible by heads")
+        check(self.layers >= 1, "layers", self.layers, "must be >= 1")
+        check(self.heads >= 1, "heads", self.heads, "must be >= 1")
+        check(self.context_length >= 4, "context_length", self.context_length, "must be >= 4")
+
+
+@dataclass
 class TrainConfig:
     out_dir: str = field(default="${run.out_dir}/train", metadata=RESUMABLE)
     centroids: str = "${run.out_dir}/clusters/centroids.npy"  # K when partial_fc.num_classes = 0
@@ -136,8 +153,15 @@ class TrainConfig:
     eval_linear: bool = field(default=False, metadata=RESUMABLE)  # also the linear probe (eval/<set>/
     #                               linear_top1; ~7 L-BFGS fits, rank 0)
     eval_knn: KnnConfig = field(default_factory=KnnConfig, metadata=RESUMABLE)
+    # mlcd: cluster discrimination (train.loss); clip: the image-text contrastive baseline on the
+    # shards' captions (training/clip_head.py; the image head is built but not in the loss)
+    objective: str = "mlcd"
+    clip: ClipConfig = field(default_factory=ClipConfig)
 
     def __post_init__(self):
+        check(self.objective in ("mlcd", "clip"), "objective", self.objective, "must be mlcd or clip")
+        check(self.objective == "mlcd" or not self.regions.enabled, "objective", self.objective,
+              "clip does not combine with train.regions.enabled")
         check(self.steps >= 1, "steps", self.steps, "must be >= 1")
         check("://" not in self.out_dir, "out_dir", self.out_dir,
               "DeepSpeed checkpoints need a POSIX path (local or shared filesystem), not a URL")

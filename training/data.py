@@ -169,6 +169,7 @@ class Batch:
     region_labels: torch.Tensor | None = None  # (B, R, L) int64, -1 = none
     region_valid: torch.Tensor | None = None   # (B, R) bool, False = padding
     keys: list[str] | None = None
+    texts: torch.Tensor | None = None          # (B, T) int64 caption token ids (train.objective=clip)
 
     def pin_memory(self) -> Batch:
         """DataLoader(pin_memory=True) pins a custom type only through this method (it passes a
@@ -221,7 +222,7 @@ class LabeledStream(IterableDataset):
         return Batch(images, labels, sum(r[2] for r in raw), keys=[r[3] for r in raw])
 
     def _samples(self, rng: np.random.Generator):
-        """Endless (image bytes, labels, skipped, key) of labeled samples, shards drawn with
+        """Endless (image bytes, labels, skipped, key, caption bytes or None) of labeled samples, shards drawn with
         replacement, through a shuffle buffer; `skipped`: unlabeled ones passed over before it."""
         cache: dict[str, dict] = {}
         buf, skipped, dry = [], 0, 0
@@ -243,7 +244,7 @@ class LabeledStream(IterableDataset):
                 if lab is None or img is None or "__skip__" in s:
                     skipped += 1
                     continue
-                item = (img, lab, skipped, s["__key__"])
+                item = (img, lab, skipped, s["__key__"], s.get("txt"))  # caption: the CLIP head
                 skipped, dry = 0, 0
                 if len(buf) < self.cfg.shuffle_buffer:
                     buf.append(item)

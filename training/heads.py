@@ -23,12 +23,16 @@ The heads are registered from the config in one place, `configured_heads`:
   and for the region loader, training/region_data.py), labels = Batch.region_labels, padding rows
   masked by Batch.region_valid; shards in region_fc/; terms prefixed region_; its own seed stream
   (seed + REGION_SEED) and lr_mult.
-A third loss (a CLIP contrastive term, a distillation term) is a Head subclass added there; the
-loop, checkpoints and metrics pick it up unchanged.
+- "clip" (train.objective=clip, the baseline): symmetric InfoNCE of the image embedding against
+  a text tower's caption embedding (training/clip_head.py); the image head stays built, out of
+  the loss; its text tower in clip_text/.
+A further loss (a distillation term) is a Head subclass added there; the loop, checkpoints and
+metrics pick it up unchanged.
 """
 from __future__ import annotations
 
 import dataclasses
+import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -249,6 +253,66 @@ class RegionClassHead(ClassHead):
                 f"{last['region_sampled_classes']:.0f}")
 
 
+class ClipHead(Head):
+    """The CLIP baseline (train.objective=clip): symmetric InfoNCE of the image embedding against
+    a small text tower's caption embedding over the global batch, learnable temperature; the
+    tower, loss, loader and checkpoint file live in training/clip_head.py."""
+    name, folder, output = "clip", "clip_text", "image"
+
+    def __init__(self, cfg):
+        self.cfg = cfg
+
+    def build(self, dim: int, ctx, seed: int, device, optim) -> None:
+        from training.clip_head import build_tower
+        self.ctx = ctx
+        self.tower, self.opt = build_tower(self.cfg, dim, seed + 7, device, optim)
+
+    def data_source(self) -> DataSource:
+        from training.clip_head import CaptionStream
+        from training.data import loader
+        n = self.cfg.context_length
+        return DataSource(IMAGES.find_parts, lambda parts, cfg, size, num_classes, seed, rank, epoch, nb, start: loader(
+            CaptionStream(parts, cfg.data, size, cfg.loss.labels_used, num_classes, seed, rank, epoch, nb, start,
+                          context_length=n), cfg.data))
+
+    def loss(self, outputs, batch, micro):
+        from training.clip_head import clip_loss
+        if batch.texts is None:
+            raise ValueError("train.objective=clip: the batch has no captions (Batch.texts)")
+        return clip_loss(self.tower, outputs[self.output], batch.texts, self.ctx)
+
+    def average_grads(self) -> None:
+        from training.clip_head import average_grads
+        average_grads(self.ctx, self.params())
+
+    def finish_step(self, unscale, skip) -> None:
+        from training.clip_head import MAX_LOGIT_SCALE
+        self.average_grads()
+        super().finish_step(unscale, skip)
+        with torch.no_grad():  # open_clip clamps the temperature after each step
+            self.tower.logit_scale.clamp_(0, math.log(MAX_LOGIT_SCALE))
+
+    def save(self, step_dir: Path) -> None:
+        from training.clip_head import save_tower
+        if self.ctx.is_main:  # replicated: rank 0's copy is everyone's
+            save_tower(step_dir / self.folder / "text.safetensors", self.tower, self.opt)
+
+    def load(self, step_dir: Path, world_size: int) -> None:
+        from training.clip_head import load_tower
+        load_tower(step_dir / self.folder / "text.safetensors", self.tower, self.opt)
+
+    def state(self) -> dict:
+        return {"objective": "clip", "clip": dataclasses.asdict(self.cfg)}
+
+    def describe(self) -> str:
+        c, n = self.cfg, sum(p.numel() for p in self.tower.parameters())
+        return (f"clip: text tower width {c.width} x {c.layers} layers, {c.context_length} tokens "
+                f"({n / 1e6:.2f}M params), symmetric InfoNCE over the global batch, learnable temperature")
+
+    def log_line(self, last: dict) -> str:
+        return f"clip: loss {last['clip_loss']:.4f} logit scale {last['clip_logit_scale']:.2f}"
+
+
 # ---------------------------------------------------------------- registration (the one place)
 
 def configured_heads(cfg, num_classes: int, region_classes: int = 0) -> list[Head]:
@@ -260,6 +324,9 @@ def configured_heads(cfg, num_classes: int, region_classes: int = 0) -> list[Hea
                                    in_loss=not regions.enabled or regions.image_loss)]
     if regions.enabled:
         heads.append(RegionClassHead(regions, cfg.loss, region_classes))
+    if cfg.objective == "clip":  # the baseline: same image tower, contrastive loss only
+        heads[0].in_loss = False
+        heads.append(ClipHead(cfg.clip))
     return heads
 
 
