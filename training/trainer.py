@@ -455,7 +455,7 @@ class _Metrics:
                     data_wait_s=self.wait_s / self.steps, step_s=self.step_s / self.steps,
                     data_wait_share=self.wait_s / max(self.wait_s + self.step_s, 1e-12),
                     skipped_unlabeled=self.skipped, samples_seen=t.samples_seen, elapsed_s=now - self.t_start,
-                    eta_s=(t.cfg.steps - t.step) * dt / self.steps)
+                    eta_s=self._eta(t, now, dt))
         if self.peak:
             last["mfu"] = rate / w * self.flops_per_sample / self.peak
         if torch.cuda.is_available():
@@ -470,6 +470,13 @@ class _Metrics:
                 with open(self.path, "a") as f:
                     f.write(json.dumps({"step": t.step, **last}) + "\n")
             self._log(last)
+
+    def _eta(self, t, now: float, dt: float) -> float:
+        """Seconds to the planned last step at this window's rate, or to the time budget's end if
+        that comes first (a budgeted run stops there: train.time_budget_s)."""
+        eta = (t.cfg.steps - t.step) * dt / self.steps
+        budget = t.cfg.time_budget_s
+        return min(eta, max(budget - (now - self.t_start), 0.0)) if budget > 0 else eta
 
     def _log(self, last: dict) -> None:
         t = self.t
