@@ -357,3 +357,64 @@ def _train_export_eval(s3_bucket: str, tmp) -> None:
     res = json.loads(fs.read_bytes(f"{run}/eval/results.json"))
     assert [(r["model"], r["dataset"]) for r in res["results"]] == [("ours", "boxes")]
     assert "results.md" in fs.ls(f"{run}/eval")
+
+
+# ---------------------------------------------------------------- RICE regions on the bucket
+
+def _regions_chain(tmp, shards: str, boxes: str, root: str, tag: str) -> dict:
+    """regions (stage 1b) -> assign on the region store (fixed centers) -> region-labels, every
+    input and output under ``root`` (a local folder or a bucket prefix)."""
+    from clustering import assign, region_labels
+    from pipeline.core.io import atomic_save_npy
+    from tests.test_regions import run_regions
+    common = [f"run.out_dir={tmp / ('run-' + tag)}", "run.allow_remote=true"]
+    run_regions(tmp, *common, f"regions.input={shards}", f"regions.boxes_dir={boxes}",
+                f"regions.out_dir={root}/store", "regions.ocr=none", "regions.min_edge=8")
+    c = np.random.default_rng(0).normal(size=(3, 16)).astype(np.float32)  # TINY_CLIP: 16-d
+    atomic_save_npy(f"{root}/centroids.npy", c / np.linalg.norm(c, axis=1, keepdims=True))
+    assign.main(None, [*common, f"assign.store={root}/store", "assign.kind=img", "assign.l=2",
+                       f"assign.centroids={root}/centroids.npy", f"assign.out_dir={root}/labels",
+                       "assign.report=false"])
+    return region_labels.main(None, [*common, f"region_labels.store={root}/store",
+                                     f"region_labels.labels={root}/labels", f"region_labels.out_dir={root}/rlabels",
+                                     f"region_labels.centroids={root}/centroids.npy"])
+
+
+def test_regions_and_region_labels_on_s3_equal_local(s3_bucket, remote_on, tmp_path):
+    """Stage 1b reads shards and box files from the bucket and writes its region store there;
+    assign and region-labels read it back and write their labels there: equal to the same
+    chain on local disk, and every part's marker is in the bucket."""
+    import shutil
+
+    from pipeline.core.store import EmbeddingStore, LabelStore, labels_path
+    from tests.test_regions import _boxed_shard
+    _boxed_shard(tmp_path)  # 3 images, one box of each kind of skip
+    shutil.copy(tmp_path / "shards" / "00000.tar", tmp_path / "shards" / "00001.tar")
+    shutil.copy(tmp_path / "boxes" / "00000.parquet", tmp_path / "boxes" / "00001.parquet")
+    for sub in ("shards", "boxes"):
+        for p in sorted((tmp_path / sub).iterdir()):
+            fs.put_file(p, f"{s3_bucket}/{sub}/{p.name}")
+    remote = _regions_chain(tmp_path, f"{s3_bucket}/shards/", f"{s3_bucket}/boxes", f"{s3_bucket}/rice", "s3")
+    local = _regions_chain(tmp_path, str(tmp_path / "shards"), str(tmp_path / "boxes"), str(tmp_path / "rice"), "local")
+    drop = ("store", "labels", "centroids", "wall_s")
+    assert {k: v for k, v in remote.items() if k not in drop} == {k: v for k, v in local.items() if k not in drop}
+    assert remote["counts"]["regions"] == 6 and remote["counts"]["ocr"] == 2
+    sa, sb = EmbeddingStore(f"{s3_bucket}/rice/store"), EmbeddingStore(tmp_path / "rice" / "store")
+    assert sa.parts("img") == sb.parts("img") == [0, 1]
+    for p in (0, 1):
+        ma, mb = sa.metadata(p).to_pydict(), sb.metadata(p).to_pydict()
+        assert ma.pop("shard") == [f"{s3_bucket}/shards/0000{p}.tar"] * 3
+        mb.pop("shard")
+        assert ma == mb
+        np.testing.assert_array_equal(np.asarray(sa.load("img", p)), np.asarray(sb.load("img", p)))
+        np.testing.assert_array_equal(mio_load(labels_path(f"{s3_bucket}/rice/rlabels", p)),
+                                      mio_load(labels_path(tmp_path / "rice" / "rlabels", p)))
+    assert LabelStore(f"{s3_bucket}/rice/labels").parts() == [0, 1]
+    assert "stats.json" in fs.ls(f"{s3_bucket}/rice/store")
+    assert fs.ls(f"{s3_bucket}/rice/rlabels") == sorted(n for n in os.listdir(tmp_path / "rice" / "rlabels")
+                                                        if not n.startswith("."))
+
+
+def mio_load(path):
+    from pipeline.core.io import load_npy
+    return load_npy(path)

@@ -202,7 +202,8 @@ def _check_regions(cfg) -> None:
     region label in range."""
     from training.region_data import RegionSpec, find_region_parts
     r = cfg.regions
-    if not os.path.isdir(r.store):
+    fs.check(r.labels, "train.regions.labels")
+    if not fs.isdir(fs.check(r.store, "train.regions.store")):
         raise TrainInputError(f"{r.store}: region store not found (train.regions.store; run mlcd regions)")
     k = region_num_classes(r)
     try:
