@@ -523,7 +523,7 @@ def embed(run: RunConfig, cfg: EmbedConfig, ctx: DistContext) -> dict:
     todo = ctx.agree(unfinished)
     mine = [(i, shards[i]) for i in ctx.shard(todo)]
     log.info("%d shards, %d done, %d to do (%d on this rank) -> %s",
-             len(shards), len(shards) - len(todo), len(todo), len(mine), out)
+             len(shards), len(shards) - len(todo), len(todo), len(mine), fs.url_of(out))
 
     torch.manual_seed(run.seed)  # a random-init encoder (pretrained=null) is the same on every rank/rerun
     enc = build_encoder(cfg.encoder, ctx.device)

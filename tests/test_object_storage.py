@@ -380,7 +380,7 @@ def _regions_chain(tmp, shards: str, boxes: str, root: str, tag: str) -> dict:
                                      f"region_labels.centroids={root}/centroids.npy"])
 
 
-def test_regions_and_region_labels_on_s3_equal_local(s3_bucket, remote_on, tmp_path):
+def test_regions_and_region_labels_on_s3_equal_local(s3_bucket, remote_on, tmp_path, capfd):
     """Stage 1b reads shards and box files from the bucket and writes its region store there;
     assign and region-labels read it back and write their labels there: equal to the same
     chain on local disk, and every part's marker is in the bucket."""
@@ -394,7 +394,11 @@ def test_regions_and_region_labels_on_s3_equal_local(s3_bucket, remote_on, tmp_p
     for sub in ("shards", "boxes"):
         for p in sorted((tmp_path / sub).iterdir()):
             fs.put_file(p, f"{s3_bucket}/{sub}/{p.name}")
+    import re
     remote = _regions_chain(tmp_path, f"{s3_bucket}/shards/", f"{s3_bucket}/boxes", f"{s3_bucket}/rice", "s3")
+    err = capfd.readouterr().err  # the stages' log lines name the URLs as given
+    assert f"-> {s3_bucket}/rice/store" in err and f"-> {s3_bucket}/rice/rlabels" in err
+    assert not re.search(r"s3:/[^/]", err), "a URL logged as pathlib folded it"
     local = _regions_chain(tmp_path, str(tmp_path / "shards"), str(tmp_path / "boxes"), str(tmp_path / "rice"), "local")
     drop = ("store", "labels", "centroids", "wall_s")
     assert {k: v for k, v in remote.items() if k not in drop} == {k: v for k, v in local.items() if k not in drop}
@@ -418,3 +422,64 @@ def test_regions_and_region_labels_on_s3_equal_local(s3_bucket, remote_on, tmp_p
 def mio_load(path):
     from pipeline.core.io import load_npy
     return load_npy(path)
+
+
+def _upload_tree(local, url: str) -> None:
+    for p in sorted(local.rglob("*")):
+        if p.is_file() and not p.name.startswith("."):
+            fs.put_file(p, f"{url}/{p.relative_to(local).as_posix()}")
+
+
+def test_train_loader_workers_read_the_bucket_after_fork(s3_bucket, remote_on, tmp_path):
+    """DataLoader workers (fork) read shards, metadata and labels from the bucket after the parent
+    used s3fs (listing, checks): fsspec keys its instance cache and its IO loop by pid and resets
+    both in a forked child (fsspec/spec.py, asyn.py ``register_at_fork``), and pipeline/core/fs.py
+    asks for the filesystem per call, so no parent instance or loop is used in a worker. The
+    batches equal those read from local disk with the same workers."""
+    import torch
+
+    from tests.test_train import build_synthetic
+    from training.data import TrainDataConfig, find_parts, make_loader
+    build_synthetic(tmp_path / "syn", shards=2, per_shard=20)
+    _upload_tree(tmp_path / "syn", f"{s3_bucket}/syn")
+    fs.ls(f"{s3_bucket}/syn")  # the parent's s3fs instance and IO thread exist before the fork
+
+    def batches(root: str) -> list:
+        cfg = TrainDataConfig(shards=f"{root}/data/train", store=f"{root}/store", labels=f"{root}/clusters/labels",
+                              batch_size=4, workers=2, shuffle_buffer=8)
+        parts = find_parts(cfg, 3)
+        return list(make_loader(parts, cfg, 16, 3, 24, seed=1, rank=0, epoch=0, num_batches=6))
+    remote, local = batches(f"{s3_bucket}/syn"), batches(str(tmp_path / "syn"))
+    assert len(remote) == len(local) == 6
+    for a, b in zip(remote, local):
+        assert a.keys == b.keys and torch.equal(a.images, b.images) and torch.equal(a.labels, b.labels)
+    fs.ls(f"{s3_bucket}/syn")  # and the parent's instance still works after its children ran
+
+
+@pytest.mark.slow
+def test_train_steps_with_workers_from_the_bucket(s3_bucket, remote_on, tmp_path):
+    """training.train under torchrun reads shards, store, labels and centers from the bucket with
+    train.data.workers=2 (forked DataLoader workers) and trains its steps."""
+    from tests.test_train import build_synthetic, read_metrics, run_train
+    build_synthetic(tmp_path / "syn", shards=2, per_shard=20)
+    syn = f"{s3_bucket}/syn"
+    _upload_tree(tmp_path / "syn", syn)
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from pipeline.core.io import atomic_path
+    for i in range(2):  # the store in the bucket names the shards there (as embed from the bucket writes)
+        t = pq.read_table(tmp_path / "syn" / "store" / "metadata" / f"metadata_{i}.parquet")
+        t = t.set_column(t.column_names.index("shard"), "shard",
+                         pa.array([f"{syn}/data/train/{i:05d}.tar"] * t.num_rows))
+        with atomic_path(f"{syn}/store/metadata/metadata_{i}.parquet") as tmp:
+            pq.write_table(t, tmp)
+    run_train(tmp_path, 1, ["run.allow_remote=true", f"train.data.shards={syn}/data/train",
+                            f"train.data.store={syn}/store", f"train.data.labels={syn}/clusters/labels",
+                            f"train.centroids={syn}/clusters/centroids.npy", "train.data.workers=2",
+                            "train.steps=4", f"train.out_dir={tmp_path / 'train'}"])
+    import yaml
+    cfg = yaml.safe_load((tmp_path / "train" / "config.train.yaml").read_text())
+    assert cfg["train"]["data"]["workers"] == 2 and cfg["train"]["data"]["shards"].startswith("s3://")
+    m = read_metrics(tmp_path)
+    assert sorted(m) == [1, 2, 3, 4] and all(np.isfinite(r["loss"]) for r in m.values())
