@@ -414,6 +414,8 @@ def test_regions_and_region_labels_on_s3_equal_local(s3_bucket, remote_on, tmp_p
         np.testing.assert_array_equal(mio_load(labels_path(f"{s3_bucket}/rice/rlabels", p)),
                                       mio_load(labels_path(tmp_path / "rice" / "rlabels", p)))
     assert LabelStore(f"{s3_bucket}/rice/labels").parts() == [0, 1]
+    from training.region_data import LabelSpace  # what train reads of region-labels' output
+    assert LabelSpace.read(f"{s3_bucket}/rice/rlabels").num_classes == local["num_classes"] > 3
     assert "stats.json" in fs.ls(f"{s3_bucket}/rice/store")
     assert fs.ls(f"{s3_bucket}/rice/rlabels") == sorted(n for n in os.listdir(tmp_path / "rice" / "rlabels")
                                                         if not n.startswith("."))
@@ -483,3 +485,31 @@ def test_train_steps_with_workers_from_the_bucket(s3_bucket, remote_on, tmp_path
     assert cfg["train"]["data"]["workers"] == 2 and cfg["train"]["data"]["shards"].startswith("s3://")
     m = read_metrics(tmp_path)
     assert sorted(m) == [1, 2, 3, 4] and all(np.isfinite(r["loss"]) for r in m.values())
+
+
+def test_region_loader_reads_the_bucket_like_local(s3_bucket, remote_on, tmp_path):
+    """Train's region data (training/region_data.py) from the bucket: shards, the image store and
+    labels, the region store and region labels, read by 2 forked DataLoader workers; the batches
+    (images, labels, boxes, region labels) equal those read from local disk."""
+    import torch
+
+    from tests.test_region_data import K, V, _load, build
+    from training.data import TrainDataConfig
+    from training.region_data import RegionSpec, find_region_parts
+    build(tmp_path / "r")
+    _upload_tree(tmp_path / "r", f"{s3_bucket}/r")
+
+    def batches(root: str) -> list:
+        cfg = TrainDataConfig(shards=f"{root}/data/train", store=f"{root}/store", labels=f"{root}/labels",
+                              batch_size=4, workers=2, shuffle_buffer=6)
+        spec = RegionSpec(f"{root}/regions", f"{root}/region_labels", 3, 2, K + V)
+        parts = find_region_parts(cfg, spec, 1)
+        assert [p.region_meta is not None for p in parts] == [True, True, False]  # last shard: no regions
+        return _load(parts, cfg, spec)
+    remote, local = batches(f"{s3_bucket}/r"), batches(str(tmp_path / "r"))
+    assert len(remote) == len(local) == 6
+    for a, b in zip(remote, local):
+        assert a.keys == b.keys
+        for f in ("images", "labels", "boxes", "region_labels", "region_valid"):
+            assert torch.equal(getattr(a, f), getattr(b, f)), f
+    assert any(bool(b.region_valid.any()) for b in remote)
