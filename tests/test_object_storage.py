@@ -513,3 +513,24 @@ def test_region_loader_reads_the_bucket_like_local(s3_bucket, remote_on, tmp_pat
         for f in ("images", "labels", "boxes", "region_labels", "region_valid"):
             assert torch.equal(getattr(a, f), getattr(b, f)), f
     assert any(bool(b.region_valid.any()) for b in remote)
+
+
+def test_eval_regions_writes_results_and_its_cache_to_the_bucket(s3_bucket, remote_on, tmp_path):
+    """eval-regions with ``eval_regions.out_dir`` in the bucket (probe scenes local): results and
+    the feature cache land there, and a rerun reuses the cached features."""
+    from tests.test_eval_regions import TINY, _probe_scenes
+    from training.evaluation import regions as R
+    _probe_scenes(tmp_path / "probe/train", 30, 1)
+    _probe_scenes(tmp_path / "probe/test", 12, 2)
+    out = f"{s3_bucket}/eval_regions"
+    models = json.dumps([{"name": "random_init", "kind": "random", "model": TINY, "seed": 0}])
+    over = [f"run.out_dir={tmp_path}", "run.allow_remote=true", f"eval_regions.out_dir={out}",
+            f"eval_regions.train={tmp_path}/probe/train", f"eval_regions.test={tmp_path}/probe/test",
+            f"eval_regions.models={models}", "eval_regions.workers=0", "eval_regions.linear.c_grid=[1.0]"]
+    report = R.main(None, over)
+    assert json.loads(fs.read_bytes(f"{out}/results.json"))["results"] == report["results"]
+    assert {"results.json", "results.md", "config.eval_regions.yaml", "features"} <= set(fs.ls(out))
+    cached = f"{out}/features/random_init/regions_test.npy"
+    t = fs.mtime_ns(cached)
+    again = R.main(None, over)
+    assert fs.mtime_ns(cached) == t and again["results"] == report["results"]

@@ -448,7 +448,7 @@ def _probe_rows(spec: ModelSpec, feature: str, feats, kept, data, cache: Feature
                 prev_rows: dict, probe_key: dict, seed: int) -> list[dict]:
     """Rank 0: one row per task (reused from results.json while features and probe settings match)."""
     dataset = FEATURES[feature][0]
-    mt = [cache.paths(spec.name, dataset, s)[0].stat().st_mtime_ns for s in ("train", "test")]
+    mt = [fs.mtime_ns(cache.paths(spec.name, dataset, s)[0]) for s in ("train", "test")]
     rows = []
     for task in cfg.tasks:
         rkey = _hash({"features": mt, "probe": probe_key, "task": task, "feature": feature})
