@@ -460,10 +460,13 @@ def test_train_loader_workers_read_the_bucket_after_fork(s3_bucket, remote_on, t
 
 @pytest.mark.slow
 def test_train_steps_with_workers_from_the_bucket(s3_bucket, remote_on, tmp_path):
-    """training.train under torchrun reads shards, store, labels and centers from the bucket with
-    train.data.workers=2 (forked DataLoader workers) and trains its steps."""
+    """training.train under torchrun reads shards, store, labels, centers and RICE's region store
+    and region labels from the bucket with train.data.workers=2 (forked DataLoader workers) and
+    trains its steps, the region loss included."""
+    from tests.test_rice_train import N_REGION, build_region_store
     from tests.test_train import build_synthetic, read_metrics, run_train
     build_synthetic(tmp_path / "syn", shards=2, per_shard=20)
+    build_region_store(tmp_path / "syn" / "regions", tmp_path / "syn" / "store")
     syn = f"{s3_bucket}/syn"
     _upload_tree(tmp_path / "syn", syn)
     import pyarrow as pa
@@ -476,15 +479,19 @@ def test_train_steps_with_workers_from_the_bucket(s3_bucket, remote_on, tmp_path
                          pa.array([f"{syn}/data/train/{i:05d}.tar"] * t.num_rows))
         with atomic_path(f"{syn}/store/metadata/metadata_{i}.parquet") as tmp:
             pq.write_table(t, tmp)
-    run_train(tmp_path, 1, ["run.allow_remote=true", f"train.data.shards={syn}/data/train",
-                            f"train.data.store={syn}/store", f"train.data.labels={syn}/clusters/labels",
-                            f"train.centroids={syn}/clusters/centroids.npy", "train.data.workers=2",
-                            "train.steps=4", f"train.out_dir={tmp_path / 'train'}"])
+    p = run_train(tmp_path, 1, ["run.allow_remote=true", f"train.data.shards={syn}/data/train",
+                                f"train.data.store={syn}/store", f"train.data.labels={syn}/clusters/labels",
+                                f"train.centroids={syn}/clusters/centroids.npy", "train.data.workers=2",
+                                "train.steps=4", f"train.out_dir={tmp_path / 'train'}", "train.regions.enabled=true",
+                                f"train.regions.store={syn}/regions/store", f"train.regions.labels={syn}/regions/labels",
+                                "train.regions.per_image=2", "train.regions.num_labels=2"])
     import yaml
     cfg = yaml.safe_load((tmp_path / "train" / "config.train.yaml").read_text())
     assert cfg["train"]["data"]["workers"] == 2 and cfg["train"]["data"]["shards"].startswith("s3://")
     m = read_metrics(tmp_path)
     assert sorted(m) == [1, 2, 3, 4] and all(np.isfinite(r["loss"]) for r in m.values())
+    assert all(np.isfinite(r["region_loss"]) and r["regions_valid"] > 0 for r in m.values())
+    assert f"{N_REGION} region classes" in p.stdout + p.stderr  # label_space.json read from the bucket
 
 
 def test_region_loader_reads_the_bucket_like_local(s3_bucket, remote_on, tmp_path):
