@@ -369,7 +369,8 @@ def _regions_chain(tmp, shards: str, boxes: str, root: str, tag: str) -> dict:
     from tests.test_regions import run_regions
     common = [f"run.out_dir={tmp / ('run-' + tag)}", "run.allow_remote=true"]
     run_regions(tmp, *common, f"regions.input={shards}", f"regions.boxes_dir={boxes}",
-                f"regions.out_dir={root}/store", "regions.ocr=none", "regions.min_edge=8")
+                f"regions.out_dir={root}/store", "regions.ocr=none", "regions.min_edge=8",
+                "regions.workers=2")  # forked workers read the shards and box files
     c = np.random.default_rng(0).normal(size=(3, 16)).astype(np.float32)  # TINY_CLIP: 16-d
     atomic_save_npy(f"{root}/centroids.npy", c / np.linalg.norm(c, axis=1, keepdims=True))
     assign.main(None, [*common, f"assign.store={root}/store", "assign.kind=img", "assign.l=2",
@@ -381,7 +382,8 @@ def _regions_chain(tmp, shards: str, boxes: str, root: str, tag: str) -> dict:
 
 
 def test_regions_and_region_labels_on_s3_equal_local(s3_bucket, remote_on, tmp_path, capfd):
-    """Stage 1b reads shards and box files from the bucket and writes its region store there;
+    """Stage 1b (2 forked DataLoader workers) reads shards and box files from the bucket and writes
+    its region store there;
     assign and region-labels read it back and write their labels there: equal to the same
     chain on local disk, and every part's marker is in the bucket."""
     import shutil
