@@ -223,7 +223,7 @@ def write_manifest(out: Path, info, cfg: AssignConfig, state: dict, engine: str,
         "wall_s": wall_s,
     }
     atomic_write_json(out / "manifest.json", manifest)
-    log.info("labels for %d rows (%d invalid) of %d parts -> %s", info.rows, invalid_total, len(parts), out)
+    log.info("labels for %d rows (%d invalid) of %d parts -> %s", info.rows, invalid_total, len(parts), fs.url_of(out))
     return manifest
 
 

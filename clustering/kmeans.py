@@ -100,7 +100,7 @@ class Checkpoint:
             return None, {}
         st = read_json(p)
         if st.get("key") != self.key:
-            log.warning("ignoring checkpoint %s from a different run config", p)
+            log.warning("ignoring checkpoint %s from a different run config", fs.url_of(p))
             return None, {}
         return load_npy(self.folder / st["file"]), st
 
@@ -392,7 +392,7 @@ def previous_result(run: RunConfig, out: Path, key: str, ctx: DistContext) -> di
             fs.rmtree(out / "ckpt")
         ctx.barrier()
     elif fs.isfile(done) and read_json(done).get("key") == key:
-        log.info("%s is complete (same config); nothing to do", done)
+        log.info("%s is complete (same config); nothing to do", fs.url_of(done))
         return read_json(done)
     return None
 
@@ -430,7 +430,7 @@ def write_result(out: Path, c: np.ndarray, sizes: np.ndarray, result: dict, trac
                  "kmeans/empty": result["cluster_sizes"]["empty"], "kmeans/wall_s": result["wall_s"]})
     log.info("k-means: K=%d D=%d sample=%d in %.1f s (train %.1f s); empty %d; -> %s", result["k"],
              result["dim"], result["sample_size"], result["wall_s"], result["train_s"],
-             result["cluster_sizes"]["empty"], out)
+             result["cluster_sizes"]["empty"], fs.url_of(out))
 
 
 def run_kmeans(run: RunConfig, cfg: KMeansConfig, ctx: DistContext) -> dict:

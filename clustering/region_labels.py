@@ -42,8 +42,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
-import pyarrow.parquet as pq
 
+from pipeline.core import fs
 from pipeline.core.config import RunConfig, check, prepare_out_dir
 from pipeline.core.dist import DistContext
 from pipeline.core.entry import stage_cli, stage_main
@@ -53,9 +53,12 @@ from pipeline.core.store import (
     StoreError,
     labels_path,
     meta_path,
+    parquet_rows,
     part_name,
     part_numbers,
     read_label_record,
+    read_parquet,
+    read_parquet_schema,
     record_path,
     settle_label_state,
 )
@@ -123,7 +126,7 @@ def token_vocab(store: str | Path, parts: list[int], tokens: Tokens) -> list[int
     ``tokens`` that labels them, so each id a label needs is in it)."""
     ids: set[int] = set()
     for p in parts:
-        meta = pq.read_table(meta_path(store, p), columns=["kind", "text"])
+        meta = read_parquet(meta_path(store, p), columns=["kind", "text"])
         for kind, text in zip(meta.column("kind").to_pylist(), meta.column("text").to_pylist()):
             if kind == "ocr":
                 ids.update(tokens(text))
@@ -145,7 +148,7 @@ class Inputs:
 
 def _metadata_parts(store: Path) -> list[int]:
     folder = store / "metadata"
-    if not folder.is_dir():
+    if not fs.isdir(fs.check(folder, "region_labels.store")):
         raise StoreError(f"region store {store}: no metadata/ folder (run `mlcd regions` first)")
     parts = part_numbers(folder, "metadata_", ".parquet")  # two files of one part: refused by name
     if not parts:
@@ -154,7 +157,7 @@ def _metadata_parts(store: Path) -> list[int]:
 
 
 def _centroid_rows(path: Path) -> int:
-    if not path.is_file():
+    if not fs.isfile(fs.check(path, "region_labels.centroids")):
         raise StoreError(f"centroids file {path} does not exist (run `mlcd cluster` on the region store)")
     try:
         c = load_npy(path, mmap=True)  # reads the header only
@@ -166,22 +169,21 @@ def _centroid_rows(path: Path) -> int:
 
 
 def _file_id(p: Path) -> str:
-    s = p.stat()
-    return f"{p.name}:{s.st_size}:{s.st_mtime_ns}"
+    return f"{p.name}:{fs.size(p)}:{fs.mtime_ns(p)}"  # an object: its size and upload time
 
 
 def check_part(store: Path, labels: Path, part: int, k: int, values: bool) -> tuple[str, int]:
     """(part digits, rows): metadata columns, labels present and row-aligned, ids in [-1, K)
     (``values``: scan the ids too). One line naming the file otherwise."""
     mp = meta_path(store, part)
-    names = pq.read_schema(mp).names
+    names = read_parquet_schema(mp).names
     missing = [c for c in COLUMNS if c not in names]
     if missing:
         raise StoreError(f"{mp}: missing column(s) {missing} (has: {', '.join(names[:10])})")
-    rows = pq.ParquetFile(mp).metadata.num_rows
+    rows = parquet_rows(mp)
     digits = part_name(store, part)
     lp = labels_path(labels, digits)
-    if not lp.is_file():
+    if not fs.isfile(lp):
         raise StoreError(f"missing labels {lp} for {mp} (run `mlcd assign` on the region store)")
     try:
         lab = load_npy(lp, mmap=True)
@@ -200,10 +202,10 @@ def check_inputs(cfg: RegionLabelsConfig) -> Inputs:
     store, labels, cpath = Path(cfg.store), Path(cfg.labels), Path(cfg.centroids)
     parts = _metadata_parts(store)
     k = _centroid_rows(cpath)
-    if not labels.is_dir():
+    if not fs.isdir(fs.check(labels, "region_labels.labels")):
         raise StoreError(f"label store {labels} does not exist (run `mlcd assign` on the region store)")
     st_path = labels / "state.json"
-    assign_state = read_json(st_path) if st_path.is_file() else {}
+    assign_state = read_json(st_path) if fs.isfile(st_path) else {}
     if assign_state.get("k") not in (None, k):
         raise StoreError(f"{st_path}: labels were assigned with k={assign_state['k']} centers, "
                          f"{cpath} has {k}")
@@ -245,7 +247,7 @@ def part_done(out: Path, digits: str, rows: int, width: int, keys: str | None = 
     """Written with this shape and (given ``keys``, the digest of its metadata's keys) recorded as
     made from those keys: the record is written last, so without it the part is redone."""
     lp = labels_path(out, digits)
-    if not lp.is_file():
+    if not fs.isfile(lp):
         return False
     try:
         a = load_npy(lp, mmap=True)
@@ -264,10 +266,10 @@ def settle(out: Path, inp: Inputs, overwrite: bool) -> None:
     label_space.json (the completion marker) is dropped until every part is written again."""
     clean_stale_tmp(out)
     st = out / "state.json"
-    old = read_json(st) if st.is_file() else None
+    old = read_json(st) if fs.isfile(st) else None
     settle_label_state(out, inp.state, old, overwrite)
     if not all(part_done(out, inp.names[p], inp.rows[p], inp.state["width"], inp.keys.get(p)) for p in inp.parts):
-        (out / "label_space.json").unlink(missing_ok=True)
+        fs.rm(out / "label_space.json")
 
 
 def run_region_labels(run: RunConfig, cfg: RegionLabelsConfig, ctx: DistContext) -> dict:
@@ -287,13 +289,13 @@ def run_region_labels(run: RunConfig, cfg: RegionLabelsConfig, ctx: DistContext)
     bar = progress(sum(inp.rows[p] for p in mine), "region-labels", ctx, unit="region",
                    initial=sum(inp.rows[p] for p in mine if p not in todo))
     for p in todo:
-        meta = pq.read_table(meta_path(cfg.store, p), columns=["kind", "text"])
+        meta = read_parquet(meta_path(cfg.store, p), columns=["kind", "text"])
         kinds, texts = meta.column("kind").to_pylist(), meta.column("text").to_pylist()
         bad = sorted({str(x) for x in kinds} - set(KINDS))
         if bad:
             raise StoreError(f"{meta_path(cfg.store, p)}: unknown region kind(s) {bad[:3]} (known: {KINDS})")
         assigned = load_npy(labels_path(cfg.labels, inp.names[p]))
-        record_path(out, inp.names[p]).unlink(missing_ok=True)
+        fs.rm(record_path(out, inp.names[p]))
         atomic_save_npy(labels_path(out, inp.names[p]),
                         label_part(kinds, texts, assigned, inp.k, cfg.width, tokens, remap))
         atomic_write_json(record_path(out, inp.names[p]),  # last: the part is done with its record
@@ -312,7 +314,7 @@ def write_label_space(out: Path, cfg: RegionLabelsConfig, inp: Inputs, wall_s: f
               "unlabeled": 0, "token_labels": 0}
     for p in inp.parts:
         lab = load_npy(labels_path(out, inp.names[p]), mmap=True)
-        kinds = np.asarray(pq.read_table(meta_path(cfg.store, p), columns=["kind"]).column("kind")
+        kinds = np.asarray(read_parquet(meta_path(cfg.store, p), columns=["kind"]).column("kind")
                            .to_pylist(), dtype=object)
         has = lab[:, 0] >= 0
         for kind in KINDS:
@@ -330,7 +332,7 @@ def write_label_space(out: Path, cfg: RegionLabelsConfig, inp: Inputs, wall_s: f
              "centroids": str(cfg.centroids), "wall_s": round(wall_s, 2)}
     atomic_write_json(out / "label_space.json", space)
     log.info("region labels for %d regions (%d object, %d ocr, %d unlabeled) -> %s; %d classes",
-             counts["regions"], counts["object"], counts["ocr"], counts["unlabeled"], out,
+             counts["regions"], counts["object"], counts["ocr"], counts["unlabeled"], fs.url_of(out),
              space["num_classes"])
     return space
 

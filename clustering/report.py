@@ -196,7 +196,7 @@ def make_report(store_root: str, labels_dir: str | Path, report_dir: str | Path,
         tracker.log_histogram("clusters/sizes", np.pad(sizes, (0, max(0, k - len(sizes)))))
         tracker.log_histogram("clusters/top1_similarity_hist", sim_hist, SIM_BINS)
     log.info("report: %d contact sheets, %d/%d images found -> %s", len(chosen), len(images),
-             len(meta), report / "index.html")
+             len(meta), fs.url_of(report / "index.html"))
     return report / "index.html"
 
 

@@ -49,7 +49,6 @@ from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
-import pyarrow.parquet as pq
 import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
@@ -85,6 +84,7 @@ from pipeline.core.store import (
     StoreError,
     labels_path,
     meta_path,
+    parquet_rows,
     part_complete,
     part_numbers,
     part_width,
@@ -432,10 +432,7 @@ def part_info(out: Path, part: int) -> dict:
 
 
 def _num_rows(path: Path) -> int:
-    if fs.is_remote(path):
-        with fs.open_read(path) as f:
-            return pq.read_metadata(f).num_rows
-    return pq.read_metadata(path).num_rows
+    return parquet_rows(path)
 
 
 def _expected_rows(shards: list[str]) -> int | None:
@@ -526,7 +523,7 @@ def embed(run: RunConfig, cfg: EmbedConfig, ctx: DistContext) -> dict:
     todo = ctx.agree(unfinished)
     mine = [(i, shards[i]) for i in ctx.shard(todo)]
     log.info("%d shards, %d done, %d to do (%d on this rank) -> %s",
-             len(shards), len(shards) - len(todo), len(todo), len(mine), out)
+             len(shards), len(shards) - len(todo), len(todo), len(mine), fs.url_of(out))
 
     torch.manual_seed(run.seed)  # a random-init encoder (pretrained=null) is the same on every rank/rerun
     enc = build_encoder(cfg.encoder, ctx.device)

@@ -54,10 +54,10 @@ from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
-import pyarrow.parquet as pq
 import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
+from pipeline.core import fs
 from pipeline.core.config import RESUMABLE, ConfigError, RunConfig, check, prepare_out_dir, to_dict
 from pipeline.core.dist import DistContext
 from pipeline.core.entry import StageError, stage_cli, stage_main
@@ -65,7 +65,7 @@ from pipeline.core.guard import die_with_parent_fn
 from pipeline.core.images import IMAGE_EXTS, MAX_PIXELS, image_bytes, load_rgb
 from pipeline.core.io import atomic_write_json, clean_stale_tmp
 from pipeline.core.shards import ShardPolicyError, ShardSpecError, expand_shards, read_samples, shard_stem
-from pipeline.core.store import part_complete, write_part
+from pipeline.core.store import part_complete, read_parquet, read_parquet_schema, write_part
 from pipeline.core.tracking import Tracker, progress
 from pipeline.embed import PART_META_KEY, _expected_rows, part_info
 from pipeline.encoders import EncoderConfig, build_encoder
@@ -187,14 +187,14 @@ def check_ocr(cfg: RegionsConfig) -> None:
         raise ConfigError(f"regions.ocr_lang={cfg.ocr_lang!r}: Tesseract has no such language data; {fix}")
 
 
-def box_file(cfg: RegionsConfig, url: str) -> Path:
-    return Path(cfg.boxes_dir) / f"{shard_stem(url)}.parquet"
+def box_file(cfg: RegionsConfig, url: str) -> str:
+    return fs.join(cfg.boxes_dir, f"{shard_stem(url)}.parquet")  # boxes_dir may be a URL
 
 
-def read_box_file(path: Path) -> dict[str, tuple[list, list, list]]:
+def read_box_file(path: str) -> dict[str, tuple[list, list, list]]:
     """key -> (boxes, kinds, texts) of one shard's box parquet."""
-    names = pq.read_schema(path).names
-    t = pq.read_table(path, columns=[*BOX_COLUMNS, *(["text"] if "text" in names else [])]).to_pydict()
+    names = read_parquet_schema(path).names
+    t = read_parquet(path, columns=[*BOX_COLUMNS, *(["text"] if "text" in names else [])]).to_pydict()
     texts = t.get("text") or [None] * len(t["key"])
     return {str(k): (b or [], kd or [], tx or [""] * len(b or [])) for k, b, kd, tx
             in zip(t["key"], t["boxes"], t["kind"], texts)}
@@ -202,13 +202,16 @@ def read_box_file(path: Path) -> dict[str, tuple[list, list, list]]:
 
 def check_box_files(cfg: RegionsConfig, shards: list[str]) -> None:
     """Rank 0, before any work: every shard's box file exists with the format's columns."""
+    fs.check(cfg.boxes_dir, "regions.boxes_dir")
     for url in shards:
         p = box_file(cfg, url)
-        if not p.is_file():
+        if not fs.isfile(p):
             raise ConfigError(f"regions.boxes_dir={cfg.boxes_dir!r}: no box file {p} for shard {url} "
                               f"(regions.boxes=file; use components or none for no box file)")
         try:
-            names = pq.read_schema(p).names
+            names = read_parquet_schema(p).names
+        except fs.FsError:
+            raise
         except Exception as e:  # noqa: BLE001 -- an unreadable file is named, not traced
             raise StageError(f"box file {p}: unreadable ({type(e).__name__}: {e})") from None
         missing = [c for c in BOX_COLUMNS if c not in names]
@@ -451,7 +454,7 @@ def regions(run: RunConfig, cfg: RegionsConfig, ctx: DistContext) -> dict:
     todo = ctx.agree(unfinished)
     mine = [(i, shards[i]) for i in ctx.shard(todo)]
     log.info("%d shards, %d done, %d to do (%d on this rank) -> %s",
-             len(shards), len(shards) - len(todo), len(todo), len(mine), out)
+             len(shards), len(shards) - len(todo), len(todo), len(mine), fs.url_of(out))
     torch.manual_seed(run.seed)  # a random-init encoder is the same on every rank/rerun
     enc = build_encoder(cfg.encoder, ctx.device)
     tracker = Tracker(run, ctx, str(out), "regions", {"run": to_dict(run), "regions": to_dict(cfg)})

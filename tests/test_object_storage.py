@@ -357,3 +357,189 @@ def _train_export_eval(s3_bucket: str, tmp) -> None:
     res = json.loads(fs.read_bytes(f"{run}/eval/results.json"))
     assert [(r["model"], r["dataset"]) for r in res["results"]] == [("ours", "boxes")]
     assert "results.md" in fs.ls(f"{run}/eval")
+
+
+# ---------------------------------------------------------------- RICE regions on the bucket
+
+def _regions_chain(tmp, shards: str, boxes: str, root: str, tag: str) -> dict:
+    """regions (stage 1b) -> assign on the region store (fixed centers) -> region-labels, every
+    input and output under ``root`` (a local folder or a bucket prefix)."""
+    from clustering import assign, region_labels
+    from pipeline.core.io import atomic_save_npy
+    from tests.test_regions import run_regions
+    common = [f"run.out_dir={tmp / ('run-' + tag)}", "run.allow_remote=true"]
+    run_regions(tmp, *common, f"regions.input={shards}", f"regions.boxes_dir={boxes}",
+                f"regions.out_dir={root}/store", "regions.ocr=none", "regions.min_edge=8",
+                "regions.workers=2")  # forked workers read the shards and box files
+    c = np.random.default_rng(0).normal(size=(3, 16)).astype(np.float32)  # TINY_CLIP: 16-d
+    atomic_save_npy(f"{root}/centroids.npy", c / np.linalg.norm(c, axis=1, keepdims=True))
+    assign.main(None, [*common, f"assign.store={root}/store", "assign.kind=img", "assign.l=2",
+                       f"assign.centroids={root}/centroids.npy", f"assign.out_dir={root}/labels",
+                       "assign.report=false"])
+    return region_labels.main(None, [*common, f"region_labels.store={root}/store",
+                                     f"region_labels.labels={root}/labels", f"region_labels.out_dir={root}/rlabels",
+                                     f"region_labels.centroids={root}/centroids.npy"])
+
+
+def test_regions_and_region_labels_on_s3_equal_local(s3_bucket, remote_on, tmp_path, capfd):
+    """Stage 1b (2 forked DataLoader workers) reads shards and box files from the bucket and writes
+    its region store there;
+    assign and region-labels read it back and write their labels there: equal to the same
+    chain on local disk, and every part's marker is in the bucket."""
+    import shutil
+
+    from pipeline.core.store import EmbeddingStore, LabelStore, labels_path
+    from tests.test_regions import _boxed_shard
+    _boxed_shard(tmp_path)  # 3 images, one box of each kind of skip
+    shutil.copy(tmp_path / "shards" / "00000.tar", tmp_path / "shards" / "00001.tar")
+    shutil.copy(tmp_path / "boxes" / "00000.parquet", tmp_path / "boxes" / "00001.parquet")
+    for sub in ("shards", "boxes"):
+        for p in sorted((tmp_path / sub).iterdir()):
+            fs.put_file(p, f"{s3_bucket}/{sub}/{p.name}")
+    import re
+    remote = _regions_chain(tmp_path, f"{s3_bucket}/shards/", f"{s3_bucket}/boxes", f"{s3_bucket}/rice", "s3")
+    err = capfd.readouterr().err  # the stages' log lines name the URLs as given
+    assert f"-> {s3_bucket}/rice/store" in err and f"-> {s3_bucket}/rice/rlabels" in err
+    assert not re.search(r"s3:/[^/]", err), "a URL logged as pathlib folded it"
+    local = _regions_chain(tmp_path, str(tmp_path / "shards"), str(tmp_path / "boxes"), str(tmp_path / "rice"), "local")
+    drop = ("store", "labels", "centroids", "wall_s")
+    assert {k: v for k, v in remote.items() if k not in drop} == {k: v for k, v in local.items() if k not in drop}
+    assert remote["counts"]["regions"] == 6 and remote["counts"]["ocr"] == 2
+    sa, sb = EmbeddingStore(f"{s3_bucket}/rice/store"), EmbeddingStore(tmp_path / "rice" / "store")
+    assert sa.parts("img") == sb.parts("img") == [0, 1]
+    for p in (0, 1):
+        ma, mb = sa.metadata(p).to_pydict(), sb.metadata(p).to_pydict()
+        assert ma.pop("shard") == [f"{s3_bucket}/shards/0000{p}.tar"] * 3
+        mb.pop("shard")
+        assert ma == mb
+        np.testing.assert_array_equal(np.asarray(sa.load("img", p)), np.asarray(sb.load("img", p)))
+        np.testing.assert_array_equal(mio_load(labels_path(f"{s3_bucket}/rice/rlabels", p)),
+                                      mio_load(labels_path(tmp_path / "rice" / "rlabels", p)))
+    assert LabelStore(f"{s3_bucket}/rice/labels").parts() == [0, 1]
+    from training.region_data import LabelSpace  # what train reads of region-labels' output
+    assert LabelSpace.read(f"{s3_bucket}/rice/rlabels").num_classes == local["num_classes"] > 3
+    assert "stats.json" in fs.ls(f"{s3_bucket}/rice/store")
+    assert fs.ls(f"{s3_bucket}/rice/rlabels") == sorted(n for n in os.listdir(tmp_path / "rice" / "rlabels")
+                                                        if not n.startswith("."))
+
+
+def mio_load(path):
+    from pipeline.core.io import load_npy
+    return load_npy(path)
+
+
+def _upload_tree(local, url: str) -> None:
+    for p in sorted(local.rglob("*")):
+        if p.is_file() and not p.name.startswith("."):
+            fs.put_file(p, f"{url}/{p.relative_to(local).as_posix()}")
+
+
+def test_train_loader_workers_read_the_bucket_after_fork(s3_bucket, remote_on, tmp_path):
+    """DataLoader workers (fork) read shards, metadata and labels from the bucket after the parent
+    used s3fs (listing, checks): fsspec keys its instance cache and its IO loop by pid and resets
+    both in a forked child (fsspec/spec.py, asyn.py ``register_at_fork``), and pipeline/core/fs.py
+    asks for the filesystem per call, so no parent instance or loop is used in a worker. The
+    batches equal those read from local disk with the same workers."""
+    import torch
+
+    from tests.test_train import build_synthetic
+    from training.data import TrainDataConfig, find_parts, make_loader
+    build_synthetic(tmp_path / "syn", shards=2, per_shard=20)
+    _upload_tree(tmp_path / "syn", f"{s3_bucket}/syn")
+    fs.ls(f"{s3_bucket}/syn")  # the parent's s3fs instance and IO thread exist before the fork
+
+    def batches(root: str) -> list:
+        cfg = TrainDataConfig(shards=f"{root}/data/train", store=f"{root}/store", labels=f"{root}/clusters/labels",
+                              batch_size=4, workers=2, shuffle_buffer=8)
+        parts = find_parts(cfg, 3)
+        return list(make_loader(parts, cfg, 16, 3, 24, seed=1, rank=0, epoch=0, num_batches=6))
+    remote, local = batches(f"{s3_bucket}/syn"), batches(str(tmp_path / "syn"))
+    assert len(remote) == len(local) == 6
+    for a, b in zip(remote, local):
+        assert a.keys == b.keys and torch.equal(a.images, b.images) and torch.equal(a.labels, b.labels)
+    fs.ls(f"{s3_bucket}/syn")  # and the parent's instance still works after its children ran
+
+
+@pytest.mark.slow
+def test_train_steps_with_workers_from_the_bucket(s3_bucket, remote_on, tmp_path):
+    """training.train under torchrun reads shards, store, labels, centers and RICE's region store
+    and region labels from the bucket with train.data.workers=2 (forked DataLoader workers) and
+    trains its steps, the region loss included."""
+    from tests.test_rice_train import N_REGION, build_region_store
+    from tests.test_train import build_synthetic, read_metrics, run_train
+    build_synthetic(tmp_path / "syn", shards=2, per_shard=20)
+    build_region_store(tmp_path / "syn" / "regions", tmp_path / "syn" / "store")
+    syn = f"{s3_bucket}/syn"
+    _upload_tree(tmp_path / "syn", syn)
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from pipeline.core.io import atomic_path
+    for i in range(2):  # the store in the bucket names the shards there (as embed from the bucket writes)
+        t = pq.read_table(tmp_path / "syn" / "store" / "metadata" / f"metadata_{i}.parquet")
+        t = t.set_column(t.column_names.index("shard"), "shard",
+                         pa.array([f"{syn}/data/train/{i:05d}.tar"] * t.num_rows))
+        with atomic_path(f"{syn}/store/metadata/metadata_{i}.parquet") as tmp:
+            pq.write_table(t, tmp)
+    p = run_train(tmp_path, 1, ["run.allow_remote=true", f"train.data.shards={syn}/data/train",
+                                f"train.data.store={syn}/store", f"train.data.labels={syn}/clusters/labels",
+                                f"train.centroids={syn}/clusters/centroids.npy", "train.data.workers=2",
+                                "train.steps=4", f"train.out_dir={tmp_path / 'train'}", "train.regions.enabled=true",
+                                f"train.regions.store={syn}/regions/store", f"train.regions.labels={syn}/regions/labels",
+                                "train.regions.per_image=2", "train.regions.num_labels=2"])
+    import yaml
+    cfg = yaml.safe_load((tmp_path / "train" / "config.train.yaml").read_text())
+    assert cfg["train"]["data"]["workers"] == 2 and cfg["train"]["data"]["shards"].startswith("s3://")
+    m = read_metrics(tmp_path)
+    assert sorted(m) == [1, 2, 3, 4] and all(np.isfinite(r["loss"]) for r in m.values())
+    assert all(np.isfinite(r["region_loss"]) and r["regions_valid"] > 0 for r in m.values())
+    assert f"{N_REGION} region classes" in p.stdout + p.stderr  # label_space.json read from the bucket
+
+
+def test_region_loader_reads_the_bucket_like_local(s3_bucket, remote_on, tmp_path):
+    """Train's region data (training/region_data.py) from the bucket: shards, the image store and
+    labels, the region store and region labels, read by 2 forked DataLoader workers; the batches
+    (images, labels, boxes, region labels) equal those read from local disk."""
+    import torch
+
+    from tests.test_region_data import K, V, _load, build
+    from training.data import TrainDataConfig
+    from training.region_data import RegionSpec, find_region_parts
+    build(tmp_path / "r")
+    _upload_tree(tmp_path / "r", f"{s3_bucket}/r")
+
+    def batches(root: str) -> list:
+        cfg = TrainDataConfig(shards=f"{root}/data/train", store=f"{root}/store", labels=f"{root}/labels",
+                              batch_size=4, workers=2, shuffle_buffer=6)
+        spec = RegionSpec(f"{root}/regions", f"{root}/region_labels", 3, 2, K + V)
+        parts = find_region_parts(cfg, spec, 1)
+        assert [p.region_meta is not None for p in parts] == [True, True, False]  # last shard: no regions
+        return _load(parts, cfg, spec)
+    remote, local = batches(f"{s3_bucket}/r"), batches(str(tmp_path / "r"))
+    assert len(remote) == len(local) == 6
+    for a, b in zip(remote, local):
+        assert a.keys == b.keys
+        for f in ("images", "labels", "boxes", "region_labels", "region_valid"):
+            assert torch.equal(getattr(a, f), getattr(b, f)), f
+    assert any(bool(b.region_valid.any()) for b in remote)
+
+
+def test_eval_regions_writes_results_and_its_cache_to_the_bucket(s3_bucket, remote_on, tmp_path):
+    """eval-regions with ``eval_regions.out_dir`` in the bucket (probe scenes local): results and
+    the feature cache land there, and a rerun reuses the cached features."""
+    from tests.test_eval_regions import TINY, _probe_scenes
+    from training.evaluation import regions as R
+    _probe_scenes(tmp_path / "probe/train", 30, 1)
+    _probe_scenes(tmp_path / "probe/test", 12, 2)
+    out = f"{s3_bucket}/eval_regions"
+    models = json.dumps([{"name": "random_init", "kind": "random", "model": TINY, "seed": 0}])
+    over = [f"run.out_dir={tmp_path}", "run.allow_remote=true", f"eval_regions.out_dir={out}",
+            f"eval_regions.train={tmp_path}/probe/train", f"eval_regions.test={tmp_path}/probe/test",
+            f"eval_regions.models={models}", "eval_regions.workers=0", "eval_regions.linear.c_grid=[1.0]"]
+    report = R.main(None, over)
+    assert json.loads(fs.read_bytes(f"{out}/results.json"))["results"] == report["results"]
+    assert {"results.json", "results.md", "config.eval_regions.yaml", "features"} <= set(fs.ls(out))
+    cached = f"{out}/features/random_init/regions_test.npy"
+    t = fs.mtime_ns(cached)
+    again = R.main(None, over)
+    assert fs.mtime_ns(cached) == t and again["results"] == report["results"]

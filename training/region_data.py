@@ -23,16 +23,16 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-import pyarrow.parquet as pq
 import torch
 from PIL import Image
 from torch.utils.data import DataLoader
 
+from pipeline.core import fs
 from pipeline.core.config import check
 from pipeline.core.images import decode_rgb
 from pipeline.core.io import load_npy, read_json
 from pipeline.core.shards import expand_shards
-from pipeline.core.store import labels_path, meta_path
+from pipeline.core.store import labels_path, meta_path, parquet_rows, read_parquet, read_parquet_schema
 from training.data import Batch, LabeledStream, ShardPart, TrainDataConfig, find_parts, loader, to_tensor
 
 log = logging.getLogger("mlcd.train.region_data")
@@ -75,11 +75,11 @@ def find_region_parts(cfg: TrainDataConfig, regions: RegionSpec, num_labels: int
     for p in parts:
         i = index[p.url]
         m, lab = meta_path(regions.store, i), labels_path(regions.labels, i)
-        if m.is_file() and lab.is_file():
-            out.append(RegionPart(p.url, p.meta, p.labels, str(m), str(lab)))
+        if fs.isfile(m) and fs.isfile(lab):  # URLs kept whole (fs.url_of: pathlib folds s3://)
+            out.append(RegionPart(p.url, p.meta, p.labels, fs.url_of(m), fs.url_of(lab)))
         else:
             out.append(RegionPart(p.url, p.meta, p.labels))
-            missing.append(f"{p.url} (needs {m if not m.is_file() else lab})")
+            missing.append(f"{p.url} (needs {fs.url_of(m if not fs.isfile(m) else lab)})")
     have = [p for p in out if p.region_meta]
     if not have:
         raise FileNotFoundError(f"no shard of {cfg.shards} has regions: expected {meta_path(regions.store, 0)} "
@@ -94,11 +94,11 @@ def find_region_parts(cfg: TrainDataConfig, regions: RegionSpec, num_labels: int
 
 
 def _check_region_part(part: RegionPart, regions: RegionSpec) -> None:
-    names = pq.read_schema(part.region_meta).names
+    names = read_parquet_schema(part.region_meta).names
     lacking = [c for c in BOX_COLUMNS if c not in names]
     if lacking:
         raise ValueError(f"{part.region_meta}: region metadata lacks column(s) {', '.join(lacking)}")
-    rows = pq.ParquetFile(part.region_meta).metadata.num_rows
+    rows = parquet_rows(part.region_meta)
     shape = load_npy(part.region_labels, mmap=True).shape
     if len(shape) != 2 or shape[0] != rows:
         raise ValueError(f"{part.region_labels}: shape {shape} is not row-aligned with "
@@ -123,8 +123,8 @@ class LabelSpace:
 
     @classmethod
     def read(cls, labels: str | Path) -> LabelSpace:
-        p = Path(labels) / "label_space.json"
-        if not p.is_file():
+        p = fs.join(labels, "label_space.json")
+        if not fs.isfile(p):
             raise FileNotFoundError(f"{p}: region label space not found; run mlcd region-labels or set "
                                     f"train.regions.labels")
         js = read_json(p)
@@ -151,7 +151,7 @@ def load_part_regions(part: RegionPart, regions: RegionSpec) -> dict[str, tuple[
     """image key -> (boxes (n, 4) float32 relative to the stored image, in [0, 1]; labels (n, L)
     int64) of its labeled regions, in store order."""
     _check_region_part(part, regions)  # files may have changed since start-up
-    t = pq.read_table(part.region_meta, columns=list(BOX_COLUMNS))
+    t = read_parquet(part.region_meta, columns=list(BOX_COLUMNS))
     labels = load_npy(part.region_labels)
     labels = labels[:, :regions.num_labels].astype(np.int64)
     if labels.size and labels.max() >= regions.num_classes:

@@ -145,10 +145,10 @@ def check_sources(cfg, shards: list[str]) -> None:
         unrecorded["shard"] += "shard" not in rec
         bad = shard_mismatch(rec, url)
         if bad and bad[0] != "mtime":
-            raise TrainInputError(f"{m}: part {i} {bad[1]} (train.data.shards={d.shards!r} lists {url} at "
+            raise TrainInputError(f"{fs.url_of(m)}: part {i} {bad[1]} (train.data.shards={d.shards!r} lists {url} at "
                                   f"position {i}; shards listed in another order or changed since stage 1?)")
         if bad:
-            log.warning("%s: part %d %s; its keys are trusted to be unchanged", m, i, bad[1])
+            log.warning("%s: part %d %s; its keys are trusted to be unchanged", fs.url_of(m), i, bad[1])
         lrec = read_label_record(d.labels, i)
         unrecorded["labels"] += lrec is None
         why = label_mismatch(lrec, key_sha, cfp)
@@ -202,7 +202,8 @@ def _check_regions(cfg) -> None:
     region label in range."""
     from training.region_data import RegionSpec, find_region_parts
     r = cfg.regions
-    if not os.path.isdir(r.store):
+    fs.check(r.labels, "train.regions.labels")
+    if not fs.isdir(fs.check(r.store, "train.regions.store")):
         raise TrainInputError(f"{r.store}: region store not found (train.regions.store; run mlcd regions)")
     k = region_num_classes(r)
     try:

@@ -139,6 +139,14 @@ def read_parquet_schema(path: str | os.PathLike) -> pa.Schema:
     return pq.read_schema(fs.local(path))
 
 
+def parquet_rows(path: str | os.PathLike) -> int:
+    """Rows of a parquet file from its footer (no data read), local or a URL."""
+    if fs.is_remote(path):
+        with fs.open_read(path) as f:
+            return pq.read_metadata(f).num_rows
+    return pq.read_metadata(fs.local(path)).num_rows
+
+
 def part_name(root: str | os.PathLike, part: int) -> str:
     """The digits a store uses for ``part`` (``"03"`` in a padded store, else ``"3"``), so the
     label files written for it follow the store's naming."""

@@ -40,6 +40,7 @@ import pyarrow.parquet as pq
 import torch
 from torch.utils.data import DataLoader, Subset
 
+from pipeline.core import fs
 from pipeline.core.config import RESUMABLE, ConfigError, RunConfig, check, prepare_out_dir
 from pipeline.core.dist import DistContext
 from pipeline.core.entry import stage_cli, stage_main
@@ -447,7 +448,7 @@ def _probe_rows(spec: ModelSpec, feature: str, feats, kept, data, cache: Feature
                 prev_rows: dict, probe_key: dict, seed: int) -> list[dict]:
     """Rank 0: one row per task (reused from results.json while features and probe settings match)."""
     dataset = FEATURES[feature][0]
-    mt = [cache.paths(spec.name, dataset, s)[0].stat().st_mtime_ns for s in ("train", "test")]
+    mt = [fs.mtime_ns(cache.paths(spec.name, dataset, s)[0]) for s in ("train", "test")]
     rows = []
     for task in cfg.tasks:
         rkey = _hash({"features": mt, "probe": probe_key, "task": task, "feature": feature})
@@ -481,7 +482,7 @@ def evaluate_regions(run: RunConfig, cfg: RegionEvalConfig, ctx: DistContext,
         raise ConfigError("eval_regions: no model enabled (eval_regions.models)")
     data = _open_data(cfg, ctx)
     res_path = out / "results.json"
-    prev = read_json(res_path) if res_path.is_file() and ctx.is_main else {}
+    prev = read_json(res_path) if ctx.is_main and fs.isfile(res_path) else {}  # out_dir may be a URL
     prev_rows = {(r["model"], r.get("feature", "patch_mean"), r["task"]): r for r in prev.get("results", [])}
     report = {"train": cfg.train, "test": cfg.test, "data": _summary(data), "models": {}, "results": []}
     probe_key = {"val_fraction": cfg.val_fraction, "linear": asdict(cfg.linear), "knn": asdict(cfg.knn),
