@@ -144,12 +144,21 @@ def probe_chart(rows: list[dict], png: Path, source: str | None = None) -> bool:
     return True
 
 
+def _shown(config: str) -> str:
+    """The config path as the reader would type it: relative to the working directory when it is
+    below it (a published report names no local folders)."""
+    try:
+        return str(Path(config).resolve().relative_to(Path.cwd().resolve()))
+    except ValueError:
+        return config
+
+
 def write_report(out: Path, state: dict, config: str, overrides: list[str]) -> str:
     """Writes ``{out}/report.md`` (+ PNGs) and returns its text."""
     out = Path(out)
     source = source_id(state)
     lines = ["# OpenMLCD demo report", "",
-             f"Config `{config}` {' '.join(overrides)}; everything below was measured in this run.", "",
+             f"Config `{_shown(config)}` {' '.join(overrides)}; everything below was measured in this run.", "",
              f"Source run: `{source}` (the `{STAMP}` text chunk of every PNG of this report).", ""]
     # stage timings
     lines += ["## Stages", "", "| stage | seconds | throughput |", "|---|---:|---|"]
@@ -236,7 +245,7 @@ def write_report(out: Path, state: dict, config: str, overrides: list[str]) -> s
 
 def publish(out: Path, docs: Path) -> list[Path]:
     """Copies report.md and its pictures to ``docs`` (the README's docs/demo): loss_curve.png,
-    eval_curve.png, probe.png, and the report's contact sheets as contact_sheet.png,
+    eval_curve.png, probe.png, cluster_sizes.png, and the report's contact sheets as contact_sheet.png,
     contact_sheet_2.png and contact_sheet_3.png, every PNG stamped with the report's source run. Returns what it wrote."""
     out, docs = Path(out), Path(docs)
     text = (out / "report.md").read_text()
@@ -247,6 +256,8 @@ def publish(out: Path, docs: Path) -> list[Path]:
     rep = out / "clusters" / "report"
     sheets = sorted(rep.glob("sheet_*.png")) if rep.is_dir() else []
     pngs = {n: out / n for n in ("loss_curve.png", "eval_curve.png", "probe.png") if (out / n).is_file()}
+    if (rep / "cluster_sizes.png").is_file():  # the report's histogram (clustering/report.py's name)
+        pngs["cluster_sizes.png"] = rep / "cluster_sizes.png"
     # the sheets the report shows (sheets[:3] above)
     pngs.update({name: p for name, p in zip(("contact_sheet.png", "contact_sheet_2.png", "contact_sheet_3.png"),
                                             sheets)})
