@@ -21,7 +21,6 @@ import dataclasses
 import itertools
 import json
 import logging
-import os
 import statistics
 import subprocess
 import sys
@@ -30,7 +29,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from pipeline.core.config import ConfigError, RunConfig, check, load_sections
-from pipeline.core.io import atomic_write_json, atomic_write_text, read_json
+from pipeline.core.io import atomic_path, atomic_write_json, atomic_write_text, read_json
 
 log = logging.getLogger("mlcd.ablate")
 ROOT = Path(__file__).resolve().parents[1]
@@ -380,10 +379,9 @@ def plot(root: Path, cells: list[Cell], seeds: list[int]) -> None:
             if refs:
                 ax.legend(fontsize=7, loc="lower right")
     fig.tight_layout()
-    tmp = root / "report.png.tmp"
-    fig.savefig(tmp, format="png", dpi=90)
+    with atomic_path(root / "report.png") as tmp:  # temp + rename (pipeline/core/io.py)
+        fig.savefig(tmp, format="png", dpi=90)
     plt.close(fig)
-    os.replace(tmp, root / "report.png")
 
 
 def main(argv=None) -> int:

@@ -11,11 +11,10 @@ model FLOPs per step, so compute is compared too.
 from __future__ import annotations
 
 import math
-import os
 import statistics
 from pathlib import Path
 
-from pipeline.core.io import read_json
+from pipeline.core.io import atomic_path, read_json
 
 PROBES = ("linear", "knn")
 
@@ -134,7 +133,6 @@ def plot(root: Path, rows, refs: dict[str, list[dict]], datasets: list[str], bas
             if refs:
                 ax.legend(fontsize=7, loc="lower right")
     fig.tight_layout()
-    tmp = root / "report.png.tmp"
-    fig.savefig(tmp, format="png", dpi=90)
+    with atomic_path(root / "report.png") as tmp:  # temp + rename (pipeline/core/io.py)
+        fig.savefig(tmp, format="png", dpi=90)
     plt.close(fig)
-    os.replace(tmp, root / "report.png")
