@@ -28,8 +28,9 @@ import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+from launch.plots import probe_panel, save_png
 from pipeline.core.config import ConfigError, RunConfig, check, load_sections
-from pipeline.core.io import atomic_path, atomic_write_json, atomic_write_text, read_json
+from pipeline.core.io import atomic_write_json, atomic_write_text, read_json
 
 log = logging.getLogger("mlcd.ablate")
 ROOT = Path(__file__).resolve().parents[1]
@@ -365,23 +366,11 @@ def plot(root: Path, cells: list[Cell], seeds: list[int]) -> None:
     labels = [f"{c.factor}: {c.name}" for c in cells]
     for i, d in enumerate(datasets):
         for j, probe in enumerate(("linear", "knn")):
-            ax = axes[i][j]
             vals = [[100 * r[d][probe] for r in per[c.name] if d in r] for c in cells]
-            means = [statistics.fmean(v) if v else 0.0 for v in vals]
-            sds = [statistics.stdev(v) if len(v) > 1 else 0.0 for v in vals]
-            ax.barh(range(len(cells)), means, xerr=sds, color="tab:blue", alpha=0.7)
-            for k, (name, ref) in enumerate(refs.items()):
-                if d in ref:
-                    ax.axvline(100 * ref[d][probe], color=("tab:red", "tab:green")[k % 2], ls="--", label=name)
-            ax.set_yticks(range(len(cells)), labels if j == 0 else [""] * len(cells), fontsize=7)
-            ax.set_title(f"{d} {probe} top-1 (%)", fontsize=9)
-            ax.invert_yaxis()
-            if refs:
-                ax.legend(fontsize=7, loc="lower right")
-    fig.tight_layout()
-    with atomic_path(root / "report.png") as tmp:  # temp + rename (pipeline/core/io.py)
-        fig.savefig(tmp, format="png", dpi=90)
-    plt.close(fig)
+            probe_panel(axes[i][j], labels, vals, {n: 100 * ref[d][probe] if d in ref else None
+                                                   for n, ref in refs.items()},
+                        f"{d} {probe} top-1 (%)", j == 0, "tab:blue", 0.7, 7)
+    save_png(fig, root / "report.png")
 
 
 def main(argv=None) -> int:

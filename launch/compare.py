@@ -14,7 +14,8 @@ import math
 import statistics
 from pathlib import Path
 
-from pipeline.core.io import atomic_path, read_json
+from launch.plots import probe_panel, save_png
+from pipeline.core.io import read_json
 
 PROBES = ("linear", "knn")
 
@@ -119,20 +120,8 @@ def plot(root: Path, rows, refs: dict[str, list[dict]], datasets: list[str], bas
     colors = ["tab:blue" if _arm(c) == "MLCD" else "tab:orange" if _arm(c) == "CLIP" else "tab:purple" for c, _ in rows]
     for i, d in enumerate(datasets):
         for j, pr in enumerate(PROBES):
-            ax = axes[i][j]
             vals = [[100 * p["results"][d][pr] for p in per if d in p["results"]] for _, per in rows]
-            ax.barh(range(len(rows)), [statistics.fmean(v) if v else 0 for v in vals],
-                    xerr=[statistics.stdev(v) if len(v) > 1 else 0 for v in vals], color=colors, alpha=0.8)
-            for k, (name, res) in enumerate(refs.items()):
-                xs = [100 * r[d][pr] for r in res if d in r]
-                if xs:
-                    ax.axvline(statistics.fmean(xs), color=("tab:red", "tab:green")[k % 2], ls="--", label=name)
-            ax.set_yticks(range(len(rows)), labels if j == 0 else [""] * len(rows), fontsize=8)
-            ax.set_title(f"{d} {pr} top-1 (%)", fontsize=9)
-            ax.invert_yaxis()
-            if refs:
-                ax.legend(fontsize=7, loc="lower right")
-    fig.tight_layout()
-    with atomic_path(root / "report.png") as tmp:  # temp + rename (pipeline/core/io.py)
-        fig.savefig(tmp, format="png", dpi=90)
-    plt.close(fig)
+            xs = {name: [100 * r[d][pr] for r in res if d in r] for name, res in refs.items()}
+            probe_panel(axes[i][j], labels, vals, {n: statistics.fmean(v) if v else None for n, v in xs.items()},
+                        f"{d} {pr} top-1 (%)", j == 0, colors, 0.8, 8)
+    save_png(fig, root / "report.png")

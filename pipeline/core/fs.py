@@ -211,34 +211,29 @@ def check(url: str | os.PathLike, what: str = "path", write: bool = False) -> st
 
 # ---------------------------------------------------------------- reading
 
-def exists(url: str | os.PathLike) -> bool:
+def _query(op: str, url: str | os.PathLike, on_disk: Callable[[str], Any], remote: Callable[[Any, str], Any]):
+    """``on_disk(path)`` for a local path or ``file://`` URL, else ``remote(filesystem, path)``
+    with the retries and counting of ``_call``."""
     p = local(url)
-    if p is not None:
-        return os.path.exists(p)
-    return _call("exists", url_of(url), lambda fs, path: fs.exists(path))
+    return on_disk(p) if p is not None else _call(op, url_of(url), remote)
+
+
+def exists(url: str | os.PathLike) -> bool:
+    return bool(_query("exists", url, os.path.exists, lambda fs, path: fs.exists(path)))
 
 
 def isfile(url: str | os.PathLike) -> bool:
-    p = local(url)
-    if p is not None:
-        return os.path.isfile(p)
-    return _call("isfile", url_of(url), lambda fs, path: fs.isfile(path))
+    return bool(_query("isfile", url, os.path.isfile, lambda fs, path: fs.isfile(path)))
 
 
 def isdir(url: str | os.PathLike) -> bool:
     """A local folder, or a prefix with at least one object below it (object stores have no
     empty folders)."""
-    p = local(url)
-    if p is not None:
-        return os.path.isdir(p)
-    return _call("isdir", url_of(url), lambda fs, path: fs.isdir(path))
+    return bool(_query("isdir", url, os.path.isdir, lambda fs, path: fs.isdir(path)))
 
 
 def size(url: str | os.PathLike) -> int:
-    p = local(url)
-    if p is not None:
-        return os.path.getsize(p)
-    return int(_call("size", url_of(url), lambda fs, path: fs.size(path)))
+    return int(_query("size", url, os.path.getsize, lambda fs, path: fs.size(path)))
 
 
 def mtime_ns(url: str | os.PathLike) -> int:
@@ -246,7 +241,7 @@ def mtime_ns(url: str | os.PathLike) -> int:
     p = local(url)
     if p is not None:
         return os.stat(p).st_mtime_ns
-    info = _call("size", url_of(url), lambda fs, path: fs.info(path))
+    info = _call("size", url_of(url), lambda fs, path: fs.info(path))  # "size": a missing file raises FileNotFoundError
     t = info.get("LastModified") or info.get("mtime") or info.get("updated")
     if hasattr(t, "timestamp"):
         return int(t.timestamp() * 1e9)
