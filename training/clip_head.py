@@ -131,10 +131,13 @@ def clip_loss(tower: ClipTower, img: torch.Tensor, texts: torch.Tensor, ctx) -> 
 
 def average_grads(ctx, params) -> None:
     """Replicated parameters: DDP's average over ranks (each rank's grad came through its rows)."""
-    if ctx is not None and ctx.distributed:
-        for p in params:
-            if p.grad is not None:
-                ctx.all_reduce_(p.grad, "sum").div_(ctx.world_size)
+    if ctx is None or not ctx.distributed:
+        return
+    grads = [p.grad for p in params if p.grad is not None]
+    if grads:  # one collective per step, not one per parameter (the text tower has dozens)
+        flat = ctx.all_reduce_(torch.cat([g.reshape(-1) for g in grads]), "sum").div_(ctx.world_size)
+        for g, v in zip(grads, flat.split([g.numel() for g in grads])):
+            g.copy_(v.view_as(g))
 
 
 def save_tower(path: Path, tower: ClipTower, opt: torch.optim.Optimizer) -> None:
