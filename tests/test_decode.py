@@ -100,6 +100,34 @@ def test_same_plan_as_the_reference():
     assert r1.random() == r2.random()
 
 
+def test_jpeg_header_agrees_with_pillow():
+    """The fast path skips Pillow's open for plain JPEGs (`jpeg_header`): where it answers, it is
+    Pillow's size and a mode decode_jpeg reads as Pillow does, upright; EXIF-rotated, CMYK,
+    non-JPEG and damaged headers get None (Pillow then opens them, as before)."""
+    from pipeline.core.images import orientation
+    plain = {}
+    for name, data in {**samples(), "big": big_jpegs()[0]}.items():
+        im = Image.open(io.BytesIO(data))
+        hdr = D.jpeg_header(data) if data[:3] == D.JPEG_MAGIC else None
+        if im.format == "JPEG" and im.mode in ("RGB", "L") and orientation(im) == 1:
+            assert hdr == (*im.size, len(im.mode)), name
+            plain[name] = data
+        else:
+            assert hdr is None, name
+    assert len(plain) == 9 and "jpg_gray" in plain
+    exif1 = Image.Exif()
+    exif1[0x0112] = 1  # upright EXIF: still plain
+    data = enc(picture(120, 90, 3), exif=exif1)
+    assert D.jpeg_header(data) == (120, 90, 3)
+    good = plain["jpg0"]
+    sof = good.index(b"\xff\xc0")
+    for bad in (good[:sof + 6],                       # cut inside the frame header
+                good[:2] + b"junk" + good[2:],         # junk where a marker belongs
+                good[:sof + 4] + b"\x0c" + good[sof + 5:],  # 12-bit samples
+                good[:sof + 9] + b"\x04" + good[sof + 10:]):  # 4 components
+        assert D.jpeg_header(bad) is None
+
+
 def test_fast_path_pixels_vs_reference_small():
     """<= 256 px (no draft): the decode is the same; only the resize differs: torch's antialiased
     bicubic (same a = -0.5 kernel as Pillow's) stops at the crop box's edge, where Pillow's filter

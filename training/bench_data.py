@@ -211,7 +211,7 @@ def pixel_diffs(spec: str, decode: str, device) -> dict:
 def fast_path_costs(spec: str, rounds: int = 3) -> dict[str, float]:
     """Microseconds per image (CPU time, 1 torch thread, best of `rounds`) of the fast path's
     parts on `spec`'s JPEGs: tar reading, header + plan, decode_jpeg, the resize (crop, mirror,
-    copy into the batch), the page faults of writing a new batch (the resize's reuses one), and
+    written in place into the channels-last batch), the page faults of writing a new batch (the resize's reuses one), and
     the whole `decode_batch_cpu`. Where to look next, not a ratio."""
     from pipeline.core.images import image_bytes
     from pipeline.core.shards import expand_shards, read_samples
@@ -225,17 +225,17 @@ def fast_path_costs(spec: str, rounds: int = 3) -> dict[str, float]:
     opened = [D.open_and_plan(d, SIZE, 0.5, 0.5, rng) for d in raw]
     D.decode_batch_cpu(raw[:8], SIZE, 0.5, 0.5, rng)  # warm-up: lazy imports
     full = [decode_jpeg(torch.frombuffer(bytearray(d), dtype=torch.uint8), mode=ImageReadMode.RGB) for d in raw]
-    out = torch.empty((len(raw), 3, SIZE, SIZE), dtype=torch.uint8)
+    out = D.batch_buffer(len(raw), SIZE)
 
     def resize():
         for i, (x, (_, _, p)) in enumerate(zip(full, opened)):
-            out[i] = D.resize_crop(x[None], p.box, p.flip, SIZE)
+            D.resize_crop(x[None], p.box, p.flip, SIZE, out=out[i])
     parts = {"tar read": lambda: [s for u in urls for s in read_samples(u)],
              "header + plan": lambda: [D.open_and_plan(d, SIZE, 0.5, 0.5, rng) for d in raw],
              "decode_jpeg": lambda: [decode_jpeg(torch.frombuffer(bytearray(d), dtype=torch.uint8),
                                                  mode=ImageReadMode.RGB) for d in raw],
              "resize + copy": resize,
-             "a fresh batch, first touch": lambda: torch.empty((len(raw), 3, SIZE, SIZE), dtype=torch.uint8).fill_(0),
+             "a fresh batch, first touch": lambda: D.batch_buffer(len(raw), SIZE).fill_(0),
              "decode_batch_cpu (all but tar)": lambda: D.decode_batch_cpu(raw, SIZE, 0.5, 0.5, rng)}
     best = {k: math.inf for k in parts}
     try:

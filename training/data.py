@@ -185,6 +185,7 @@ class Batch:
 def normalize_uint8(x: torch.Tensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
     """uint8 (..., 3, H, W) on any device -> CLIP-normalized `dtype`: `to_tensor`'s math exactly
     (float32 /255, minus mean, over std; equal bit for bit, tests/test_decode.py), then the cast."""
+    x = x.contiguous()  # fast batches are channels-last uint8 (decode.batch_buffer); the model gets NCHW
     mean = torch.tensor(CLIP_MEAN, device=x.device)[:, None, None]
     std = torch.tensor(CLIP_STD, device=x.device)[:, None, None]
     return ((x.float() / 255.0 - mean) / std).to(dtype)

@@ -12,6 +12,7 @@ import json
 import os
 import struct
 import tarfile
+import zlib
 from pathlib import Path
 from typing import IO, Any, Sequence, cast
 from urllib.parse import urlparse
@@ -288,7 +289,7 @@ def _header(block: bytes, at: int) -> tuple[str, bytes, int]:
     if len(block) < 512:
         raise tarfile.ReadError(f"truncated or corrupt tar: no end-of-archive marker at byte {at}")
     chk = _number(block[148:156], at)
-    if chk != 256 + sum(block) - sum(block[148:156]) and \
+    if chk != 256 + _byte_sum(block) - sum(block[148:156]) and \
             chk != 256 + sum(struct.unpack_from("148b8x356b", block)):
         raise tarfile.ReadError(f"invalid tar header at byte {at} (bad checksum)")
     name = block[:100].split(b"\0", 1)[0].decode("utf-8", "surrogateescape")
@@ -300,6 +301,14 @@ def _header(block: bytes, at: int) -> tuple[str, bytes, int]:
     if size < 0:
         raise tarfile.ReadError(f"invalid tar header at byte {at} (negative size)")
     return name, typ, size
+
+
+def _byte_sum(block: bytes) -> int:
+    """sum(block) of a 512-byte header, exactly, in C: adler32's low half is 1 + the byte sum
+    mod 65521, and a 256-byte half sums to at most 65,280, so it is the sum itself. Python's
+    sum() over 512 bytes costs ~5-10 us, and a webdataset sample has ~8 headers (pax ones too)."""
+    mv = memoryview(block)
+    return (zlib.adler32(mv[:256]) & 0xFFFF) + (zlib.adler32(mv[256:]) & 0xFFFF) - 2
 
 
 def _number(field: bytes, at: int) -> int:
