@@ -234,7 +234,7 @@ def fast_path_costs(spec: str, rounds: int = 3) -> dict[str, float]:
              "header + plan": lambda: [D.open_and_plan(d, SIZE, 0.5, 0.5, rng) for d in raw],
              "decode_jpeg": lambda: [decode_jpeg(torch.frombuffer(bytearray(d), dtype=torch.uint8),
                                                  mode=ImageReadMode.RGB) for d in raw],
-             "resize + copy": resize,
+             "resize into the batch": resize,
              "a fresh batch, first touch": lambda: D.batch_buffer(len(raw), SIZE).fill_(0),
              "decode_batch_cpu (all but tar)": lambda: D.decode_batch_cpu(raw, SIZE, 0.5, 0.5, rng)}
     best = {k: math.inf for k in parts}
@@ -247,3 +247,23 @@ def fast_path_costs(spec: str, rounds: int = 3) -> dict[str, float]:
     finally:
         torch.set_num_threads(threads)
     return {k: round(v, 1) for k, v in best.items()}
+
+
+def main(argv: list[str] | None = None) -> int:
+    """`python -m training.bench_data [--quick]`: the loader rows of `make bench` alone (the same
+    `bench_loader`), then `fast_path_costs` on the same kind of shards."""
+    import argparse
+    import json
+    ap = argparse.ArgumentParser(prog="python -m training.bench_data")
+    ap.add_argument("--quick", action="store_true")
+    args = ap.parse_args(argv)
+    for row in bench_loader(args.quick):
+        print(json.dumps(row))
+    with tempfile.TemporaryDirectory() as d:
+        spec = build_data(Path(d))[0]
+        print(json.dumps({"fast path, us per image (best of 5)": fast_path_costs(spec, rounds=5)}))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
