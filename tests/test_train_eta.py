@@ -25,3 +25,19 @@ def test_eta_stops_at_the_time_budget():
     assert m._eta(_trainer(100, 1000, 390), now=50.0, dt=5.0) == 340.0  # 450 s by rate, 340 s left
     assert m._eta(_trainer(100, 1000, 390), now=500.0, dt=5.0) == 0.0
     assert m._eta(_trainer(990, 1000, 390), now=50.0, dt=5.0) == 5.0     # the steps end first
+
+
+def test_progress_line_eta_stops_at_the_deadline():
+    """The stage progress line (`mlcd INFO train: 135/1,000 step ... ETA`) follows the same rule:
+    a budgeted training's line said 19 min with 4 left."""
+    from pipeline.core.dist import DistContext
+    from pipeline.core.tracking import Progress
+    line = {}
+    for deadline in (0.0, 60.0):
+        p = Progress(1000, "train", DistContext(), unit="step", replicated=True, deadline_s=deadline)
+        p.t0 -= 10.0  # 10 s in, 100 steps done: 90 s left by rate
+        p.done = 100
+        line[deadline] = p.line()
+        p.close()
+    assert "ETA 1m30s" in line[0.0], line
+    assert "ETA 50s" in line[60.0], line

@@ -369,7 +369,8 @@ class Trainer:
     def fit(self, stream: Iterator[list]) -> dict:
         cfg, ctx = self.cfg, self.ctx
         metrics = _Metrics(self, self.out / "metrics.jsonl" if self.out else None)
-        bar = progress(cfg.steps, "train", ctx, unit="step", initial=self.step, share_dir=self.out, replicated=True)
+        bar = progress(cfg.steps, "train", ctx, unit="step", initial=self.step, share_dir=self.out, replicated=True,
+                       deadline_s=cfg.time_budget_s)
         t_start, last = time.perf_counter(), {}
         while self.step < cfg.steps:
             t0 = time.perf_counter()

@@ -111,8 +111,10 @@ class Progress:
     killed stage's progress. Cost: one time check per update, one file write per interval."""
 
     def __init__(self, total: int | None, desc: str, ctx: DistContext, unit: str = "img", initial: int = 0,
-                 share_dir: str | Path | None = None, every_s: float | None = None, replicated: bool = False):
+                 share_dir: str | Path | None = None, every_s: float | None = None, replicated: bool = False,
+                 deadline_s: float = 0.0):
         self.total, self.desc, self.ctx, self.unit = total, desc, ctx, unit
+        self.deadline_s = deadline_s  # > 0: the stage stops this many seconds in (a time budget)
         self.replicated = replicated  # every rank does the same steps (training, k-means): no sum
         self.done, self.initial = initial, initial
         self.counters: dict[str, Any] = {}
@@ -181,7 +183,10 @@ class Progress:
         if final:
             head = f"{self.desc}: done {done:,.0f} {self.unit} in {fmt_duration(el)} ({rate:,.1f} {self.unit}/s)"
         elif total and rate > 0:
-            head += f" ETA {fmt_duration(max(total - done, 0) / rate)}"
+            eta = max(total - done, 0) / rate
+            if self.deadline_s > 0:  # a budgeted stage ends at its budget when that comes first
+                eta = min(eta, max(self.deadline_s - el, 0.0))
+            head += f" ETA {fmt_duration(eta)}"
         extra = ", ".join(f"{k} {_fmt(v)}" for k, v in self.counters.items())
         return head + note + (f" | {extra}" if extra else "")
 
@@ -226,9 +231,11 @@ def _fmt(v: Any) -> str:
 
 
 def progress(total: int | None, desc: str, ctx: DistContext, unit: str = "img", initial: int = 0,
-             share_dir: str | Path | None = None, replicated: bool = False) -> Progress:
-    """The stage's progress reporter (see Progress); replicated: every rank runs the same steps."""
-    return Progress(total, desc, ctx, unit=unit, initial=initial, share_dir=share_dir, replicated=replicated)
+             share_dir: str | Path | None = None, replicated: bool = False, deadline_s: float = 0.0) -> Progress:
+    """The stage's progress reporter (see Progress); replicated: every rank runs the same steps;
+    deadline_s: a time budget the ETA does not pass."""
+    return Progress(total, desc, ctx, unit=unit, initial=initial, share_dir=share_dir, replicated=replicated,
+                    deadline_s=deadline_s)
 
 
 def setup_logging(ctx: DistContext | None = None, log_every_s: float | None = None) -> None:
