@@ -29,7 +29,7 @@ def test_eta_stops_at_the_time_budget():
 
 def test_progress_line_eta_stops_at_the_deadline():
     """The stage progress line (`mlcd INFO train: 135/1,000 step ... ETA`) follows the same rule:
-    a budgeted training's line said 19 min with 4 left."""
+    a budgeted training's line said 19 min with ~2.6 left."""
     from pipeline.core.dist import DistContext
     from pipeline.core.tracking import Progress
     line = {}

@@ -102,7 +102,9 @@ def per_core_rates(spec: str, store: str, labels: str, batches: int, rounds: int
     return rates
 
 
-def bench_loader(quick: bool, model_rate: float | None = None, model_config: str = "") -> list[dict]:
+def bench_loader(quick: bool, model_rate: float | None = None, model_config: str = "",
+                 costs: bool = False) -> list[dict]:
+    """The loader rows; `costs`: also `fast_path_costs` on the same shards (a breakdown row)."""
     cores = len(os.sched_getaffinity(0))
     load = os.getloadavg()[0]
     batches, rounds = (4, 3) if quick else (12, 5)
@@ -110,6 +112,7 @@ def bench_loader(quick: bool, model_rate: float | None = None, model_config: str
         spec, store, labels, n, kb = build_data(Path(d))
         pc = per_core_rates(spec, store, labels, batches, rounds)
         workers = {w: _rate(spec, store, labels, w, batches * w) for w in (1, 2)}
+        parts = fast_path_costs(spec, rounds=5) if costs else None
     ref, fast = float(np.median(pc["reference"])), float(np.median(pc["fast"]))
     ratios = [f / r for f, r in zip(pc["fast"], pc["reference"])]
     per_core = max(fast, workers[1], workers[2] / 2)
@@ -134,6 +137,8 @@ def bench_loader(quick: bool, model_rate: float | None = None, model_config: str
                      "ratio": model_rate / per_core,
                      "note": "ratio = loader cores per training process of this step (its model is the "
                              "bench's small CPU one on synthetic inputs, not ViT-B/32-224)"})
+    if parts is not None:
+        rows.append({"bench": "fast path, us per image (best of 5)", "config": data, **parts})
     return rows
 
 
@@ -221,10 +226,10 @@ def fast_path_costs(spec: str, rounds: int = 3) -> dict[str, float]:
     urls = expand_shards(spec)
     raw = [b for u in urls for s in read_samples(u) if (b := image_bytes(s)) is not None and b[:3] == D.JPEG_MAGIC]
     rng = np.random.default_rng(0)
-    from torchvision.io import ImageReadMode, decode_jpeg
     opened = [D.open_and_plan(d, SIZE, 0.5, 0.5, rng) for d in raw]
     D.decode_batch_cpu(raw[:8], SIZE, 0.5, 0.5, rng)  # warm-up: lazy imports
-    full = [decode_jpeg(torch.frombuffer(bytearray(d), dtype=torch.uint8), mode=ImageReadMode.RGB) for d in raw]
+    full = [x for x in map(D._decode_jpeg, raw) if x is not None]  # the op the fast path calls
+    assert len(full) == len(raw), "a bench JPEG that decode_jpeg refuses"
     out = D.batch_buffer(len(raw), SIZE)
 
     def resize():
@@ -232,8 +237,7 @@ def fast_path_costs(spec: str, rounds: int = 3) -> dict[str, float]:
             D.resize_crop(x[None], p.box, p.flip, SIZE, out=out[i])
     parts = {"tar read": lambda: [s for u in urls for s in read_samples(u)],
              "header + plan": lambda: [D.open_and_plan(d, SIZE, 0.5, 0.5, rng) for d in raw],
-             "decode_jpeg": lambda: [decode_jpeg(torch.frombuffer(bytearray(d), dtype=torch.uint8),
-                                                 mode=ImageReadMode.RGB) for d in raw],
+             "decode_jpeg": lambda: [D._decode_jpeg(d) for d in raw],
              "resize into the batch": resize,
              "a fresh batch, first touch": lambda: D.batch_buffer(len(raw), SIZE).fill_(0),
              "decode_batch_cpu (all but tar)": lambda: D.decode_batch_cpu(raw, SIZE, 0.5, 0.5, rng)}
@@ -257,11 +261,8 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m training.bench_data")
     ap.add_argument("--quick", action="store_true")
     args = ap.parse_args(argv)
-    for row in bench_loader(args.quick):
+    for row in bench_loader(args.quick, costs=True):
         print(json.dumps(row))
-    with tempfile.TemporaryDirectory() as d:
-        spec = build_data(Path(d))[0]
-        print(json.dumps({"fast path, us per image (best of 5)": fast_path_costs(spec, rounds=5)}))
     return 0
 
 

@@ -33,7 +33,7 @@ from pipeline.core.config import ConfigError, RunConfig, to_dict
 from pipeline.core.dist import DistContext
 from pipeline.core.entry import StageError
 from pipeline.core.io import atomic_write_text
-from pipeline.core.tracking import Tracker, fmt_duration, progress
+from pipeline.core.tracking import Tracker, budgeted_eta, fmt_duration, progress
 from training import checkpoint as ckpt
 from training.config import CheckpointConfig, OptimConfig, TrainConfig, schedule_phase
 from training.data import Batch, epoch_length, make_loader, normalize_uint8
@@ -475,9 +475,7 @@ class _Metrics:
     def _eta(self, t, now: float, dt: float) -> float:
         """Seconds to the planned last step at this window's rate, or to the time budget's end if
         that comes first (a budgeted run stops there: train.time_budget_s)."""
-        eta = (t.cfg.steps - t.step) * dt / self.steps
-        budget = t.cfg.time_budget_s
-        return min(eta, max(budget - (now - self.t_start), 0.0)) if budget > 0 else eta
+        return budgeted_eta((t.cfg.steps - t.step) * dt / self.steps, t.cfg.time_budget_s, now - self.t_start)
 
     def _log(self, last: dict) -> None:
         t = self.t

@@ -183,10 +183,7 @@ class Progress:
         if final:
             head = f"{self.desc}: done {done:,.0f} {self.unit} in {fmt_duration(el)} ({rate:,.1f} {self.unit}/s)"
         elif total and rate > 0:
-            eta = max(total - done, 0) / rate
-            if self.deadline_s > 0:  # a budgeted stage ends at its budget when that comes first
-                eta = min(eta, max(self.deadline_s - el, 0.0))
-            head += f" ETA {fmt_duration(eta)}"
+            head += f" ETA {fmt_duration(budgeted_eta(max(total - done, 0) / rate, self.deadline_s, el))}"
         extra = ", ".join(f"{k} {_fmt(v)}" for k, v in self.counters.items())
         return head + note + (f" | {extra}" if extra else "")
 
@@ -213,6 +210,12 @@ def read_progress(path: Path) -> dict | None:
         return json.loads(fs.read_bytes(path))
     except (OSError, ValueError, InputError):
         return None
+
+
+def budgeted_eta(eta_s: float, budget_s: float, elapsed_s: float) -> float:
+    """An ETA that does not pass a time budget (> 0): a budgeted stage stops there when that comes
+    first (the progress line and the training log both say so)."""
+    return min(eta_s, max(budget_s - elapsed_s, 0.0)) if budget_s > 0 else eta_s
 
 
 def fmt_duration(s: float) -> str:
