@@ -170,7 +170,7 @@ def bench_assign(quick: bool, tmp: Path) -> list[dict]:
 
 # Peak RSS from /proc's VmHWM: getrusage's ru_maxrss survives exec on Linux, so a child forked
 # from this (large) benchmark process would report the parent's footprint.
-_RSS = ("import sys; from clustering.assign import cli; cli(sys.argv[1:]); "
+_RSS = ("import sys; from pipeline.core.entry import stage_cli; stage_cli('assign', sys.argv[1:]); "
         "hwm = [ln for ln in open('/proc/self/status') if ln.startswith('VmHWM')][0].split()[1]; "
         "print('MAXRSS', hwm, file=sys.stderr)")
 

@@ -38,5 +38,5 @@ def test_fast_path_costs_parts(tmp_path):
     spec, _, _ = synthetic_data(tmp_path, 12)
     costs = fast_path_costs(spec, rounds=1)
     assert set(costs) == {"tar read", "header + plan", "decode_jpeg", "resize into the batch",
-                          "a fresh batch, first touch", "decode_batch_cpu (all but tar)"}
+                          "a new batch, first touch", "decode_batch_cpu (all but tar)"}
     assert all(v > 0 for v in costs.values()), costs

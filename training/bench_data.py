@@ -59,10 +59,12 @@ def build_data(tmp: Path) -> tuple[str, str, str, int, float]:
 
 
 def _rate(spec: str, store: str, labels: str, workers: int, batches: int, fast: bool = True,
-          decode: str = "cpu", device=None, per_cpu_second: bool = False) -> float:
+          decode: str = "cpu", device=None, per_cpu_second: bool = False,
+          faults: list[float] | None = None) -> float:
     """images/s of the loader over `batches` batches after the first (worker start-up excluded):
     per wall second, or per CPU second of this process (`per_cpu_second`, meaningful with
-    workers=0: all the work is this process's, and other jobs on the box barely change it)."""
+    workers=0: all the work is this process's, and other jobs on the box barely change it).
+    `faults` gets this process's minor page faults per image over the same batches."""
     from training.data import TrainDataConfig, find_parts, make_loader
     cfg = TrainDataConfig(shards=spec, store=store, labels=labels, batch_size=BATCH, workers=workers,
                           shuffle_buffer=200, pin_memory=False, fast=fast, decode="cpu")
@@ -74,29 +76,42 @@ def _rate(spec: str, store: str, labels: str, workers: int, batches: int, fast: 
     images, lab = first.images, first.labels
     assert images.shape == (BATCH, 3, SIZE, SIZE) and lab.shape == (BATCH, 8)
     assert images.dtype == (torch.uint8 if fast else torch.float32)
-    t0, c0 = time.perf_counter(), time.process_time()
+    f0, t0, c0 = _minflt(), time.perf_counter(), time.process_time()
     n = 0
     for b in it:
         n += len(b.labels)
     if decode == "gpu" and torch.cuda.is_available():
         torch.cuda.synchronize()
     wall, cpu = time.perf_counter() - t0, time.process_time() - c0
+    if faults is not None:
+        faults.append((_minflt() - f0) / max(n, 1))
     return (n / cpu) if per_cpu_second else (n / wall)
 
 
-def per_core_rates(spec: str, store: str, labels: str, batches: int, rounds: int) -> dict[str, list[float]]:
+def _minflt() -> int:
+    import resource
+    return resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+
+
+def per_core_rates(spec: str, store: str, labels: str, batches: int, rounds: int,
+                   faults: dict[str, list[float]] | None = None) -> dict[str, list[float]]:
     """Reference and fast path alternating, workers=0, one torch thread: images per CPU second of
-    this process = images/s per core."""
+    this process = images/s per core. `faults`: their minor page faults per image, per run. They
+    move the ratio: the reference's float32 images and its 38 MB batch come from fresh mmaps
+    (~150-400 faults an image, ~25% of its time) until glibc has raised its mmap threshold,
+    which a process that has freed large tensors (a trainer, `make bench` after its loss rows)
+    has done; the fast path's uint8 batch takes ~0-50."""
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     rates: dict[str, list[float]] = {"reference": [], "fast": []}
+    faults = {} if faults is None else faults
     try:
         for name in rates:  # warm-up, untimed: the first run of the process paid lazy imports and
             _rate(spec, store, labels, 0, 1, fast=name == "fast")  # cold caches (always the reference's)
         for _ in range(rounds):
             for name in ("reference", "fast"):
                 rates[name].append(_rate(spec, store, labels, 0, batches, fast=name == "fast",
-                                         per_cpu_second=True))
+                                         per_cpu_second=True, faults=faults.setdefault(name, [])))
     finally:
         torch.set_num_threads(threads)
     return rates
@@ -110,7 +125,8 @@ def bench_loader(quick: bool, model_rate: float | None = None, model_config: str
     batches, rounds = (4, 3) if quick else (12, 5)
     with tempfile.TemporaryDirectory() as d:
         spec, store, labels, n, kb = build_data(Path(d))
-        pc = per_core_rates(spec, store, labels, batches, rounds)
+        flt: dict[str, list[float]] = {}
+        pc = per_core_rates(spec, store, labels, batches, rounds, flt)
         workers = {w: _rate(spec, store, labels, w, batches * w) for w in (1, 2)}
         parts = fast_path_costs(spec, rounds=5) if costs else None
     ref, fast = float(np.median(pc["reference"])), float(np.median(pc["fast"]))
@@ -122,7 +138,9 @@ def bench_loader(quick: bool, model_rate: float | None = None, model_config: str
     rows = [{"bench": "train loader images/s per core: fast uint8 (ours) vs reference float (ref)",
              "config": f"{data}; workers=0, 1 thread, per CPU second, {rounds} alternating runs (median)",
              "ours": fast, "reference": ref, "unit": "images/s", "ratio": fast / ref,
-             "note": f"target >= 4; ratio per run {min(ratios):.2f}-{max(ratios):.2f}; {where}"},
+             "note": f"target >= 4; ratio per run {min(ratios):.2f}-{max(ratios):.2f}; page faults per "
+                     f"image (median) fast {np.median(flt['fast']):.0f}, reference "
+                     f"{np.median(flt['reference']):.0f}; {where}"},
             {"bench": "train loader images/s, fast path: 2 workers (ours) vs 1 worker (ref)",
              "config": data, "ours": workers[2], "reference": workers[1], "unit": "images/s",
              "ratio": workers[2] / workers[1],
@@ -216,8 +234,9 @@ def pixel_diffs(spec: str, decode: str, device) -> dict:
 def fast_path_costs(spec: str, rounds: int = 3) -> dict[str, float]:
     """Microseconds per image (CPU time, 1 torch thread, best of `rounds`) of the fast path's
     parts on `spec`'s JPEGs: tar reading, header + plan, decode_jpeg, the resize (crop, mirror,
-    written in place into the channels-last batch), the page faults of writing a new batch (the resize's reuses one), and
-    the whole `decode_batch_cpu`. Where to look next, not a ratio."""
+    written in place into the channels-last batch), allocating and first writing new batches of
+    BATCH rows as the loader does (the resize row reuses one), and the whole `decode_batch_cpu`
+    in batches of BATCH. Where to look next, not a ratio."""
     from pipeline.core.images import image_bytes
     from pipeline.core.shards import expand_shards, read_samples
     from training import decode as D
@@ -235,12 +254,16 @@ def fast_path_costs(spec: str, rounds: int = 3) -> dict[str, float]:
     def resize():
         for i, (x, (_, _, p)) in enumerate(zip(full, opened)):
             D.resize_crop(x[None], p.box, p.flip, SIZE, out=out[i])
+    def new_batches():  # as the loader allocates them: one batch of BATCH at a time, each freed
+        for i in range(0, len(raw), BATCH):  # before the next (a single len(raw)-row buffer is
+            D.batch_buffer(min(BATCH, len(raw) - i), SIZE).fill_(0)  # mmap-fresh: 12x the cost)
     parts = {"tar read": lambda: [s for u in urls for s in read_samples(u)],
              "header + plan": lambda: [D.open_and_plan(d, SIZE, 0.5, 0.5, rng) for d in raw],
              "decode_jpeg": lambda: [D._decode_jpeg(d) for d in raw],
              "resize into the batch": resize,
-             "a fresh batch, first touch": lambda: D.batch_buffer(len(raw), SIZE).fill_(0),
-             "decode_batch_cpu (all but tar)": lambda: D.decode_batch_cpu(raw, SIZE, 0.5, 0.5, rng)}
+             "a new batch, first touch": new_batches,
+             "decode_batch_cpu (all but tar)": lambda: [D.decode_batch_cpu(raw[i:i + BATCH], SIZE, 0.5, 0.5, rng)
+                                                        for i in range(0, len(raw), BATCH)]}
     best = {k: math.inf for k in parts}
     try:
         for _ in range(rounds):  # interleaved: each part sees the same drift of the machine's load
