@@ -254,16 +254,17 @@ def fast_path_costs(spec: str, rounds: int = 3) -> dict[str, float]:
     def resize():
         for i, (x, (_, _, p)) in enumerate(zip(full, opened)):
             D.resize_crop(x[None], p.box, p.flip, SIZE, out=out[i])
-    def new_batches():  # as the loader allocates them: one batch of BATCH at a time, each freed
-        for i in range(0, len(raw), BATCH):  # before the next (a single len(raw)-row buffer is
-            D.batch_buffer(min(BATCH, len(raw) - i), SIZE).fill_(0)  # mmap-fresh: 12x the cost)
+    def per_batch(fn):  # as the loader: one batch of BATCH at a time, each dropped before the next
+        def run():      # (one len(raw)-row buffer, or all batches kept, is mmap-fresh: 12x the cost)
+            for i in range(0, len(raw), BATCH):
+                fn(raw[i:i + BATCH])
+        return run
     parts = {"tar read": lambda: [s for u in urls for s in read_samples(u)],
              "header + plan": lambda: [D.open_and_plan(d, SIZE, 0.5, 0.5, rng) for d in raw],
              "decode_jpeg": lambda: [D._decode_jpeg(d) for d in raw],
              "resize into the batch": resize,
-             "a new batch, first touch": new_batches,
-             "decode_batch_cpu (all but tar)": lambda: [D.decode_batch_cpu(raw[i:i + BATCH], SIZE, 0.5, 0.5, rng)
-                                                        for i in range(0, len(raw), BATCH)]}
+             "a new batch, first touch": per_batch(lambda c: D.batch_buffer(len(c), SIZE).fill_(0)),
+             "decode_batch_cpu (all but tar)": per_batch(lambda c: D.decode_batch_cpu(c, SIZE, 0.5, 0.5, rng))}
     best = {k: math.inf for k in parts}
     try:
         for _ in range(rounds):  # interleaved: each part sees the same drift of the machine's load
