@@ -227,3 +227,30 @@ def test_decode_setting_is_validated():
     if not torch.cuda.is_available():
         with pytest.raises(ConfigError, match="CUDA"):
             TrainDataConfig(decode="gpu")
+
+
+class _InWorker(torch.utils.data.IterableDataset):
+    """`decode_batch` as a DataLoader worker runs it (fast and decode=gpu's plan), with whether the
+    batch was already in shared memory before the worker handed it over."""
+
+    def __init__(self, datas: list[bytes]):
+        self.datas = datas
+
+    def __iter__(self):
+        fast = decode_batch(self.datas, S, TrainDataConfig(), np.random.default_rng(11))
+        plan = D.plan_batch(self.datas, S, 0.5, 0.5, np.random.default_rng(11), shared=True)
+        yield fast, fast.is_shared(), plan.images.is_shared()
+
+
+def test_worker_batches_are_made_in_shared_memory():
+    """A worker's fast batch is allocated in shared memory (torch's queue then sends its file
+    descriptor instead of copying 150 KB an image into a new segment); in the training process
+    it is private. Same pixels, same channels-last layout either way."""
+    datas = list(samples().values())
+    dl = torch.utils.data.DataLoader(_InWorker(datas), batch_size=None, num_workers=1)
+    (got, shared_fast, shared_plan), = list(dl)
+    assert shared_fast and shared_plan
+    here = decode_batch(datas, S, TrainDataConfig(), np.random.default_rng(11))
+    assert not here.is_shared()
+    assert got.is_contiguous(memory_format=torch.channels_last) and here.is_contiguous(memory_format=torch.channels_last)
+    assert torch.equal(got, here)

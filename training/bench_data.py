@@ -11,8 +11,9 @@ Rows: (1) per core, the fast path (`train.data.fast=true`: uint8 batches, one an
 resize, JPEG draft when the crop allows; training/decode.py) against today's reference
 (`fast=false`: PIL bicubic, float32 CLIP-normalised in the loader), both with workers=0 and one
 torch thread in this process, on the same shards and the same output shape (B, 3, 224, 224),
-alternating reference/fast runs; (2) the fast path with 1 and 2 DataLoader workers; (3) the cores a
-GPU needs = its training rate / the per-core rate. `loader_rate(decode, device, n)` is the entry
+alternating reference/fast runs; (2) the same two with 1 DataLoader worker, per CPU second of the
+worker and this process (what the hand-over to the training process adds); (3) the fast path with
+1 and 2 workers, per wall second; (4) the cores a GPU needs = its training rate / the per-core rate. `loader_rate(decode, device, n)` is the entry
 `make gpu-check` calls for `decode: cpu | gpu` (synthetic JPEG shards, no demo packages needed).
 """
 from __future__ import annotations
@@ -27,6 +28,8 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import torch
+
+from training.data import LabeledStream
 
 ROOT = Path(__file__).resolve().parents[1]
 SIZE = 224       # crop output, as ViT-B/32-224 and ViT-L/14-224 train
@@ -58,34 +61,109 @@ def build_data(tmp: Path) -> tuple[str, str, str, int, float]:
     return str(tmp / "data/train"), str(tmp / "store"), str(tmp / "labels"), n, size / max(n, 1) / 1e3
 
 
-def _rate(spec: str, store: str, labels: str, workers: int, batches: int, fast: bool = True,
-          decode: str = "cpu", device=None, per_cpu_second: bool = False,
-          faults: list[float] | None = None) -> float:
-    """images/s of the loader over `batches` batches after the first (worker start-up excluded):
-    per wall second, or per CPU second of this process (`per_cpu_second`, meaningful with
-    workers=0: all the work is this process's, and other jobs on the box barely change it).
-    `faults` gets this process's minor page faults per image over the same batches."""
-    from training.data import TrainDataConfig, find_parts, make_loader
+def tarfile_samples(url: str):
+    """The loader's tar reading as it was when issue 21 was filed (pipeline/core/shards.py before
+    commit baf88d7): Python's tarfile in stream mode, members grouped by key as `read_samples`
+    groups them (same samples, same bytes; tests/test_bench_data.py). The reference stream of
+    the per-core row reads with it, as "today's loader" did; without the old version's member
+    cap and end-of-archive check, so it is, if anything, faster than the loader it stands for."""
+    import tarfile
+
+    from webdataset.tariterators import base_plus_ext
+
+    from pipeline.core.shards import open_shard
+    raw = open_shard(url)
+    try:
+        cur = None
+        with tarfile.open(fileobj=raw, mode="r|*") as tf:
+            for info in tf:
+                if not info.isreg():
+                    continue
+                data = tf.extractfile(info).read()  # type: ignore[union-attr]  # a regular member
+                tf.members = []  # type: ignore[attr-defined]  # stream mode keeps every TarInfo otherwise
+                key, ext = base_plus_ext(info.name)
+                if key is None:
+                    continue
+                ext = ext.lower()
+                if cur is None or key != cur["__key__"] or ext in cur:
+                    if cur is not None:
+                        yield cur
+                    cur = {"__key__": key}
+                cur[ext] = data
+        if cur is not None:
+            yield cur
+    finally:
+        raw.close()
+
+
+# per-core series: (fast path?, tar reader, DataLoader workers); "reference" is the loader as
+# issue 21 found it (Pillow float path + tarfile), "float path" the same decode on today's reader
+SERIES = {"fast": (True, "read_samples", 0), "reference": (False, "tarfile", 0),
+          "float path": (False, "read_samples", 0),
+          "fast, 1 worker": (True, "read_samples", 1), "reference, 1 worker": (False, "tarfile", 1)}
+
+
+def _stream(spec: str, store: str, labels: str, workers: int, batches: int, fast: bool,
+            reader: str = "read_samples", decode: str = "cpu"):
+    """(the trainer's LabeledStream over the bench shards, its config); `reader`: read_samples or
+    tarfile (`tarfile_samples`). With workers, a `_Stamped` one (batches come with the worker's
+    CPU stamps; decode=gpu runs with workers=0 here: its device step takes batches, not tuples)."""
+    from training.data import TrainDataConfig, find_parts
     cfg = TrainDataConfig(shards=spec, store=store, labels=labels, batch_size=BATCH, workers=workers,
                           shuffle_buffer=200, pin_memory=False, fast=fast, decode="cpu")
     cfg.decode = decode  # after validation: the caller has the device (CPU rehearsal of the gpu path)
-    parts = find_parts(cfg, num_labels=8)
-    it = iter(make_loader(parts, cfg, SIZE, 8, 1000, seed=0, rank=0, epoch=0, num_batches=batches + 1,
-                          device=device))
-    first = next(it)
-    images, lab = first.images, first.labels
-    assert images.shape == (BATCH, 3, SIZE, SIZE) and lab.shape == (BATCH, 8)
-    assert images.dtype == (torch.uint8 if fast else torch.float32)
-    f0, t0, c0 = _minflt(), time.perf_counter(), time.process_time()
-    n = 0
-    for b in it:
+    ds = (_Stamped if workers else LabeledStream)(find_parts(cfg, num_labels=8), cfg, SIZE, 8, 1000, seed=0,
+                                                   rank=0, epoch=0, num_batches=batches + 1)
+    if reader == "tarfile":
+        ds.read = tarfile_samples  # type: ignore[assignment]  # an instance's own reader (no member cap)
+    return ds, cfg
+
+
+def _rate(spec: str, store: str, labels: str, workers: int, batches: int, fast: bool = True,
+          decode: str = "cpu", device=None, per_cpu_second: bool = False,
+          faults: list[float] | None = None, reader: str = "read_samples") -> float:
+    """images/s of the loader over `batches` batches after the first (worker start-up excluded):
+    per wall second, or per CPU second (`per_cpu_second`: other jobs on the box barely change
+    it) of the processes that did the work: this one, plus the worker's (stamped on each batch
+    as it is made) with workers=1, which then also pays the hand-over to this process: a batch
+    not already in shared memory is copied into a new segment (38.5 MB float32 for the
+    reference, 9.6 MB uint8 for the fast path at B = 64). `faults`: minor page faults per image
+    of the process that decodes."""
+    from training.data import loader
+    assert not per_cpu_second or workers <= 1, "CPU seconds of one worker at most"
+    ds, cfg = _stream(spec, store, labels, workers, batches, fast, reader, decode)
+    it = iter(loader(ds, cfg, device))
+    first, w0, f0 = _unstamp(next(it))
+    assert first.images.shape == (BATCH, 3, SIZE, SIZE) and first.labels.shape == (BATCH, 8)
+    assert first.images.dtype == (torch.uint8 if fast else torch.float32)
+    t0, c0, n, w, f = time.perf_counter(), time.process_time(), 0, w0, f0
+    for item in it:
+        b, w, f = _unstamp(item)
         n += len(b.labels)
     if decode == "gpu" and torch.cuda.is_available():
         torch.cuda.synchronize()
     wall, cpu = time.perf_counter() - t0, time.process_time() - c0
     if faults is not None:
-        faults.append((_minflt() - f0) / max(n, 1))
+        faults.append((f - f0) / max(n, 1))
+    if workers:
+        cpu += w - w0  # the worker's stamps; this process's own `cpu` received the batches
     return (n / cpu) if per_cpu_second else (n / wall)
+
+
+def _unstamp(item):
+    """(batch, CPU seconds, minor faults): `_Stamped`'s tuple, or a batch with this process's."""
+    if isinstance(item, (tuple, list)):  # a worker's tuple arrives as a list (DataLoader's default_convert)
+        return tuple(item)
+    return item, time.process_time(), _minflt()
+
+
+class _Stamped(LabeledStream):
+    """The trainer's stream, each batch yielded with the CPU seconds and minor page faults of the
+    process that made it (in a worker: numbers the training process cannot read otherwise)."""
+
+    def __iter__(self):
+        for b in super().__iter__():
+            yield b, time.process_time(), _minflt()
 
 
 def _minflt() -> int:
@@ -95,23 +173,23 @@ def _minflt() -> int:
 
 def per_core_rates(spec: str, store: str, labels: str, batches: int, rounds: int,
                    faults: dict[str, list[float]] | None = None) -> dict[str, list[float]]:
-    """Reference and fast path alternating, workers=0, one torch thread: images per CPU second of
-    this process = images/s per core. `faults`: their minor page faults per image, per run. They
-    move the ratio: the reference's float32 images and its 38 MB batch come from fresh mmaps
-    (~150-400 faults an image, ~25% of its time) until glibc has raised its mmap threshold,
-    which a process that has freed large tensors (a trainer, `make bench` after its loss rows)
-    has done; the fast path's uint8 batch takes ~0-50."""
+    """The `SERIES` alternating, one torch thread, images per CPU second = images/s per core.
+    `faults`: minor page faults per image, per run, of the process that decodes. They move the
+    float path's rate: its float32 images and 38 MB batch come from fresh mmaps (~150-400 faults
+    an image, ~25% of its time) until glibc has raised its mmap threshold, which a process that
+    has freed large tensors (a trainer, `make bench` after its loss rows) has done; a worker that
+    hands each batch on keeps paying them."""
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
-    rates: dict[str, list[float]] = {"reference": [], "fast": []}
+    rates: dict[str, list[float]] = {k: [] for k in SERIES}
     faults = {} if faults is None else faults
     try:
-        for name in rates:  # warm-up, untimed: the first run of the process paid lazy imports and
-            _rate(spec, store, labels, 0, 1, fast=name == "fast")  # cold caches (always the reference's)
+        for fast in (False, True):  # warm-up, untimed: the first run of the process paid lazy
+            _rate(spec, store, labels, 0, 1, fast=fast)  # imports and cold caches
         for _ in range(rounds):
-            for name in ("reference", "fast"):
-                rates[name].append(_rate(spec, store, labels, 0, batches, fast=name == "fast",
-                                         per_cpu_second=True, faults=faults.setdefault(name, [])))
+            for name, (fast, reader, workers) in SERIES.items():
+                rates[name].append(_rate(spec, store, labels, workers, batches, fast=fast, per_cpu_second=True,
+                                         faults=faults.setdefault(name, []), reader=reader))
     finally:
         torch.set_num_threads(threads)
     return rates
@@ -129,18 +207,29 @@ def bench_loader(quick: bool, model_rate: float | None = None, model_config: str
         pc = per_core_rates(spec, store, labels, batches, rounds, flt)
         workers = {w: _rate(spec, store, labels, w, batches * w) for w in (1, 2)}
         parts = fast_path_costs(spec, rounds=5) if costs else None
-    ref, fast = float(np.median(pc["reference"])), float(np.median(pc["fast"]))
-    ratios = [f / r for f, r in zip(pc["fast"], pc["reference"])]
-    per_core = max(fast, workers[1], workers[2] / 2)
+    med = {k: float(np.median(v)) for k, v in pc.items()}
+    per_core = max(med["fast"], med["fast, 1 worker"], workers[1], workers[2] / 2)
     need = ", ".join(f"{name} ({r:,}/s): {r / per_core:.0f} cores" for name, r in ANCHORS.items())
     where = f"{cores} cores, load {load:.1f} at start"
     data = f"{n} demo JPEGs <= {STORED} px ({kb:.1f} KB mean) -> crop {SIZE} px, batch {BATCH}"
-    rows = [{"bench": "train loader images/s per core: fast uint8 (ours) vs reference float (ref)",
-             "config": f"{data}; workers=0, 1 thread, per CPU second, {rounds} alternating runs (median)",
-             "ours": fast, "reference": ref, "unit": "images/s", "ratio": fast / ref,
-             "note": f"target >= 4; ratio per run {min(ratios):.2f}-{max(ratios):.2f}; page faults per "
-                     f"image (median) fast {np.median(flt['fast']):.0f}, reference "
-                     f"{np.median(flt['reference']):.0f}; {where}"},
+
+    def per_core_row(fast: str, ref: str, bench: str, how: str, note: str) -> dict:
+        ratios = [f / r for f, r in zip(pc[fast], pc[ref])]
+        return {"bench": f"train loader images/s per core, {bench}",
+                "config": f"{data}; {how}, 1 thread, per CPU second, {rounds} alternating runs (median)",
+                "ours": med[fast], "reference": med[ref], "unit": "images/s", "ratio": med[fast] / med[ref],
+                "note": f"{note}ratio per run {min(ratios):.2f}-{max(ratios):.2f}; page faults per image "
+                        f"(median) ours {np.median(flt[fast]):.0f}, ref {np.median(flt[ref]):.0f}; {where}"}
+    rows = [per_core_row("fast", "reference", "fast path (ours) vs the loader as issue 21 found it (ref: "
+                         "Pillow float path, tarfile reader)", "workers=0: all in the training process",
+                         "target >= 4; "),
+            per_core_row("fast", "float path", "fast path (ours) vs the float path on today's tar reader "
+                         "(ref)", "workers=0", "what the image path alone gives (same reader both sides); "),
+            per_core_row("fast, 1 worker", "reference, 1 worker", "1 DataLoader worker as the trainer runs "
+                         "it: fast path (ours) vs the loader as issue 21 found it (ref)",
+                         "1 worker: its CPU seconds + the training process's",
+                         "both sides also hand each batch to the training process (the fast one is made "
+                         "in shared memory, the reference's float32 one is copied there); "),
             {"bench": "train loader images/s, fast path: 2 workers (ours) vs 1 worker (ref)",
              "config": data, "ours": workers[2], "reference": workers[1], "unit": "images/s",
              "ratio": workers[2] / workers[1],

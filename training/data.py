@@ -194,15 +194,20 @@ def normalize_uint8(x: torch.Tensor, dtype: torch.dtype = torch.float32) -> torc
 def decode_batch(datas: list[bytes], size: int, cfg: TrainDataConfig, rng: np.random.Generator):
     """A batch's images: float32 CLIP-normalized (fast=false, the reference), uint8 (fast), or
     still-encoded JPEGs + the CPU-decoded rest (decode=gpu; `loader` decodes them on the GPU)."""
+    shared = get_worker_info() is not None  # a worker's batch goes to the training process
     if cfg.decode == "gpu":
-        return decode.plan_batch(datas, size, cfg.crop_scale_min, cfg.hflip, rng)
+        return decode.plan_batch(datas, size, cfg.crop_scale_min, cfg.hflip, rng, shared)
     if cfg.fast:
-        return decode.decode_batch_cpu(datas, size, cfg.crop_scale_min, cfg.hflip, rng)
+        return decode.decode_batch_cpu(datas, size, cfg.crop_scale_min, cfg.hflip, rng, shared=shared)
     return torch.stack([decode_image(b, size, cfg, rng) for b in datas])
 
 
 class LabeledStream(IterableDataset):
     """Yields Batch(images, labels, skipped, keys) for one rank and one epoch (see module doc)."""
+
+    # url -> samples: stage 1's reader (same samples, member cap); the loader bench's reference
+    # stream swaps in the tarfile reader the loader had before (training/bench_data.py)
+    read = staticmethod(read_samples)
 
     def __init__(self, parts: list[ShardPart], cfg: TrainDataConfig, image_size: int, num_labels: int,
                  num_classes: int, seed: int, rank: int, epoch: int, num_batches: int, start: int = 0):
@@ -239,7 +244,7 @@ class LabeledStream(IterableDataset):
                 cache[part.url] = self._load_part(part)
             table = cache[part.url]
             dry += 1
-            for s in read_samples(part.url):  # stage 1's reader: same samples, member cap
+            for s in self.read(part.url):
                 lab = table.get(s["__key__"])
                 img = image_bytes(s)
                 if lab is None or img is None or "__skip__" in s:
