@@ -9,12 +9,13 @@ import pytest
 def test_loader_bench_rows():
     from training.bench_data import ANCHORS, bench_loader
     rows = bench_loader(quick=True, model_rate=100.0, model_config="m")
-    vs_old, vs_float, one_worker, workers, cores, vs_model = rows
+    vs_old, vs_float, one_worker, pooled, workers, cores, vs_model = rows
     assert vs_old["bench"].startswith("train loader images/s per core, fast path (ours) vs the loader as")
     assert vs_float["bench"].startswith("train loader images/s per core, fast path (ours) vs the float path")
     assert one_worker["bench"].startswith("train loader images/s per core, 1 DataLoader worker")
-    assert vs_old["ours"] == vs_float["ours"]  # one series, two references
-    for row in (vs_old, vs_float, one_worker):
+    assert pooled["bench"].startswith("train loader images/s per core, 1 DataLoader worker, fast path: batches reused")
+    assert vs_old["ours"] == vs_float["ours"] and one_worker["ours"] == pooled["ours"]  # one series, two references
+    for row in (vs_old, vs_float, one_worker, pooled):
         assert row["ours"] > 0 and row["reference"] > 0
         assert row["ratio"] == pytest.approx(row["ours"] / row["reference"])
         assert "page faults per image (median) ours" in row["note"]

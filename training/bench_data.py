@@ -69,29 +69,16 @@ def tarfile_samples(url: str):
     cap and end-of-archive check, so it is, if anything, faster than the loader it stands for."""
     import tarfile
 
-    from webdataset.tariterators import base_plus_ext
-
-    from pipeline.core.shards import open_shard
+    from pipeline.core.shards import group_members, open_shard
     raw = open_shard(url)
     try:
-        cur = None
         with tarfile.open(fileobj=raw, mode="r|*") as tf:
-            for info in tf:
-                if not info.isreg():
-                    continue
-                data = tf.extractfile(info).read()  # type: ignore[union-attr]  # a regular member
-                tf.members = []  # type: ignore[attr-defined]  # stream mode keeps every TarInfo otherwise
-                key, ext = base_plus_ext(info.name)
-                if key is None:
-                    continue
-                ext = ext.lower()
-                if cur is None or key != cur["__key__"] or ext in cur:
-                    if cur is not None:
-                        yield cur
-                    cur = {"__key__": key}
-                cur[ext] = data
-        if cur is not None:
-            yield cur
+            def members():
+                for info in tf:
+                    if info.isreg():
+                        yield info.name, tf.extractfile(info).read()  # type: ignore[union-attr]  # regular
+                        tf.members = []  # type: ignore[attr-defined]  # stream mode keeps every TarInfo otherwise
+            yield from group_members(members())
     finally:
         raw.close()
 
@@ -100,17 +87,18 @@ def tarfile_samples(url: str):
 # issue 21 found it (Pillow float path + tarfile), "float path" the same decode on today's reader
 SERIES = {"fast": (True, "read_samples", 0), "reference": (False, "tarfile", 0),
           "float path": (False, "read_samples", 0),
-          "fast, 1 worker": (True, "read_samples", 1), "reference, 1 worker": (False, "tarfile", 1)}
+          "fast, 1 worker": (True, "read_samples", 1), "reference, 1 worker": (False, "tarfile", 1),
+          "fast, 1 worker, unpooled": (True, "read_samples", -1)}  # -1: 1 worker, pool_batches=false
 
 
 def _stream(spec: str, store: str, labels: str, workers: int, batches: int, fast: bool,
-            reader: str = "read_samples", decode: str = "cpu"):
+            reader: str = "read_samples", decode: str = "cpu", pool: bool = True):
     """(the trainer's LabeledStream over the bench shards, its config); `reader`: read_samples or
     tarfile (`tarfile_samples`). With workers, a `_Stamped` one (batches come with the worker's
     CPU stamps; decode=gpu runs with workers=0 here: its device step takes batches, not tuples)."""
     from training.data import TrainDataConfig, find_parts
     cfg = TrainDataConfig(shards=spec, store=store, labels=labels, batch_size=BATCH, workers=workers,
-                          shuffle_buffer=200, pin_memory=False, fast=fast, decode="cpu")
+                          shuffle_buffer=200, pin_memory=False, pool_batches=pool, fast=fast, decode="cpu")
     cfg.decode = decode  # after validation: the caller has the device (CPU rehearsal of the gpu path)
     ds = (_Stamped if workers else LabeledStream)(find_parts(cfg, num_labels=8), cfg, SIZE, 8, 1000, seed=0,
                                                    rank=0, epoch=0, num_batches=batches + 1)
@@ -121,17 +109,17 @@ def _stream(spec: str, store: str, labels: str, workers: int, batches: int, fast
 
 def _rate(spec: str, store: str, labels: str, workers: int, batches: int, fast: bool = True,
           decode: str = "cpu", device=None, per_cpu_second: bool = False,
-          faults: list[float] | None = None, reader: str = "read_samples") -> float:
+          faults: list[float] | None = None, reader: str = "read_samples", pool: bool = True) -> float:
     """images/s of the loader over `batches` batches after the first (worker start-up excluded):
     per wall second, or per CPU second (`per_cpu_second`: other jobs on the box barely change
     it) of the processes that did the work: this one, plus the worker's (stamped on each batch
     as it is made) with workers=1, which then also pays the hand-over to this process: a batch
     not already in shared memory is copied into a new segment (38.5 MB float32 for the
     reference, 9.6 MB uint8 for the fast path at B = 64). `faults`: minor page faults per image
-    of the process that decodes."""
+    of the process that decodes; `pool`: train.data.pool_batches (workers reuse their batches)."""
     from training.data import loader
     assert not per_cpu_second or workers <= 1, "CPU seconds of one worker at most"
-    ds, cfg = _stream(spec, store, labels, workers, batches, fast, reader, decode)
+    ds, cfg = _stream(spec, store, labels, workers, batches, fast, reader, decode, pool)
     it = iter(loader(ds, cfg, device))
     first, w0, f0 = _unstamp(next(it))
     assert first.images.shape == (BATCH, 3, SIZE, SIZE) and first.labels.shape == (BATCH, 8)
@@ -188,8 +176,8 @@ def per_core_rates(spec: str, store: str, labels: str, batches: int, rounds: int
             _rate(spec, store, labels, 0, 1, fast=fast)  # imports and cold caches
         for _ in range(rounds):
             for name, (fast, reader, workers) in SERIES.items():
-                rates[name].append(_rate(spec, store, labels, workers, batches, fast=fast, per_cpu_second=True,
-                                         faults=faults.setdefault(name, []), reader=reader))
+                rates[name].append(_rate(spec, store, labels, abs(workers), batches, fast=fast, per_cpu_second=True,
+                                         faults=faults.setdefault(name, []), reader=reader, pool=workers >= 0))
     finally:
         torch.set_num_threads(threads)
     return rates
@@ -228,8 +216,13 @@ def bench_loader(quick: bool, model_rate: float | None = None, model_config: str
             per_core_row("fast, 1 worker", "reference, 1 worker", "1 DataLoader worker as the trainer runs "
                          "it: fast path (ours) vs the loader as issue 21 found it (ref)",
                          "1 worker: its CPU seconds + the training process's",
-                         "both sides also hand each batch to the training process (the fast one is made "
-                         "in shared memory, the reference's float32 one is copied there); "),
+                         "both sides also hand each batch to the training process (the fast one in a "
+                         "reused shared-memory batch, the reference's float32 one copied into a new "
+                         "segment); "),
+            per_core_row("fast, 1 worker", "fast, 1 worker, unpooled", "1 DataLoader worker, fast path: "
+                         "batches reused (ours, train.data.pool_batches) vs a new shared batch each (ref)",
+                         "1 worker: its CPU seconds + the training process's",
+                         "what reusing the worker's shared-memory batches saves; "),
             {"bench": "train loader images/s, fast path: 2 workers (ours) vs 1 worker (ref)",
              "config": data, "ours": workers[2], "reference": workers[1], "unit": "images/s",
              "ratio": workers[2] / workers[1],

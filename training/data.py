@@ -35,7 +35,7 @@ from pipeline.core.images import decode_rgb, image_bytes
 from pipeline.core.io import load_npy
 from pipeline.core.shards import expand_shards, read_samples
 from pipeline.core.store import labels_path, meta_path, read_keys
-from training import decode
+from training import batch_pool, decode
 from training.decode import crop_box
 from training.model import CLIP_MEAN, CLIP_STD
 
@@ -55,6 +55,9 @@ class TrainDataConfig:
     crop_scale_min: float = 0.5   # RandomResizedCrop scale range [min, 1]
     hflip: float = 0.5
     pin_memory: bool = field(default=True, metadata=RESUMABLE)
+    # workers reuse their shared-memory batches once the training process is done with them
+    # (training/batch_pool.py; fast + decode=cpu): no new segment to fault in per batch
+    pool_batches: bool = field(default=True, metadata=RESUMABLE)
     # fast: uint8 batches (normalised on the device: training.data.normalize_uint8), JPEG draft
     # when the crop allows, one antialiased-bicubic resize (training/decode.py); false = the
     # reference float path (PIL bicubic, CLIP-normalised in the worker), kept for the bench
@@ -170,15 +173,18 @@ class Batch:
     region_valid: torch.Tensor | None = None   # (B, R) bool, False = padding
     keys: list[str] | None = None
     texts: torch.Tensor | None = None          # (B, T) int64 caption token ids (train.objective=clip)
+    pool_slot: tuple[int, int, int] | None = None  # images in a worker's pooled segment (batch_pool.py)
 
     def pin_memory(self) -> Batch:
         """DataLoader(pin_memory=True) pins a custom type only through this method (it passes a
-        dataclass through unpinned otherwise): every tensor field pinned."""
-        out = dataclasses.replace(self)
+        dataclass through unpinned otherwise): every tensor field pinned. A pooled batch's slot
+        goes back to its worker once its images are copied (nothing reads the segment after)."""
+        out = dataclasses.replace(self, pool_slot=None)
         for f in dataclasses.fields(self):
             v = getattr(self, f.name)
             if isinstance(v, torch.Tensor):
                 setattr(out, f.name, v.pin_memory())
+        batch_pool.give_back(self.pool_slot)
         return out
 
 
@@ -191,14 +197,16 @@ def normalize_uint8(x: torch.Tensor, dtype: torch.dtype = torch.float32) -> torc
     return ((x.float() / 255.0 - mean) / std).to(dtype)
 
 
-def decode_batch(datas: list[bytes], size: int, cfg: TrainDataConfig, rng: np.random.Generator):
-    """A batch's images: float32 CLIP-normalized (fast=false, the reference), uint8 (fast), or
-    still-encoded JPEGs + the CPU-decoded rest (decode=gpu; `loader` decodes them on the GPU)."""
+def decode_batch(datas: list[bytes], size: int, cfg: TrainDataConfig, rng: np.random.Generator,
+                 out: torch.Tensor | None = None):
+    """A batch's images: float32 CLIP-normalized (fast=false, the reference), uint8 (fast; into
+    `out` when given), or still-encoded JPEGs + the CPU-decoded rest (decode=gpu; `loader`
+    decodes them on the GPU)."""
     shared = get_worker_info() is not None  # a worker's batch goes to the training process
     if cfg.decode == "gpu":
         return decode.plan_batch(datas, size, cfg.crop_scale_min, cfg.hflip, rng, shared)
     if cfg.fast:
-        return decode.decode_batch_cpu(datas, size, cfg.crop_scale_min, cfg.hflip, rng, shared=shared)
+        return decode.decode_batch_cpu(datas, size, cfg.crop_scale_min, cfg.hflip, rng, shared=shared, out=out)
     return torch.stack([decode_image(b, size, cfg, rng) for b in datas])
 
 
@@ -208,6 +216,7 @@ class LabeledStream(IterableDataset):
     # url -> samples: stage 1's reader (same samples, member cap); the loader bench's reference
     # stream swaps in the tarfile reader the loader had before (training/bench_data.py)
     read = staticmethod(read_samples)
+    pool: batch_pool.BatchPool | None = None  # set by `loader` (batch_pool.Pooled) for workers
 
     def __init__(self, parts: list[ShardPart], cfg: TrainDataConfig, image_size: int, num_labels: int,
                  num_classes: int, seed: int, rank: int, epoch: int, num_batches: int, start: int = 0):
@@ -223,9 +232,12 @@ class LabeledStream(IterableDataset):
 
     def _batch(self, raw: list[tuple], rng: np.random.Generator) -> Batch:
         """raw: batch_size (image bytes, _load_part's value, skipped, key) -> the batch."""
-        images = decode_batch([r[0] for r in raw], self.size, self.cfg, rng)
+        out, tag = None, None
+        if self.pool is not None and self.cfg.fast and self.cfg.decode == "cpu":
+            out, tag = self.pool.take(len(raw), self.size)
+        images = decode_batch([r[0] for r in raw], self.size, self.cfg, rng, out)
         labels = torch.from_numpy(np.stack([r[1] for r in raw]))
-        return Batch(images, labels, sum(r[2] for r in raw), keys=[r[3] for r in raw])
+        return Batch(images, labels, sum(r[2] for r in raw), keys=[r[3] for r in raw], pool_slot=tag)
 
     def _samples(self, rng: np.random.Generator):
         """Endless (image bytes, labels, skipped, key, caption bytes or None) of labeled samples, shards drawn with
@@ -279,14 +291,19 @@ def make_loader(parts: list[ShardPart], cfg: TrainDataConfig, image_size: int, n
                                 num_batches, start), cfg, device)
 
 
+PREFETCH = 2  # batches each worker makes ahead
+
+
 def loader(ds: IterableDataset, cfg: TrainDataConfig, device: torch.device | str | None = None):
     """The DataLoader around a stream that batches itself (one place for workers/pinning). With
     decode=gpu, an iterable over it that decodes each batch's JPEGs on `device` (default: the
     current CUDA device) in this process (CUDA does not belong in forked workers)."""
     dl = DataLoader(ds, batch_size=None, num_workers=cfg.workers,
                     pin_memory=cfg.pin_memory and torch.cuda.is_available(),
-                    persistent_workers=False, prefetch_factor=2 if cfg.workers else None,
+                    persistent_workers=False, prefetch_factor=PREFETCH if cfg.workers else None,
                     worker_init_fn=die_with_parent_fn() if cfg.workers else None)
+    if cfg.workers and cfg.pool_batches and cfg.fast and cfg.decode == "cpu" and isinstance(ds, LabeledStream):
+        return batch_pool.Pooled(dl, ds, batch_pool.slots_for(PREFETCH))
     if cfg.decode != "gpu":
         return dl
     return DeviceDecoded(dl, device or torch.device("cuda", torch.cuda.current_device()))

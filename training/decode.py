@@ -153,10 +153,11 @@ def decode_cpu(im, plan: Plan, size: int, draft: bool = True, data: bytes | None
         if im is None:
             raise ImageError(why)
     s = draft_scale(plan.box, size) if draft and im.format == "JPEG" else 1
-    full = im.size
-    if s > 1:
-        im.draft(im.mode, (full[0] // s, full[1] // s))
-    f = im.size[0] / full[0]  # the DCT scale draft gave (1 without draft)
+    full, f = im.size, 1.0
+    if s > 1:  # draft returns the full picture's box in drafted pixels: f = 1/scale on both axes
+        drafted = im.draft(im.mode, (full[0] // s, full[1] // s))  # (not the drafted size's ratio:
+        f = drafted[1][2] / full[0] if drafted else 1.0  # it rounds up per axis, and a box scaled
+        #                                                  by the wider one's can leave the picture)
     try:
         img, _ = finish_rgb(im)
     except Exception as e:  # noqa: BLE001 -- as load_rgb: any decoder error is bad data
@@ -198,9 +199,10 @@ def batch_buffer(n: int, size: int, shared: bool = False) -> torch.Tensor:
     into a new shared segment by torch's queue (9.6 MB at B = 64, S = 224, plus that segment's
     page faults: ~5-15 ms a batch on the bench's CPU; make bench's 1-worker row)."""
     shape = (n, size, size, 3)
-    if shared and n:
+    new_shared = getattr(torch.UntypedStorage, "_new_shared", None)  # private, stable since torch 1.x
+    if shared and n and new_shared is not None:
         # the allocator torch's own share_memory_() uses, without the copy of the old storage
-        x = torch.empty(0, dtype=torch.uint8).set_(torch.UntypedStorage._new_shared(math.prod(shape))).view(shape)
+        x = torch.empty(0, dtype=torch.uint8).set_(new_shared(math.prod(shape))).view(shape)
     else:
         x = torch.empty(shape, dtype=torch.uint8)
     return x.permute(0, 3, 1, 2)
@@ -232,10 +234,12 @@ def resize_crop(x: torch.Tensor, box, flip: bool, size: int, out: torch.Tensor |
 
 
 def decode_batch_cpu(datas: list[bytes], size: int, scale_min: float, hflip: float,
-                     rng: np.random.Generator, draft: bool = True, shared: bool = False) -> torch.Tensor:
-    """Image bytes -> uint8 (B, 3, size, size), each sample planned then decoded in order
-    (`shared`: into shared memory, `batch_buffer`)."""
-    out = batch_buffer(len(datas), size, shared)
+                     rng: np.random.Generator, draft: bool = True, shared: bool = False,
+                     out: torch.Tensor | None = None) -> torch.Tensor:
+    """Image bytes -> uint8 (B, 3, size, size), each sample planned then decoded in order, into
+    `out` (a `batch_buffer`-shaped batch, e.g. a pooled one: training/batch_pool.py) or a new
+    batch (`shared`: in shared memory)."""
+    out = batch_buffer(len(datas), size, shared) if out is None else out
     for i, data in enumerate(datas):
         im, o, plan = open_and_plan(data, size, scale_min, hflip, rng)
         decode_cpu(im, plan, size, draft, data, o, out=out[i])

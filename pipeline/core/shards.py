@@ -215,27 +215,34 @@ def read_samples(url: str, max_member_bytes: int | None = None):
     its data is read past in 4 MiB pieces. Errors opening/reading propagate, and so does a tar
     that stops early or has an invalid header (``tarfile.ReadError``): a cut-off download must
     not turn into a short part."""
-    from webdataset.tariterators import base_plus_ext
     cap = member_cap() if max_member_bytes is None else max_member_bytes
     raw = open_shard(url)
     try:
-        cur = None
-        for name, data in _members(_Blocks(_decompressed(raw)), cap):
-            key, ext = base_plus_ext(name)
-            if key is None:
-                continue
-            ext = ext.lower()
-            if cur is None or key != cur["__key__"] or ext in cur:
-                if cur is not None:
-                    yield cur
-                cur = {"__key__": key}
-            if data is None:
-                cur["__skip__"] = "member_too_large"
-            cur[ext] = data
-        if cur is not None:
-            yield cur
+        yield from group_members(_members(_Blocks(_decompressed(raw)), cap))
     finally:
         raw.close()  # a pipe: source checks its command's exit status here
+
+
+def group_members(members):
+    """(name, bytes | None) regular tar members in file order -> samples {"__key__", ext: bytes}:
+    `read_samples`' grouping rule (webdataset's ``group_by_keys``, but a repeated extension
+    starts a new sample; None data, a member over the cap, marks its sample ``__skip__``)."""
+    from webdataset.tariterators import base_plus_ext
+    cur = None
+    for name, data in members:
+        key, ext = base_plus_ext(name)
+        if key is None:
+            continue
+        ext = ext.lower()
+        if cur is None or key != cur["__key__"] or ext in cur:
+            if cur is not None:
+                yield cur
+            cur = {"__key__": key}
+        if data is None:
+            cur["__skip__"] = "member_too_large"
+        cur[ext] = data
+    if cur is not None:
+        yield cur
 
 
 def _members(f: _Blocks, cap: int):
