@@ -474,7 +474,7 @@ def test_masked_loss_matches_dense_reference(ranks):
 if __name__ == "__main__":  # worker: python tests/test_rice_train.py WHAT [ARGS] under torchrun
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
     sys.path.insert(0, str(Path(__file__).resolve().parent))
-    from pipeline.core.dist import init_distributed
+    from pipeline.core.dist import destroy, init_distributed
     ctx = init_distributed()
     if sys.argv[1] == "loss":
         check_masked_loss(ctx)
@@ -483,3 +483,6 @@ if __name__ == "__main__":  # worker: python tests/test_rice_train.py WHAT [ARGS
         from pipeline.core.tracking import setup_logging
         setup_logging(ctx)
         {"train2": train2, "one": one}[sys.argv[1]](ctx, Path(sys.argv[2]))
+    # torn down before exit: a gloo group left to the interpreter's exit aborted a rank once
+    # ("terminate called without an active exception", SIGABRT after both ranks had passed)
+    destroy(ctx)

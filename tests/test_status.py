@@ -71,20 +71,22 @@ def _status(run_dir) -> dict:
 
 
 def test_status_of_finished_killed_and_failed_stages(tmp_path, capsys):
-    write_shards(tmp_path / "shards", 8, 16)
+    write_shards(tmp_path / "shards", 2, 16)
     for d in ("done", "killed", "failed", "fresh"):
         (tmp_path / d).mkdir()
-    spec = str(tmp_path / "shards" / "{00000..00007}.tar")
     # finished
     done_run = tmp_path / "done"
     p = run_embed(tiny_args(done_run, str(tmp_path / "shards" / "{00000..00001}.tar"), done_run / "store"))
     assert p.wait(timeout=300) == 0, p.stderr.read()[-3000:]
     st = _status(done_run)["embed"]
     assert st["state"] == "done" and st["progress"]["done"] == 32 and st["progress"]["final"]
-    # killed mid-way: "stopped", with how far it got from the progress file
+    # killed mid-way: "stopped", with how far it got from the progress file. Enough images that
+    # the run cannot finish between the progress file's 32 and the kill: 128 of them took
+    # well under the 0.2 s progress period on a fast CPU (the status then said "done")
     killed = tmp_path / "killed"
-    p = run_embed(tiny_args(killed, spec, killed / "store", "embed.workers=1", "run.log_every_s=0.2"),
-                  start_new_session=True)
+    write_shards(tmp_path / "many", 64, 48)
+    p = run_embed(tiny_args(killed, str(tmp_path / "many" / "{00000..00063}.tar"), killed / "store",
+                            "embed.workers=1", "run.log_every_s=0.2"), start_new_session=True)
     rec = killed / "store" / ".progress" / "embed.rank0.json"
     deadline = time.time() + 240
     while p.poll() is None and time.time() < deadline:
@@ -96,7 +98,7 @@ def test_status_of_finished_killed_and_failed_stages(tmp_path, capsys):
     p.wait()
     st = _status(killed)["embed"]
     assert st["state"] == "stopped" and "is gone" in st["detail"]
-    assert 32 <= st["progress"]["done"] < 128  # total unknown: these shards have no parquet sidecar
+    assert 32 <= st["progress"]["done"] < 64 * 48  # total unknown: these shards have no parquet sidecar
     # failed: the one error line and its exit code
     failed = tmp_path / "failed"
     (failed / "store").mkdir()
