@@ -19,7 +19,6 @@ a worker that has exited is dropped (non-blocking pipe); the training process ke
 from __future__ import annotations
 
 import itertools
-import math
 import multiprocessing as mp
 import os
 import threading
@@ -43,7 +42,7 @@ class BatchPool:
         for _, ours in self.pipes:
             os.set_blocking(ours.fileno(), False)  # a full pipe (worker gone) drops, never blocks
         self._lock = threading.Lock()  # the pin thread and the main thread both give back
-        self._mine: tuple[list[torch.UntypedStorage], set[int]] | None = None  # worker side
+        self._mine: tuple[list[torch.Tensor], set[int]] | None = None  # worker side: slot batches, free ones
         _POOLS[self.id] = self
 
     def __getstate__(self) -> dict:  # a spawned worker gets the pool pickled: no lock, no slots
@@ -61,20 +60,18 @@ class BatchPool:
             return batch_buffer(n, size), None
         if self._mine is None:
             self._mine = [], set()
-        storages, free = self._mine
+        batches, free = self._mine
         ours = self.pipes[info.id][0]
         while ours.poll():
             free.add(int.from_bytes(ours.recv_bytes(), "little"))
-        nbytes = n * size * size * 3
-        slot = next((s for s in free if storages[s].nbytes() == nbytes), None)
-        if slot is None and len(storages) < self.slots:
-            slot = len(storages)
-            storages.append(batch_buffer(n, size, shared=True).untyped_storage())
+        slot = next((s for s in free if batches[s].shape == (n, 3, size, size)), None)
+        if slot is None and len(batches) < self.slots:
+            slot = len(batches)
+            batches.append(batch_buffer(n, size, shared=True))
         if slot is None:
             return batch_buffer(n, size, shared=True), None
         free.discard(slot)
-        x = torch.empty(0, dtype=torch.uint8).set_(storages[slot]).view(n, size, size, 3)
-        return x.permute(0, 3, 1, 2), (self.id, info.id, slot)
+        return batches[slot], (self.id, info.id, slot)
 
     def give_back(self, worker: int, slot: int) -> None:
         with self._lock:
@@ -125,9 +122,3 @@ class Pooled:
             self.ds.pool = None
             pool.close()
 
-
-def slots_for(prefetch: int) -> int:
-    """Slots per worker: its prefetched batches, the one it is making, and two the trainer may
-    hold (the current step's and the one whose release is checked at the next request); a
-    trainer that holds more (gradient accumulation) gets unpooled batches past that."""
-    return max(1, math.ceil(prefetch)) + 3

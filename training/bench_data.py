@@ -83,12 +83,13 @@ def tarfile_samples(url: str):
         raw.close()
 
 
-# per-core series: (fast path?, tar reader, DataLoader workers); "reference" is the loader as
-# issue 21 found it (Pillow float path + tarfile), "float path" the same decode on today's reader
-SERIES = {"fast": (True, "read_samples", 0), "reference": (False, "tarfile", 0),
-          "float path": (False, "read_samples", 0),
-          "fast, 1 worker": (True, "read_samples", 1), "reference, 1 worker": (False, "tarfile", 1),
-          "fast, 1 worker, unpooled": (True, "read_samples", -1)}  # -1: 1 worker, pool_batches=false
+# per-core series: (fast path?, tar reader, DataLoader workers, train.data.pool_batches);
+# "reference" is the loader as issue 21 found it (Pillow float path + tarfile), "float path" the
+# same decode on today's reader
+SERIES = {"fast": (True, "read_samples", 0, True), "reference": (False, "tarfile", 0, True),
+          "float path": (False, "read_samples", 0, True),
+          "fast, 1 worker": (True, "read_samples", 1, True), "reference, 1 worker": (False, "tarfile", 1, True),
+          "fast, 1 worker, unpooled": (True, "read_samples", 1, False)}
 
 
 def _stream(spec: str, store: str, labels: str, workers: int, batches: int, fast: bool,
@@ -175,9 +176,9 @@ def per_core_rates(spec: str, store: str, labels: str, batches: int, rounds: int
         for fast in (False, True):  # warm-up, untimed: the first run of the process paid lazy
             _rate(spec, store, labels, 0, 1, fast=fast)  # imports and cold caches
         for _ in range(rounds):
-            for name, (fast, reader, workers) in SERIES.items():
-                rates[name].append(_rate(spec, store, labels, abs(workers), batches, fast=fast, per_cpu_second=True,
-                                         faults=faults.setdefault(name, []), reader=reader, pool=workers >= 0))
+            for name, (fast, reader, workers, pool) in SERIES.items():
+                rates[name].append(_rate(spec, store, labels, workers, batches, fast=fast, per_cpu_second=True,
+                                         faults=faults.setdefault(name, []), reader=reader, pool=pool))
     finally:
         torch.set_num_threads(threads)
     return rates

@@ -232,9 +232,7 @@ class LabeledStream(IterableDataset):
 
     def _batch(self, raw: list[tuple], rng: np.random.Generator) -> Batch:
         """raw: batch_size (image bytes, _load_part's value, skipped, key) -> the batch."""
-        out, tag = None, None
-        if self.pool is not None and self.cfg.fast and self.cfg.decode == "cpu":
-            out, tag = self.pool.take(len(raw), self.size)
+        out, tag = self.pool.take(len(raw), self.size) if self.pool is not None else (None, None)
         images = decode_batch([r[0] for r in raw], self.size, self.cfg, rng, out)
         labels = torch.from_numpy(np.stack([r[1] for r in raw]))
         return Batch(images, labels, sum(r[2] for r in raw), keys=[r[3] for r in raw], pool_slot=tag)
@@ -303,7 +301,10 @@ def loader(ds: IterableDataset, cfg: TrainDataConfig, device: torch.device | str
                     persistent_workers=False, prefetch_factor=PREFETCH if cfg.workers else None,
                     worker_init_fn=die_with_parent_fn() if cfg.workers else None)
     if cfg.workers and cfg.pool_batches and cfg.fast and cfg.decode == "cpu" and isinstance(ds, LabeledStream):
-        return batch_pool.Pooled(dl, ds, batch_pool.slots_for(PREFETCH))
+        # slots per worker: its prefetched batches, the one it is making, and two the trainer may
+        # hold (this step's, and the one whose release is checked at the next request); a trainer
+        # that holds more (gradient accumulation) gets unpooled batches past that
+        return batch_pool.Pooled(dl, ds, slots=PREFETCH + 3)
     if cfg.decode != "gpu":
         return dl
     return DeviceDecoded(dl, device or torch.device("cuda", torch.cuda.current_device()))

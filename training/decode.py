@@ -199,10 +199,8 @@ def batch_buffer(n: int, size: int, shared: bool = False) -> torch.Tensor:
     into a new shared segment by torch's queue (9.6 MB at B = 64, S = 224, plus that segment's
     page faults: ~5-15 ms a batch on the bench's CPU; make bench's 1-worker row)."""
     shape = (n, size, size, 3)
-    new_shared = getattr(torch.UntypedStorage, "_new_shared", None)  # private, stable since torch 1.x
-    if shared and n and new_shared is not None:
-        # the allocator torch's own share_memory_() uses, without the copy of the old storage
-        x = torch.empty(0, dtype=torch.uint8).set_(new_shared(math.prod(shape))).view(shape)
+    if shared and n:  # the allocator torch's own share_memory_() uses, without the copy of the old storage
+        x = torch.empty(0, dtype=torch.uint8).set_(torch.UntypedStorage._new_shared(math.prod(shape))).view(shape)
     else:
         x = torch.empty(shape, dtype=torch.uint8)
     return x.permute(0, 3, 1, 2)
